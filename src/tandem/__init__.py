@@ -1,0 +1,3 @@
+"""Tandem: distributed LLM inference serving."""
+
+__version__ = "0.1.0"

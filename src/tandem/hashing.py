@@ -1,0 +1,63 @@
+"""The block-hashing contract (DESIGN.md §4), shared by router, engines, KV events and kvbm.
+
+Prompt tokens are cut into blocks of ``block_size`` tokens and only full blocks are hashed:
+
+    local_hash[i] = xxh3_64(tokens of block i as little-endian uint32, seed)
+    seq_hash[0]   = local_hash[0]
+    seq_hash[i]   = xxh3_64(le_uint64(seq_hash[i-1]) || le_uint64(local_hash[i]), seed)
+
+with ``seed = 1337``, which matches NVIDIA Dynamo's router. A per-request ``cache_salt`` gives
+a different seed, so tenants with different salts never share blocks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+BLOCK_HASH_SEED = 1337
+DEFAULT_BLOCK_SIZE = 16
+
+_U64_PAIR = struct.Struct("<QQ")
+
+
+def seed_for_salt(cache_salt: str | None) -> int:
+    """The hashing seed for a request: 1337, or a salt-derived seed when ``cache_salt`` is set."""
+    if not cache_salt:
+        return BLOCK_HASH_SEED
+    return xxhash.xxh3_64_intdigest(cache_salt.encode("utf-8"), seed=BLOCK_HASH_SEED)
+
+
+def local_block_hash(tokens: Sequence[int], seed: int = BLOCK_HASH_SEED) -> int:
+    """xxh3_64 of one block's token ids as little-endian uint32 bytes."""
+    data = np.asarray(tokens, dtype="<u4").tobytes()
+    return xxhash.xxh3_64_intdigest(data, seed=seed)
+
+
+def chain_block_hash(parent_hash: int | None, local_hash: int, seed: int = BLOCK_HASH_SEED) -> int:
+    """The sequence hash of a block given its parent's sequence hash (None for the first block)."""
+    if parent_hash is None:
+        return local_hash
+    return xxhash.xxh3_64_intdigest(_U64_PAIR.pack(parent_hash, local_hash), seed=seed)
+
+
+def block_hashes(
+    token_ids: Sequence[int],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    seed: int = BLOCK_HASH_SEED,
+    parent_hash: int | None = None,
+) -> list[int]:
+    """Sequence hashes of every full block of ``token_ids`` (a trailing partial block is skipped).
+
+    ``parent_hash`` continues a chain: pass the last known sequence hash to hash only new blocks.
+    """
+    hashes: list[int] = []
+    num_full = len(token_ids) // block_size
+    for i in range(num_full):
+        local = local_block_hash(token_ids[i * block_size : (i + 1) * block_size], seed)
+        parent_hash = chain_block_hash(parent_hash, local, seed)
+        hashes.append(parent_hash)
+    return hashes
