@@ -1,0 +1,102 @@
+"""Attention over the paged KV cache, in plain PyTorch so one code path serves CPU and CUDA.
+
+The KV cache of one layer is a flat slot array ``[num_blocks * block_size, kv_heads, head_dim]``;
+token t of a request lives at slot ``block_table[t // block_size] * block_size + t % block_size``.
+
+Each step's tokens arrive flattened, decode tokens first, then one chunk per prefilling request:
+
+* new K/V are written to their slots (``index_copy_`` by ``slot_mapping``);
+* decode rows gather their whole context in one batched ``index_select`` into
+  ``[batch, kv_heads, max_len, head_dim]`` and run one SDPA call with a padding mask; the query
+  heads that share a KV head are folded into the query-length axis, so GQA needs no K/V copy;
+* each prefill chunk attends to its cached prefix plus itself with a causal mask aligned to the
+  bottom-right (query i sees keys ``0 .. num_cached + i``); a chunk with no cached prefix uses the
+  new K/V directly with SDPA's own causal path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One request's prefill chunk inside the flattened step."""
+
+    token_start: int
+    """Index of the chunk's first token in the step's flattened tokens."""
+    num_tokens: int
+    """Tokens in this chunk (queries)."""
+    context_len: int
+    """Keys it attends to: cached/earlier tokens plus this chunk."""
+    context_slots: torch.Tensor | None
+    """Slots of all context_len keys; None when the chunk has no cached prefix (keys = the chunk)."""
+    causal_mask: torch.Tensor | None = None
+    """Bottom-right aligned bool mask [num_tokens, context_len], only when context_slots is set."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step tensors shared by every layer."""
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] slot of each new token."""
+    num_decode_tokens: int = 0
+    decode_gather_slots: torch.Tensor | None = None
+    """[num_decode * max_len] slots of every decode row's keys, padded rows point at slot 0."""
+    decode_max_len: int = 0
+    decode_mask: torch.Tensor | None = None
+    """[num_decode, 1, 1, max_len] True where a key is real."""
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def bottom_right_causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Query i (the i-th of the last num_queries positions) may see keys 0 .. num_keys - num_queries + i."""
+    q_pos = torch.arange(num_queries, device=device).unsqueeze(1) + (num_keys - num_queries)
+    return torch.arange(num_keys, device=device).unsqueeze(0) <= q_pos
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D]; caches [slots, Hkv, D]. Returns [T, Hq, D]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    n_dec = meta.num_decode_tokens
+    if n_dec:
+        group = num_heads // num_kv_heads
+        # Query heads h = kv * group + g all read KV head kv: fold g into the query axis.
+        qd = q[:n_dec].view(n_dec, num_kv_heads, group, head_dim)
+        kd = k_cache.index_select(0, meta.decode_gather_slots).view(n_dec, meta.decode_max_len, num_kv_heads, head_dim)
+        vd = v_cache.index_select(0, meta.decode_gather_slots).view(n_dec, meta.decode_max_len, num_kv_heads, head_dim)
+        od = F.scaled_dot_product_attention(
+            qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask, scale=scale
+        )
+        out[:n_dec] = od.reshape(n_dec, num_heads, head_dim)
+    for chunk in meta.prefills:
+        s, n = chunk.token_start, chunk.num_tokens
+        qp = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if chunk.context_slots is None:
+            kp, vp = k[s : s + n], v[s : s + n]
+            mask, causal = None, True
+        else:
+            kp = k_cache.index_select(0, chunk.context_slots)
+            vp = v_cache.index_select(0, chunk.context_slots)
+            mask, causal = chunk.causal_mask, False
+        op = F.scaled_dot_product_attention(
+            qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=num_heads != num_kv_heads,
+        )
+        out[s : s + n] = op[0].transpose(0, 1)
+    return out

@@ -1,0 +1,137 @@
+"""Turns a scheduled step into tensors, runs the model, and samples the due requests.
+
+Owns the KV cache: one tensor ``[layers, 2, num_blocks * block_size, kv_heads, head_dim]`` whose
+per-layer K and V views are flat slot arrays (see ``tandem.engine.attention``). Inputs are built
+on the CPU and moved to the device once per step; the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.attention import AttentionMetadata, PrefillChunk, bottom_right_causal_mask
+from tandem.engine.request import Request
+from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRequestState
+from tandem.engine.scheduler import ScheduledChunk
+from tandem.models.config import ModelConfig
+from tandem.models.llama import LlamaForCausalLM
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * element_size
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    """Flattened index of the last token of every request that gets a new token this step."""
+    sampled_requests: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+        self.model, self.cfg = model, cfg
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.device, self.dtype = device, dtype
+        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_blocks * block_size,
+                                    cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_hidden_layers)]
+        self.sampler = Sampler(seed=seed, device=device)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk], eos_token_ids: frozenset[int]) -> tuple[list[Request], SamplerOutput | None]:
+        """Run one step; returns the requests that got a token and the sampler's output for them."""
+        inputs = self.prepare_inputs(chunks)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if not inputs.sampled_requests:
+            return [], None
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        rows = [SamplingRequestState(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.generator)
+                for r in inputs.sampled_requests]
+        return inputs.sampled_requests, self.sampler(logits, rows, eos_token_ids)
+
+    def prepare_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        bs = self.block_size
+        # Single-token chunks (decodes, or a prefill with one token left) share one batched path.
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        logits_indices: list[int] = []
+        sampled: list[Request] = []
+        block_tables = [torch.tensor([b.block_id for b in c.request.block_table], dtype=torch.long) for c in chunks]
+        tables = dict(zip((id(c) for c in chunks), block_tables))
+
+        for c in decodes:
+            pos = c.request.num_computed_tokens
+            token_ids.append(c.request.all_token_ids[pos])
+            positions.append(pos)
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
+        if decodes:
+            ctx_lens = torch.tensor([c.request.num_computed_tokens + 1 for c in decodes])
+            max_len = int(ctx_lens.max())
+            table = torch.zeros(len(decodes), -(-max_len // bs), dtype=torch.long)
+            for row, c in enumerate(decodes):
+                t = tables[id(c)]
+                table[row, : t.numel()] = t
+            j = torch.arange(max_len)
+            gather = table[:, j // bs] * bs + j % bs  # [B, max_len]
+            slots.append(gather[torch.arange(len(decodes)), ctx_lens - 1])
+            meta.decode_gather_slots = gather.reshape(-1).to(self.device)
+            meta.decode_max_len = max_len
+            meta.decode_mask = (j.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len).to(self.device)
+        for i, c in enumerate(decodes):
+            if c.request.num_computed_tokens + 1 == c.request.num_tokens:
+                logits_indices.append(i)
+                sampled.append(c.request)
+
+        for c in prefills:
+            start, req = c.request.num_computed_tokens, c.request
+            end = start + c.num_tokens
+            token_start = len(token_ids)
+            token_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            pos = torch.arange(end)
+            ctx_slots = tables[id(c)][pos // bs] * bs + pos % bs
+            slots.append(ctx_slots[start:])
+            chunk = PrefillChunk(token_start, c.num_tokens, end, None)
+            if start > 0:
+                chunk.context_slots = ctx_slots.to(self.device)
+                chunk.causal_mask = bottom_right_causal_mask(c.num_tokens, end, self.device)
+            meta.prefills.append(chunk)
+            if end == req.num_tokens:
+                logits_indices.append(len(token_ids) - 1)
+                sampled.append(req)
+
+        meta.slot_mapping = torch.cat(slots).to(self.device)
+        return StepInputs(
+            input_ids=torch.tensor(token_ids, dtype=torch.long).to(self.device),
+            positions=torch.tensor(positions, dtype=torch.long).to(self.device),
+            meta=meta,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(self.device),
+            sampled_requests=sampled,
+        )
+
+    # --- KV block export/import (raw bytes per block, for disaggregation) ---
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """KV of the given blocks as a CPU tensor [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
+        view = self.kv_cache.view(self.cfg.num_hidden_layers, 2, self.num_blocks, self.block_size,
+                                  self.cfg.num_key_value_heads, self.cfg.head_dim)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return view.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Inverse of read_blocks."""
+        view = self.kv_cache.view(self.cfg.num_hidden_layers, 2, self.num_blocks, self.block_size,
+                                  self.cfg.num_key_value_heads, self.cfg.head_dim)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        view.index_copy_(2, index, data.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5))

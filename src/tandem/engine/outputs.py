@@ -1,0 +1,31 @@
+"""What the engine hands back after each step, per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """New tokens of one request since its previous output (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    """'stop' (EOS or a stop token id), 'length' (max_tokens or context), 'abort', or None."""
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
+    num_output_tokens: int = 0
+    """Output tokens so far, including these."""
+    logprobs: list[TokenLogprob] | None = None
+    stop_token_id: int | None = None
+    """The EOS or stop token that ended the request (it is included in new_token_ids)."""

@@ -1,0 +1,328 @@
+"""Load a GGUF file as an HF-style config dict and a float32 state dict with HF parameter names.
+
+Supported ``general.architecture`` values: ``llama`` (Llama, SmolLM, Mistral), ``qwen2``, ``qwen3``.
+Quantized tensors are dequantized with ``gguf.quants.dequantize``. llama.cpp's converter permutes
+the rows of the llama q/k projections into its interleaved-rope layout; we undo that here, so the
+result equals the HF checkpoint the GGUF was made from (up to quantization).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tandem.models.errors import ModelLoadError
+
+# general.architecture -> (HF architectures entry, HF model_type)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Suffix after "blk.{i}." -> suffix after "model.layers.{i}."
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Tensors that carry no HF parameter (llama3 rope factors become config["rope_scaling"]).
+_NON_PARAMETER_TENSORS = {"rope_freqs.weight"}
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF file read into HF form."""
+
+    config: dict[str, Any]
+    """What the equivalent HF model's config.json holds."""
+    state_dict: dict[str, torch.Tensor]
+    """float32 tensors under HF parameter names."""
+    chat_template: str | None
+    """The ``tokenizer.chat_template`` metadata, if any."""
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped), or ModelLoadError saying what is wrong."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"not a GGUF file (it is a directory or special file): {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"not a GGUF file (bad magic {magic!r}, expected b'GGUF'): {path}")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # truncated or corrupt file
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+
+
+def _scalar(reader: Any, key: str, default: Any = None) -> Any:
+    """A scalar (number, bool or string) metadata value, or ``default`` when the key is absent."""
+    import gguf
+
+    field = reader.fields.get(key)
+    if field is None or not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
+        return default
+    value = field.parts[field.data[0]]
+    if field.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(value).decode("utf-8")
+    return value.tolist()[0]
+
+
+def _architecture(reader: Any, path: Path) -> str:
+    arch = _scalar(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"unsupported GGUF architecture {arch!r} in {path}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
+    arch = _architecture(reader, path)
+    hf_arch, model_type = SUPPORTED_ARCHITECTURES[arch]
+    tensors = {t.name: t for t in reader.tensors}
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _scalar(reader, f"{arch}.{key}", default)
+
+    hidden = meta("embedding_length")
+    num_heads = meta("attention.head_count")
+    if hidden is None or num_heads is None or "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"GGUF file {path} lacks {arch}.embedding_length/head_count or token_embd")
+    head_dim = meta("attention.key_length") or meta("rope.dimension_count") or hidden // num_heads
+    theta = float(meta("rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "hidden_size": int(hidden),
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": int(num_heads),
+        "num_key_value_heads": int(meta("attention.head_count_kv", num_heads)),
+        "head_dim": int(head_dim),
+        "hidden_act": "silu",
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        # Rows of the embedding matrix (GGUF shapes list the fastest dimension first).
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    if model_type == "llama":
+        config["mlp_bias"] = False
+    rope_scaling = _rope_scaling(reader, arch, tensors, theta, int(head_dim), path)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    config.update(_special_token_ids(reader))
+    return config
+
+
+def _special_token_ids(reader: Any) -> dict[str, Any]:
+    """bos/eos/pad ids; eos becomes a list when the file also names end-of-turn tokens."""
+    ids: dict[str, Any] = {}
+    bos = _scalar(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        ids["bos_token_id"] = int(bos)
+    eos = [_scalar(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos_ids = list(dict.fromkeys(int(e) for e in eos if e is not None))
+    if eos_ids:
+        ids["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    pad = _scalar(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        ids["pad_token_id"] = int(pad)
+    return ids
+
+
+def _rope_scaling(
+    reader: Any, arch: str, tensors: dict[str, Any], theta: float, head_dim: int, path: Path
+) -> dict[str, Any] | None:
+    """HF ``rope_scaling`` from ``{arch}.rope.scaling.*`` metadata or a llama3 ``rope_freqs`` tensor."""
+    kind = _scalar(reader, f"{arch}.rope.scaling.type")
+    factor = _scalar(reader, f"{arch}.rope.scaling.factor")
+    original = _scalar(reader, f"{arch}.rope.scaling.original_context_length")
+    if kind in ("linear", "yarn") and factor is not None:
+        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+        if kind == "yarn" and original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    if "rope_freqs.weight" not in tensors:
+        return None
+    return _llama3_scaling(_dequantize(tensors["rope_freqs.weight"]).reshape(-1), theta, head_dim, path)
+
+
+def _llama3_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int, path: Path) -> dict[str, Any]:
+    """Recover Llama 3.x rope_scaling from llama.cpp's per-frequency divisors, verifying the fit."""
+    factor = float(rope_freqs.max())
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    # Divisors llama.cpp would have written for these (Llama 3.1-3.3) parameters.
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(
+        wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192 / 1.0, factor, 1.0 / ((1 - smooth) / factor + smooth))
+    )
+    if expected.shape != rope_freqs.shape or not np.allclose(expected, rope_freqs, rtol=1e-3):
+        raise ModelLoadError(f"GGUF file {path}: rope_freqs tensor does not match Llama 3 rope scaling")
+    return scaling
+
+
+def _dequantize(tensor: Any) -> np.ndarray:
+    """A reader tensor as a fresh float32 array in numpy (row-major, HF) shape."""
+    from gguf import quants
+
+    values = quants.dequantize(tensor.data, tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    # np.array copies: F32/F16 data are views of the memory map.
+    return np.array(values, dtype=np.float32, order="C").reshape(shape)
+
+
+def unpermute_llama_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation for ``num_heads`` heads (kv heads for k).
+
+    HF keeps each head's rows as two halves ``[h, 2, d/2]`` (rotate-half rope); llama.cpp stores them
+    interleaved ``[h, d/2, 2]``. Works on weights ``[rows, in]`` and biases ``[rows]``.
+    """
+    half = weight.shape[0] // num_heads // 2
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, half, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def hf_parameter_name(gguf_name: str) -> str | None:
+    """HF name of a GGUF tensor, or None for tensors that are no parameter (rope_freqs)."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    if gguf_name in _NON_PARAMETER_TENSORS:
+        return None
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    raise ModelLoadError(f"unexpected tensor {gguf_name!r} in GGUF file")
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name and shape a model with this config has."""
+    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, inter = config["head_dim"], config["intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        }
+        if config.get("attention_bias"):
+            shapes |= {
+                p + "self_attn.q_proj.bias": (heads * head_dim,),
+                p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
+                p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
+            }
+        if config["model_type"] == "qwen3":
+            shapes |= {p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)}
+    return shapes
+
+
+def read_gguf_config(path: str | Path) -> dict[str, Any]:
+    """The HF config dict of a GGUF file (metadata only; no tensor data is read)."""
+    return _config_from_reader(open_gguf(path), Path(path))
+
+
+def read_gguf_chat_template(path: str | Path) -> str | None:
+    """The ``tokenizer.chat_template`` metadata of a GGUF file, or None."""
+    return _scalar(open_gguf(path), "tokenizer.chat_template")
+
+
+def load_gguf(path: str | Path) -> GGUFModel:
+    """Read config, float32 state dict (HF names, llama q/k un-permuted) and chat template."""
+    path = Path(path)
+    reader = open_gguf(path)
+    config = _config_from_reader(reader, path)
+    shapes = expected_shapes(config)
+    state_dict: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        try:
+            name = hf_parameter_name(tensor.name)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{exc}: {path}") from None
+        if name is None:
+            continue
+        weight = torch.from_numpy(_dequantize(tensor))
+        if config["model_type"] == "llama" and ".self_attn.q_proj." in name:
+            weight = unpermute_llama_qk(weight, config["num_attention_heads"])
+        elif config["model_type"] == "llama" and ".self_attn.k_proj." in name:
+            weight = unpermute_llama_qk(weight, config["num_key_value_heads"])
+        if name not in shapes or tuple(weight.shape) != shapes[name]:
+            raise ModelLoadError(
+                f"GGUF file {path}: tensor {tensor.name} -> {name} has shape {tuple(weight.shape)}, "
+                f"config expects {shapes.get(name, 'no such parameter')}"
+            )
+        state_dict[name] = weight
+    missing = sorted(set(shapes) - set(state_dict))
+    if missing:
+        raise ModelLoadError(f"GGUF file {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return GGUFModel(config, state_dict, _scalar(reader, "tokenizer.chat_template"))
+
+
+def load_gguf_tokenizer(path: str | Path) -> Any:
+    """The HF tokenizer that transformers builds from the GGUF's vocabulary, with its chat template."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    reader = open_gguf(path)
+    _architecture(reader, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build a tokenizer from GGUF file {path}: {exc}") from exc
+    template = _scalar(reader, "tokenizer.chat_template")
+    if template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    return tokenizer

@@ -1,0 +1,178 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM) over the paged KV cache.
+
+Tokens of all requests in a step are flattened into one ``[num_tokens, hidden]`` batch, so
+every linear layer is a single matmul per step. q/k/v and gate/up projections are fused at load
+time (fewer, larger matmuls); attention is delegated to ``tandem.engine.attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.engine.attention import AttentionMetadata, paged_attention
+from tandem.models.config import ModelConfig
+from tandem.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same numerics as HF: normalise in float32, scale in the model dtype.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions, x, kv_cache, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack plus LM head; ``forward`` returns hidden states, ``compute_logits`` the logits."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling,
+                                 cfg.max_position_embeddings)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = rotary
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(positions, x, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load HF-named weights, fusing q/k/v and gate/up; raises on missing or unexpected names."""
+        own = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights.items():
+            target, shard = _hf_to_fused_name(name, self.config)
+            if target is None:
+                continue  # rotary caches and the like
+            if target not in own:
+                raise KeyError(f"unexpected weight {name!r}")
+            param = own[target]
+            with torch.no_grad():
+                if shard is None:
+                    param.copy_(tensor)
+                else:
+                    start, size = shard
+                    param.narrow(0, start, size).copy_(tensor)
+            loaded.add(f"{target}:{shard}")
+        expected = _expected_loads(self.config)
+        missing = expected - loaded
+        if missing:
+            raise KeyError(f"checkpoint lacks weights: {sorted(missing)[:5]}...")
+
+
+_MODEL_PREFIX = "model."
+
+
+def _qkv_shard(proj: str, cfg: ModelConfig) -> tuple[int, int]:
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[proj]
+
+
+def _hf_to_fused_name(name: str, cfg: ModelConfig) -> tuple[str | None, tuple[int, int] | None]:
+    """Map an HF parameter name to (our parameter name, row slice) — the slice for fused weights."""
+    if "rotary_emb" in name:
+        return None, None
+    if name == "lm_head.weight":
+        return (None, None) if cfg.tie_word_embeddings else ("lm_head.weight", None)
+    if name.startswith(_MODEL_PREFIX):
+        name = name[len(_MODEL_PREFIX):]
+    for proj in ("q", "k", "v"):
+        key = f".self_attn.{proj}_proj."
+        if key in name:
+            return name.replace(key, ".self_attn.qkv_proj."), _qkv_shard(proj, cfg)
+    if ".mlp.gate_proj." in name:
+        return name.replace(".mlp.gate_proj.", ".mlp.gate_up_proj."), (0, cfg.intermediate_size)
+    if ".mlp.up_proj." in name:
+        return name.replace(".mlp.up_proj.", ".mlp.gate_up_proj."), (cfg.intermediate_size, cfg.intermediate_size)
+    return name, None
+
+
+def _expected_loads(cfg: ModelConfig) -> set[str]:
+    names = ["embed_tokens.weight:None", "norm.weight:None"]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight:None")
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}"
+        names += [f"{p}.input_layernorm.weight:None", f"{p}.post_attention_layernorm.weight:None",
+                  f"{p}.self_attn.o_proj.weight:None", f"{p}.mlp.down_proj.weight:None",
+                  f"{p}.mlp.gate_up_proj.weight:{(0, cfg.intermediate_size)}",
+                  f"{p}.mlp.gate_up_proj.weight:{(cfg.intermediate_size, cfg.intermediate_size)}"]
+        for proj in ("q", "k", "v"):
+            names.append(f"{p}.self_attn.qkv_proj.weight:{_qkv_shard(proj, cfg)}")
+            if cfg.qkv_bias:
+                names.append(f"{p}.self_attn.qkv_proj.bias:{_qkv_shard(proj, cfg)}")
+        if cfg.qk_norm:
+            names += [f"{p}.self_attn.q_norm.weight:None", f"{p}.self_attn.k_norm.weight:None"]
+    return set(names)

@@ -1,0 +1,116 @@
+"""Builds a ready-to-run model (weights, tokenizer, shape) from a name, HF directory or GGUF file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from tandem.models.config import ModelConfig
+from tandem.models.errors import ModelLoadError
+from tandem.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: LlamaForCausalLM
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    tokenizer: Any
+    """A transformers tokenizer (fast when available), carrying the chat template."""
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    eos_token_ids: list[int]
+    source: str
+    """Where the weights came from: the HF directory or GGUF path."""
+
+
+def resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {device!r} (use cpu or cuda)")
+    return dev
+
+
+def read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the merged safetensors state dict of an HF model directory."""
+    config_path = hf_dir / "config.json"
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not config_path.is_file() or not files:
+        raise ModelLoadError(f"{hf_dir} is not an HF model directory (needs config.json and *.safetensors)")
+    hf_config = json.loads(config_path.read_text())
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return hf_config, weights
+
+
+def _eos_ids(cfg: ModelConfig, tokenizer: Any, hf_dir: Path | None) -> list[int]:
+    ids = set(cfg.eos_token_ids)
+    gen_path = hf_dir / "generation_config.json" if hf_dir else None
+    if gen_path and gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                max_model_len: int) -> LlamaForCausalLM:
+    """Instantiate without random init (meta device), then load weights on the target device."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=max_model_len)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset_buffers(device)
+    model.load_hf_state_dict(weights)
+    return model.eval()
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
+               max_model_len: int | None = None) -> LoadedModel:
+    """Resolve (pulling a known model into the cache on first use) and load a model."""
+    from tandem.model_cache import resolve_model
+
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
+    resolved = resolve_model(name_or_path)
+    if resolved.hf_dir is not None:
+        hf_config, weights = read_hf_dir(resolved.hf_dir)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.hf_dir))
+        source = str(resolved.hf_dir)
+    else:
+        from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer
+
+        gguf = load_gguf(resolved.gguf_path)
+        hf_config, weights = gguf.config, gguf.state_dict
+        tokenizer = load_gguf_tokenizer(resolved.gguf_path)
+        source = str(resolved.gguf_path)
+    cfg = ModelConfig.from_hf_dict(hf_config)
+    context = max_model_len or cfg.max_position_embeddings
+    if context > cfg.max_position_embeddings:
+        raise ModelLoadError(f"max_model_len {context} exceeds the model's context of {cfg.max_position_embeddings}")
+    model = build_model(cfg, weights, torch_dtype, torch_device, context)
+    eos = _eos_ids(cfg, tokenizer, resolved.hf_dir)
+    logger.info("loaded %s from %s in %.1fs", resolved.name, source, time.perf_counter() - start)
+    return LoadedModel(resolved.name, model, cfg, hf_config, tokenizer, torch_dtype, torch_device, context, eos, source)
