@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tandem.models.errors import ModelLoadError
-
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -29,13 +27,13 @@ def convert_gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_gguf(gguf_path)
-    tokenizer = load_gguf_tokenizer(gguf_path)
-    if model.chat_template and not tokenizer.chat_template:
-        raise ModelLoadError(f"tokenizer of {gguf_path} lost the GGUF chat template")
+    tokenizer = load_gguf_tokenizer(gguf_path, chat_template=model.chat_template or "")
     # save_jinja_files=False keeps the template inside tokenizer_config.json (read by every client).
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
 
-    save_file(model.state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    weights = out_dir / "model.safetensors"
+    save_file(model.state_dict, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors creates it 0600; cache files are world-readable like the rest
     write_json(out_dir / "config.json", model.config)
     write_json(out_dir / "generation_config.json", {k: model.config[k] for k in GENERATION_KEYS if k in model.config})
     return model.config

@@ -311,18 +311,22 @@ def load_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(config, state_dict, _scalar(reader, "tokenizer.chat_template"))
 
 
-def load_gguf_tokenizer(path: str | Path) -> Any:
-    """The HF tokenizer that transformers builds from the GGUF's vocabulary, with its chat template."""
+def load_gguf_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
+    """The HF tokenizer that transformers builds from the GGUF's vocabulary, with its chat template.
+
+    ``chat_template`` saves re-reading the metadata when the caller already has it (``load_gguf``).
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
-    reader = open_gguf(path)
-    _architecture(reader, path)
+    if chat_template is None:
+        reader = open_gguf(path)
+        _architecture(reader, path)
+        chat_template = _scalar(reader, "tokenizer.chat_template")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise ModelLoadError(f"cannot build a tokenizer from GGUF file {path}: {exc}") from exc
-    template = _scalar(reader, "tokenizer.chat_template")
-    if template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
     return tokenizer

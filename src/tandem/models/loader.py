@@ -59,6 +59,16 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return hf_config, weights
 
 
+def load_hf_tokenizer(hf_dir: Path) -> Any:
+    """The directory's tokenizer, or None when it ships none (test models that run on token ids)."""
+    from transformers import AutoTokenizer
+
+    if not any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        logger.warning("%s has no tokenizer files; the engine will accept token ids only", hf_dir)
+        return None
+    return AutoTokenizer.from_pretrained(str(hf_dir))
+
+
 def _eos_ids(cfg: ModelConfig, tokenizer: Any, hf_dir: Path | None) -> list[int]:
     ids = set(cfg.eos_token_ids)
     gen_path = hf_dir / "generation_config.json" if hf_dir else None
@@ -95,9 +105,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     resolved = resolve_model(name_or_path)
     if resolved.hf_dir is not None:
         hf_config, weights = read_hf_dir(resolved.hf_dir)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved.hf_dir))
+        tokenizer = load_hf_tokenizer(resolved.hf_dir)
         source = str(resolved.hf_dir)
     else:
         from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer

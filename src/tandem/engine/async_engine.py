@@ -1,0 +1,170 @@
+"""Asyncio front of the builtin engine: a background thread steps the engine while callers
+stream outputs from per-request queues.
+
+The engine thread owns the ``LLMEngine`` outright: callers never touch it directly, they post
+commands (add, abort, or a function to run between steps) into a thread-safe inbox. PyTorch
+releases the GIL inside its kernels, so the event loop stays responsive while a step runs.
+An exception inside a step fails the requests of that step, never the thread or the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from tandem.engine.kv_events import KVEvent
+from tandem.engine.llm_engine import EngineStats, LLMEngine
+from tandem.engine.outputs import RequestOutput
+from tandem.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, kv_event_sink: Callable[[list[KVEvent]], None] | None = None) -> None:
+        self.engine = engine
+        self.kv_event_sink = kv_event_sink
+        """Called on the engine thread with each step's KV events (e.g. a ZMQ publisher)."""
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._ids = itertools.count()
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    # --- caller side (any thread with an event loop) ---
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early aborts the request."""
+        if self._stopped:
+            raise EngineDeadError("engine is stopped")
+        request_id = request_id or f"req-{next(self._ids)}"
+        self.engine.validate_prompt(prompt_token_ids)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._post("add", (request_id, prompt_token_ids, params, cache_salt))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._post("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps (export/import KV, reset cache...)."""
+        future: Future = Future()
+        self._post("call", (fn, future))
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the latest step."""
+        return self._stats
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._post("stop", None)
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def _post(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wakeup.set()
+
+    # --- engine thread ---
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if self._stopped:
+                    break
+                if not self.engine.has_unfinished_requests:
+                    self._stats = self.engine.stats()
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                self._step()
+        finally:
+            self._stopped = True
+            self._fail_all(EngineDeadError("engine stopped"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt, params, salt = payload
+                try:
+                    self.engine.add_request(request_id, prompt, params, cache_salt=salt)
+                except Exception as exc:  # a bad request fails alone
+                    self._deliver(request_id, exc)
+            elif kind == "abort":
+                self.engine.abort_request(payload)
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:
+                    future.set_exception(exc)
+            elif kind == "stop":
+                self._stopped = True
+                return
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting its requests")
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
+                self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        events = self.engine.take_kv_events()  # always drained, so they never pile up
+        if events and self.kv_event_sink is not None:
+            self.kv_event_sink(events)
+        self._stats = self.engine.stats()
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed
+            self.engine.abort_request(request_id)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, exc)
