@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from tandem.models.errors import ModelLoadError
-from tandem.models.gguf_loader import (
-    expected_shapes,
-    load_gguf,
-    load_gguf_tokenizer,
-    read_gguf_config,
-    unpermute_llama_qk,
-)
+from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer, read_gguf_config, unpermute_llama_qk
+from tandem.models.gguf_names import expected_shapes
 from tandem.models.tiny_gguf import CHATML_TEMPLATE, TinyModelSpec, llama_cpp_permute, write_tiny_gguf
 
 LLAMA = TinyModelSpec(arch="llama", num_heads=4, num_kv_heads=2)
@@ -114,6 +109,50 @@ def test_qwen2_has_qkv_bias(tmp_path: Path) -> None:
     bias = model.state_dict["model.layers.1.self_attn.k_proj.bias"]
     assert torch.equal(bias, torch.from_numpy(weights["model.layers.1.self_attn.k_proj.bias"]))
     assert set(model.state_dict) == set(weights)
+
+
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path: Path) -> None:
+    spec = TinyModelSpec(arch="llama", rope_theta=500000.0, llama3_rope_factor=8.0)
+    path, weights = _write(tmp_path, spec)
+    model = load_gguf(path)
+    assert model.config["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert set(model.state_dict) == set(weights)  # rope_freqs is no parameter
+
+    # rope_freqs that no Llama 3 setting explains are refused rather than silently ignored.
+    bad = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(str(bad), "llama")
+    reader = gguf.GGUFReader(path)
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            value = field.contents()
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        if tensor.name == "rope_freqs.weight":
+            data = np.full_like(data, 3.0)
+        writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="rope_freqs"):
+        load_gguf(bad)
+
+
+def test_yarn_metadata_becomes_rope_scaling(tmp_path: Path) -> None:
+    path, _ = _write(tmp_path, TinyModelSpec(arch="qwen2", yarn_factor=4.0))
+    assert read_gguf_config(path)["rope_scaling"] == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 256,
+    }
 
 
 def test_read_gguf_config_matches_load_gguf(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
 
         gguf = load_gguf(resolved.gguf_path)
         hf_config, weights = gguf.config, gguf.state_dict
-        tokenizer = load_gguf_tokenizer(resolved.gguf_path)
+        tokenizer = load_gguf_tokenizer(resolved.gguf_path, chat_template=gguf.chat_template or "")
         source = str(resolved.gguf_path)
     cfg = ModelConfig.from_hf_dict(hf_config)
     context = max_model_len or cfg.max_position_embeddings

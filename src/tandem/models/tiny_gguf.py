@@ -41,6 +41,10 @@ class TinyModelSpec:
     qtype: str = "F32"
     """F32, F16 or Q8_0 for the 2-D weights; norms and biases stay F32 as in llama.cpp."""
     chat_template: str | None = CHATML_TEMPLATE
+    llama3_rope_factor: float | None = None
+    """Write a ``rope_freqs`` tensor as llama.cpp does for Llama 3.x rope scaling (low 1, high 4, 8192)."""
+    yarn_factor: float | None = None
+    """Write ``rope.scaling.type=yarn`` metadata with this factor (original context: context_length)."""
 
     @property
     def resolved_head_dim(self) -> int:
@@ -95,6 +99,23 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """The q/k row permutation llama.cpp's converter applies: per head, [2, d/2] halves -> [d/2, 2]."""
     half = weight.shape[0] // num_heads // 2
     return weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama3_rope_freqs(spec: TinyModelSpec) -> np.ndarray:
+    """Per-frequency divisors llama.cpp stores for Llama 3 rope scaling (low 1, high 4, original 8192)."""
+    factor, low, high, original = spec.llama3_rope_factor or 1.0, 1.0, 4.0, 8192
+    dim = spec.resolved_head_dim
+    divisors = []
+    for freq in 1.0 / spec.rope_theta ** (np.arange(0, dim, 2) / dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            divisors.append(1.0)
+        elif wavelen > original / low:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
 
 
 _GGUF_NAMES = {
@@ -157,6 +178,12 @@ def write_tiny_gguf(path: str | Path, spec: TinyModelSpec | None = None, seed: i
     writer.add_add_bos_token(False)
     if spec.chat_template is not None:
         writer.add_chat_template(spec.chat_template)
+    if spec.yarn_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(spec.yarn_factor)
+        writer.add_rope_scaling_orig_ctx_len(spec.context_length)
+    if spec.llama3_rope_factor is not None:
+        writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(spec))
     for name, value in weights.items():
         _add_tensor(writer, spec, name, value)
     writer.write_header_to_file()
