@@ -6,9 +6,10 @@ token t of a request lives at slot ``block_table[t // block_size] * block_size +
 Each step's tokens arrive flattened, decode tokens first, then one chunk per prefilling request:
 
 * new K/V are written to their slots (``index_copy_`` by ``slot_mapping``);
-* decode rows gather their whole context in one batched ``index_select`` into
-  ``[batch, kv_heads, max_len, head_dim]`` and run one SDPA call with a padding mask; the query
-  heads that share a KV head are folded into the query-length axis, so GQA needs no K/V copy;
+* decode rows gather their whole context, block by block, in one batched ``index_select`` into
+  ``[batch, max_blocks * block_size, kv_heads, head_dim]`` (whole blocks: half the cost of a
+  per-slot gather) and run one SDPA call with an additive padding mask; the query heads that
+  share a KV head are folded into the query-length axis, so GQA needs no K/V copy;
 * each prefill chunk attends to its cached prefix plus itself with a causal mask aligned to the
   bottom-right (query i sees keys ``0 .. num_cached + i``); a chunk with no cached prefix uses the
   new K/V directly with SDPA's own causal path.
@@ -44,12 +45,13 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor
     """[num_tokens] slot of each new token."""
+    block_size: int = 16
     num_decode_tokens: int = 0
-    decode_gather_slots: torch.Tensor | None = None
-    """[num_decode * max_len] slots of every decode row's keys, padded rows point at slot 0."""
-    decode_max_len: int = 0
+    decode_block_ids: torch.Tensor | None = None
+    """[num_decode * max_blocks] block table of every decode row, padded with block 0."""
+    decode_max_blocks: int = 0
     decode_mask: torch.Tensor | None = None
-    """[num_decode, 1, 1, max_len] True where a key is real."""
+    """[num_decode, 1, 1, max_blocks * block_size] additive mask: 0 on real keys, -inf on padding."""
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -78,8 +80,10 @@ def paged_attention(
         group = num_heads // num_kv_heads
         # Query heads h = kv * group + g all read KV head kv: fold g into the query axis.
         qd = q[:n_dec].view(n_dec, num_kv_heads, group, head_dim)
-        kd = k_cache.index_select(0, meta.decode_gather_slots).view(n_dec, meta.decode_max_len, num_kv_heads, head_dim)
-        vd = v_cache.index_select(0, meta.decode_gather_slots).view(n_dec, meta.decode_max_len, num_kv_heads, head_dim)
+        blocked = (-1, meta.block_size, num_kv_heads, head_dim)
+        keys = (n_dec, meta.decode_max_blocks * meta.block_size, num_kv_heads, head_dim)
+        kd = k_cache.view(blocked).index_select(0, meta.decode_block_ids).view(keys)
+        vd = v_cache.view(blocked).index_select(0, meta.decode_block_ids).view(keys)
         od = F.scaled_dot_product_attention(
             qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask, scale=scale
         )

@@ -74,20 +74,9 @@ class ModelRunner:
             pos = c.request.num_computed_tokens
             token_ids.append(c.request.all_token_ids[pos])
             positions.append(pos)
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), block_size=bs, num_decode_tokens=len(decodes))
         if decodes:
-            ctx_lens = torch.tensor([c.request.num_computed_tokens + 1 for c in decodes])
-            max_len = int(ctx_lens.max())
-            table = torch.zeros(len(decodes), -(-max_len // bs), dtype=torch.long)
-            for row, c in enumerate(decodes):
-                t = tables[id(c)]
-                table[row, : t.numel()] = t
-            j = torch.arange(max_len)
-            gather = table[:, j // bs] * bs + j % bs  # [B, max_len]
-            slots.append(gather[torch.arange(len(decodes)), ctx_lens - 1])
-            meta.decode_gather_slots = gather.reshape(-1).to(self.device)
-            meta.decode_max_len = max_len
-            meta.decode_mask = (j.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len).to(self.device)
+            self._prepare_decode(decodes, tables, meta, slots)
         for i, c in enumerate(decodes):
             if c.request.num_computed_tokens + 1 == c.request.num_tokens:
                 logits_indices.append(i)
@@ -119,6 +108,26 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(self.device),
             sampled_requests=sampled,
         )
+
+    def _prepare_decode(self, decodes: list[ScheduledChunk], tables: dict[int, torch.Tensor],
+                        meta: AttentionMetadata, slots: list[torch.Tensor]) -> None:
+        """Padded block table and padding mask of the decode rows; appends their new slots."""
+        bs, n = self.block_size, len(decodes)
+        ctx_lens = torch.tensor([c.request.num_computed_tokens + 1 for c in decodes])
+        max_blocks = -(-int(ctx_lens.max()) // bs)
+        table = torch.zeros(n, max_blocks, dtype=torch.long)
+        for row, c in enumerate(decodes):
+            t = tables[id(c)]
+            table[row, : t.numel()] = t
+        last = ctx_lens - 1
+        slots.append(table[torch.arange(n), last // bs] * bs + last % bs)
+        # Additive float mask: SDPA's CPU kernels are much slower with a bool mask here.
+        padding = torch.arange(max_blocks * bs).unsqueeze(0) >= ctx_lens.unsqueeze(1)
+        mask = torch.zeros(n, 1, 1, max_blocks * bs, dtype=self.dtype)
+        mask.masked_fill_(padding.view(n, 1, 1, -1), float("-inf"))
+        meta.decode_block_ids = table.view(-1).to(self.device)
+        meta.decode_max_blocks = max_blocks
+        meta.decode_mask = mask.to(self.device)
 
     # --- KV block export/import (raw bytes per block, for disaggregation) ---
 

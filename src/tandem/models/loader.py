@@ -90,6 +90,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_buffers(device)
     model.load_hf_state_dict(weights)
+    model.prepare_for_inference()
     return model.eval()
 
 
