@@ -7,6 +7,8 @@ time (fewer, larger matmuls); attention is delegated to ``tandem.engine.attentio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,11 +138,11 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack_for_cpu()
 
-    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load HF-named weights, fusing q/k/v and gate/up; raises on missing or unexpected names."""
+    def load_hf_state_dict(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named (name, tensor) pairs, fusing q/k/v and gate/up; raises on missing or unexpected names."""
         own = dict(self.named_parameters())
         loaded: set[str] = set()
-        for name, tensor in weights.items():
+        for name, tensor in weights:
             target, shard = _hf_to_fused_name(name, self.config)
             if target is None:
                 continue  # rotary caches and the like

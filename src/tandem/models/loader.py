@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from tandem.models.config import ModelConfig
 from tandem.models.errors import ModelLoadError
@@ -46,17 +47,24 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """config.json and the merged safetensors state dict of an HF model directory."""
+def read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
+    """config.json and a lazy iterator over the directory's safetensors weights.
+
+    Tensors are read one at a time, so loading never holds a second full copy of the model.
+    """
     config_path = hf_dir / "config.json"
     files = sorted(hf_dir.glob("*.safetensors"))
     if not config_path.is_file() or not files:
         raise ModelLoadError(f"{hf_dir} is not an HF model directory (needs config.json and *.safetensors)")
     hf_config = json.loads(config_path.read_text())
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(load_file(str(f)))
-    return hf_config, weights
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for f in files:
+            with safe_open(str(f), framework="pt") as reader:
+                for name in reader.keys():
+                    yield name, reader.get_tensor(name)
+
+    return hf_config, tensors()
 
 
 def load_hf_tokenizer(hf_dir: Path) -> Any:
@@ -80,7 +88,7 @@ def _eos_ids(cfg: ModelConfig, tokenizer: Any, hf_dir: Path | None) -> list[int]
     return sorted(ids)
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                 max_model_len: int) -> LlamaForCausalLM:
     """Instantiate without random init (meta device), then load weights on the target device."""
     with torch.device("meta"):
@@ -89,7 +97,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_buffers(device)
-    model.load_hf_state_dict(weights)
+    model.load_hf_state_dict(weights.items() if isinstance(weights, dict) else weights)
     model.prepare_for_inference()
     return model.eval()
 
@@ -112,7 +120,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
         from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer
 
         gguf = load_gguf(resolved.gguf_path)
-        hf_config, weights = gguf.config, gguf.state_dict
+        hf_config, weights = gguf.config, gguf.state_dict.items()
         tokenizer = load_gguf_tokenizer(resolved.gguf_path, chat_template=gguf.chat_template or "")
         source = str(resolved.gguf_path)
     cfg = ModelConfig.from_hf_dict(hf_config)
