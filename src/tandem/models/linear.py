@@ -1,10 +1,13 @@
-"""A linear layer that, on CPU, multiplies with a weight prepacked for oneDNN.
+"""A linear layer that picks the fastest CPU path for the number of rows it multiplies.
 
 HF checkpoints store weights ``[out, in]``; ``F.linear`` on CPU hands them to MKL, whose sgemm is
 slow at the small row counts decoding uses. oneDNN with the weight reordered once into its
 blocked layout (the same ops PyTorch's inductor uses when it freezes a CPU model) was 1.2-3x
 faster on this project's 2-core AVX-512 machine across 1-512 rows, in float32 and bfloat16
-(see docs/benchmarks.md). On CUDA the plain ``F.linear`` (cuBLAS) is kept.
+(see docs/benchmarks.md). For 1-2 rows (single-stream decode) Tandem's own bandwidth-bound
+kernel (``tandem.kernels.cpu_gemv``) on the plain weight beats both, so on CPU a layer keeps the
+plain weight too: two copies of the weights buy ~1.6x faster single-stream decode.
+On CUDA the plain ``F.linear`` (cuBLAS) is used.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels import cpu_gemv
+
 PACK_BATCH_HINT = 64
 """Row count oneDNN tunes the packed layout for (correct for any row count)."""
+GEMV_MAX_ROWS = 2
+"""Up to this many rows the C kernel beats oneDNN (measured: 1.6x at 1 row, even at 4)."""
 
 
 def onednn_available() -> bool:
@@ -28,21 +35,30 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed_weight: torch.Tensor | None = None
-        """oneDNN-layout copy used instead of ``weight`` once packed (opaque; CPU only)."""
-        self.packed_bytes = 0
+        """oneDNN-layout copy used for more than GEMV_MAX_ROWS rows (opaque; CPU only)."""
+        self.use_gemv_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if self.use_gemv_kernel and x.shape[0] <= GEMV_MAX_ROWS:
+            return cpu_gemv.gemv(x, self.weight, self.bias)
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
-    def pack_for_cpu(self) -> None:
-        """Replace the weight by a oneDNN-packed copy (frees the original unless it is shared)."""
+    def prepare_for_cpu(self) -> None:
+        """Add a oneDNN-packed copy of the weight, and route small batches to the C kernel."""
         weight = self.weight.detach()
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-        self.packed_bytes = weight.numel() * weight.element_size()
-        self.weight = None
+        if onednn_available():
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        self.use_gemv_kernel = cpu_gemv.load() is not None and cpu_gemv.supports(weight)
+        if not self.use_gemv_kernel and self.packed_weight is not None:
+            self.weight = None  # only the packed copy is needed
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of one copy of the weight (what one multiplication reads)."""
+        return self.in_features * self.out_features * _element_size(self.packed_weight, self.weight)
 
 
-def should_pack(device: torch.device) -> bool:
-    return device.type == "cpu" and onednn_available()
+def _element_size(*tensors: torch.Tensor | None) -> int:
+    return next(t.element_size() for t in tensors if t is not None)

@@ -15,7 +15,7 @@ from torch import nn
 
 from tandem.engine.attention import AttentionMetadata, paged_attention
 from tandem.models.config import ModelConfig
-from tandem.models.linear import Linear, should_pack
+from tandem.models.linear import Linear
 from tandem.models.rope import RotaryEmbedding
 
 
@@ -119,8 +119,7 @@ class LlamaForCausalLM(nn.Module):
         total = 0
         for module in self.modules():
             if isinstance(module, Linear):
-                weight = module.weight
-                total += module.packed_bytes or weight.numel() * weight.element_size()
+                total += module.weight_bytes
                 if module.bias is not None:
                     total += module.bias.numel() * module.bias.element_size()
             elif isinstance(module, RMSNorm):
@@ -128,15 +127,15 @@ class LlamaForCausalLM(nn.Module):
         return total
 
     def prepare_for_inference(self) -> None:
-        """After loading: on CPU, prepack every linear weight for oneDNN.
+        """After loading, on CPU: give every linear layer its fast paths (see models/linear.py).
 
         A tied LM head gets its own packed copy; the embedding keeps the plain table for lookups.
         """
-        if not should_pack(self.norm.weight.device):
+        if self.norm.weight.device.type != "cpu":
             return
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack_for_cpu()
+                module.prepare_for_cpu()
 
     def load_hf_state_dict(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named (name, tensor) pairs, fusing q/k/v and gate/up; raises on missing or unexpected names."""

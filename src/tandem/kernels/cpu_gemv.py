@@ -1,0 +1,99 @@
+"""Loads the C matrix-vector kernel used for CPU decode (see cpu_gemv.c for the loop).
+
+Why our own kernel: at 1-8 activation rows the step is bound by streaming the weights, and on
+this project's 2-core machine oneDNN and MKL reach ~14 GB/s there while this plain loop reaches
+~20-28 GB/s (benchmarks/engine_throughput.py, docs/benchmarks.md). It is compiled on first use
+with the system C compiler (``cc -O3 -march=native -fopenmp``) into the Tandem cache, keyed by the
+source and the CPU, and called through ctypes on tensors' raw pointers. Torch must be imported
+first so the kernel shares torch's OpenMP runtime (same libgomp soname). Without a compiler,
+``load()`` returns None and callers fall back to oneDNN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _library_path() -> Path:
+    from tandem.model_cache import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+        os.replace(out, target)  # atomic: concurrent builders never load a half-written file
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it on first use; None if that is impossible."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("TANDEM_DISABLE_CPU_GEMV") == "1":
+        return None
+    try:
+        path = _library_path()
+        if not path.is_file():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+        for name in ("tandem_gemv_f32", "tandem_gemv_bf16"):
+            getattr(lib, name).argtypes = _ARGTYPES
+            getattr(lib, name).restype = None
+        _lib = lib
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("CPU decode kernel unavailable (%s); using oneDNN for small batches", detail)
+    return _lib
+
+
+def supports(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few rows of x; weight [out, in] contiguous, float32 or bfloat16."""
+    lib = _lib
+    assert lib is not None, "call load() first"
+    x32 = x.float().contiguous()
+    bias32 = bias.float().contiguous() if bias is not None else None
+    rows, in_features = x32.shape
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    fn = lib.tandem_gemv_f32 if weight.dtype == torch.float32 else lib.tandem_gemv_bf16
+    fn(x32.data_ptr(), weight.data_ptr(), bias32.data_ptr() if bias32 is not None else None, out.data_ptr(),
+       rows, weight.shape[0], in_features, torch.get_num_threads())
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
