@@ -1,0 +1,1 @@
+"""Runtime planes: discovery, request plane and event plane."""

@@ -1,0 +1,256 @@
+"""Request-plane server: serves registered endpoints to many multiplexed streams per connection.
+
+Each incoming `Request` runs its endpoint's handler in its own task. A handler is either an async
+generator (``async def h(payload, ctx): yield ...``; each item becomes a `Data` frame) or a
+coroutine function whose return value becomes the only `Data` frame. `End` or `Error` closes the
+stream. A `Cancel` frame, or the connection dropping, cancels the task, so the handler's
+``finally`` runs (a worker aborts the engine request there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from tandem.runtime.frames import (
+    Cancel,
+    Data,
+    End,
+    Error,
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    FrameError,
+    Ping,
+    Pong,
+    Request,
+)
+from tandem.runtime.request_plane_config import (
+    EndpointError,
+    RemoteError,
+    RequestPlaneConfig,
+    format_address,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a handler knows about the stream it serves."""
+
+    stream_id: int
+    """Client-assigned stream id (unique per connection)."""
+    endpoint: str
+    """The endpoint name the client called."""
+    peer: str
+    """The client's ``host:port``."""
+
+
+Handler = Callable[[Any, RequestContext], "AsyncIterator[Any] | Awaitable[Any]"]
+
+
+class RequestPlaneServer:
+    """TCP server for request-plane endpoints (see module docstring)."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, config: RequestPlaneConfig | None = None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.config = config or RequestPlaneConfig()
+        self._handlers: dict[str, Handler] = {}
+        self._server: asyncio.Server | None = None
+        self._connections: set[_ServerConnection] = set()
+        self._draining = False
+
+    def register(self, endpoint: str, handler: Handler) -> None:
+        """Serve ``handler`` under ``endpoint`` (may be called before or after `start`)."""
+        if endpoint in self._handlers:
+            raise ValueError(f"endpoint {endpoint!r} is already registered")
+        self._handlers[endpoint] = handler
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Registered endpoint names."""
+        return sorted(self._handlers)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to (the real port when started with port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("server is not started")
+        return format_address(self.host, self._server.sockets[0].getsockname()[1])
+
+    @property
+    def num_inflight(self) -> int:
+        """Streams whose handlers are running now."""
+        return sum(len(conn.streams) for conn in self._connections)
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        self._server = await asyncio.start_server(self._on_connection, self.host, self.port)
+        logger.info("request plane listening on %s", self.address)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight streams finish for up to ``drain_timeout`` seconds
+        (default: config), cancel the rest, then close every connection.
+        New requests arriving meanwhile fail with code ``unavailable``."""
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        tasks = [task for conn in self._connections for task in conn.streams.values()]
+        if tasks and drain_timeout > 0:
+            await asyncio.wait(tasks, timeout=drain_timeout)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.cancel_timeout)
+        await asyncio.gather(*(conn.close() for conn in list(self._connections)))
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        conn = _ServerConnection(self, reader, writer)
+        self._connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self._connections.discard(conn)
+
+
+class _ServerConnection:
+    """One client connection: reads frames, runs a task per stream, writes responses."""
+
+    def __init__(
+        self, server: RequestPlaneServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.streams: dict[int, asyncio.Task[None]] = {}
+        self.closed = False
+        peer = writer.get_extra_info("peername")
+        self.peer = format_address(peer[0], peer[1]) if peer else "?"
+        self._encoder = FrameEncoder(server.config.max_frame_size)
+        self._decoder = FrameDecoder(server.config.max_frame_size)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    async def serve(self) -> None:
+        """Read loop. A protocol violation closes this connection (logged), nothing more."""
+        try:
+            while True:
+                data = await self.reader.read(self.server.config.read_chunk_size)
+                if not data:
+                    break
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+        except FrameError as exc:
+            logger.error("request plane: closing connection from %s: %s", self.peer, exc)
+        except (ConnectionError, OSError) as exc:
+            logger.debug("request plane: connection from %s lost: %s", self.peer, exc)
+        finally:
+            await self.close()
+
+    def _dispatch(self, frame: Frame) -> None:
+        if isinstance(frame, Request):
+            self._start_stream(frame)
+        elif isinstance(frame, Cancel):
+            task = self.streams.get(frame.stream_id)
+            if task is not None:
+                task.cancel()
+        elif isinstance(frame, Ping):
+            self.write_nowait(Pong(frame.nonce))
+        elif not isinstance(frame, Pong):
+            logger.warning("request plane: unexpected %s frame from %s", type(frame).__name__, self.peer)
+
+    def _start_stream(self, request: Request) -> None:
+        stream_id = request.stream_id
+        if self.server._draining:
+            self.write_nowait(Error(stream_id, "unavailable", "worker is shutting down"))
+        elif stream_id in self.streams:
+            self.write_nowait(Error(stream_id, "bad_request", f"stream {stream_id} is already open"))
+        else:
+            task = asyncio.create_task(self._run_stream(request))
+            self.streams[stream_id] = task
+            task.add_done_callback(lambda _task: self.streams.pop(stream_id, None))
+
+    async def _run_stream(self, request: Request) -> None:
+        """Run one handler to completion, sending Data..., then End or Error."""
+        stream_id = request.stream_id
+        try:
+            handler = self.server._handlers.get(request.endpoint)
+            if handler is None:
+                known = ", ".join(self.server.endpoints) or "none"
+                raise EndpointError("not_found", f"unknown endpoint {request.endpoint!r} (serving: {known})")
+            ctx = RequestContext(stream_id, request.endpoint, self.peer)
+            result = handler(request.payload, ctx)
+            if inspect.isawaitable(result):
+                await self.send(Data(stream_id, await result))
+            else:
+                await self._send_items(stream_id, result)
+            await self.send(End(stream_id))
+        except (ConnectionError, asyncio.CancelledError):
+            return  # the client is gone or cancelled: nobody to answer
+        except Exception as exc:  # noqa: BLE001 - every handler failure becomes an Error frame
+            self.write_nowait(_error_frame(stream_id, request.endpoint, exc))
+
+    async def _send_items(self, stream_id: int, items: AsyncIterator[Any]) -> None:
+        try:
+            async for item in items:
+                await self.send(Data(stream_id, item))
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()  # run the generator's finally even if we stopped on a send
+
+    async def send(self, frame: Frame) -> None:
+        """Write one frame and wait while the socket buffer is full (backpressure)."""
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        self.writer.write(self._encoder.encode(frame))
+        await self.writer.drain()
+
+    def write_nowait(self, frame: Frame) -> None:
+        """Write a small control frame without waiting for the buffer to drain."""
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(self._encoder.encode(frame))
+
+    async def close(self) -> None:
+        """Cancel this connection's streams and close the socket (bounded wait)."""
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self.streams.values()):
+            task.cancel()
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
+        except (TimeoutError, ConnectionError, OSError):
+            self.writer.transport.abort()
+
+
+def _error_frame(stream_id: int, endpoint: str, exc: Exception) -> Error:
+    """Map a handler exception to the stream's Error frame."""
+    exc_type = type(exc).__name__
+    if isinstance(exc, (EndpointError, RemoteError)):
+        return Error(stream_id, exc.code, exc.message, exc_type)
+    if isinstance(exc, msgspec.ValidationError):
+        return Error(stream_id, "bad_request", str(exc), exc_type)
+    logger.warning("request plane: handler %r failed", endpoint, exc_info=exc)
+    return Error(stream_id, "internal", str(exc), exc_type)
