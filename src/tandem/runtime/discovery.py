@@ -242,9 +242,8 @@ class SnapshotDiscovery(Discovery):
             self._registrations.discard(registration)
             await self._delete(card.worker_id, lease.lease_id)
 
-        registration = Registration(
-            card, lease, ttl * self.config.heartbeat_fraction, lambda: self._put(card, lease), remove
-        )
+        interval = ttl * self.config.heartbeat_fraction
+        registration = Registration(card, lease, interval, lambda: self._put(card, lease), remove)
         self._registrations.add(registration)
         return registration
 

@@ -39,7 +39,7 @@ class MemoryStore:
         self._waiters: set[ChangeWaiter] = set()
 
     def put(self, card: WorkerCard, lease: Lease) -> None:
-        """Insert or refresh ``card`` under ``lease``; a foreign live lease on its id is an error."""
+        """Insert or refresh ``card`` under ``lease``; a foreign live lease on the id is refused."""
         now = time.monotonic()
         with self._lock:
             self._purge_expired(now)
@@ -110,7 +110,9 @@ def shared_store(name: str = "default") -> MemoryStore:
 class MemoryDiscovery(SnapshotDiscovery):
     """Discovery in this process's memory; ``MemoryDiscovery()`` gets a private store."""
 
-    def __init__(self, store: MemoryStore | None = None, config: DiscoveryConfig | None = None):
+    def __init__(
+        self, store: MemoryStore | None = None, config: DiscoveryConfig | None = None
+    ) -> None:
         super().__init__(config)
         self.store = store if store is not None else MemoryStore()
 

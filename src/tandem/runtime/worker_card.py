@@ -46,7 +46,7 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
     tokenizer: str
     """Where the tokenizer comes from: a local path or a model name."""
     chat_template: str
-    """Where the chat template comes from: a path (jinja or tokenizer_config.json) or a model name."""
+    """Where the chat template comes from: a path (jinja, tokenizer_config.json) or a model name."""
     context_length: int
     """Longest prompt + output the worker accepts, in tokens."""
     block_size: int
