@@ -1,8 +1,10 @@
-"""Loads the C matrix-vector kernel used for CPU decode (see cpu_gemv.c for the loop).
+"""Loads Tandem's C kernels for CPU decode and wraps them for torch tensors.
 
-Why our own kernel: at 1-8 activation rows the step is bound by streaming the weights, and on
-this project's 2-core machine oneDNN and MKL reach ~14 GB/s there while this plain loop reaches
-~20-28 GB/s (benchmarks/engine_throughput.py, docs/benchmarks.md). It is compiled on first use
+Why our own kernel: ``gemv.c`` — at 1-2 activation rows a decode step streams every weight
+once, and on this project's 2-core machine oneDNN and MKL reach ~14 GB/s there while this plain
+loop reaches ~20-28 GB/s (benchmarks/engine_throughput.py, docs/benchmarks.md). (A paged decode
+attention kernel in the same style measured no faster than gather + SDPA here, so it is not
+kept.) The library is compiled on first use
 with the system C compiler (``cc -O3 -march=native -fopenmp``) into the Tandem cache, keyed by the
 source and the CPU, and called through ctypes on tensors' raw pointers. Torch must be imported
 first so the kernel shares torch's OpenMP runtime (same libgomp soname). Without a compiler,
@@ -25,9 +27,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCES = [Path(__file__).with_name("gemv.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+_GEMV_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+_SIGNATURES = {"tandem_gemv_f32": _GEMV_ARGS, "tandem_gemv_bf16": _GEMV_ARGS}
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -43,8 +46,10 @@ def _cpu_id() -> str:
 def _library_path() -> Path:
     from tandem.model_cache import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
+    digest = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_id().encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return cache_dir() / "kernels" / f"tandem_cpu-{digest.hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
@@ -54,7 +59,8 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+        cmd = [compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, target)  # atomic: concurrent builders never load a half-written file
 
 
@@ -71,13 +77,13 @@ def load() -> ctypes.CDLL | None:
         if not path.is_file():
             _build(path)
         lib = ctypes.CDLL(str(path))
-        for name in ("tandem_gemv_f32", "tandem_gemv_bf16"):
-            getattr(lib, name).argtypes = _ARGTYPES
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("CPU decode kernel unavailable (%s); using oneDNN for small batches", detail)
+        logger.warning("CPU kernels unavailable (%s); falling back to oneDNN and SDPA", detail)
     return _lib
 
 

@@ -4,7 +4,7 @@
  * by how fast the weights stream from memory. This loop reads each weight row once, in order,
  * with the output rows split across threads, and lets the compiler vectorize the dot product
  * (-O3 -march=native). Activations and outputs are float32; weights float32 or bfloat16
- * (widened to float32 by a 16-bit shift). Built and loaded by cpu_gemv.py.
+ * (widened to float32 by a 16-bit shift). Built and loaded by cpu_kernels.py.
  */
 #include <stdint.h>
 #include <string.h>
