@@ -5,7 +5,7 @@ slow at the small row counts decoding uses. oneDNN with the weight reordered onc
 blocked layout (the same ops PyTorch's inductor uses when it freezes a CPU model) was 1.2-3x
 faster on this project's 2-core AVX-512 machine across 1-512 rows, in float32 and bfloat16
 (see docs/benchmarks.md). For 1-2 rows (single-stream decode) Tandem's own bandwidth-bound
-kernel (``tandem.kernels.cpu_gemv``) on the plain weight beats both, so on CPU a layer keeps the
+kernel (``tandem.kernels.cpu_kernels``) on the plain weight beats both, so on CPU a layer keeps the
 plain weight too: two copies of the weights buy ~1.6x faster single-stream decode.
 On CUDA the plain ``F.linear`` (cuBLAS) is used.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import cpu_gemv
+from tandem.kernels import cpu_kernels
 
 PACK_BATCH_HINT = 64
 """Row count oneDNN tunes the packed layout for (correct for any row count)."""
@@ -40,7 +40,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_gemv_kernel and x.shape[0] <= GEMV_MAX_ROWS:
-            return cpu_gemv.gemv(x, self.weight, self.bias)
+            return cpu_kernels.gemv(x, self.weight, self.bias)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -50,7 +50,7 @@ class Linear(nn.Module):
         weight = self.weight.detach()
         if onednn_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-        self.use_gemv_kernel = cpu_gemv.load() is not None and cpu_gemv.supports(weight)
+        self.use_gemv_kernel = cpu_kernels.load() is not None and cpu_kernels.supports(weight)
         if not self.use_gemv_kernel and self.packed_weight is not None:
             self.weight = None  # only the packed copy is needed
 
