@@ -10,6 +10,7 @@ stream. A `Cancel` frame, or the connection dropping, cancels the task, so the h
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import socket
@@ -41,6 +42,9 @@ from tandem.runtime.request_plane_config import (
 
 logger = logging.getLogger(__name__)
 
+FLUSH_BYTES = 64 * 1024
+"""Queued outgoing bytes that trigger an immediate write instead of one at the loop's next turn."""
+
 
 @dataclass(frozen=True)
 class RequestContext:
@@ -54,7 +58,7 @@ class RequestContext:
     """The client's ``host:port``."""
 
 
-Handler = Callable[[Any, RequestContext], "AsyncIterator[Any] | Awaitable[Any]"]
+Handler = Callable[[Any, RequestContext], AsyncIterator[Any] | Awaitable[Any]]
 
 
 class RequestPlaneServer:
@@ -68,6 +72,7 @@ class RequestPlaneServer:
         self.config = config or RequestPlaneConfig()
         self._handlers: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
+        self._address: str | None = None
         self._connections: set[_ServerConnection] = set()
         self._draining = False
 
@@ -85,9 +90,14 @@ class RequestPlaneServer:
     @property
     def address(self) -> str:
         """``host:port`` clients connect to (the real port when started with port 0)."""
-        if self._server is None or not self._server.sockets:
+        if self._address is None:
             raise RuntimeError("server is not started")
-        return format_address(self.host, self._server.sockets[0].getsockname()[1])
+        return self._address
+
+    @property
+    def num_connections(self) -> int:
+        """Open client connections."""
+        return len(self._connections)
 
     @property
     def num_inflight(self) -> int:
@@ -99,6 +109,7 @@ class RequestPlaneServer:
         if self._server is not None:
             raise RuntimeError("server already started")
         self._server = await asyncio.start_server(self._on_connection, self.host, self.port)
+        self._address = format_address(self.host, self._server.sockets[0].getsockname()[1])
         logger.info("request plane listening on %s", self.address)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -147,6 +158,9 @@ class _ServerConnection:
         self.peer = format_address(peer[0], peer[1]) if peer else "?"
         self._encoder = FrameEncoder(server.config.max_frame_size)
         self._decoder = FrameDecoder(server.config.max_frame_size)
+        self._outgoing: list[bytearray] = []
+        self._outgoing_bytes = 0
+        self._flush_scheduled = False
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -168,6 +182,8 @@ class _ServerConnection:
             await self.close()
 
     def _dispatch(self, frame: Frame) -> None:
+        if self.closed:
+            return  # frames read after close() began start no new work
         if isinstance(frame, Request):
             self._start_stream(frame)
         elif isinstance(frame, Cancel):
@@ -188,7 +204,11 @@ class _ServerConnection:
         else:
             task = asyncio.create_task(self._run_stream(request))
             self.streams[stream_id] = task
-            task.add_done_callback(lambda _task: self.streams.pop(stream_id, None))
+            task.add_done_callback(functools.partial(self._forget_stream, stream_id))
+
+    def _forget_stream(self, stream_id: int, task: asyncio.Task[None]) -> None:
+        if self.streams.get(stream_id) is task:
+            del self.streams[stream_id]
 
     async def _run_stream(self, request: Request) -> None:
         """Run one handler to completion, sending Data..., then End or Error."""
@@ -205,8 +225,8 @@ class _ServerConnection:
             else:
                 await self._send_items(stream_id, result)
             await self.send(End(stream_id))
-        except (ConnectionError, asyncio.CancelledError):
-            return  # the client is gone or cancelled: nobody to answer
+        except ConnectionError:
+            return  # the client is gone: nobody to answer
         except Exception as exc:  # noqa: BLE001 - every handler failure becomes an Error frame
             self.write_nowait(_error_frame(stream_id, request.endpoint, exc))
 
@@ -220,16 +240,39 @@ class _ServerConnection:
                 await aclose()  # run the generator's finally even if we stopped on a send
 
     async def send(self, frame: Frame) -> None:
-        """Write one frame and wait while the socket buffer is full (backpressure)."""
+        """Queue one frame, then wait while the socket buffer is full (backpressure)."""
         if self.closed:
             raise ConnectionResetError("connection closed")
-        self.writer.write(self._encoder.encode(frame))
+        self._queue_bytes(self._encoder.encode(frame))
         await self.writer.drain()
 
     def write_nowait(self, frame: Frame) -> None:
-        """Write a small control frame without waiting for the buffer to drain."""
+        """Queue a small control frame without waiting for the buffer to drain."""
         if not self.closed and not self.writer.is_closing():
-            self.writer.write(self._encoder.encode(frame))
+            self._queue_bytes(self._encoder.encode(frame))
+
+    def _queue_bytes(self, data: bytearray) -> None:
+        # Write coalescing: frames produced by all streams within one event-loop iteration
+        # (e.g. one engine step's tokens for every running request) leave in one write call,
+        # i.e. one syscall instead of one per frame. Past FLUSH_BYTES we flush at once, so a
+        # handler that never yields cannot pile up unbounded bytes outside the transport.
+        self._outgoing.append(data)
+        self._outgoing_bytes += len(data)
+        if self._outgoing_bytes >= FLUSH_BYTES:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._outgoing:
+            return
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        self._outgoing_bytes = 0
+        if not self.writer.is_closing():
+            self.writer.write(data)
 
     async def close(self) -> None:
         """Cancel this connection's streams and close the socket (bounded wait)."""
@@ -238,6 +281,7 @@ class _ServerConnection:
         self.closed = True
         for task in list(self.streams.values()):
             task.cancel()
+        self._flush()
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
@@ -247,9 +291,11 @@ class _ServerConnection:
 
 def _error_frame(stream_id: int, endpoint: str, exc: Exception) -> Error:
     """Map a handler exception to the stream's Error frame."""
+    if isinstance(exc, EndpointError):
+        return Error(stream_id, exc.code, exc.message)
+    if isinstance(exc, RemoteError):  # a handler that proxies another worker passes its error on
+        return Error(stream_id, exc.code, exc.message, exc.exc_type)
     exc_type = type(exc).__name__
-    if isinstance(exc, (EndpointError, RemoteError)):
-        return Error(stream_id, exc.code, exc.message, exc_type)
     if isinstance(exc, msgspec.ValidationError):
         return Error(stream_id, "bad_request", str(exc), exc_type)
     logger.warning("request plane: handler %r failed", endpoint, exc_info=exc)

@@ -1,0 +1,50 @@
+"""Request plane: streams of msgpack items between the frontend and workers over TCP.
+
+Public API (import from here)::
+
+    server = RequestPlaneServer("127.0.0.1", 0)
+    server.register("generate", handler)      # async def handler(payload, ctx): yield item ...
+    await server.start(); server.address      # "127.0.0.1:PORT"
+    await server.stop(drain_timeout=10)
+
+    client = RequestPlaneClient()
+    async for item in client.stream(address, "generate", payload): ...
+    result = await client.call(address, "embed", payload)
+    await client.close()
+
+Wire format: `tandem.runtime.frames`. Errors: `WorkerUnavailableError` (the worker cannot be
+reached or went away; retry elsewhere), `RemoteError` (the handler failed; ``.code`` is
+``bad_request``, ``not_found``, ``internal`` or one a handler chose by raising `EndpointError`).
+"""
+
+from tandem.runtime.frames import FrameError, FrameTooLargeError
+from tandem.runtime.request_plane_client import FROM_CONFIG, RequestPlaneClient
+from tandem.runtime.request_plane_config import (
+    DEFAULT_MAX_FRAME_SIZE,
+    EndpointError,
+    RemoteError,
+    RequestPlaneConfig,
+    RequestPlaneError,
+    WorkerUnavailableError,
+    format_address,
+    parse_address,
+)
+from tandem.runtime.request_plane_server import Handler, RequestContext, RequestPlaneServer
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FROM_CONFIG",
+    "EndpointError",
+    "FrameError",
+    "FrameTooLargeError",
+    "Handler",
+    "RemoteError",
+    "RequestContext",
+    "RequestPlaneClient",
+    "RequestPlaneConfig",
+    "RequestPlaneError",
+    "RequestPlaneServer",
+    "WorkerUnavailableError",
+    "format_address",
+    "parse_address",
+]
