@@ -133,12 +133,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
         args.num_requests, args.input_len, args.output_len, args.single_len = 8, 64, 16, 16
     if args.hf_child:
         print(json.dumps(hf_child(args)))
+        return
+    if args.bandwidth_child:
+        print(json.dumps(copy_bandwidth_gbs()))
         return
 
     hf = None
@@ -154,12 +158,16 @@ def main() -> None:
                                     kv_cache_memory_gib=2.0, max_num_seqs=max(args.num_requests, 1),
                                     max_num_batched_tokens=args.max_num_batched_tokens))
     vocab = engine.model_config.vocab_size
-    results: dict = {"dtype": args.dtype, "threads": torch.get_num_threads()}
+    results: dict = {"dtype": args.dtype, "threads": torch.get_num_threads(),
+                     "peak_rss_after_load_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     "weight_mib": engine.loaded.model.resident_weight_bytes() / 2**20}
     prompts = random_prompts(args.num_requests, args.input_len, vocab)
     results["throughput"] = bench_throughput(engine, prompts, args.output_len)
     engine.reset_prefix_cache()
     single = bench_single_stream(engine, prompts[0][:64], args.single_len)
-    bandwidth = copy_bandwidth_gbs()
+    # In a child process, so its 1 GiB of buffers does not count in the engine's peak RSS.
+    bandwidth = json.loads(subprocess.run([sys.executable, __file__, "--bandwidth-child"], check=True,
+                                          capture_output=True, text=True).stdout.strip().splitlines()[-1])
     weight_bytes = engine.loaded.model.decode_weight_bytes()
     roofline = bandwidth * 1e9 / weight_bytes
     results["single_stream"] = {**single, "weight_bytes_per_token": weight_bytes, "copy_bandwidth_gbs": bandwidth,
@@ -180,7 +188,8 @@ def main() -> None:
           f"= {100 * s['fraction_of_roofline']:.0f}% of roofline")
     print(f"TTFT {p['prompt_tokens']} tokens: uncached {p['ttft_uncached_s'] * 1000:.0f} ms, "
           f"{p['cached_tokens']} cached {p['ttft_cached_s'] * 1000:.0f} ms, speedup {p['speedup']:.1f}x")
-    print(f"peak RSS of the engine process: {results['peak_rss_mib']:.0f} MiB")
+    print(f"peak RSS of the engine process: {results['peak_rss_mib']:.0f} MiB (after load "
+          f"{results['peak_rss_after_load_mib']:.0f} MiB; weights resident {results['weight_mib']:.0f} MiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -124,6 +124,12 @@ class LlamaForCausalLM(nn.Module):
                 total += module.weight.numel() * module.weight.element_size()
         return total
 
+    def resident_weight_bytes(self) -> int:
+        """Bytes of every weight copy kept in memory (on CPU: plain and oneDNN-packed)."""
+        plain = sum(p.numel() * p.element_size() for p in self.parameters())
+        packed = sum(m.weight_bytes for m in self.modules() if isinstance(m, Linear) and m.packed_weight is not None)
+        return plain + packed
+
     def prepare_for_inference(self) -> None:
         """After loading, on CPU: give every linear layer its fast paths (see models/linear.py).
 
