@@ -48,6 +48,27 @@ def test_kv_events_stored_then_removed_then_cleared(tiny_loaded):
     assert isinstance(engine.take_kv_events()[-1], AllBlocksCleared)
 
 
+def test_kv_event_batches_are_numbered_in_order_and_reach_the_async_sink(tiny_loaded):
+    engine = make_engine(tiny_loaded, num_kv_blocks=4)
+    engine.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0))
+    first = engine.take_kv_event_batch()
+    assert first is not None and first[0] == 0 and isinstance(first[1].events[0], BlockStored)
+    assert engine.take_kv_event_batch() is None  # nothing new
+    engine.generate([list(range(100, 150))], SamplingParams(max_tokens=1, temperature=0.0))
+    assert engine.take_kv_event_batch()[0] == 1
+
+    received = []
+    async_engine = AsyncEngine(make_engine(tiny_loaded), kv_event_sink=lambda seq, b: received.append((seq, b)))
+    try:
+        asyncio.run(_collect(async_engine, PROMPT, GREEDY))
+    finally:
+        async_engine.shutdown()
+    seqs = [seq for seq, _ in received]
+    assert seqs == list(range(len(seqs))) and seqs
+    stored = [h for _, b in received for e in b.events if isinstance(e, BlockStored) for h in e.block_hashes]
+    assert stored[:2] == block_hashes(PROMPT, 16)
+
+
 def test_stop_token_ids_min_tokens_and_max_tokens(tiny_loaded):
     engine = make_engine(tiny_loaded)
     free_run = engine.generate([PROMPT], GREEDY)[0]

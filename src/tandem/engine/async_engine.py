@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from tandem.engine.kv_events import KVEvent
+from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.llm_engine import EngineStats, LLMEngine
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
@@ -32,10 +32,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, kv_event_sink: Callable[[list[KVEvent]], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine,
+                 kv_event_sink: Callable[[int, KVEventBatch], None] | None = None) -> None:
         self.engine = engine
         self.kv_event_sink = kv_event_sink
-        """Called on the engine thread with each step's KV events (e.g. a ZMQ publisher)."""
+        """Called on the engine thread with (sequence number, batch) after each step that changed
+        the prefix cache (e.g. a ZMQ publisher)."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wakeup = threading.Event()
@@ -150,9 +152,9 @@ class AsyncEngine:
             return
         for out in outputs:
             self._deliver(out.request_id, out)
-        events = self.engine.take_kv_events()  # always drained, so they never pile up
-        if events and self.kv_event_sink is not None:
-            self.kv_event_sink(events)
+        batch = self.engine.take_kv_event_batch()  # always drained, so events never pile up
+        if batch is not None and self.kv_event_sink is not None:
+            self.kv_event_sink(*batch)
         self._stats = self.engine.stats()
 
     def _deliver(self, request_id: str, item: Any) -> None:

@@ -15,7 +15,7 @@ import torch
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
-from tandem.engine.kv_events import KVEvent
+from tandem.engine.kv_events import KVEvent, KVEventBatch, make_batch
 from tandem.engine.kv_transfer import KVBlockExport, export_to_tensor, tensor_to_export
 from tandem.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tandem.engine.outputs import RequestOutput, TokenLogprob
@@ -66,6 +66,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.loaded.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._prompt_tokens = self._cached_tokens = self._generated_tokens = self._steps = 0
+        self._kv_event_seq = 0
 
     # --- requests ---
 
@@ -173,7 +174,21 @@ class LLMEngine:
         )
 
     def take_kv_events(self) -> list[KVEvent]:
+        """The block pool's events since the last call, in order (no sequence number)."""
         return self.pool.take_events()
+
+    def take_kv_event_batch(self) -> tuple[int, KVEventBatch] | None:
+        """Pending events as one batch with this engine's next sequence number (0, 1, 2, ...).
+
+        The number is what a publisher puts on the wire, so a subscriber can detect a gap.
+        None when nothing happened since the last batch.
+        """
+        events = self.pool.take_events()
+        if not events:
+            return None
+        seq = self._kv_event_seq
+        self._kv_event_seq += 1
+        return seq, make_batch(events)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
