@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pexpect = pytest.importorskip("pexpect")
+import pexpect  # a test dependency (pyproject [test])
 
 PROMPT = ">>> "
 ANSWER_END = re.compile(r"tok/s[^\n]*\n")

@@ -164,7 +164,7 @@ def test_read_gguf_config_matches_load_gguf(tmp_path: Path) -> None:
                                   TinyModelSpec(arch="qwen3", head_dim=128, qtype="Q8_0", tie_word_embeddings=False)])
 def test_same_weights_as_transformers_gguf_loader(tmp_path: Path, spec: TinyModelSpec) -> None:
     """An independent check of names and the q/k un-permutation against transformers' own GGUF path."""
-    pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
+    import accelerate  # noqa: F401  (transformers needs it to load GGUF files; a test dependency)
     from transformers import AutoModelForCausalLM
 
     path, _ = _write(tmp_path, spec)

@@ -91,15 +91,31 @@ def supports(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
 
 
+class Gemv:
+    """``x @ weight.T + bias`` for a few rows of x through the C kernel, bound to one weight.
+
+    Everything that does not depend on x (function, pointers, sizes, a float32 bias) is resolved
+    once here, since decode calls this ~120 times per token.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        lib = load()
+        assert lib is not None and supports(weight), "the C kernel is unavailable for this weight"
+        self.weight = weight  # holds the memory the pointer refers to
+        self.bias32 = bias.detach().float().contiguous() if bias is not None else None
+        self._fn = lib.tandem_gemv_f32 if weight.dtype == torch.float32 else lib.tandem_gemv_bf16
+        self._weight_ptr = weight.data_ptr()
+        self._bias_ptr = self.bias32.data_ptr() if self.bias32 is not None else None
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        out = torch.empty(x32.shape[0], self.out_features, dtype=torch.float32)
+        self._fn(x32.data_ptr(), self._weight_ptr, self._bias_ptr, out.data_ptr(), x32.shape[0],
+                 self.out_features, self.in_features, torch.get_num_threads())
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a few rows of x; weight [out, in] contiguous, float32 or bfloat16."""
-    lib = _lib
-    assert lib is not None, "call load() first"
-    x32 = x.float().contiguous()
-    bias32 = bias.float().contiguous() if bias is not None else None
-    rows, in_features = x32.shape
-    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    fn = lib.tandem_gemv_f32 if weight.dtype == torch.float32 else lib.tandem_gemv_bf16
-    fn(x32.data_ptr(), weight.data_ptr(), bias32.data_ptr() if bias32 is not None else None, out.data_ptr(),
-       rows, weight.shape[0], in_features, torch.get_num_threads())
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    """One-off ``x @ weight.T + bias`` through the C kernel (see Gemv for repeated use)."""
+    return Gemv(weight, bias)(x)

@@ -36,11 +36,12 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed_weight: torch.Tensor | None = None
         """oneDNN-layout copy used for more than GEMV_MAX_ROWS rows (opaque; CPU only)."""
-        self.use_gemv_kernel = False
+        self.gemv: cpu_kernels.Gemv | None = None
+        """The C kernel bound to ``weight``, used for up to GEMV_MAX_ROWS rows (CPU only)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_gemv_kernel and x.shape[0] <= GEMV_MAX_ROWS:
-            return cpu_kernels.gemv(x, self.weight, self.bias)
+        if self.gemv is not None and x.shape[0] <= GEMV_MAX_ROWS:
+            return self.gemv(x)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -50,8 +51,9 @@ class Linear(nn.Module):
         weight = self.weight.detach()
         if onednn_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-        self.use_gemv_kernel = cpu_kernels.load() is not None and cpu_kernels.supports(weight)
-        if not self.use_gemv_kernel and self.packed_weight is not None:
+        if cpu_kernels.load() is not None and cpu_kernels.supports(weight):
+            self.gemv = cpu_kernels.Gemv(weight, self.bias)
+        elif self.packed_weight is not None:
             self.weight = None  # only the packed copy is needed
 
     @property
