@@ -29,7 +29,7 @@ from tandem.model_cache import (
 from tandem.model_cache.fetch import WheelFetcher
 from tandem.models.errors import ModelLoadError
 from tandem.models.gguf_loader import load_gguf
-from tandem.models.tiny_gguf import CHATML_TEMPLATE, TinyModelSpec, write_tiny_gguf
+from tests.tiny_gguf import CHATML_TEMPLATE, TinyModelSpec, write_tiny_gguf
 
 NAME = "tiny-test"
 MEMBER = "tiny_pkg/tiny-llama.Q8_0.gguf"
