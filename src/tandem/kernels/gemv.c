@@ -16,34 +16,25 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-void tandem_gemv_f32(const float *x, const float *w, const float *bias, float *y,
-                     int64_t rows, int64_t out_features, int64_t in_features, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out_features; ++o) {
-        const float *w_row = w + o * in_features;
-        const float b = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < rows; ++r) {
-            const float *x_row = x + r * in_features;
-            float acc = 0.0f;
-            #pragma omp simd reduction(+:acc)
-            for (int64_t i = 0; i < in_features; ++i) acc += w_row[i] * x_row[i];
-            y[r * out_features + o] = acc + b;
-        }
-    }
+#define LOAD_F32(p, i) ((p)[i])
+#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
+
+#define DEFINE_GEMV(NAME, T, LOAD)                                                                \
+void NAME(const float *x, const T *w, const float *bias, float *y, int64_t rows,                  \
+          int64_t out_features, int64_t in_features, int threads) {                               \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+    for (int64_t o = 0; o < out_features; ++o) {                                                 \
+        const T *w_row = w + o * in_features;                                                     \
+        const float b = bias ? bias[o] : 0.0f;                                                    \
+        for (int64_t r = 0; r < rows; ++r) {                                                      \
+            const float *x_row = x + r * in_features;                                             \
+            float acc = 0.0f;                                                                     \
+            _Pragma("omp simd reduction(+:acc)")                                                  \
+            for (int64_t i = 0; i < in_features; ++i) acc += LOAD(w_row, i) * x_row[i];           \
+            y[r * out_features + o] = acc + b;                                                    \
+        }                                                                                         \
+    }                                                                                             \
 }
 
-void tandem_gemv_bf16(const float *x, const uint16_t *w, const float *bias, float *y,
-                      int64_t rows, int64_t out_features, int64_t in_features, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out_features; ++o) {
-        const uint16_t *w_row = w + o * in_features;
-        const float b = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < rows; ++r) {
-            const float *x_row = x + r * in_features;
-            float acc = 0.0f;
-            #pragma omp simd reduction(+:acc)
-            for (int64_t i = 0; i < in_features; ++i) acc += bf16_to_f32(w_row[i]) * x_row[i];
-            y[r * out_features + o] = acc + b;
-        }
-    }
-}
+DEFINE_GEMV(tandem_gemv_f32, float, LOAD_F32)
+DEFINE_GEMV(tandem_gemv_bf16, uint16_t, LOAD_BF16)
