@@ -1,0 +1,1 @@
+"""A worker: one engine served on the request plane and registered in discovery."""

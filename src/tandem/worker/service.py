@@ -1,0 +1,86 @@
+"""The worker service: an AsyncEngine behind the request plane, registered in discovery.
+
+Endpoints: ``generate`` (stream of GenerateDelta; leaving the stream aborts the request and
+frees its KV blocks) and ``stats`` (the engine's latest EngineStats). ``start()`` binds the
+request plane, then registers the worker card; ``drain()`` withdraws the card first (so routers
+stop sending), lets in-flight streams finish up to a timeout, then stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import msgspec
+
+from tandem.engine.async_engine import AsyncEngine
+from tandem.runtime.discovery import Discovery, Registration
+from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
+from tandem.runtime.worker_card import Role, WorkerCard
+from tandem.worker.protocol import GenerateDelta, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerService:
+    def __init__(self, engine: AsyncEngine, discovery: Discovery, *, model_name: str, tokenizer_source: str,
+                 role: Role = "agg", engine_kind: str = "builtin", host: str = "127.0.0.1", port: int = 0,
+                 ttl_s: float | None = None, worker_id: str | None = None) -> None:
+        self.engine = engine
+        self.discovery = discovery
+        self.model_name, self.tokenizer_source = model_name, tokenizer_source
+        self.role, self.engine_kind, self.ttl_s = role, engine_kind, ttl_s
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.server = RequestPlaneServer(host, port)
+        self.server.register("generate", self.generate)
+        self.server.register("stats", self.stats)
+        self.registration: Registration | None = None
+
+    def card(self) -> WorkerCard:
+        core = self.engine.engine
+        return WorkerCard(
+            worker_id=self.worker_id, model=self.model_name, tokenizer=self.tokenizer_source,
+            chat_template=self.tokenizer_source, context_length=core.max_model_len, block_size=core.block_size,
+            total_kv_blocks=core.pool.num_blocks, role=self.role, request_plane_address=self.server.address,
+            engine=self.engine_kind,
+        )
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.registration = await self.discovery.register(self.card(), self.ttl_s)
+        logger.info("worker %s serving %s at %s", self.worker_id, self.model_name, self.server.address)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Withdraw from discovery, finish in-flight streams (up to timeout), stop the engine."""
+        if self.registration is not None:
+            await self.registration.withdraw()
+        await self.server.stop(drain_timeout=timeout)
+        await asyncio.to_thread(self.engine.shutdown)
+
+    async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+        try:
+            request = msgspec.convert(payload, GenerateRequest)
+            params = request.sampling.to_params()
+        except (msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise EndpointError("bad_request", str(exc)) from None
+        try:
+            self.engine.engine.validate_prompt(request.token_ids)
+        except ValueError as exc:
+            raise EndpointError("bad_request", str(exc)) from None
+        stream = self.engine.generate(request.token_ids, params, request_id=request.request_id,
+                                      cache_salt=request.cache_salt)
+        try:
+            async for out in stream:
+                yield msgspec.to_builtins(GenerateDelta.from_output(out))
+        except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
+            raise EndpointError("bad_request", str(exc)) from None
+        finally:
+            await stream.aclose()  # aborts the engine request if the client went away early
+
+    async def stats(self, payload: Any, ctx: RequestContext) -> dict:
+        return asdict(self.engine.stats())
