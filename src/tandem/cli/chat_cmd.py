@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from tandem.cli.engine_args import add_engine_args, engine_config_from_args
+
 if TYPE_CHECKING:  # keep `tandem --help` from importing torch
     from rich.console import Console
 
@@ -31,17 +33,12 @@ HELP = "/reset clears the history, /stats shows engine stats, /exit or Ctrl-D qu
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``chat`` and its flags."""
     parser = subparsers.add_parser("chat", help="chat with a model in the terminal (streaming)")
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="model-cache name, HF directory or .gguf file (default: %(default)s)")
+    add_engine_args(parser)
     parser.add_argument("--system", metavar="PROMPT", help="system prompt (default: the chat template's own)")
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="sampling seed, for reproducible answers")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -134,13 +131,11 @@ def handle_line(chat: Chat, text: str) -> None:
 
 def load_engine(args: argparse.Namespace, console: Console) -> LLMEngine | None:
     """Build the engine (pulling the model into the cache on first use) under a spinner."""
-    from tandem.engine.config import EngineConfig
     from tandem.engine.llm_engine import LLMEngine
     from tandem.models.errors import ModelLoadError
 
     try:
-        config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
-                              kv_cache_memory_gib=args.kv_cache_gib)
+        config = engine_config_from_args(args)
         with console.status(f"loading {args.model}…"):
             engine = LLMEngine(config)
     except (ModelLoadError, ValueError) as exc:

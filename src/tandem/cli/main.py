@@ -16,6 +16,7 @@ from tandem import __version__
 SUBCOMMANDS = {
     "models": "tandem.cli.models_cmd",
     "chat": "tandem.cli.chat_cmd",
+    "worker": "tandem.cli.worker_cmd",
 }
 
 

@@ -1,0 +1,65 @@
+"""``tandem worker``: one builtin engine served on the request plane and registered in discovery.
+
+Runs until SIGTERM or SIGINT, then drains: it withdraws its card (routers stop sending), lets
+in-flight streams finish up to ``--drain-timeout``, and exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from tandem.cli.engine_args import add_engine_args, engine_config_from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("worker", help="serve one engine on the request plane")
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="request-plane port; 0 picks a free one")
+    parser.add_argument("--discovery", default="file",
+                        help="memory, file or file:/dir (default: %(default)s; etcd comes later)")
+    parser.add_argument("--role", default="agg", choices=("agg", "prefill", "decode"))
+    parser.add_argument("--served-model-name", help="name clients use (default: the model's name)")
+    parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests may take to finish on shutdown (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from tandem.engine.async_engine import AsyncEngine
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.runtime.discovery import make_discovery
+    from tandem.worker.service import WorkerService
+
+    core = await asyncio.to_thread(LLMEngine, engine_config_from_args(args))
+    discovery = make_discovery(args.discovery)
+    service = WorkerService(AsyncEngine(core), discovery, model_name=args.served_model_name or core.loaded.name,
+                            tokenizer_source=core.loaded.source, role=args.role, host=args.host, port=args.port,
+                            ttl_s=args.ttl)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop)
+    await service.start()
+    print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
+    await stop.wait()
+    print("draining…", flush=True)
+    await service.drain(timeout=args.drain_timeout)
+    await discovery.close()
+
+
+def _on_signal(stop: asyncio.Event) -> None:
+    if stop.is_set():
+        sys.exit(70)  # second signal: no more waiting
+    stop.set()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    return 0

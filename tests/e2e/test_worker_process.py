@@ -1,0 +1,55 @@
+"""`tandem worker` as a real process: registers in file discovery, serves, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+from tandem.runtime.discovery_file import FileDiscovery
+from tandem.runtime.request_plane import RequestPlaneClient
+from tests.tiny_models import make_tiny_model
+
+PROMPT = list(range(10, 40))
+
+
+def test_worker_registers_serves_and_drains_on_sigterm(tmp_path):
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama", model_dir)
+    disco_dir = tmp_path / "discovery"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "worker", "--model", str(model_dir), "--discovery", f"file:{disco_dir}",
+         "--num-kv-blocks", "64", "--ttl", "3", "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        asyncio.run(asyncio.wait_for(_exercise(disco_dir), 90))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert "serving tiny" in out and "draining" in out
+        assert asyncio.run(FileDiscovery(disco_dir).list()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def _exercise(disco_dir) -> None:
+    discovery = FileDiscovery(disco_dir)
+    deadline = time.monotonic() + 60
+    cards = []
+    while not cards and time.monotonic() < deadline:
+        cards = await discovery.list("tiny")
+        await asyncio.sleep(0.2)
+    assert cards, "worker never registered"
+    client = RequestPlaneClient()
+    try:
+        payload = {"request_id": "r1", "token_ids": PROMPT, "sampling": {"max_tokens": 5, "temperature": 0.0,
+                                                                           "ignore_eos": True}}
+        deltas = [d async for d in client.stream(cards[0].request_plane_address, "generate", payload)]
+        assert sum(len(d["token_ids"]) for d in deltas) == 5
+        assert deltas[-1]["finish_reason"] == "length"
+    finally:
+        await client.close()
+        await discovery.close()
