@@ -45,6 +45,18 @@ class EngineStats:
     steps_total: int
 
 
+def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int],
+               max_model_len: int) -> RequestStatus | None:
+    """How a request ends after appending ``token_id``, or None if it goes on (shared by all engines)."""
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -140,13 +152,7 @@ class LLMEngine:
         return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        return check_stop(request, token_id, self.eos_token_ids, self.max_model_len)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion (offline); returns each request's output token ids."""
