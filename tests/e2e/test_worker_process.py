@@ -35,6 +35,21 @@ def test_worker_registers_serves_and_drains_on_sigterm(tmp_path):
             proc.kill()
 
 
+def test_mocker_worker_serves_without_a_model(tmp_path):
+    disco_dir = tmp_path / "discovery"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0",
+         "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        asyncio.run(asyncio.wait_for(_exercise(disco_dir), 60))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 async def _exercise(disco_dir) -> None:
     discovery = FileDiscovery(disco_dir)
     deadline = time.monotonic() + 60

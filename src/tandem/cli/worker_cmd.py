@@ -23,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--discovery", default="file",
                         help="memory, file or file:/dir (default: %(default)s; etcd comes later)")
     parser.add_argument("--role", default="agg", choices=("agg", "prefill", "decode"))
+    parser.add_argument("--engine", default="builtin", choices=("builtin", "mocker"),
+                        help="builtin runs the model; mocker only models step times (default: %(default)s)")
+    parser.add_argument("--speedup-ratio", type=float, default=1.0,
+                        help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model's name)")
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -36,11 +40,21 @@ async def serve(args: argparse.Namespace) -> None:
     from tandem.runtime.discovery import make_discovery
     from tandem.worker.service import WorkerService
 
-    core = await asyncio.to_thread(LLMEngine, engine_config_from_args(args))
+    if args.engine == "mocker":
+        from tandem.engine.mocker import MockerConfig, MockerEngine
+
+        core = MockerEngine(MockerConfig(
+            block_size=args.block_size, num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len or MockerConfig.max_model_len,
+            enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio))
+        name, tokenizer_source = args.served_model_name or args.model, args.model
+    else:
+        core = await asyncio.to_thread(LLMEngine, engine_config_from_args(args))
+        name, tokenizer_source = args.served_model_name or core.loaded.name, core.loaded.source
     discovery = make_discovery(args.discovery)
-    service = WorkerService(AsyncEngine(core), discovery, model_name=args.served_model_name or core.loaded.name,
-                            tokenizer_source=core.loaded.source, role=args.role, host=args.host, port=args.port,
-                            ttl_s=args.ttl)
+    service = WorkerService(AsyncEngine(core), discovery, model_name=name, tokenizer_source=tokenizer_source,
+                            role=args.role, engine_kind=args.engine, host=args.host, port=args.port, ttl_s=args.ttl)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
