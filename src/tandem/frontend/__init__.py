@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP frontend: request/response protocol, errors and sampling mapping."""
