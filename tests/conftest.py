@@ -1,8 +1,17 @@
-"""Shared fixtures: tiny random-weight HF models written on the fly."""
+"""Test-suite settings: the e2e marker for tests/e2e, and the hypothesis profile for CI."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
+
+# CI runs property tests on a fixed example sequence, so a red CI is reproducible; developers
+# still get fresh random examples locally.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_collection_modifyitems(config, items):
