@@ -1,0 +1,1 @@
+"""Routing: which worker serves a request (round-robin, random; the KV-aware policy comes next)."""

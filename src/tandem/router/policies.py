@@ -1,0 +1,56 @@
+"""Load-balancing policies that need no knowledge of the workers' KV caches.
+
+A policy picks one worker card among the candidates that serve the requested model. The KV-aware
+policy (DESIGN.md §4, cost over cached blocks and load) will implement the same interface.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Protocol
+
+from tandem.runtime.worker_card import WorkerCard
+
+
+class RoutingPolicy(Protocol):
+    name: str
+
+    def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
+        """One of ``candidates`` (never empty) for a request with these prompt tokens."""
+        ...
+
+
+class RoundRobinPolicy:
+    """Cycles through the candidates in worker-id order; a worker that leaves is simply skipped."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
+        ordered = sorted(candidates, key=lambda card: card.worker_id)
+        return ordered[next(self._counter) % len(ordered)]
+
+
+class RandomPolicy:
+    """Uniformly random choice (seedable for tests and simulations)."""
+
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
+        return self._rng.choice(candidates)
+
+
+POLICIES = {"round-robin": RoundRobinPolicy, "random": RandomPolicy}
+
+
+def make_policy(name: str) -> RoutingPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown router policy {name!r}; choose one of {', '.join(POLICIES)}") from None

@@ -1,0 +1,74 @@
+"""The live set of workers, kept current from discovery, with a short local blacklist.
+
+A worker that fails to answer (``WorkerUnavailableError``) is skipped for ``down_for_s`` seconds
+even before its discovery lease expires, so new requests go to the survivors at once; it comes
+back by itself if it answers again later (a lease that is still refreshed means it is alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from tandem.runtime.discovery import Discovery, EventKind
+from tandem.runtime.worker_card import WorkerCard
+
+logger = logging.getLogger(__name__)
+
+
+class NoWorkerError(LookupError):
+    """No live worker serves the requested model."""
+
+
+class WorkerPool:
+    def __init__(self, discovery: Discovery, down_for_s: float = 5.0) -> None:
+        self.discovery = discovery
+        self.down_for_s = down_for_s
+        self._workers: dict[str, WorkerCard] = {}
+        self._down_until: dict[str, float] = {}
+        self._watch_task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load the current set and follow changes in the background."""
+        for card in await self.discovery.list():
+            self._workers[card.worker_id] = card
+        self._watch_task = asyncio.create_task(self._follow())
+        self._ready.set()
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+
+    async def _follow(self) -> None:
+        async for event in self.discovery.watch():
+            if event.kind is EventKind.ADDED:
+                self._workers[event.card.worker_id] = event.card
+                self._down_until.pop(event.card.worker_id, None)
+            else:
+                self._workers.pop(event.card.worker_id, None)
+
+    def workers(self, model: str | None = None) -> list[WorkerCard]:
+        """Live workers (optionally for one model), minus those recently seen failing."""
+        now = time.monotonic()
+        return [card for wid, card in self._workers.items()
+                if (model is None or card.model == model) and self._down_until.get(wid, 0.0) <= now]
+
+    def models(self) -> list[str]:
+        return sorted({card.model for card in self._workers.values()})
+
+    def candidates(self, model: str) -> list[WorkerCard]:
+        """Workers to choose from; raises NoWorkerError when there are none."""
+        found = self.workers(model)
+        if not found:
+            raise NoWorkerError(f"no worker serves model {model!r}")
+        return found
+
+    def mark_down(self, worker_id: str) -> None:
+        """Skip this worker for down_for_s (it did not answer)."""
+        logger.warning("worker %s unavailable; skipping it for %.1fs", worker_id, self.down_for_s)
+        self._down_until[worker_id] = time.monotonic() + self.down_for_s

@@ -1,0 +1,76 @@
+"""Round-robin and random policies, and the worker pool following discovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from tandem.router.policies import RandomPolicy, RoundRobinPolicy, make_policy
+from tandem.router.worker_pool import NoWorkerError, WorkerPool
+from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.worker_card import WorkerCard
+
+
+def card(worker_id: str, model: str = "m") -> WorkerCard:
+    return WorkerCard(worker_id=worker_id, model=model, tokenizer=model, chat_template=model, context_length=128,
+                      block_size=16, total_kv_blocks=64, request_plane_address="127.0.0.1:9")
+
+
+def test_round_robin_cycles_in_order_and_skips_departed_workers():
+    policy = RoundRobinPolicy()
+    cards = [card("b"), card("a"), card("c")]
+    assert [policy.select(cards, []).worker_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    survivors = [card("a"), card("c")]
+    picks = {policy.select(survivors, []).worker_id for _ in range(4)}
+    assert picks == {"a", "c"}
+
+
+def test_random_is_roughly_uniform_and_seedable():
+    cards = [card(x) for x in "abcd"]
+    policy = RandomPolicy(seed=1)
+    counts = Counter(policy.select(cards, []).worker_id for _ in range(4000))
+    assert set(counts) == set("abcd") and all(800 < n < 1200 for n in counts.values())
+    first, second = RandomPolicy(seed=5), RandomPolicy(seed=5)
+    assert [first.select(cards, []).worker_id for _ in range(8)] == [second.select(cards, []).worker_id for _ in range(8)]
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="round-robin"):
+        make_policy("fastest")
+
+
+def test_worker_pool_follows_discovery_and_blacklists_failures():
+    async def scenario():
+        discovery = MemoryDiscovery()
+        first = await discovery.register(card("a"))
+        pool = WorkerPool(discovery, down_for_s=0.2)
+        await pool.start()
+        try:
+            assert [c.worker_id for c in pool.candidates("m")] == ["a"]
+            second = await discovery.register(card("b"))
+            await _until(lambda: len(pool.workers("m")) == 2)
+            pool.mark_down("a")
+            assert [c.worker_id for c in pool.candidates("m")] == ["b"]
+            await asyncio.sleep(0.25)
+            assert len(pool.workers("m")) == 2  # back after down_for_s
+            await first.withdraw()
+            await second.withdraw()
+            await _until(lambda: not pool.workers())
+            with pytest.raises(NoWorkerError, match="'m'"):
+                pool.candidates("m")
+            with pytest.raises(NoWorkerError):
+                pool.candidates("other")
+        finally:
+            await pool.stop()
+            await discovery.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+async def _until(condition, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
