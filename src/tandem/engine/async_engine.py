@@ -1,7 +1,7 @@
 """Asyncio front of the builtin engine: a background thread steps the engine while callers
 stream outputs from per-request queues.
 
-The engine thread owns the ``LLMEngine`` outright: callers never touch it directly, they post
+The engine thread owns the ``EngineCore`` outright: callers never touch it directly, they post
 commands (add, abort, or a function to run between steps) into a thread-safe inbox. PyTorch
 releases the GIL inside its kernels, so the event loop stays responsive while a step runs.
 An exception inside a step fails the requests of that step, never the thread or the process.
@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from tandem.engine.kv_events import KVEventBatch
-from tandem.engine.llm_engine import EngineStats, LLMEngine
+from tandem.engine.engine_core import EngineCore, EngineStats
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 
@@ -32,7 +32,7 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine,
+    def __init__(self, engine: EngineCore,
                  kv_event_sink: Callable[[int, KVEventBatch], None] | None = None) -> None:
         self.engine = engine
         self.kv_event_sink = kv_event_sink
@@ -77,7 +77,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
         """Run ``fn(engine)`` on the engine thread between steps (export/import KV, reset cache...)."""
         future: Future = Future()
         self._post("call", (fn, future))

@@ -35,6 +35,14 @@ def tensor_to_export(data: torch.Tensor, hashes: list[int], token_ids: list[int]
                          hashes, token_ids, raw)
 
 
+def verify_block_hashes(export: KVBlockExport) -> None:
+    """Check that the export's tokens cover its blocks and hash to its block hashes."""
+    if len(export.token_ids) != len(export.block_hashes) * export.block_size:
+        raise ValueError("token_ids do not cover the exported blocks")
+    if block_hashes(export.token_ids, export.block_size, export.hash_seed) != list(export.block_hashes):
+        raise ValueError("block hashes do not match their tokens")
+
+
 def export_to_tensor(export: KVBlockExport, expected_block_shape: list[int], expected_dtype: torch.dtype) -> torch.Tensor:
     """Validate an export against this engine's layout and return its blocks as a tensor."""
     dtype = getattr(torch, export.dtype, None)
@@ -42,11 +50,8 @@ def export_to_tensor(export: KVBlockExport, expected_block_shape: list[int], exp
         raise ValueError(f"unknown KV dtype {export.dtype!r}")
     if list(export.block_shape) != list(expected_block_shape):
         raise ValueError(f"KV block shape {export.block_shape} does not match this engine's {expected_block_shape}")
+    verify_block_hashes(export)
     n = len(export.block_hashes)
-    if len(export.token_ids) != n * export.block_size:
-        raise ValueError("token_ids do not cover the exported blocks")
-    if block_hashes(export.token_ids, export.block_size, export.hash_seed) != list(export.block_hashes):
-        raise ValueError("block hashes do not match their tokens")
     numel = n
     for dim in export.block_shape:
         numel *= dim

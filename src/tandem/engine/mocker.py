@@ -4,7 +4,7 @@ modeled step time in place of a model.
 One step = schedule → model the step's time → sleep for it (÷ ``speedup_ratio``) → advance the
 scheduler → append one plausible token per due request → stop checks → outputs. The block pool,
 prefix cache, preemption, KV events and statistics are the real ones (``BlockPool``,
-``KVCacheManager``, ``Scheduler``, ``Request`` exactly as ``LLMEngine`` uses them), so a router or
+``KVCacheManager``, ``Scheduler``, ``Request`` through ``EngineCore``, as ``LLMEngine`` uses them), so a router or
 a planner sees a worker that behaves like a real one at a fraction of the cost. ``MockerEngine``
 has ``LLMEngine``'s public interface, so ``AsyncEngine`` drives it unchanged, and several can
 share one process (each owns its pool, scheduler and RNGs; ``time.sleep`` releases the GIL).
@@ -22,7 +22,8 @@ Step time model (milliseconds; defaults are NVIDIA Dynamo's published mocker pol
 Sampled tokens are drawn uniformly from ``[first_token_id, vocab_size)`` by a per-request
 ``random.Random`` (seeded from ``SamplingParams.seed`` or from ``MockerConfig.seed`` and the
 request id), skipping EOS — so ``max_tokens`` (or a stop token id drawn by chance, or the context
-length) ends a request. Stop rules are ``llm_engine.check_stop``, shared with the builtin engine.
+length) ends a request. Request bookkeeping, stop rules, stats and events come from ``EngineCore``, shared with the
+builtin engine.
 """
 
 from __future__ import annotations
@@ -33,16 +34,12 @@ import random
 import time
 from dataclasses import dataclass
 
-from tandem.engine.block_pool import BlockPool
-from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
-from tandem.engine.kv_events import KVEvent, KVEventBatch, make_batch
-from tandem.engine.kv_transfer import KVBlockExport
-from tandem.engine.llm_engine import EngineStats, check_stop
+from tandem.engine.engine_core import EngineCore
+from tandem.engine.kv_transfer import KVBlockExport, verify_block_hashes
 from tandem.engine.outputs import RequestOutput
-from tandem.engine.request import Request, RequestStatus
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.scheduler import Scheduler, SchedulerOutput
-from tandem.hashing import DEFAULT_BLOCK_SIZE, block_hashes, seed_for_salt
+from tandem.engine.request import Request
+from tandem.engine.scheduler import SchedulerOutput
+from tandem.hashing import DEFAULT_BLOCK_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -131,24 +128,18 @@ def _request_seed(base_seed: int, request_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-class MockerEngine:
+class MockerEngine(EngineCore):
     """``LLMEngine``'s interface over a real scheduler and block pool, with modeled step times."""
 
     def __init__(self, config: MockerConfig | None = None) -> None:
         config = config or MockerConfig()
         self.config = config
-        self.max_model_len = config.max_model_len
-        self.block_size = config.block_size
-        self.vocab_size = config.vocab_size
-        self.pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
-                              config.enable_kv_events)
-        self.kv = KVCacheManager(self.pool, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
-        self.eos_token_ids = frozenset([config.eos_token_id])
-        self.requests: dict[str, Request] = {}
+        super().__init__(
+            num_blocks=config.num_kv_blocks, block_size=config.block_size, max_model_len=config.max_model_len,
+            vocab_size=config.vocab_size, eos_token_ids=frozenset([config.eos_token_id]),
+            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            enable_prefix_caching=config.enable_prefix_caching, enable_kv_events=config.enable_kv_events)
         self._rngs: dict[str, random.Random] = {}
-        self._prompt_tokens = self._cached_tokens = self._generated_tokens = self._steps = 0
-        self._kv_event_seq = 0
         self.last_step_ms = 0.0
         """Modeled time of the latest non-empty step (before the speedup ratio)."""
         self.total_modeled_ms = 0.0
@@ -158,45 +149,13 @@ class MockerEngine:
         self.last_step_prefill_tokens = 0
         self.last_step_decode_rows = 0
 
-    # --- requests ---
+    def _on_added(self, request: Request) -> None:
+        seed = request.sampling_params.seed
+        self._rngs[request.request_id] = random.Random(
+            seed if seed is not None else _request_seed(self.config.seed, request.request_id))
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None) -> None:
-        """Queue a request; raises ValueError for a bad prompt or a duplicate id."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already running")
-        self.validate_prompt(prompt_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, self.block_size, cache_salt=cache_salt,
-                          eos_token_ids=self.eos_token_ids)
-        seed = params.seed if params.seed is not None else _request_seed(self.config.seed, request_id)
-        self._rngs[request_id] = random.Random(seed)
-        self.requests[request_id] = request
-        self.scheduler.add_request(request)
-
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
-        vocab = self.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}")
-        if cdiv(len(prompt_token_ids) + 1, self.block_size) > self.pool.num_blocks:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens cannot fit in a KV cache of "
-                             f"{self.pool.num_blocks} blocks")
-
-    def abort_request(self, request_id: str) -> bool:
-        """Stop a request and free its blocks; False if it is unknown or already finished."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return False
+    def _on_removed(self, request_id: str) -> None:
         self._rngs.pop(request_id, None)
-        self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
-        return True
-
-    @property
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
 
     # --- the step ---
 
@@ -224,28 +183,7 @@ class MockerEngine:
         self._sleep_until(start, ms)
         due = self.scheduler.finish_step(sched)
         self._steps += 1
-        outputs: list[RequestOutput] = []
-        for request in due:
-            token_id = self._sample(request)
-            request.append_output_token(token_id)
-            self._generated_tokens += 1
-            if request.num_output_tokens == 1:
-                self._prompt_tokens += request.num_prompt_tokens
-                self._cached_tokens += max(0, request.num_cached_tokens)
-            # The builtin engine's stop rules, verbatim (it reads only eos_token_ids and max_model_len).
-            status = check_stop(request, token_id, self.eos_token_ids, self.max_model_len)
-            output = RequestOutput(request.request_id, [token_id], num_prompt_tokens=request.num_prompt_tokens,
-                                   num_cached_tokens=max(0, request.num_cached_tokens),
-                                   num_output_tokens=request.num_output_tokens)
-            if status is not None:
-                output.finished, output.finish_reason = True, status.value
-                if status is RequestStatus.FINISHED_STOPPED:
-                    output.stop_token_id = token_id
-                self.scheduler.finish_request(request, status)
-                del self.requests[request.request_id]
-                self._rngs.pop(request.request_id, None)
-            outputs.append(output)
-        return outputs
+        return [self._emit_token(request, self._sample(request)) for request in due]
 
     def _sleep_until(self, start: float, ms: float) -> None:
         """Sleep so the step lasts ms ÷ speedup_ratio in all (bookkeeping time counts toward it)."""
@@ -267,78 +205,17 @@ class MockerEngine:
             if token_id not in self.eos_token_ids:
                 return token_id
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        """Run prompts to completion (offline); returns each request's output token ids."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"offline-{self._steps}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(rid, prompt, p)
-        results: dict[str, list[int]] = {rid: [] for rid in ids}
-        while any(rid in self.requests for rid in ids):
-            for out in self.step():
-                if out.request_id in results:
-                    results[out.request_id].extend(out.new_token_ids)
-        return [results[rid] for rid in ids]
-
-    # --- observability ---
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_usage=self.pool.usage, num_total_blocks=self.pool.num_blocks,
-            num_free_blocks=self.pool.num_free_blocks, prefix_cache_hit_rate=self.pool.prefix_cache_hit_rate,
-            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
-            cached_prompt_tokens_total=self._cached_tokens, generation_tokens_total=self._generated_tokens,
-            steps_total=self._steps,
-        )
-
-    def take_kv_events(self) -> list[KVEvent]:
-        """The block pool's events since the last call, in order (no sequence number)."""
-        return self.pool.take_events()
-
-    def take_kv_event_batch(self) -> tuple[int, KVEventBatch] | None:
-        """Pending events as one batch with this engine's next sequence number (0, 1, 2, ...)."""
-        events = self.pool.take_events()
-        if not events:
-            return None
-        seq = self._kv_event_seq
-        self._kv_event_seq += 1
-        return seq, make_batch(events)
-
-    def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
-
     # --- KV export / import (metadata only: a mocker holds no KV bytes) ---
 
     def export_kv(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> KVBlockExport:
         """The prompt's leading cached blocks as an export with an empty payload (block_shape [0])."""
-        seed = seed_for_salt(cache_salt)
-        hashes = block_hashes(prompt_token_ids, self.block_size, seed)
-        n = len(self.pool.find_cached_blocks(hashes))
+        seed, hashes, blocks = self._cached_prefix(prompt_token_ids, cache_salt)
+        n = len(blocks)
         return KVBlockExport(self.block_size, "float32", [0], seed, hashes[:n],
                              list(prompt_token_ids[: n * self.block_size]), b"")
 
     def import_kv(self, export: KVBlockExport) -> int:
         """Publish an export's blocks to this prefix cache (hashes checked, bytes ignored); returns how many were new."""
-        if export.block_size != self.block_size:
-            raise ValueError(f"block_size {export.block_size} does not match this engine's {self.block_size}")
-        if len(export.token_ids) != len(export.block_hashes) * export.block_size:
-            raise ValueError("token_ids do not cover the exported blocks")
-        if block_hashes(export.token_ids, export.block_size, export.hash_seed) != list(export.block_hashes):
-            raise ValueError("block hashes do not match their tokens")
-        present = self.pool.find_cached_blocks(list(export.block_hashes))
-        num_present = len(present)
-        new = len(export.block_hashes) - num_present
-        if new == 0:
-            return 0
-        self.pool.touch(present)  # hold them so allocating the new ones cannot evict them
-        if new > self.pool.num_free_blocks:
-            self.pool.free(list(reversed(present)))
-            raise ValueError(f"no room for {new} imported blocks ({self.pool.num_free_blocks} free)")
-        blocks = self.pool.allocate(new)
-        bs = self.block_size
-        parent = export.block_hashes[num_present - 1] if num_present else None
-        self.pool.cache_full_blocks(blocks, list(export.block_hashes[num_present:]),
-                                    list(export.token_ids[num_present * bs:]), parent)
-        self.pool.free(list(reversed(present + blocks)))
-        return new
+        self._check_import_block_size(export.block_size)
+        verify_block_hashes(export)
+        return self._import_blocks(list(export.block_hashes), list(export.token_ids), lambda block_ids, first: None)

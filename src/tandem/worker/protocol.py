@@ -6,38 +6,34 @@ engine step that produced tokens, the last one with ``finish_reason`` set.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import msgspec
 
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
-class SamplingPayload(msgspec.Struct, forbid_unknown_fields=True):
-    """SamplingParams as it travels: the same fields, all optional, same defaults."""
 
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop_token_ids: list[int] = msgspec.field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
+def sampling_params_from_payload(sampling: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from its wire form (its own field names, all optional, same defaults).
 
-    def to_params(self) -> SamplingParams:
-        """Validated SamplingParams; raises ValueError naming the bad field."""
-        return SamplingParams(**msgspec.structs.asdict(self))
+    Raises msgspec.ValidationError (wrong type, or SamplingParams.validate failed) or ValueError
+    (a field SamplingParams does not have: a typo must not be silently ignored).
+    """
+    unknown = set(sampling) - _SAMPLING_FIELDS
+    if unknown:
+        raise ValueError(f"unknown sampling fields: {sorted(unknown)}")
+    return msgspec.convert(sampling, SamplingParams)
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     request_id: str
     token_ids: list[int]
-    sampling: SamplingPayload = msgspec.field(default_factory=SamplingPayload)
+    sampling: dict[str, Any] = msgspec.field(default_factory=dict)
+    """SamplingParams fields by name; see sampling_params_from_payload."""
     cache_salt: str | None = None
 
 

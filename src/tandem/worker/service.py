@@ -22,7 +22,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.runtime.discovery import Discovery, Registration
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
-from tandem.worker.protocol import GenerateDelta, GenerateRequest
+from tandem.worker.protocol import GenerateDelta, GenerateRequest, sampling_params_from_payload
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class WorkerService:
     async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
         try:
             request = msgspec.convert(payload, GenerateRequest)
-            params = request.sampling.to_params()
+            params = sampling_params_from_payload(request.sampling)
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise EndpointError("bad_request", str(exc)) from None
         try:

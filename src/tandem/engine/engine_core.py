@@ -1,0 +1,216 @@
+"""What every engine built on Tandem's block pool and scheduler shares.
+
+``EngineCore`` owns the pool, the KV cache manager, the scheduler and the request table, and does
+the bookkeeping around a step: admitting and aborting requests, turning a sampled token into a
+``RequestOutput`` (stop checks, freeing finished requests, counters), statistics, numbered KV
+event batches, and publishing imported blocks to the prefix cache. Subclasses supply ``step()``
+(the builtin engine runs the model; the mocker sleeps for a modeled time) and the KV payload of
+export/import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tandem.engine.block_pool import BlockPool, KVBlock
+from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
+from tandem.engine.kv_events import KVEvent, KVEventBatch, make_batch
+from tandem.engine.outputs import RequestOutput
+from tandem.engine.request import Request, RequestStatus
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.scheduler import Scheduler
+from tandem.hashing import block_hashes, seed_for_salt
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    """Fraction of KV blocks referenced by requests (0–1)."""
+    num_total_blocks: int
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    """Cached blocks found ÷ blocks looked up, since start."""
+    num_preemptions: int
+    prompt_tokens_total: int
+    cached_prompt_tokens_total: int
+    generation_tokens_total: int
+    steps_total: int
+
+
+def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int],
+               max_model_len: int) -> RequestStatus | None:
+    """How a request ends after appending ``token_id``, or None if it goes on."""
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+class EngineCore:
+    def __init__(self, *, num_blocks: int, block_size: int, max_model_len: int, vocab_size: int,
+                 eos_token_ids: frozenset[int], max_num_batched_tokens: int, max_num_seqs: int,
+                 enable_prefix_caching: bool, enable_kv_events: bool) -> None:
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching, enable_kv_events)
+        self.kv = KVCacheManager(self.pool, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._prompt_tokens = self._cached_tokens = self._generated_tokens = self._steps = 0
+        self._kv_event_seq = 0
+
+    # --- hooks for subclasses ---
+
+    def _on_added(self, request: Request) -> None:
+        """Called once a request is admitted (e.g. to give it a sampling generator)."""
+
+    def _on_removed(self, request_id: str) -> None:
+        """Called when a request finishes or is aborted."""
+
+    # --- requests ---
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:
+        """Queue a request; raises ValueError for a bad prompt or a duplicate id."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate_prompt(prompt_token_ids)
+        request = Request(request_id, list(prompt_token_ids), params, self.block_size, cache_salt=cache_salt,
+                          eos_token_ids=self.eos_token_ids)
+        self._on_added(request)
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}")
+        if cdiv(len(prompt_token_ids) + 1, self.block_size) > self.pool.num_blocks:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens cannot fit in a KV cache of "
+                             f"{self.pool.num_blocks} blocks")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self._on_removed(request_id)
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        raise NotImplementedError
+
+    def _emit_token(self, request: Request, token_id: int) -> RequestOutput:
+        """Append a sampled token, count it, apply the stop rules, free the request if it ended."""
+        request.append_output_token(token_id)
+        self._generated_tokens += 1
+        if request.num_output_tokens == 1:
+            self._prompt_tokens += request.num_prompt_tokens
+            self._cached_tokens += max(0, request.num_cached_tokens)
+        output = RequestOutput(request.request_id, [token_id], num_prompt_tokens=request.num_prompt_tokens,
+                               num_cached_tokens=max(0, request.num_cached_tokens),
+                               num_output_tokens=request.num_output_tokens)
+        status = check_stop(request, token_id, self.eos_token_ids, self.max_model_len)
+        if status is not None:
+            output.finished, output.finish_reason = True, status.value
+            if status is RequestStatus.FINISHED_STOPPED:
+                output.stop_token_id = token_id
+            self.scheduler.finish_request(request, status)
+            del self.requests[request.request_id]
+            self._on_removed(request.request_id)
+        return output
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (offline); returns each request's output token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{self._steps}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while any(rid in self.requests for rid in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[rid] for rid in ids]
+
+    # --- observability ---
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.pool.usage, num_total_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free_blocks, prefix_cache_hit_rate=self.pool.prefix_cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
+            cached_prompt_tokens_total=self._cached_tokens, generation_tokens_total=self._generated_tokens,
+            steps_total=self._steps,
+        )
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """The block pool's events since the last call, in order (no sequence number)."""
+        return self.pool.take_events()
+
+    def take_kv_event_batch(self) -> tuple[int, KVEventBatch] | None:
+        """Pending events as one batch with this engine's next sequence number (0, 1, 2, ...).
+
+        The number is what a publisher puts on the wire, so a subscriber can detect a gap.
+        None when nothing happened since the last batch.
+        """
+        events = self.pool.take_events()
+        if not events:
+            return None
+        seq = self._kv_event_seq
+        self._kv_event_seq += 1
+        return seq, make_batch(events)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    # --- KV export / import: the block bookkeeping (subclasses move the bytes) ---
+
+    def _cached_prefix(self, prompt_token_ids: list[int], cache_salt: str | None) -> tuple[int, list[int], list[KVBlock]]:
+        """(hash seed, the prompt's full-block hashes, the cached blocks of its leading run)."""
+        seed = seed_for_salt(cache_salt)
+        hashes = block_hashes(prompt_token_ids, self.block_size, seed)
+        return seed, hashes, self.pool.find_cached_blocks(hashes)
+
+    def _import_blocks(self, hashes: list[int], token_ids: list[int],
+                       write: Callable[[list[int], int], None]) -> int:
+        """Publish blocks to the prefix cache; ``write(block_ids, first)`` fills the new blocks with
+        the payload of blocks ``first..``. Returns how many were new (cached blocks are skipped)."""
+        present = self.pool.find_cached_blocks(hashes)
+        num_present = len(present)
+        new = len(hashes) - num_present
+        if new == 0:
+            return 0
+        # Hold the blocks already present so allocating the new ones cannot evict them.
+        self.pool.touch(present)
+        if new > self.pool.num_free_blocks:
+            self.pool.free(list(reversed(present)))
+            raise ValueError(f"no room for {new} imported blocks ({self.pool.num_free_blocks} free)")
+        blocks = self.pool.allocate(new)
+        write([b.block_id for b in blocks], num_present)
+        bs = self.block_size
+        parent = hashes[num_present - 1] if num_present else None
+        self.pool.cache_full_blocks(blocks, hashes[num_present:], token_ids[num_present * bs:], parent)
+        self.pool.free(list(reversed(present + blocks)))
+        return new
+
+    def _check_import_block_size(self, block_size: int) -> None:
+        if block_size != self.block_size:
+            raise ValueError(f"block_size {block_size} does not match this engine's {self.block_size}")
