@@ -1,12 +1,12 @@
 """Loads Tandem's C kernels for CPU decode and wraps them for torch tensors.
 
 Why our own kernel: ``gemv.c`` — at 1-2 activation rows a decode step streams every weight
-once, and on this project's 2-core machine oneDNN and MKL reach ~14 GB/s there while this plain
-loop reaches ~20-28 GB/s (benchmarks/engine_throughput.py, docs/benchmarks.md). (A paged decode
-attention kernel in the same style measured no faster than gather + SDPA here, so it is not
-kept.) The library is compiled on first use
-with the system C compiler (``cc -O3 -march=native -fopenmp``) into the Tandem cache, keyed by the
-source and the CPU, and called through ctypes on tensors' raw pointers. Torch must be imported
+once; on this project's 2-core machine MKL reaches ~10 GB/s there, packed oneDNN ~15-20 GB/s,
+this plain loop ~24-26 GB/s (``benchmarks/cpu_linear_paths.py``, docs/benchmarks.md). (A paged
+decode attention kernel in the same style measured no faster than gather + SDPA here, so it is
+not kept.) The library is compiled on first use with the system C compiler
+(``cc -O3 -march=native -fopenmp``) into the Tandem cache, keyed by the source and the CPU, and
+called through ctypes on tensors' raw pointers. Torch must be imported
 first so the kernel shares torch's OpenMP runtime (same libgomp soname). Without a compiler,
 ``load()`` returns None and callers fall back to oneDNN.
 """

@@ -2,12 +2,12 @@
 
 HF checkpoints store weights ``[out, in]``; ``F.linear`` on CPU hands them to MKL, whose sgemm is
 slow at the small row counts decoding uses. oneDNN with the weight reordered once into its
-blocked layout (the same ops PyTorch's inductor uses when it freezes a CPU model) was 1.2-3x
-faster on this project's 2-core AVX-512 machine across 1-512 rows, in float32 and bfloat16
-(see docs/benchmarks.md). For 1-2 rows (single-stream decode) Tandem's own bandwidth-bound
-kernel (``tandem.kernels.cpu_kernels``) on the plain weight beats both, so on CPU a layer keeps the
-plain weight too: two copies of the weights buy ~1.6x faster single-stream decode.
-On CUDA the plain ``F.linear`` (cuBLAS) is used.
+blocked layout (the same ops PyTorch's inductor uses when it freezes a CPU model) was ~2-4x
+faster at 1-64 rows on this project's 2-core AVX-512 machine, and Tandem's own bandwidth-bound
+kernel (``tandem.kernels.cpu_kernels``) on the plain weight beats oneDNN at 1-2 rows
+(single-stream decode); ``benchmarks/cpu_linear_paths.py`` measures all three, figures in
+docs/benchmarks.md. So on CPU a layer keeps both the plain and the packed weight: two copies buy
+the faster single-stream decode. On CUDA the plain ``F.linear`` (cuBLAS) is used.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tandem.kernels import cpu_kernels
 PACK_BATCH_HINT = 64
 """Row count oneDNN tunes the packed layout for (correct for any row count)."""
 GEMV_MAX_ROWS = 2
-"""Up to this many rows the C kernel beats oneDNN (measured: 1.6x at 1 row, even at 4)."""
+"""Up to this many rows the C kernel beats oneDNN (benchmarks/cpu_linear_paths.py: 1.3x at 1 row, 1.5x at 2, even at 4)."""
 
 
 def onednn_available() -> bool:
