@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "models": "tandem.cli.models_cmd",
     "chat": "tandem.cli.chat_cmd",
     "worker": "tandem.cli.worker_cmd",
+    "frontend": "tandem.cli.frontend_cmd",
+    "serve": "tandem.cli.serve_cmd",
 }
 
 

@@ -77,6 +77,21 @@ def load_hf_tokenizer(hf_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(hf_dir))
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """Only the tokenizer (with its chat template) of a model name, HF directory or GGUF file.
+
+    What a frontend needs: no weights are read. Returns None for a directory without tokenizer files.
+    """
+    from tandem.model_cache import resolve_model
+
+    resolved = resolve_model(name_or_path, progress=False)
+    if resolved.hf_dir is not None:
+        return load_hf_tokenizer(resolved.hf_dir)
+    from tandem.models.gguf_loader import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(resolved.gguf_path)
+
+
 def _eos_ids(cfg: ModelConfig, tokenizer: Any, hf_dir: Path | None) -> list[int]:
     ids = set(cfg.eos_token_ids)
     gen_path = hf_dir / "generation_config.json" if hf_dir else None

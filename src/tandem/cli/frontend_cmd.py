@@ -1,0 +1,75 @@
+"""``tandem frontend``: the OpenAI HTTP frontend alone, routing to the workers in discovery.
+
+Start workers separately (``tandem worker --discovery file:/dir``) with the same discovery.
+Runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from tandem.frontend.config import FrontendConfig
+
+
+def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """HTTP and routing flags (``defaults=False`` leaves unset flags None, for overriding a graph)."""
+    d = FrontendConfig()
+    group = parser.add_argument_group("frontend")
+    group.add_argument("--host", default=d.host if defaults else None, help=f"HTTP bind address (default: {d.host})")
+    group.add_argument("--port", type=int, default=d.port if defaults else None, help=f"HTTP port (default: {d.port})")
+    group.add_argument("--router", choices=("round-robin", "random"), default=d.router if defaults else None,
+                       help=f"routing policy (default: {d.router})")
+    group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                       help="request bodies above this get 413 (default: %(default)s)")
+    group.add_argument("--default-max-tokens", type=int, default=None,
+                       help="completion length when a request gives none (default: up to the context length)")
+    group.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | None = None) -> FrontendConfig:
+    """``base`` (e.g. from a graph) with every flag the user set applied on top."""
+    config = base or FrontendConfig()
+    for name in ("host", "port", "router"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    config.max_body_bytes = args.max_body_bytes
+    if args.default_max_tokens is not None:
+        config.default_max_tokens = args.default_max_tokens
+    config.access_log = config.access_log or args.access_log
+    config.__post_init__()
+    return config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("frontend", help="the OpenAI HTTP frontend, routing to workers in discovery")
+    add_frontend_args(parser)
+    parser.add_argument("--discovery", default="file", help="memory, file or file:/dir (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from tandem.frontend.server import FrontendServer
+    from tandem.runtime.discovery import make_discovery
+
+    server = FrontendServer(frontend_config_from_args(args), make_discovery(args.discovery))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"frontend listening on {server.url}/v1 (workers from discovery {args.discovery!r})", flush=True)
+    await stop.wait()
+    await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except OSError as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0

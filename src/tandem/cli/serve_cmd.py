@@ -1,0 +1,158 @@
+"""``tandem serve [GRAPH]``: a whole deployment on this machine, the OpenAI endpoint in one command.
+
+With no arguments: the frontend on 127.0.0.1:8000 and one builtin worker on the default model
+(pulled into the model cache first if needed). A graph YAML (``examples/graphs/agg.yaml``)
+declares the components instead; flags given on the command line override it. Ctrl-C stops
+everything cleanly (workers drain); a second Ctrl-C kills at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from tandem.cli.engine_args import add_engine_args
+from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args
+
+# Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
+_FORWARDED_FLAGS = ("dtype", "device", "threads", "kv_cache_gib", "num_kv_blocks", "block_size",
+                    "max_num_batched_tokens", "max_num_seqs", "max_model_len", "no_prefix_caching", "speedup_ratio")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve an OpenAI endpoint: frontend + workers on this machine")
+    parser.add_argument("graph", nargs="?", help="deployment graph YAML (default: one builtin worker)")
+    parser.add_argument("--workers", type=int, help="number of workers (default: 1, or the graph's)")
+    parser.add_argument("--engine", choices=("builtin", "mocker"), help="engine of every worker (default: builtin)")
+    parser.add_argument("--speedup-ratio", type=float, default=1.0,
+                        help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
+    parser.add_argument("--discovery", help="memory-free discovery spec: file or file:/dir "
+                                            "(default: a private directory for this run)")
+    parser.add_argument("--drain-timeout", type=float, default=10.0,
+                        help="seconds workers get to finish requests on shutdown (default: %(default)s)")
+    parser.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_frontend_args(parser, defaults=False)
+    add_engine_args(parser)
+    parser.set_defaults(func=run, _parser=parser)
+
+
+def build_graph(args: argparse.Namespace):  # -> Graph (import kept lazy for `tandem --help`)
+    from tandem.deploy.graph import Graph, GraphError, WorkerGroup, load_graph
+
+    parser: argparse.ArgumentParser = args._parser
+    graph = load_graph(args.graph) if args.graph else Graph(workers=[WorkerGroup(model=args.model)])
+    graph.frontend = frontend_config_from_args(args, graph.frontend)
+    if args.workers is not None:
+        if len(graph.workers) != 1:
+            raise GraphError("--workers needs a graph with exactly one worker group")
+        graph.workers[0].count = args.workers
+    for group in graph.workers:
+        if args.engine is not None:
+            group.engine = args.engine
+        if args.graph and args.model != parser.get_default("model"):
+            group.model = args.model
+        for dest in _FORWARDED_FLAGS:
+            value = getattr(args, dest)
+            if value != parser.get_default(dest):
+                group.flags[dest.replace("_", "-")] = value
+        if group.engine != "mocker":
+            group.flags.pop("speedup-ratio", None)
+    return graph
+
+
+def _pull_models(graph) -> None:
+    """Fetch registry models once, here, before several workers would race for them."""
+    from tandem.model_cache.registry import find_entry
+    from tandem.model_cache.resolve import resolve_model
+
+    for model in sorted({g.model for g in graph.workers}):
+        if find_entry(model) is not None:
+            resolve_model(model)
+
+
+async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
+    from tandem.deploy.local import LocalDeployment, StartupError
+
+    deployment = LocalDeployment(graph, discovery, drain_timeout=args.drain_timeout,
+                                 worker_log_level=args.worker_log_level)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # second signal: no more waiting
+            deployment.kill()
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    started = time.perf_counter()
+    start = asyncio.ensure_future(deployment.start())
+    await asyncio.wait({start, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if not start.done():
+        start.cancel()
+    elif start.exception() is not None:
+        print(f"error: {start.exception()}", file=sys.stderr, flush=True)
+        await deployment.stop()
+        return 1
+    if not stop.is_set():
+        url = deployment.server.url
+        print(f"Tandem is serving {', '.join(graph.models)} at {url}/v1 "
+              f"({deployment.num_workers} worker{'s' * (deployment.num_workers != 1)}, "
+              f"router {graph.frontend.router}; ready in {time.perf_counter() - started:.1f}s)", flush=True)
+        print(f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{graph.models[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
+              flush=True)
+        print(f"  add workers: tandem worker --discovery {discovery} --model {graph.workers[0].model}", flush=True)
+        print("  Ctrl-C stops", flush=True)
+        await _watch(deployment, stop)
+    print("stopping…", flush=True)
+    await deployment.stop()
+    return 0
+
+
+async def _watch(deployment, stop: asyncio.Event) -> None:
+    """Wait for a stop signal; say so when a worker process dies meanwhile."""
+    reported: set[int] = set()
+    while not stop.is_set():
+        for proc in deployment.dead_workers():
+            if proc.pid not in reported:
+                reported.add(proc.pid)
+                print(f"warning: worker process {proc.pid} exited with code {proc.returncode}", flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.deploy.graph import GraphError
+    from tandem.models.errors import ModelLoadError
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        graph = build_graph(args)
+        _pull_models(graph)
+    except (GraphError, ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    private_dir = None
+    discovery = args.discovery or graph.discovery
+    if discovery is None:
+        private_dir = tempfile.mkdtemp(prefix="tandem-serve-")
+        discovery = f"file:{private_dir}"
+    try:
+        return asyncio.run(_serve(args, graph, discovery))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)

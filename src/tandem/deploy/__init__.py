@@ -1,0 +1,1 @@
+"""Deployments: graphs of components, and starting them as local processes (`tandem serve`)."""

@@ -1,0 +1,142 @@
+"""Deployment graphs: which components run, how many of each, with which flags.
+
+A graph is a YAML file (``examples/graphs/*.yaml``)::
+
+    frontend:            # optional; these are the defaults
+      host: 127.0.0.1
+      port: 8000
+      router: round-robin
+    discovery: file      # optional; `tandem serve` uses a private directory when omitted
+    workers:
+      - count: 1
+        engine: builtin  # builtin | mocker
+        role: agg        # agg | prefill | decode
+        model: smollm2-135m-instruct
+        flags:           # any `tandem worker` flag, without the leading dashes
+          dtype: float32
+          kv-cache-gib: 1
+
+``load_graph`` validates it and raises :class:`GraphError` with the path of the bad field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tandem.frontend.config import FrontendConfig
+
+ENGINES = ("builtin", "mocker")
+ROLES = ("agg", "prefill", "decode")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class GraphError(ValueError):
+    """The graph file is malformed."""
+
+
+@dataclass
+class WorkerGroup:
+    count: int = 1
+    engine: str = "builtin"
+    role: str = "agg"
+    model: str = DEFAULT_MODEL
+    flags: dict[str, Any] = field(default_factory=dict)
+    """Extra `tandem worker` flags (name without dashes → value; True for a bare switch)."""
+
+    def worker_argv(self) -> list[str]:
+        """The `tandem worker` arguments for one worker of this group (discovery excluded)."""
+        argv = ["--engine", self.engine, "--role", self.role, "--model", self.model]
+        for name, value in self.flags.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not False and value is not None:
+                argv += [flag, str(value)]
+        return argv
+
+
+@dataclass
+class Graph:
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    workers: list[WorkerGroup] = field(default_factory=lambda: [WorkerGroup()])
+    discovery: str | None = None
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({g.flags.get("served-model-name") or g.model for g in self.workers})
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise GraphError(f"{where}: expected {name}, got {value!r}")
+    return value
+
+
+def _frontend(data: Any) -> FrontendConfig:
+    data = _expect(data or {}, dict, "frontend")
+    known = set(FrontendConfig.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise GraphError(f"frontend: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    try:
+        return FrontendConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise GraphError(f"frontend: {exc}") from None
+
+
+def _group(data: Any, where: str) -> WorkerGroup:
+    data = _expect(data, dict, where)
+    unknown = set(data) - {"count", "engine", "role", "model", "flags"}
+    if unknown:
+        raise GraphError(f"{where}: unknown keys {sorted(unknown)}")
+    group = WorkerGroup(
+        count=_expect(data.get("count", 1), int, f"{where}.count"),
+        engine=_expect(data.get("engine", "builtin"), str, f"{where}.engine"),
+        role=_expect(data.get("role", "agg"), str, f"{where}.role"),
+        model=_expect(data.get("model", DEFAULT_MODEL), str, f"{where}.model"),
+        flags=dict(_expect(data.get("flags") or {}, dict, f"{where}.flags")),
+    )
+    if group.count < 0:
+        raise GraphError(f"{where}.count must be >= 0, got {group.count}")
+    if group.engine not in ENGINES:
+        raise GraphError(f"{where}.engine must be one of {ENGINES}, got {group.engine!r}")
+    if group.role not in ROLES:
+        raise GraphError(f"{where}.role must be one of {ROLES}, got {group.role!r}")
+    for name, value in group.flags.items():
+        if name in ("discovery", "engine", "role", "model"):
+            raise GraphError(f"{where}.flags.{name}: set it as a key of the worker group, not a flag")
+        _expect(value, (str, int, float, bool), f"{where}.flags.{name}")
+    return group
+
+
+def parse_graph(data: Any, source: str = "graph") -> Graph:
+    data = _expect(data, dict, source)
+    unknown = set(data) - {"frontend", "workers", "discovery"}
+    if unknown:
+        raise GraphError(f"{source}: unknown keys {sorted(unknown)} (known: frontend, workers, discovery)")
+    groups = _expect(data.get("workers", [{}]), list, "workers")
+    if not groups:
+        raise GraphError("workers: at least one worker group is needed")
+    discovery = data.get("discovery")
+    if discovery is not None:
+        _expect(discovery, str, "discovery")
+    return Graph(frontend=_frontend(data.get("frontend")),
+                 workers=[_group(g, f"workers[{i}]") for i, g in enumerate(groups)], discovery=discovery)
+
+
+def load_graph(path: str | Path) -> Graph:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise GraphError(f"cannot read graph {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GraphError(f"{path} is not valid YAML: {exc}") from None
+    return parse_graph(data, str(path))

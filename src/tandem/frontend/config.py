@@ -1,0 +1,37 @@
+"""Frontend settings, with the defaults `tandem frontend` and `tandem serve` use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    """HTTP bind address. Loopback by default: exposing the API is an explicit choice."""
+    port: int = 8000
+    """HTTP port (0 picks a free one)."""
+    router: str = "round-robin"
+    """Routing policy: ``round-robin`` or ``random``."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Larger request bodies get 413."""
+    default_max_tokens: int | None = None
+    """Completion length when a request names none; None means up to the context length."""
+    max_attempts: int = 3
+    """Workers tried for one request when the chosen one cannot be reached."""
+    worker_down_s: float = 5.0
+    """How long a worker that did not answer is skipped before it is tried again."""
+    worker_stats_interval_s: float = 2.0
+    """How often workers' stats are polled for /metrics and /health (0 disables)."""
+    access_log: bool = False
+    """Log every HTTP request (off by default: it costs throughput)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")

@@ -1,0 +1,131 @@
+"""The frontend's state: workers from discovery, the routing policy, tokenizers, metrics.
+
+``Frontend`` is what the HTTP app talks to. It follows discovery through a ``WorkerPool``,
+remembers every model it has seen (a model whose workers are all gone answers 503, not 404),
+polls the workers' stats for ``/metrics`` and ``/health``, and turns a validated request into a
+``GenerationSpec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.frontend.config import FrontendConfig
+from tandem.frontend.errors import no_worker, not_found_model
+from tandem.frontend.generation import GenerationSpec
+from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.preprocess import Tokenizers, prepare_prompt
+from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from tandem.frontend.sampling import stop_strings, to_sampling_params
+from tandem.frontend.worker_client import WorkerClient
+from tandem.router.policies import make_policy
+from tandem.router.worker_pool import WorkerPool
+from tandem.runtime.discovery import Discovery
+from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
+from tandem.runtime.worker_card import WorkerCard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    context_length: int
+    tokenizer_source: str
+
+
+class Frontend:
+    def __init__(self, config: FrontendConfig, discovery: Discovery, *, models: list[str] | None = None) -> None:
+        """``models``: names to treat as known before any worker registers (503 until one does)."""
+        self.config = config
+        self.discovery = discovery
+        self.pool = WorkerPool(discovery, down_for_s=config.worker_down_s)
+        self.client = RequestPlaneClient()
+        self.workers = WorkerClient(self.pool, make_policy(config.router), self.client, config.max_attempts)
+        self.tokenizers = Tokenizers()
+        self.metrics = FrontendMetrics()
+        self.known_models: set[str] = set(models or [])
+        self.worker_stats: dict[str, dict[str, Any]] = {}
+        self._poll_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.pool.start()
+        if self.config.worker_stats_interval_s > 0:
+            self._poll_task = asyncio.create_task(self._poll_worker_stats())
+
+    async def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        await self.pool.stop()
+        await self.client.close()
+        self.tokenizers.shutdown()
+
+    # --- models and workers ---
+
+    def live_workers(self, model: str | None = None) -> list[WorkerCard]:
+        return self.pool.workers(model)
+
+    def models(self) -> list[str]:
+        """Models with at least one live worker."""
+        return sorted({card.model for card in self.pool.workers()})
+
+    def model_info(self, model: str) -> ModelInfo:
+        """The model's serving facts; 404 if never seen, 503 if no live worker serves it now."""
+        cards = self.pool.workers(model)
+        if cards:
+            self.known_models.add(model)
+            return ModelInfo(model, min(c.context_length for c in cards), cards[0].tokenizer)
+        if model in self.known_models or model in self.pool.models():
+            raise no_worker(model)
+        raise not_found_model(model)
+
+    async def prepare(self, request: ChatCompletionRequest | CompletionRequest) -> GenerationSpec:
+        """Validate against the model, tokenize, and build the engine parameters (OpenAIError on bad input)."""
+        info = self.model_info(request.model)
+        tokenizer = await self.tokenizers.get(info.tokenizer_source)
+        prompt = await prepare_prompt(self.tokenizers, tokenizer, request)
+        params = to_sampling_params(request, default_max_tokens=self.config.default_max_tokens,
+                                    context_length=info.context_length, prompt_len=len(prompt.token_ids))
+        return GenerationSpec(model=info.name, prompt_token_ids=prompt.token_ids, params=params,
+                              stop=stop_strings(request), tokenizer=tokenizer, cache_salt=request.cache_salt)
+
+    # --- worker stats (for /metrics and /health) ---
+
+    async def _poll_worker_stats(self) -> None:
+        while True:
+            await self.refresh_worker_stats()
+            await asyncio.sleep(self.config.worker_stats_interval_s)
+
+    async def refresh_worker_stats(self) -> None:
+        cards = self.pool.workers()
+        results = await asyncio.gather(*(self._stats_of(card) for card in cards))
+        fresh = {card.worker_id: stats for card, stats in zip(cards, results, strict=True) if stats is not None}
+        self.worker_stats = fresh
+        self.metrics.worker_stats.latest = {wid: (card.model, fresh[wid]) for card in cards
+                                            if (wid := card.worker_id) in fresh}
+        for model in self.known_models | {c.model for c in cards}:
+            self.metrics.workers.labels(model).set(sum(c.model == model for c in cards))
+
+    async def _stats_of(self, card: WorkerCard) -> dict[str, Any] | None:
+        try:
+            return await self.client.call(card.request_plane_address, "stats", None, timeout=2.0)
+        except (RequestPlaneError, OSError) as exc:
+            logger.debug("stats of %s unavailable: %s", card.worker_id, exc)
+            return None
+
+    def health(self) -> dict[str, Any]:
+        models: dict[str, list[dict[str, Any]]] = {m: [] for m in sorted(self.known_models)}
+        for card in self.pool.workers():
+            models.setdefault(card.model, []).append({
+                "worker_id": card.worker_id, "address": card.request_plane_address, "role": card.role,
+                "engine": card.engine, "context_length": card.context_length,
+                "stats": self.worker_stats.get(card.worker_id),
+            })
+        ready = any(models.values())
+        return {"status": "ready" if ready else "no_workers", "models": models}

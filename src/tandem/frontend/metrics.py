@@ -1,0 +1,80 @@
+"""Prometheus metrics of the frontend, and of its workers as last polled.
+
+Each ``FrontendMetrics`` owns its registry (several frontends can live in one test process).
+Worker figures (KV usage, prefix-cache hit rate, running/waiting requests) come from the
+workers' ``stats`` endpoint, polled in the background by the frontend, and are exported with a
+``worker_id`` label so one scrape of the frontend shows the whole deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+# Latency buckets in seconds: sub-millisecond ITLs on the mocker up to minute-long CPU requests.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+# (name, help, EngineStats field)
+_WORKER_GAUGES = (
+    ("tandem_worker_kv_usage", "Fraction of the worker's KV blocks in use (0-1)", "kv_usage"),
+    ("tandem_worker_prefix_cache_hit_rate", "Prefix-cache hits / lookups on the worker since start",
+     "prefix_cache_hit_rate"),
+    ("tandem_worker_running_requests", "Requests running on the worker", "num_running"),
+    ("tandem_worker_waiting_requests", "Requests waiting on the worker", "num_waiting"),
+    ("tandem_worker_kv_blocks_total", "Size of the worker's KV block pool", "num_total_blocks"),
+    ("tandem_worker_kv_blocks_free", "Free KV blocks on the worker", "num_free_blocks"),
+    ("tandem_worker_preemptions", "Requests preempted on the worker since start", "num_preemptions"),
+)
+
+
+class WorkerStatsCollector:
+    """Exports the latest polled EngineStats of each worker (a custom Prometheus collector)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[str, dict[str, Any]]] = {}
+        """worker_id → (model, stats dict)."""
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, field in _WORKER_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["model", "worker_id"])
+            for worker_id, (model, stats) in sorted(self.latest.items()):
+                value = stats.get(field)
+                if isinstance(value, (int, float)):
+                    family.add_metric([model, worker_id], float(value))
+            yield family
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tandem_frontend_requests", "Finished HTTP requests by status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.inflight = Gauge("tandem_frontend_inflight_requests", "Requests being served",
+                              ["model"], registry=r)
+        self.ttft = Histogram("tandem_frontend_time_to_first_token_seconds", "Time to first token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tandem_frontend_inter_token_latency_seconds", "Time between output tokens",
+                             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.duration = Histogram("tandem_frontend_request_duration_seconds", "Whole request time",
+                                  ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.input_tokens = Histogram("tandem_frontend_input_tokens", "Prompt tokens per request",
+                                      ["model"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.output_tokens = Histogram("tandem_frontend_output_tokens", "Completion tokens per request",
+                                       ["model"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.cached_tokens = Counter("tandem_frontend_cached_prompt_tokens", "Prompt tokens served from cache",
+                                     ["model"], registry=r)
+        self.cancellations = Counter("tandem_frontend_cancellations", "Requests the client abandoned",
+                                     ["model"], registry=r)
+        self.workers = Gauge("tandem_frontend_workers", "Live workers known to the frontend", ["model"],
+                             registry=r)
+        self.worker_stats = WorkerStatsCollector()
+        r.register(self.worker_stats)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""Requests to token ids: tokenizers per model, chat templates, tokenization off the event loop.
+
+The frontend learns a model's tokenizer source from its workers' cards and loads it once (a
+model-cache name, an HF directory or a GGUF file; loading runs in a thread). Rendering a chat
+template and tokenizing a long prompt can take milliseconds, so both run on a small thread pool:
+other streams keep flowing while one request's 100k-character prompt is being tokenized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.frontend.errors import OpenAIError, bad_request
+from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+INLINE_TOKENIZE_CHARS = 2048
+"""Prompts shorter than this are tokenized on the event loop (a thread hop costs more)."""
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]
+    text: str | None
+    """The rendered prompt text (None when the client sent token ids)."""
+
+
+class TokenizerError(OpenAIError):
+    def __init__(self, message: str) -> None:
+        super().__init__(500, message, "server_error", None, "tokenizer_unavailable")
+
+
+class Tokenizers:
+    """Loads each tokenizer source once and keeps it; safe to call from many requests at once."""
+
+    def __init__(self, executor: ThreadPoolExecutor | None = None) -> None:
+        self.executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="tandem-tokenize")
+        self._loaded: dict[str, Any] = {}
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+
+    async def get(self, source: str) -> Any:
+        """The tokenizer of ``source`` (None when the model ships none: token-id prompts only)."""
+        if source in self._loaded:
+            return self._loaded[source]
+        pending = self._loading.get(source)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(self.executor, _load, source)
+            self._loading[source] = pending
+        try:
+            tokenizer = await asyncio.shield(pending)
+        except Exception as exc:
+            self._loading.pop(source, None)
+            logger.exception("cannot load tokenizer %s", source)
+            raise TokenizerError(f"cannot load the tokenizer of this model ({source}): {exc}") from None
+        self._loaded[source] = tokenizer
+        self._loading.pop(source, None)
+        return tokenizer
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run a tokenizer call on the pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _load(source: str) -> Any:
+    from tandem.models.loader import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def render_chat(tokenizer: Any, request: ChatCompletionRequest) -> str:
+    """The prompt text of a chat request, from the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("this model has no chat template: use /v1/completions", "messages",
+                          "chat_template_missing")
+    messages = [m.as_template_message() for m in request.messages]
+    add_generation_prompt = messages[-1]["role"] != "assistant"
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=not add_generation_prompt)
+    except Exception as exc:  # template errors (e.g. "roles must alternate") are the client's to fix
+        raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _render_and_encode(tokenizer: Any, request: ChatCompletionRequest) -> PreparedPrompt:
+    text = render_chat(tokenizer, request)
+    # The template already wrote the special tokens (BOS and the like).
+    return PreparedPrompt(_encode(tokenizer, text, False), text)
+
+
+async def prepare_prompt(tokenizers: Tokenizers, tokenizer: Any,
+                         request: ChatCompletionRequest | CompletionRequest) -> PreparedPrompt:
+    """Token ids for a request (chat: template + tokenize; completion: tokenize or as given)."""
+    if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
+        if tokenizer is not None and any(t >= len(tokenizer) for t in request.prompt):
+            raise bad_request(f"token ids must be below the vocabulary size {len(tokenizer)}", "prompt")
+        return PreparedPrompt(list(request.prompt), None)
+    if tokenizer is None:
+        param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        raise bad_request("this model has no tokenizer: send the prompt as token ids to /v1/completions", param)
+    if isinstance(request, ChatCompletionRequest):
+        size = sum(len(m.text) for m in request.messages)
+        if size < INLINE_TOKENIZE_CHARS:
+            return _render_and_encode(tokenizer, request)
+        return await tokenizers.run(_render_and_encode, tokenizer, request)
+    # Raw completion prompts get the tokenizer's own special tokens (BOS), as in vLLM.
+    text = request.prompt
+    if len(text) < INLINE_TOKENIZE_CHARS:
+        return PreparedPrompt(_encode(tokenizer, text, True), text)
+    return PreparedPrompt(await tokenizers.run(_encode, tokenizer, text, True), text)

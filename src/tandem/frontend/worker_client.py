@@ -1,0 +1,77 @@
+"""Send one generation to a worker: pick it with the routing policy, stream its deltas, retry.
+
+A worker that cannot be reached (or goes away before sending anything) is marked down in the
+pool and the request goes to the next candidate, up to ``max_attempts`` workers. Once tokens
+have flowed, a lost worker ends the request with an error (migration comes with issue 7).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+
+from tandem.frontend.errors import OpenAIError, bad_request, no_worker
+from tandem.router.policies import RoutingPolicy
+from tandem.router.worker_pool import NoWorkerError, WorkerPool
+from tandem.runtime.request_plane import RemoteError, RequestPlaneClient, WorkerUnavailableError
+from tandem.worker.protocol import GenerateDelta, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+class StreamBrokenError(Exception):
+    """The worker went away after the request had started streaming."""
+
+
+@dataclass
+class RoutedStream:
+    worker_id: str
+    deltas: AsyncIterator[GenerateDelta]
+
+
+class WorkerClient:
+    def __init__(self, pool: WorkerPool, policy: RoutingPolicy, client: RequestPlaneClient,
+                 max_attempts: int = 3) -> None:
+        self.pool, self.policy, self.client = pool, policy, client
+        self.max_attempts = max_attempts
+
+    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        """Stream the request's deltas from a worker. Raises OpenAIError (503 when no worker is
+        left, 400 when the worker refused the request) or StreamBrokenError mid-stream.
+
+        Closing the iterator early cancels the request on the worker (its KV blocks are freed).
+        """
+        payload = msgspec.to_builtins(request)
+        tried: set[str] = set()
+        for _ in range(self.max_attempts):
+            try:
+                candidates = [c for c in self.pool.candidates(model) if c.worker_id not in tried]
+            except NoWorkerError as exc:
+                raise no_worker(model) from None
+            if not candidates:
+                break
+            card = self.policy.select(candidates, request.token_ids)
+            tried.add(card.worker_id)
+            started = False
+            items = self.client.stream(card.request_plane_address, "generate", payload)
+            try:
+                async for item in items:
+                    started = True
+                    yield msgspec.convert(item, GenerateDelta)
+                return
+            except WorkerUnavailableError as exc:
+                self.pool.mark_down(card.worker_id)
+                if started:
+                    raise StreamBrokenError(f"worker {card.worker_id} was lost mid-stream: {exc}") from None
+                logger.warning("worker %s unavailable (%s); trying another", card.worker_id, exc)
+            except RemoteError as exc:
+                if exc.code == "bad_request":
+                    raise bad_request(exc.message, "messages") from None
+                raise OpenAIError(500, f"worker {card.worker_id} failed: {exc.message}", "server_error") from None
+            finally:
+                await items.aclose()
+        logger.warning("no worker serving %s answered (tried %d)", model, len(tried))
+        raise no_worker(model)
