@@ -104,6 +104,8 @@ class Frontend:
 
     async def refresh_worker_stats(self) -> None:
         cards = self.pool.workers()
+        for card in cards:
+            self.tokenizers.preload(card.tokenizer)
         results = await asyncio.gather(*(self._stats_of(card) for card in cards))
         fresh = {card.worker_id: stats for card, stats in zip(cards, results, strict=True) if stats is not None}
         self.worker_stats = fresh

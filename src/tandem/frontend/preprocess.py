@@ -61,6 +61,19 @@ class Tokenizers:
         self._loading.pop(source, None)
         return tokenizer
 
+    def preload(self, source: str) -> None:
+        """Start loading ``source`` in the background (a new model's first request then finds it ready)."""
+        if source in self._loaded or source in self._loading:
+            return
+
+        async def load() -> None:
+            try:
+                await self.get(source)
+            except TokenizerError:
+                pass  # logged by get(); requests for this model will report it
+
+        asyncio.ensure_future(load())
+
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run a tokenizer call on the pool."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -8,24 +8,21 @@ failure after the stream has started is sent as an ``{"error": ...}`` event befo
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
+
+import msgspec
 
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.generation import OutputChunk, TokenLogprobText, UsageCounts
 from tandem.frontend.protocol_responses import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
-    ChatCompletionChunk,
-    ChatCompletionChunkChoice,
     ChatCompletionResponse,
     ChatResponseMessage,
     ChatTokenLogprob,
     CompletionChoice,
-    CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
-    DeltaMessage,
     Usage,
     now,
     random_id,
@@ -34,8 +31,7 @@ from tandem.frontend.protocol_responses import (
 DONE = b"data: [DONE]\n\n"
 
 
-def sse(json_text: str | bytes) -> bytes:
-    body = json_text.encode() if isinstance(json_text, str) else json_text
+def sse(body: bytes) -> bytes:
     return b"data: " + body + b"\n\n"
 
 
@@ -68,22 +64,25 @@ async def chat_full(chunks: AsyncIterator[OutputChunk], model: str, want_logprob
 
 
 async def chat_stream(chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    chunk_id, created = random_id("chatcmpl"), now()
+    head = {"id": random_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
 
-    def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> bytes:
-        return sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices,
-                                       usage=usage).model_dump_json())
+    def event(choices: list[dict], usage: Usage | None = None) -> bytes:
+        # Plain dicts through msgspec: several times cheaper than pydantic per streamed chunk,
+        # and the same JSON as ChatCompletionChunk.
+        return sse(_json({**head, "choices": choices, "usage": usage.model_dump() if usage else None,
+                          "system_fingerprint": None}))
 
-    yield event([ChatCompletionChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
     last: OutputChunk | None = None
     try:
         async for chunk in chunks:
             last = chunk
-            delta = DeltaMessage(content=chunk.text) if chunk.text else DeltaMessage()
-            yield event([ChatCompletionChunkChoice(index=0, delta=delta, logprobs=_chat_logprobs(chunk.logprobs),
-                                                   finish_reason=chunk.finish_reason)])
+            logprobs = _chat_logprobs(chunk.logprobs)
+            yield event([{"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
+                          "logprobs": logprobs.model_dump() if logprobs else None,
+                          "finish_reason": chunk.finish_reason}])
     except OpenAIError as exc:
-        yield sse(_error_json(exc))
+        yield sse(_json(exc.error_body()))
         yield DONE
         return
     if include_usage and last is not None:
@@ -120,25 +119,24 @@ async def completion_full(chunks: AsyncIterator[OutputChunk], model: str) -> Com
 
 
 async def completion_stream(chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    chunk_id, created = random_id("cmpl"), now()
+    head = {"id": random_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
     offset = 0
     last: OutputChunk | None = None
     try:
         async for chunk in chunks:
             last = chunk
-            choice = CompletionChoice(index=0, text=chunk.text, logprobs=_completion_logprobs(chunk.logprobs, offset),
-                                      finish_reason=chunk.finish_reason)
+            logprobs = _completion_logprobs(chunk.logprobs, offset)
             offset += len(chunk.text)
-            yield sse(CompletionChunk(id=chunk_id, created=created, model=model, choices=[choice]).model_dump_json())
+            choice = {"index": 0, "text": chunk.text, "logprobs": logprobs.model_dump() if logprobs else None,
+                      "finish_reason": chunk.finish_reason}
+            yield sse(_json({**head, "choices": [choice], "usage": None, "system_fingerprint": None}))
     except OpenAIError as exc:
-        yield sse(_error_json(exc))
+        yield sse(_json(exc.error_body()))
         yield DONE
         return
     if include_usage and last is not None:
-        yield sse(CompletionChunk(id=chunk_id, created=created, model=model, choices=[],
-                                  usage=_usage(last.usage)).model_dump_json())
+        yield sse(_json({**head, "choices": [], "usage": _usage(last.usage).model_dump(), "system_fingerprint": None}))
     yield DONE
 
 
-def _error_json(exc: OpenAIError) -> bytes:
-    return json.dumps(exc.error_body()).encode()
+_json = msgspec.json.encode

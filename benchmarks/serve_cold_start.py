@@ -1,0 +1,119 @@
+"""`tandem serve` cold start: from launching the command to the first streamed token.
+
+The model is already in the model cache (pulled before timing). Each trial starts
+``python -m tandem serve --port P`` as a fresh process and, right away, polls the endpoint with
+a streaming chat request until one answers; the figure is launch → first content token on the
+client. Also shown: launch → the "Tandem is serving" line.
+
+Baseline, measured in the same run: a fresh ``python -c`` process that builds the engine
+(`LLMEngine`) and generates one token for the same prompt: the floor any server on this engine
+pays (Python + torch imports, model load), without HTTP, workers or discovery.
+
+Usage: python benchmarks/serve_cold_start.py [--trials 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+MODEL = "smollm2-135m-instruct"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True,
+        "temperature": 0}
+
+BASELINE = f"""
+import time, sys
+start = float(sys.argv[1])
+from tandem.engine.config import EngineConfig
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.sampling_params import SamplingParams
+engine = LLMEngine(EngineConfig(model={MODEL!r}))
+tok = engine.loaded.tokenizer
+ids = tok.encode(tok.apply_chat_template({BODY["messages"]!r}, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)
+engine.generate([ids], SamplingParams(max_tokens=1, temperature=0))
+print(time.time() - start)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_token(port: int) -> bool:
+    """One streaming chat request; True once a content delta arrives."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(BODY).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            for line in response:
+                if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                    return True
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+    return False
+
+
+def trial() -> tuple[float, float]:
+    port = free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tandem", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready_at: list[float] = []
+
+    def watch() -> None:
+        for line in proc.stdout:
+            if line.startswith("Tandem is serving") and not ready_at:
+                ready_at.append(time.perf_counter() - start)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        deadline = start + 120
+        while time.perf_counter() < deadline:
+            if first_token(port):
+                return time.perf_counter() - start, ready_at[0] if ready_at else float("nan")
+            time.sleep(0.05)
+        raise TimeoutError("no first token within 120 s")
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def baseline() -> float:
+    out = subprocess.run([sys.executable, "-c", BASELINE, str(time.time())], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=3)
+    args = parser.parse_args()
+    from tandem.model_cache import resolve_model
+
+    resolve_model(MODEL)  # cached before timing
+    firsts, readies, bases = [], [], []
+    for i in range(args.trials):
+        first, ready = trial()
+        base = baseline()
+        firsts.append(first), readies.append(ready), bases.append(base)
+        print(f"trial {i + 1}: serve → first token {first:.2f} s (ready line {ready:.2f} s); "
+              f"engine-only baseline {base:.2f} s")
+    f, b = statistics.median(firsts), statistics.median(bases)
+    print(f"median: tandem serve cold start to first token {f:.2f} s; engine-only {b:.2f} s; ratio {f / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()
