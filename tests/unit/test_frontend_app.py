@@ -7,6 +7,7 @@ registered but unreachable worker is skipped (the request is retried) and marked
 from __future__ import annotations
 
 import json
+import socket
 
 import openai
 import pytest
@@ -76,6 +77,17 @@ def test_chat_and_completions_through_the_openai_client(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
+def test_stop_strings_end_the_text_the_same_way_streamed_or_not(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=60, seed=7, temperature=1.0, stop=["e"])
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].finish_reason == "stop" and chunks[-1].choices[0].finish_reason == "stop"
+    assert streamed == whole.choices[0].message.content and "e" not in streamed
+    unstopped = client.chat.completions.create(**{**kwargs, "stop": None})
+    assert unstopped.choices[0].message.content.startswith(streamed + "e")
+
+
 def test_default_max_tokens_caps_an_open_ended_request(deployment):
     reply = post(deployment, COMPLETIONS, {"model": MODEL, "prompt": [10, 11, 12]})
     assert reply.status_code == 200, reply.text
@@ -103,6 +115,14 @@ BAD_REQUESTS = [
     ("json-array", CHAT, b'[{"model": "mock"}]', 400, None, "invalid_json"),
     ("json-string", COMPLETIONS, b'"hello"', 400, None, "invalid_json"),
     ("json-null", COMPLETIONS, b"null", 400, None, "invalid_json"),
+    # A lone UTF-16 surrogate is valid JSON but not text (it used to reach the tokenizer: 500).
+    ("surrogate-in-content", CHAT,
+     b'{"model": "mock", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, None, "invalid_json"),
+    ("surrogate-in-model", CHAT, b'{"model": "\\udfff", "messages": []}', 400, None, "invalid_json"),
+    ("surrogate-in-prompt", COMPLETIONS, b'{"model": "mock", "prompt": "\\ud83d"}', 400, None, "invalid_json"),
+    ("surrogate-in-cache-salt", COMPLETIONS, b'{"model": "mock", "prompt": "hi", "cache_salt": "\\udc80"}',
+     400, None, "invalid_json"),
+    ("surrogate-as-cesu-bytes", COMPLETIONS, b'{"model": "mock", "prompt": "\xed\xa0\x80"}', 400, None, "invalid_json"),
     ("missing-model", CHAT, {"messages": MESSAGES}, 400, "model", None),
     ("missing-messages", CHAT, {"model": MODEL}, 400, "messages", None),
     ("missing-prompt", COMPLETIONS, {"model": MODEL}, 400, "prompt", None),
@@ -143,6 +163,12 @@ def test_bad_requests_get_openai_errors(deployment, path, body, status, param, c
     assert reply.headers["content-type"].startswith("application/json")
     error = assert_openai_error(reply.status_code, reply.json(), status)
     assert error["param"] == param and error["code"] == code, error
+
+
+def test_escaped_surrogate_pairs_are_fine(deployment):
+    body = b'{"model": "mock", "messages": [{"role": "user", "content": "\\ud83e\\udd80"}], "max_tokens": 1}'
+    reply = post(deployment, CHAT, body)
+    assert reply.status_code == 200, reply.text
 
 
 def test_openai_client_raises_the_matching_exceptions(client):
@@ -190,6 +216,21 @@ def test_unknown_route_and_wrong_method_get_json_errors(deployment):
     assert_openai_error(reply.status_code, reply.json(), 405)
 
 
+def test_keep_alive_connections_have_nagle_off(deployment):
+    # With Nagle on, every keep-alive response waited ~40 ms for the client's delayed ACK.
+    session = requests.Session()
+    assert session.get(deployment.url + "/live", timeout=10).status_code == 200
+
+    async def nodelay_flags() -> list[int]:
+        connections = deployment.server._server.server_state.connections
+        return [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for conn in connections]
+
+    flags = deployment.run(nodelay_flags())
+    session.close()
+    assert flags and all(flags), flags
+
+
 # --- health, liveness, metrics -----------------------------------------------------------------
 
 
@@ -224,7 +265,9 @@ def test_metrics_after_requests(deployment, client):
     wait_until(lambda: 'tandem_worker_kv_usage{model="mock"' in scrape(), timeout=10)
     text = scrape()
     assert 'tandem_frontend_requests_total{endpoint="chat",model="mock",status="200"}' in text
-    assert 'tandem_frontend_requests_total{endpoint="chat",model="no-such-model",status="404"}' in text
+    # Model names no worker serves are not label values (any client could mint new series).
+    assert 'tandem_frontend_requests_total{endpoint="chat",model="unknown",status="404"}' in text
+    assert "no-such-model" not in text
     assert 'tandem_frontend_time_to_first_token_seconds_count{model="mock"}' in text
     assert "tandem_frontend_inter_token_latency_seconds_bucket" in text
     assert 'tandem_frontend_workers{model="mock"} 2.0' in text
@@ -266,3 +309,38 @@ def test_unreachable_worker_is_skipped_and_marked_down(deployment):
     health = requests.get(deployment.url + "/health", timeout=10).json()
     assert [w["worker_id"] for w in health["models"]["mock-retry"]] != [] and \
         dead not in [w["worker_id"] for w in health["models"]["mock-retry"]]
+
+
+def test_model_with_only_an_unreachable_worker_gets_503(deployment):
+    deployment.register_dead_worker("mock-dead-only", "dead-only-worker")
+    frontend = deployment.server.frontend
+    wait_until(lambda: bool(frontend.live_workers("mock-dead-only")))
+    reply = post(deployment, COMPLETIONS, {"model": "mock-dead-only", "prompt": "hi", "max_tokens": 2})
+    assert assert_openai_error(reply.status_code, reply.json(), 503)["code"] == "no_worker_available"
+    assert not frontend.live_workers("mock-dead-only")  # marked down
+    # Now known but down: refused before any stream starts.
+    reply = post(deployment, CHAT, {"model": "mock-dead-only", "messages": MESSAGES, "stream": True})
+    assert assert_openai_error(reply.status_code, reply.json(), 503)["code"] == "no_worker_available"
+
+
+def test_worker_lost_while_the_prompt_was_prepared_gets_503(deployment):
+    # The only worker goes away between validation and routing (e.g. while a long prompt is
+    # tokenized on the thread pool): 503, not a 500 from the pool's NoWorkerError.
+    service = deployment.add_worker("mock-race")
+    frontend = deployment.server.frontend
+    wait_until(lambda: bool(frontend.live_workers("mock-race")))
+    prepare = frontend.prepare
+
+    async def prepare_then_lose_the_worker(request):
+        spec = await prepare(request)
+        frontend.pool.mark_down(service.worker_id)
+        return spec
+
+    frontend.prepare = prepare_then_lose_the_worker
+    try:
+        for stream in (False, True):
+            reply = post(deployment, COMPLETIONS, {"model": "mock-race", "prompt": "hi", "stream": stream})
+            assert assert_openai_error(reply.status_code, reply.json(), 503)["code"] == "no_worker_available"
+            frontend.pool._down_until.pop(service.worker_id)
+    finally:
+        frontend.prepare = prepare

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from tandem.frontend.config import FrontendConfig
+from tandem.router.policies import POLICIES
 
 ENGINES = ("builtin", "mocker")
 ROLES = ("agg", "prefill", "decode")
@@ -77,12 +78,23 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     return value
 
 
+# FrontendConfig field annotation → the YAML value types it accepts (bool is never an int here).
+_FRONTEND_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                   "int | None": (int, type(None)), "float | None": (int, float, type(None))}
+
+
 def _frontend(data: Any) -> FrontendConfig:
     data = _expect(data or {}, dict, "frontend")
-    known = set(FrontendConfig.__dataclass_fields__)
-    unknown = set(data) - known
+    fields = FrontendConfig.__dataclass_fields__
+    unknown = set(data) - set(fields)
     if unknown:
-        raise GraphError(f"frontend: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        raise GraphError(f"frontend: unknown keys {sorted(unknown)} (known: {sorted(fields)})")
+    for name, value in data.items():
+        kinds = _FRONTEND_KINDS.get(str(fields[name].type))
+        if kinds is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise GraphError(f"frontend.{name}: expected {fields[name].type}, got {value!r}")
+    if data.get("router", "round-robin") not in POLICIES:
+        raise GraphError(f"frontend.router must be one of {tuple(POLICIES)}, got {data['router']!r}")
     try:
         return FrontendConfig(**data)
     except (TypeError, ValueError) as exc:

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tandem.frontend.errors import OpenAIError, error_body, internal_error, payload_too_large
+from tandem.frontend.errors import OpenAIError, error_body, internal_error, no_worker, payload_too_large
 from tandem.frontend.frontend import Frontend
 from tandem.frontend.generation import generate_chunks
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest, parse_request
@@ -83,8 +83,24 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     raise ClientDisconnected
 
 
-def _openapi_body(model: type) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {JSON: {"schema": model.model_json_schema()}}}}
+def _openapi_body(model: type, components: dict[str, Any]) -> dict[str, Any]:
+    """An operation's JSON request body. Nested models go to ``components`` (see _add_components):
+    pydantic's own ``#/$defs/...`` refs would point at the OpenAPI document's root and dangle."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": schema}}}}
+
+
+def _add_components(app: FastAPI, components: dict[str, Any]) -> None:
+    """Add ``components`` to ``#/components/schemas`` of the app's generated OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            generate().setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(frontend: Frontend) -> FastAPI:
@@ -119,7 +135,8 @@ def create_app(frontend: Frontend) -> FastAPI:
             parsed = parse_request(cls, await read_body(request, limit))
             model = parsed.model
             spec = await frontend.prepare(parsed)
-            frontend.pool.candidates(spec.model)  # 503 now rather than inside a 200 stream
+            if not frontend.live_workers(spec.model):  # gone while tokenizing: 503 now, not in a 200 stream
+                raise no_worker(spec.model)
             chunks = generate_chunks(spec, frontend.workers, metrics)
             if parsed.stream:
                 status, streaming = 200, True  # counted when the stream ends
@@ -142,8 +159,9 @@ def create_app(frontend: Frontend) -> FastAPI:
             metrics.cancellations.labels(model).inc()
             return Response(status_code=499)
         finally:
-            if not streaming:
-                metrics.requests.labels(model, endpoint, str(status)).inc()
+            if not streaming:  # a name no worker ever served is "unknown": clients must not mint label values
+                label = model if model in frontend.known_models else "unknown"
+                metrics.requests.labels(label, endpoint, str(status)).inc()
 
     async def _counted_stream(body: AsyncIterator[bytes], model: str, endpoint: str) -> AsyncIterator[bytes]:
         metrics.inflight.labels(model).inc()
@@ -160,11 +178,14 @@ def create_app(frontend: Frontend) -> FastAPI:
             metrics.inflight.labels(model).dec()
             metrics.requests.labels(model, endpoint, status).inc()
 
-    @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
+    components: dict[str, Any] = {}
+    _add_components(app, components)
+
+    @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest, components))
     async def chat_completions(request: Request) -> Response:
         return await generate(request, ChatCompletionRequest, "chat", chat_full, chat_stream)
 
-    @app.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest, components))
     async def completions(request: Request) -> Response:
         return await generate(request, CompletionRequest, "completions", completion_full, completion_stream)
 

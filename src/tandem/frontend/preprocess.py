@@ -116,8 +116,9 @@ async def prepare_prompt(tokenizers: Tokenizers, tokenizer: Any,
                          request: ChatCompletionRequest | CompletionRequest) -> PreparedPrompt:
     """Token ids for a request (chat: template + tokenize; completion: tokenize or as given)."""
     if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
-        if tokenizer is not None and any(t >= len(tokenizer) for t in request.prompt):
-            raise bad_request(f"token ids must be below the vocabulary size {len(tokenizer)}", "prompt")
+        vocab_size = len(tokenizer) if tokenizer is not None else None
+        if vocab_size is not None and max(request.prompt) >= vocab_size:
+            raise bad_request(f"token ids must be below the vocabulary size {vocab_size}", "prompt")
         return PreparedPrompt(list(request.prompt), None)
     if tokenizer is None:
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"

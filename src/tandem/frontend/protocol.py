@@ -363,6 +363,37 @@ class CompletionRequest(_SamplingFields):
 RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 
 
+def _may_hold_surrogates(body: bytes | bytearray | str) -> bool:
+    """Cheap pre-check: ``json.loads`` decodes bytes with "surrogatepass", so a lone surrogate can
+    come from a ``\\ud800`` escape, from CESU-8 style bytes (``\\xed\\xa0\\x80``) or from a UTF-16/32
+    body; UTF-8 text without escapes holds none."""
+    if isinstance(body, str):
+        return True
+    return b"\\u" in body or b"\xed" in body or body[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in body[:4]
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether any string (key or value) in decoded JSON is not encodable as UTF-8.
+
+    Such strings would fail later, far from the request (tokenizer, error rendering, request-plane
+    frames), as 500s. Iterative: the depth is whatever ``json.loads`` accepted.
+    """
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def parse_request(
     cls: type[RequestT], body: bytes | str | dict[str, Any], *, max_body_bytes: int | None = None
 ) -> RequestT:
@@ -379,6 +410,8 @@ def parse_request(
             data = json.loads(body)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise malformed_json(str(e)[:200]) from None
+        if _may_hold_surrogates(body) and _has_lone_surrogate(data):
+            raise malformed_json("a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not text")
     else:
         data = body
     if not isinstance(data, dict):

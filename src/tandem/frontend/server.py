@@ -46,7 +46,10 @@ class FrontendServer:
     async def start(self) -> None:
         """Bind, start the frontend, and begin serving in the background."""
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on connections
+        # accepted from a socket that says it is TCP. With Nagle on, a keep-alive client waits
+        # ~40 ms (delayed ACK) for every response whose headers and body go out as two writes.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.port))

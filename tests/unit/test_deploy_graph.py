@@ -1,0 +1,154 @@
+"""Deployment graphs: defaults, the shipped example, worker argv, and a GraphError per bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tandem.deploy.graph import DEFAULT_MODEL, GraphError, WorkerGroup, load_graph, parse_graph
+from tandem.frontend.config import FrontendConfig
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "graphs"
+
+
+def test_empty_graph_gets_the_defaults():
+    graph = parse_graph({})
+    assert graph.frontend == FrontendConfig()
+    assert graph.discovery is None
+    assert len(graph.workers) == 1
+    (group,) = graph.workers
+    assert (group.count, group.engine, group.role, group.model, group.flags) == (1, "builtin", "agg", DEFAULT_MODEL, {})
+    assert graph.models == [DEFAULT_MODEL]
+
+
+def test_worker_group_defaults_fill_missing_keys():
+    graph = parse_graph({"workers": [{"engine": "mocker"}, {"count": 0, "role": "decode", "model": "m"}],
+                         "discovery": "file:/tmp/d", "frontend": {"port": 0, "router": "random"}})
+    first, second = graph.workers
+    assert (first.count, first.engine, first.role, first.model) == (1, "mocker", "agg", DEFAULT_MODEL)
+    assert (second.count, second.role, second.model) == (0, "decode", "m")
+    assert graph.discovery == "file:/tmp/d"
+    assert graph.frontend.port == 0 and graph.frontend.router == "random" and graph.frontend.host == "127.0.0.1"
+    assert graph.models == sorted([DEFAULT_MODEL, "m"])
+
+
+def test_frontend_values_of_the_right_type_are_accepted():
+    graph = parse_graph({"frontend": {"host": "0.0.0.0", "port": 0, "router": "random", "max_body_bytes": 2048,
+                                      "default_max_tokens": None, "max_attempts": 1, "worker_down_s": 1,
+                                      "worker_stats_interval_s": 0.5, "access_log": True}})
+    assert graph.frontend.worker_down_s == 1 and graph.frontend.access_log is True
+
+
+def test_every_frontend_field_is_type_checked():
+    from tandem.deploy.graph import _FRONTEND_KINDS
+
+    for name, spec in FrontendConfig.__dataclass_fields__.items():
+        assert str(spec.type) in _FRONTEND_KINDS, name
+
+
+def test_null_sections_mean_defaults():
+    graph = parse_graph({"frontend": None, "workers": [{"flags": None}]})
+    assert graph.frontend == FrontendConfig() and graph.workers[0].flags == {}
+
+
+def test_served_model_name_flag_names_the_model():
+    graph = parse_graph({"workers": [{"flags": {"served-model-name": "alias"}}]})
+    assert graph.models == ["alias"]
+
+
+def test_example_agg_graph_loads():
+    graph = load_graph(EXAMPLES / "agg.yaml")
+    assert graph.frontend.host == "127.0.0.1" and graph.frontend.port == 8000
+    assert graph.frontend.router == "round-robin"
+    (group,) = graph.workers
+    assert (group.count, group.engine, group.role, group.model) == (1, "builtin", "agg", "smollm2-135m-instruct")
+    assert group.flags == {"dtype": "float32", "kv-cache-gib": 1, "max-num-seqs": 64}
+    assert group.worker_argv() == ["--engine", "builtin", "--role", "agg", "--model", "smollm2-135m-instruct",
+                                   "--dtype", "float32", "--kv-cache-gib", "1", "--max-num-seqs", "64"]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_graph_loads(path):
+    graph = load_graph(path)
+    assert graph.workers and all(g.worker_argv()[:2] == ["--engine", g.engine] for g in graph.workers)
+
+
+def test_worker_argv_renders_flags():
+    group = WorkerGroup(engine="mocker", role="prefill", model="m", flags={
+        "max_num_seqs": 8, "speedup-ratio": 2.5, "enable-prefix-caching": True, "kv-events": False,
+        "name": None, "tokenizer": "some/dir"})
+    assert group.worker_argv() == [
+        "--engine", "mocker", "--role", "prefill", "--model", "m",
+        "--max-num-seqs", "8", "--speedup-ratio", "2.5", "--enable-prefix-caching", "--tokenizer", "some/dir"]
+
+
+def test_load_graph_reports_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(GraphError, match="cannot read graph"):
+        load_graph(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: [\n  - count: 1\n")
+    with pytest.raises(GraphError, match="not valid YAML"):
+        load_graph(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(GraphError, match=str(listy)):
+        load_graph(listy)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(GraphError):
+        load_graph(empty)
+
+
+MALFORMED = [
+    # (id, graph, words the message must contain)
+    ("top-level-not-a-mapping", ["workers"], ["graph", "dict"]),
+    ("unknown-top-key", {"workerz": []}, ["workerz"]),
+    ("workers-not-a-list", {"workers": {"count": 1}}, ["workers", "list"]),
+    ("empty-workers", {"workers": []}, ["workers", "at least one"]),
+    ("group-not-a-mapping", {"workers": ["mocker"]}, ["workers[0]", "dict"]),
+    ("unknown-group-key", {"workers": [{"engine": "mocker", "replicas": 2}]}, ["workers[0]", "replicas"]),
+    ("count-string", {"workers": [{"count": "2"}]}, ["workers[0].count", "int"]),
+    ("count-bool", {"workers": [{"count": True}]}, ["workers[0].count", "int"]),
+    ("count-float", {"workers": [{"count": 1.5}]}, ["workers[0].count"]),
+    ("negative-count", {"workers": [{}, {"count": -1}]}, ["workers[1].count", ">= 0", "-1"]),
+    ("bad-engine", {"workers": [{"engine": "vllm-tpu"}]}, ["workers[0].engine", "vllm-tpu"]),
+    ("engine-not-a-string", {"workers": [{"engine": 3}]}, ["workers[0].engine", "str"]),
+    ("bad-role", {"workers": [{"role": "both"}]}, ["workers[0].role", "both"]),
+    ("model-not-a-string", {"workers": [{"model": ["a"]}]}, ["workers[0].model", "str"]),
+    ("flags-not-a-mapping", {"workers": [{"flags": ["dtype=float32"]}]}, ["workers[0].flags", "dict"]),
+    ("flag-sets-model", {"workers": [{"flags": {"model": "other"}}]}, ["workers[0].flags.model"]),
+    ("flag-sets-engine", {"workers": [{"flags": {"engine": "mocker"}}]}, ["workers[0].flags.engine"]),
+    ("flag-sets-role", {"workers": [{"flags": {"role": "decode"}}]}, ["workers[0].flags.role"]),
+    ("flag-sets-discovery", {"workers": [{"flags": {"discovery": "file"}}]}, ["workers[0].flags.discovery"]),
+    ("flag-value-a-list", {"workers": [{"flags": {"dtype": ["a", "b"]}}]}, ["workers[0].flags.dtype"]),
+    ("flag-value-a-mapping", {"workers": [{"flags": {"x": {"y": 1}}}]}, ["workers[0].flags.x"]),
+    ("discovery-not-a-string", {"discovery": 5}, ["discovery", "str"]),
+    ("frontend-not-a-mapping", {"frontend": "127.0.0.1:8000"}, ["frontend", "dict"]),
+    ("unknown-frontend-key", {"frontend": {"bind": "0.0.0.0"}}, ["frontend", "bind"]),
+    ("frontend-bad-port", {"frontend": {"port": 70000}}, ["frontend", "port"]),
+    ("frontend-bad-body-limit", {"frontend": {"max_body_bytes": 10}}, ["frontend", "max_body_bytes"]),
+    ("frontend-port-string", {"frontend": {"port": "8000"}}, ["frontend.port", "int"]),
+    ("frontend-port-bool", {"frontend": {"port": True}}, ["frontend.port", "int"]),
+    ("frontend-host-number", {"frontend": {"host": 127}}, ["frontend.host", "str"]),
+    ("frontend-router-number", {"frontend": {"router": 5}}, ["frontend.router", "str"]),
+    ("frontend-unknown-router", {"frontend": {"router": "fastest"}}, ["frontend.router", "fastest"]),
+    ("frontend-down-s-string", {"frontend": {"worker_down_s": "5s"}}, ["frontend.worker_down_s", "float"]),
+    ("frontend-access-log-string", {"frontend": {"access_log": "yes"}}, ["frontend.access_log", "bool"]),
+    ("frontend-default-max-tokens-string", {"frontend": {"default_max_tokens": "16"}},
+     ["frontend.default_max_tokens"]),
+    ("frontend-default-max-tokens-zero", {"frontend": {"default_max_tokens": 0}}, ["frontend", "default_max_tokens"]),
+]
+
+
+@pytest.mark.parametrize(("data", "words"), [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
+def test_malformed_graph_raises_graph_error_naming_the_field(data, words):
+    with pytest.raises(GraphError) as err:
+        parse_graph(data)
+    message = str(err.value)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_graph_error_is_a_value_error():
+    assert issubclass(GraphError, ValueError)
