@@ -57,66 +57,81 @@ class Result:
             "req_per_s": self.requests / self.seconds,
             "tok_per_s": self.tokens / self.seconds,
             "ttft_p50_ms": statistics.median(self.ttft) * 1e3,
-            "itl_mean_ms": statistics.fmean(self.itl) * 1e3 if self.itl else 0.0,
+            "itl_mean_ms": statistics.fmean(self.itl) * 1e3 if self.itl else 0.0,  # per token
         }
 
 
 # --- a raw SSE client ------------------------------------------------------------------------
 
 
-async def sse_request(host: str, port: int, path: str, body: dict) -> tuple[float, list[float], int]:
-    """POST ``body``; return (TTFT, arrival times of later events, completion tokens)."""
-    start = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    payload = json.dumps(body).encode()
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head.decode(errors="replace") + (await reader.read(2000)).decode(errors="replace"))
-    first: float | None = None
-    times: list[float] = []
-    usage_tokens = 0
-    pending = b""
-    while True:  # chunked transfer: "<hex size>\r\n<data>\r\n", ends with a 0-size chunk
-        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-        if size == 0:
-            break
-        pending += (await reader.readexactly(size + 2))[:-2]
-        while b"\n\n" in pending:
-            event, pending = pending.split(b"\n\n", 1)
-            now = time.perf_counter()
-            if event == b"data: [DONE]":
-                continue
-            if b'"usage":{' in event:
-                usage_tokens = int(re.search(rb'"completion_tokens":(\d+)', event).group(1))
-            if b'"choices":[]' in event:
-                continue
-            if first is None:
-                first = now
-            else:
-                times.append(now)
-    writer.close()
-    assert first is not None
-    return first - start, times, usage_tokens
+class SSEConnection:
+    """One keep-alive HTTP/1.1 connection (as pooled OpenAI clients use) that streams SSE."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, path: str, body: dict) -> tuple[float, float, int]:
+        """POST ``body``; return (TTFT, time from first to last content event, completion tokens)."""
+        start = time.perf_counter()
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        reader, payload = self.reader, json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode(errors="replace"))
+        first = last = None
+        usage_tokens = 0
+        pending = b""
+        while True:  # chunked transfer: "<hex size>\r\n<data>\r\n", ends with a 0-size chunk
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            pending += (await reader.readexactly(size + 2))[:-2]
+            while b"\n\n" in pending:
+                event, pending = pending.split(b"\n\n", 1)
+                now = time.perf_counter()
+                if event == b"data: [DONE]":
+                    continue
+                if b'"usage":{' in event:
+                    usage_tokens = int(re.search(rb'"completion_tokens":(\d+)', event).group(1))
+                if b'"choices":[]' in event:
+                    continue
+                if first is None:
+                    first = now
+                last = now
+        assert first is not None and last is not None
+        return first - start, last - first, usage_tokens
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _record(result: Result, ttft: float, decode_time: float, tokens: int) -> None:
+    result.ttft.append(ttft)
+    if tokens > 1:
+        result.itl.append(decode_time / (tokens - 1))  # mean time per token after the first
+    result.tokens += tokens
+    result.requests += 1
 
 
 async def run_frontend(port: int, prompts: list[str] | list[list[int]], concurrency: int) -> Result:
     result = Result()
-    queue = list(enumerate(prompts))
+    queue = list(prompts)
 
     async def client() -> None:
+        conn = SSEConnection("127.0.0.1", port)
         while queue:
-            _, prompt = queue.pop()
-            ttft, times, tokens = await sse_request("127.0.0.1", port, "/v1/completions", {
+            prompt = queue.pop()
+            _record(result, *await conn.request("/v1/completions", {
                 "model": MODEL, "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "ignore_eos": True,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
-            result.ttft.append(ttft)
-            if len(times) > 1:
-                result.itl.append((times[-1] - times[0]) / (len(times) - 1))
-            result.tokens += tokens
-            result.requests += 1
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}))
+        conn.close()
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -133,21 +148,15 @@ async def run_direct(address: str, prompts: list[list[int]], concurrency: int) -
         while queue:
             index, ids = queue.pop()
             start = time.perf_counter()
-            first, times, tokens = None, [], 0
+            first = last = None
+            tokens = 0
             payload = {"request_id": f"direct-{concurrency}-{index}-{random.random()}", "token_ids": ids,
                        "sampling": {"max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0.0}}
             async for delta in rp.stream(address, "generate", payload):
-                now = time.perf_counter()
+                last = time.perf_counter()
+                first = first or last
                 tokens += len(delta["token_ids"])
-                if first is None:
-                    first = now
-                else:
-                    times.append(now)
-            result.ttft.append(first - start)
-            if len(times) > 1:
-                result.itl.append((times[-1] - times[0]) / (len(times) - 1))
-            result.tokens += tokens
-            result.requests += 1
+            _record(result, first - start, last - first, tokens)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -177,6 +186,17 @@ def make_prompts(tokenizer, count: int, seed: int) -> tuple[list[str], list[list
         texts.append(text)
         ids.append(tokenizer.encode(text))
     return texts, ids
+
+
+async def server_ttft(port: int) -> tuple[float, float]:
+    """(sum, count) of the frontend's own TTFT histogram (arrival → first token from the worker)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    total = re.search(r"tandem_frontend_time_to_first_token_seconds_sum\S* (\S+)", text)
+    count = re.search(r"tandem_frontend_time_to_first_token_seconds_count\S* (\S+)", text)
+    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
 async def wait_ready(port: int, timeout: float = 120.0) -> str:
@@ -223,25 +243,32 @@ def main() -> None:
         warm_texts, _ = make_prompts(tokenizer, 4, seed=0)
         asyncio.run(run_frontend(port, warm_texts, 2))
         print(f"worker {address}, frontend 127.0.0.1:{port}; prompt {PROMPT_TOKENS} tokens, output {OUTPUT_TOKENS}")
-        header = (f"{'conc':>4} | {'path':<8} | {'req/s':>7} | {'tok/s':>8} | {'TTFT p50 ms':>11} | {'ITL ms':>7} | "
-                  f"{'frontend CPU':>12}")
+        header = (f"{'conc':>4} | {'path':<15} | {'req/s':>7} | {'tok/s':>8} | {'TTFT p50 ms':>11} | "
+                  f"{'ms/token':>8} | {'frontend CPU':>13} | server-side TTFT mean")
         print(header)
         print("-" * len(header))
         for seed, conc in enumerate(args.concurrency, start=1):
             n = max(16, conc * args.requests_per_client)
             texts, ids = make_prompts(tokenizer, n, seed=seed)
-            direct = asyncio.run(run_direct(address, ids, conc)).summary()
-            cpu0 = procs[1].cpu_times()
-            wall0 = time.perf_counter()
-            via = asyncio.run(run_frontend(port, texts, conc)).summary()
-            cpu1 = procs[1].cpu_times()
-            fe_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.perf_counter() - wall0)
-            for name, s, cpu in (("direct", direct, ""), ("frontend", via, f"{fe_cpu * 100:.0f}% of a core")):
-                print(f"{conc:>4} | {name:<8} | {s['req_per_s']:>7.1f} | {s['tok_per_s']:>8.0f} | "
-                      f"{s['ttft_p50_ms']:>11.2f} | {s['itl_mean_ms']:>7.3f} | {cpu:>12}")
-            print(f"{conc:>4} | added    | TTFT +{via['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f} ms, "
-                  f"per token +{via['itl_mean_ms'] - direct['itl_mean_ms']:.3f} ms, "
-                  f"throughput ratio frontend/direct {via['tok_per_s'] / direct['tok_per_s']:.2f}")
+            rows = [("direct", asyncio.run(run_direct(address, ids, conc)).summary(), "")]
+            for name, prompts in (("frontend (ids)", [i[:] for i in ids]), ("frontend (text)", texts)):
+                cpu0, wall0 = procs[1].cpu_times(), time.perf_counter()
+                ttft0 = asyncio.run(server_ttft(port))
+                summary = asyncio.run(run_frontend(port, prompts, conc)).summary()
+                ttft1 = asyncio.run(server_ttft(port))
+                summary["server_ttft_ms"] = (ttft1[0] - ttft0[0]) / max(1.0, ttft1[1] - ttft0[1]) * 1e3
+                cpu1 = procs[1].cpu_times()
+                share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.perf_counter() - wall0)
+                rows.append((name, summary, f"{share * 100:.0f}% of a core"))
+            for name, s, cpu in rows:
+                print(f"{conc:>4} | {name:<15} | {s['req_per_s']:>7.1f} | {s['tok_per_s']:>8.0f} | "
+                      f"{s['ttft_p50_ms']:>11.2f} | {s['itl_mean_ms']:>8.3f} | {cpu:>13} | "
+                      + (f"{s['server_ttft_ms']:.2f} ms" if "server_ttft_ms" in s else ""))
+            direct = rows[0][1]
+            for name, s, _ in rows[1:]:
+                print(f"{conc:>4} | added by {name[9:]:<6} | TTFT {s['ttft_p50_ms'] - direct['ttft_p50_ms']:+.2f} ms, "
+                      f"per token {s['itl_mean_ms'] - direct['itl_mean_ms']:+.3f} ms, "
+                      f"throughput ratio frontend/direct {s['tok_per_s'] / direct['tok_per_s']:.2f}")
     finally:
         for proc in (frontend, worker):
             proc.terminate()

@@ -331,8 +331,8 @@ def test_worker_lost_while_the_prompt_was_prepared_gets_503(deployment):
     wait_until(lambda: bool(frontend.live_workers("mock-race")))
     prepare = frontend.prepare
 
-    async def prepare_then_lose_the_worker(request):
-        spec = await prepare(request)
+    async def prepare_then_lose_the_worker(request, arrival):
+        spec = await prepare(request, arrival)
         frontend.pool.mark_down(service.worker_id)
         return spec
 

@@ -60,11 +60,21 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._post("add", (request_id, prompt_token_ids, params, cache_salt))
         finished = False
+        held: Any = None  # an item taken from the queue but not yet handed out
         try:
             while True:
-                item = await stream.get()
+                item = held if held is not None else await stream.get()
+                held = None
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind gets everything queued as one delta, so it catches
+                # up in one step instead of paying its per-delta cost for every engine step.
+                while not item.finished and not stream.empty():
+                    nxt = stream.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        held = nxt
+                        break
+                    item = item.merge(nxt)
                 finished = item.finished
                 yield item
                 if finished:

@@ -29,3 +29,13 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     stop_token_id: int | None = None
     """The EOS or stop token that ended the request (it is included in new_token_ids)."""
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by ``later`` (of the same request), as one delta."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return RequestOutput(
+            self.request_id, self.new_token_ids + later.new_token_ids, later.finished, later.finish_reason,
+            later.num_prompt_tokens, later.num_cached_tokens, later.num_output_tokens, logprobs,
+            later.stop_token_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -129,12 +130,13 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     async def generate(request: Request, cls: type, endpoint: str,
                        full: Callable[..., Awaitable[Any]], stream: Callable[..., AsyncIterator[bytes]]) -> Response:
+        arrival = time.perf_counter()
         model = "unknown"
         status, streaming = 500, False
         try:
             parsed = parse_request(cls, await read_body(request, limit))
             model = parsed.model
-            spec = await frontend.prepare(parsed)
+            spec = await frontend.prepare(parsed, arrival)
             if not frontend.live_workers(spec.model):  # gone while tokenizing: 503 now, not in a 200 stream
                 raise no_worker(spec.model)
             chunks = generate_chunks(spec, frontend.workers, metrics)

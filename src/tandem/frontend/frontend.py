@@ -85,15 +85,18 @@ class Frontend:
             raise no_worker(model)
         raise not_found_model(model)
 
-    async def prepare(self, request: ChatCompletionRequest | CompletionRequest) -> GenerationSpec:
-        """Validate against the model, tokenize, and build the engine parameters (OpenAIError on bad input)."""
+    async def prepare(self, request: ChatCompletionRequest | CompletionRequest, arrival: float) -> GenerationSpec:
+        """Validate against the model, tokenize, and build the engine parameters (OpenAIError on bad input).
+
+        ``arrival``: ``time.perf_counter()`` when the HTTP request arrived (TTFT counts from it)."""
         info = self.model_info(request.model)
         tokenizer = await self.tokenizers.get(info.tokenizer_source)
         prompt = await prepare_prompt(self.tokenizers, tokenizer, request)
         params = to_sampling_params(request, default_max_tokens=self.config.default_max_tokens,
                                     context_length=info.context_length, prompt_len=len(prompt.token_ids))
         return GenerationSpec(model=info.name, prompt_token_ids=prompt.token_ids, params=params,
-                              stop=stop_strings(request), tokenizer=tokenizer, cache_salt=request.cache_salt)
+                              stop=stop_strings(request), tokenizer=tokenizer, cache_salt=request.cache_salt,
+                              arrival=arrival)
 
     # --- worker stats (for /metrics and /health) ---
 

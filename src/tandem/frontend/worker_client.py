@@ -56,11 +56,15 @@ class WorkerClient:
             card = self.policy.select(candidates, request.token_ids)
             tried.add(card.worker_id)
             started = False
-            items = self.client.stream(card.request_plane_address, "generate", payload)
+            items = self.client.stream_batches(card.request_plane_address, "generate", payload)
             try:
-                async for item in items:
+                async for batch in items:
                     started = True
-                    yield msgspec.convert(item, GenerateDelta)
+                    # Deltas that queued up while this stream waited are handed out as one.
+                    delta = msgspec.convert(batch[0], GenerateDelta)
+                    for item in batch[1:]:
+                        delta = delta.merge(msgspec.convert(item, GenerateDelta))
+                    yield delta
                 return
             except WorkerUnavailableError as exc:
                 self.pool.mark_down(card.worker_id)

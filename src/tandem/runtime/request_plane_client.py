@@ -8,6 +8,7 @@ other streams of its connection). Leaving a stream early sends `Cancel`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -84,6 +85,13 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self._items.popleft()
+
+    def pop_data_nowait(self) -> list[Any]:
+        """Payloads of the Data frames at the head of the inbox, without waiting."""
+        payloads = []
+        while self._items and isinstance(self._items[0], Data):
+            payloads.append(self._items.popleft().payload)
+        return payloads
 
 
 class _ClientConnection:
@@ -213,6 +221,15 @@ class RequestPlaneClient:
         """Open connections (one per worker address in use)."""
         return sum(not conn.closed for conn in self._connections.values())
 
+    async def stream_batches(
+        self, address: str, endpoint: str, payload: Any, timeout: Timeout = FROM_CONFIG
+    ) -> AsyncIterator[list[Any]]:
+        """Like `stream`, but yields every item already received as one list: a consumer that
+        fell behind catches up in one step (at least one item per list)."""
+        async with contextlib.aclosing(self._stream(address, endpoint, payload, timeout, batch=True)) as items:
+            async for item in items:
+                yield item
+
     async def stream(
         self, address: str, endpoint: str, payload: Any, timeout: Timeout = FROM_CONFIG
     ) -> AsyncIterator[Any]:
@@ -223,6 +240,13 @@ class RequestPlaneClient:
         shutting down) or `RemoteError` (the handler failed). Closing the iterator early (``aclose``,
         ``break``) cancels the handler on the worker.
         """
+        async with contextlib.aclosing(self._stream(address, endpoint, payload, timeout, batch=False)) as items:
+            async for item in items:
+                yield item
+
+    async def _stream(
+        self, address: str, endpoint: str, payload: Any, timeout: Timeout, batch: bool
+    ) -> AsyncIterator[Any]:
         read_timeout = self.config.read_timeout if isinstance(timeout, _UseConfig) else timeout
         conn = await self._connection(address)
         stream_id, inbox = conn.open_stream()
@@ -233,7 +257,7 @@ class RequestPlaneClient:
             while True:
                 frame = await self._next_frame(conn, inbox, endpoint, read_timeout)
                 if isinstance(frame, Data):
-                    yield frame.payload
+                    yield [frame.payload, *inbox.pop_data_nowait()] if batch else frame.payload
                     continue
                 finished = True
                 if isinstance(frame, End):

@@ -59,3 +59,11 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
             logprobs = [TokenLogprobPayload(lp.token_id, lp.logprob, list(lp.top_logprobs)) for lp in out.logprobs]
         return cls(out.new_token_ids, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens,
                    out.finish_reason, out.stop_token_id, logprobs)
+
+    def merge(self, later: "GenerateDelta") -> "GenerateDelta":
+        """This delta followed by ``later`` (of the same request), as one delta."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return GenerateDelta(self.token_ids + later.token_ids, later.num_prompt_tokens, later.num_cached_tokens,
+                             later.num_output_tokens, later.finish_reason, later.stop_token_id, logprobs)
