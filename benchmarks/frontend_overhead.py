@@ -225,7 +225,7 @@ def main() -> None:
                         help="requests per concurrent client (at least 16 in all)")
     args = parser.parse_args()
 
-    from tandem.models.loader import load_tokenizer
+    from tandem.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
     disco = tempfile.mkdtemp(prefix="tandem-bench-")

@@ -13,7 +13,7 @@ REPLACEMENT_CHAR = "\ufffd"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tandem.models.loader import load_tokenizer
+    from tandem.models.tokenizer import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 

@@ -65,10 +65,20 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop()
 
 
+def run_event_loop(main):  # noqa: ANN001, ANN201 - a coroutine and its result
+    """Run ``main`` on uvloop when it is installed (uvicorn[standard] brings it): cheaper socket
+    I/O per streamed chunk than the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args))
+        run_event_loop(serve(args))
     except OSError as exc:
         print(f"error: {exc}")
         return 1

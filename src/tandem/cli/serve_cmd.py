@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from tandem.cli.engine_args import add_engine_args
-from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args
+from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args, run_event_loop
 
 # Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
 _FORWARDED_FLAGS = ("dtype", "device", "threads", "kv_cache_gib", "num_kv_blocks", "block_size",
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         private_dir = tempfile.mkdtemp(prefix="tandem-serve-")
         discovery = f"file:{private_dir}"
     try:
-        return asyncio.run(_serve(args, graph, discovery))
+        return run_event_loop(_serve(args, graph, discovery))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

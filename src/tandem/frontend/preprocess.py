@@ -83,7 +83,7 @@ class Tokenizers:
 
 
 def _load(source: str) -> Any:
-    from tandem.models.loader import load_tokenizer
+    from tandem.models.tokenizer import load_tokenizer
 
     return load_tokenizer(source)
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from tandem.models.config import ModelConfig
 from tandem.models.errors import ModelLoadError
 from tandem.models.llama import LlamaForCausalLM
+from tandem.models.tokenizer import load_hf_tokenizer, load_tokenizer  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -65,31 +66,6 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch
                     yield name, reader.get_tensor(name)
 
     return hf_config, tensors()
-
-
-def load_hf_tokenizer(hf_dir: Path) -> Any:
-    """The directory's tokenizer, or None when it ships none (test models that run on token ids)."""
-    from transformers import AutoTokenizer
-
-    if not any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        logger.warning("%s has no tokenizer files; the engine will accept token ids only", hf_dir)
-        return None
-    return AutoTokenizer.from_pretrained(str(hf_dir))
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """Only the tokenizer (with its chat template) of a model name, HF directory or GGUF file.
-
-    What a frontend needs: no weights are read. Returns None for a directory without tokenizer files.
-    """
-    from tandem.model_cache import resolve_model
-
-    resolved = resolve_model(name_or_path, progress=False)
-    if resolved.hf_dir is not None:
-        return load_hf_tokenizer(resolved.hf_dir)
-    from tandem.models.gguf_loader import load_gguf_tokenizer
-
-    return load_gguf_tokenizer(resolved.gguf_path)
 
 
 def _eos_ids(cfg: ModelConfig, tokenizer: Any, hf_dir: Path | None) -> list[int]:
