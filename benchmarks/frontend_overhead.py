@@ -221,6 +221,8 @@ async def wait_ready(port: int, timeout: float = 120.0) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--speedup-ratio", type=float, default=0.0,
+                        help="mocker speedup (0 = zero delay, the default; e.g. 10 for a machine that is not saturated)")
     parser.add_argument("--requests-per-client", type=int, default=8,
                         help="requests per concurrent client (at least 16 in all)")
     args = parser.parse_args()
@@ -230,7 +232,7 @@ def main() -> None:
     tokenizer = load_tokenizer(MODEL)
     disco = tempfile.mkdtemp(prefix="tandem-bench-")
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0",
+    worker = subprocess.Popen([sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", str(args.speedup_ratio),
                                "--model", MODEL, "--discovery", f"file:{disco}", "--log-level", "WARNING",
                                "--max-num-seqs", "256", "--max-num-batched-tokens", "8192"],
                               stdout=subprocess.DEVNULL)
@@ -242,9 +244,10 @@ def main() -> None:
         # warm up: the frontend loads the tokenizer on its first request
         warm_texts, _ = make_prompts(tokenizer, 4, seed=0)
         asyncio.run(run_frontend(port, warm_texts, 2))
-        print(f"worker {address}, frontend 127.0.0.1:{port}; prompt {PROMPT_TOKENS} tokens, output {OUTPUT_TOKENS}")
+        print(f"worker {address} (mocker speedup {args.speedup_ratio}), frontend 127.0.0.1:{port}; "
+              f"prompt {PROMPT_TOKENS} tokens, output {OUTPUT_TOKENS}")
         header = (f"{'conc':>4} | {'path':<15} | {'req/s':>7} | {'tok/s':>8} | {'TTFT p50 ms':>11} | "
-                  f"{'ms/token':>8} | {'frontend CPU':>13} | server-side TTFT mean")
+                  f"{'ms/token':>8} | {'CPU fe / client':>15} | server-side TTFT mean")
         print(header)
         print("-" * len(header))
         for seed, conc in enumerate(args.concurrency, start=1):
@@ -252,17 +255,18 @@ def main() -> None:
             texts, ids = make_prompts(tokenizer, n, seed=seed)
             rows = [("direct", asyncio.run(run_direct(address, ids, conc)).summary(), "")]
             for name, prompts in (("frontend (ids)", [i[:] for i in ids]), ("frontend (text)", texts)):
-                cpu0, wall0 = procs[1].cpu_times(), time.perf_counter()
+                cpu0, wall0, mine0 = procs[1].cpu_times(), time.perf_counter(), psutil.Process().cpu_times()
                 ttft0 = asyncio.run(server_ttft(port))
                 summary = asyncio.run(run_frontend(port, prompts, conc)).summary()
                 ttft1 = asyncio.run(server_ttft(port))
                 summary["server_ttft_ms"] = (ttft1[0] - ttft0[0]) / max(1.0, ttft1[1] - ttft0[1]) * 1e3
-                cpu1 = procs[1].cpu_times()
-                share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.perf_counter() - wall0)
-                rows.append((name, summary, f"{share * 100:.0f}% of a core"))
+                cpu1, mine1, wall = procs[1].cpu_times(), psutil.Process().cpu_times(), time.perf_counter() - wall0
+                share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
+                client = (mine1.user + mine1.system - mine0.user - mine0.system) / wall
+                rows.append((name, summary, f"{share * 100:.0f}% / {client * 100:.0f}%"))
             for name, s, cpu in rows:
                 print(f"{conc:>4} | {name:<15} | {s['req_per_s']:>7.1f} | {s['tok_per_s']:>8.0f} | "
-                      f"{s['ttft_p50_ms']:>11.2f} | {s['itl_mean_ms']:>8.3f} | {cpu:>13} | "
+                      f"{s['ttft_p50_ms']:>11.2f} | {s['itl_mean_ms']:>8.3f} | {cpu:>15} | "
                       + (f"{s['server_ttft_ms']:.2f} ms" if "server_ttft_ms" in s else ""))
             direct = rows[0][1]
             for name, s, _ in rows[1:]:

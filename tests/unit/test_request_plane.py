@@ -487,3 +487,23 @@ def test_frames_survive_any_chunking(payloads: list[Any], chunk: int) -> None:
     for lo in range(0, len(wire), chunk):
         decoded += decoder.feed(wire[lo : lo + chunk])
     assert decoded == frames and decoder.buffered == 0
+
+
+def test_stream_batches_hands_a_slow_consumer_everything_received_at_once() -> None:
+    async def body() -> None:
+        server = await started_server()
+        client = RequestPlaneClient()
+        try:
+            batches = []
+            items = client.stream_batches(server.address, "count", {"tag": "b", "n": 200})
+            async for batch in items:
+                batches.append(batch)
+                await asyncio.sleep(0.01)  # a slow consumer: items pile up meanwhile
+            flat = [item["i"] for batch in batches for item in batch]
+            assert flat == list(range(200))  # nothing lost, duplicated or reordered
+            assert all(batches) and len(batches) < 200  # ... and it caught up in fewer steps
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    run(body)
