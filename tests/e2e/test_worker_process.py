@@ -68,3 +68,38 @@ async def _exercise(disco_dir) -> None:
     finally:
         await client.close()
         await discovery.close()
+
+
+def test_several_mocker_workers_share_one_process(tmp_path):
+    disco_dir = tmp_path / "discovery"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0", "--mocker-workers", "3",
+         "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def exercise() -> None:
+            discovery = FileDiscovery(disco_dir)
+            client = RequestPlaneClient()
+            try:
+                deadline = time.monotonic() + 60
+                cards = []
+                while len(cards) < 3 and time.monotonic() < deadline:
+                    cards = await discovery.list("tiny")
+                    await asyncio.sleep(0.2)
+                assert len(cards) == 3
+                assert len({c.worker_id for c in cards}) == len({c.request_plane_address for c in cards}) == 3
+                for index, card in enumerate(cards):  # each is a worker of its own
+                    payload = {"request_id": f"r{index}", "token_ids": PROMPT, "sampling": {"max_tokens": 4}}
+                    deltas = [d async for d in client.stream(card.request_plane_address, "generate", payload)]
+                    assert sum(len(d["token_ids"]) for d in deltas) == 4
+            finally:
+                await client.close()
+                await discovery.close()
+
+        asyncio.run(asyncio.wait_for(exercise(), 90))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert asyncio.run(FileDiscovery(disco_dir).list()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()

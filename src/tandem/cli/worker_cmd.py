@@ -27,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="builtin runs the model; mocker only models step times (default: %(default)s)")
     parser.add_argument("--speedup-ratio", type=float, default=1.0,
                         help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
+    parser.add_argument("--mocker-workers", type=int, default=1,
+                        help="mocker: run this many independent workers in this one process, each with its own "
+                             "engine, port and card (scale runs; default: %(default)s)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model's name)")
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -42,30 +45,37 @@ async def serve(args: argparse.Namespace) -> None:
     from tandem.runtime.discovery import make_discovery
     from tandem.worker.service import WorkerService
 
+    if args.engine != "mocker" and args.mocker_workers != 1:
+        raise SystemExit("error: --mocker-workers needs --engine mocker")
+    if args.mocker_workers < 1 or (args.mocker_workers > 1 and args.port):
+        raise SystemExit("error: --mocker-workers must be >= 1, and several need --port 0 (each picks a free port)")
     if args.engine == "mocker":
         from tandem.engine.mocker import MockerConfig, MockerEngine
 
-        core = MockerEngine(MockerConfig(
+        cores = [MockerEngine(MockerConfig(
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len or MockerConfig.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio))
+            enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio, seed=index))
+            for index in range(args.mocker_workers)]
         name, tokenizer_source = args.served_model_name or args.model, args.model
     else:
-        core = await asyncio.to_thread(LLMEngine, engine_config_from_args(args))
-        name, tokenizer_source = args.served_model_name or core.loaded.name, core.loaded.source
+        cores = [await asyncio.to_thread(LLMEngine, engine_config_from_args(args))]
+        name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
     discovery = make_discovery(args.discovery)
-    service = WorkerService(AsyncEngine(core), discovery, model_name=name, tokenizer_source=tokenizer_source,
-                            role=args.role, engine_kind=args.engine, host=args.host, port=args.port, ttl_s=args.ttl)
+    services = [WorkerService(AsyncEngine(core), discovery, model_name=name, tokenizer_source=tokenizer_source,
+                              role=args.role, engine_kind=args.engine, host=args.host, port=args.port, ttl_s=args.ttl)
+                for core in cores]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop)
-    await service.start()
-    print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
+    for service in services:
+        await service.start()
+        print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
     await stop.wait()
     print("draining…", flush=True)
-    await service.drain(timeout=args.drain_timeout)
+    await asyncio.gather(*(service.drain(timeout=args.drain_timeout) for service in services))
     await discovery.close()
 
 

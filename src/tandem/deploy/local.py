@@ -60,7 +60,7 @@ class LocalDeployment:
 
     @property
     def num_workers(self) -> int:
-        return sum(group.count for group in self.graph.workers)
+        return sum(group.count * int(group.flags.get("mocker-workers", 1)) for group in self.graph.workers)
 
     def _spawn(self, group: WorkerGroup) -> subprocess.Popen:
         argv = [sys.executable, "-m", "tandem", "worker", "--discovery", self.discovery_spec,
