@@ -121,7 +121,7 @@ MALFORMED = [
     ("flag-sets-engine", {"workers": [{"flags": {"engine": "mocker"}}]}, ["workers[0].flags.engine"]),
     ("flag-sets-role", {"workers": [{"flags": {"role": "decode"}}]}, ["workers[0].flags.role"]),
     ("flag-sets-discovery", {"workers": [{"flags": {"discovery": "file"}}]}, ["workers[0].flags.discovery"]),
-    ("flag-value-a-list", {"workers": [{"flags": {"dtype": ["a", "b"]}}]}, ["workers[0].flags.dtype"]),
+    ("flag-value-a-nested-list", {"workers": [{"flags": {"dtype": [["a"], "b"]}}]}, ["workers[0].flags.dtype"]),
     ("flag-value-a-mapping", {"workers": [{"flags": {"x": {"y": 1}}}]}, ["workers[0].flags.x"]),
     ("discovery-not-a-string", {"discovery": 5}, ["discovery", "str"]),
     ("frontend-not-a-mapping", {"frontend": "127.0.0.1:8000"}, ["frontend", "dict"]),
@@ -152,3 +152,10 @@ def test_malformed_graph_raises_graph_error_naming_the_field(data, words):
 
 def test_graph_error_is_a_value_error():
     assert issubclass(GraphError, ValueError)
+
+
+def test_list_flag_values_expand_to_several_arguments():
+    group = parse_graph({"workers": [{"engine": "mocker", "flags": {"mocker-decode-coeffs": [0, 0, 10]}}]}).workers[0]
+    argv = group.worker_argv()
+    at = argv.index("--mocker-decode-coeffs")
+    assert argv[at + 1:at + 4] == ["0", "0", "10"]

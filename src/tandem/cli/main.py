@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "worker": "tandem.cli.worker_cmd",
     "frontend": "tandem.cli.frontend_cmd",
     "serve": "tandem.cli.serve_cmd",
+    "bench": "tandem.cli.bench_cmd",
 }
 
 

@@ -27,6 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="builtin runs the model; mocker only models step times (default: %(default)s)")
     parser.add_argument("--speedup-ratio", type=float, default=1.0,
                         help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
+    parser.add_argument("--mocker-prefill-coeffs", type=float, nargs=3, metavar=("A", "B", "C"),
+                        help="mocker: prefill_ms = A·T² + B·T + C for T uncached tokens "
+                             "(default: Dynamo's 4.21e-7 0.01518 16.5; `0 0 50` = a fixed 50 ms)")
+    parser.add_argument("--mocker-decode-coeffs", type=float, nargs=3, metavar=("D", "E", "F"),
+                        help="mocker: decode_ms = max(1, D·u² + E·u + F) for KV usage u "
+                             "(default: Dynamo's -25.74 54.01 5.74; `0 0 10` = a fixed 10 ms)")
     parser.add_argument("--mocker-workers", type=int, default=1,
                         help="mocker: run this many independent workers in this one process, each with its own "
                              "engine, port and card (scale runs; default: %(default)s)")
@@ -56,7 +62,8 @@ async def serve(args: argparse.Namespace) -> None:
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len or MockerConfig.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio, seed=index))
+            enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio, seed=index,
+            **_mocker_coeffs(args)))
             for index in range(args.mocker_workers)]
         name, tokenizer_source = args.served_model_name or args.model, args.model
     else:
@@ -77,6 +84,17 @@ async def serve(args: argparse.Namespace) -> None:
     print("draining…", flush=True)
     await asyncio.gather(*(service.drain(timeout=args.drain_timeout) for service in services))
     await discovery.close()
+
+
+def _mocker_coeffs(args: argparse.Namespace) -> dict[str, float]:
+    coeffs: dict[str, float] = {}
+    if args.mocker_prefill_coeffs:
+        a, b, c = args.mocker_prefill_coeffs
+        coeffs.update(prefill_quadratic=a, prefill_linear=b, prefill_constant=c)
+    if args.mocker_decode_coeffs:
+        d, e, f = args.mocker_decode_coeffs
+        coeffs.update(decode_quadratic=d, decode_linear=e, decode_constant=f)
+    return coeffs
 
 
 def _on_signal(stop: asyncio.Event) -> None:

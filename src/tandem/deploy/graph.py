@@ -55,6 +55,8 @@ class WorkerGroup:
             flag = "--" + name.replace("_", "-")
             if value is True:
                 argv.append(flag)
+            elif isinstance(value, list):  # a flag with several values, e.g. mocker-decode-coeffs: [0, 0, 10]
+                argv += [flag, *map(str, value)]
             elif value is not False and value is not None:
                 argv += [flag, str(value)]
         return argv
@@ -122,7 +124,8 @@ def _group(data: Any, where: str) -> WorkerGroup:
     for name, value in group.flags.items():
         if name in ("discovery", "engine", "role", "model"):
             raise GraphError(f"{where}.flags.{name}: set it as a key of the worker group, not a flag")
-        _expect(value, (str, int, float, bool), f"{where}.flags.{name}")
+        for item in value if isinstance(value, list) else [value]:
+            _expect(item, (str, int, float, bool), f"{where}.flags.{name}")
     return group
 
 

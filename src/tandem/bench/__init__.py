@@ -1,0 +1,1 @@
+"""`tandem bench`: load generation against any OpenAI-compatible endpoint, and reports."""
