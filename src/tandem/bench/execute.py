@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -63,7 +63,8 @@ def _answer_tokens(tokenizer: Any):
     def tokens(outcome: Outcome, request: BenchRequest) -> list[int]:
         if tokenizer is not None:
             return list(tokenizer.encode(outcome.text, add_special_tokens=False))
-        return [1000 + (hash((request.session_id, request.turn, i)) % 30000) for i in range(outcome.output_tokens or 1)]
+        rng = random.Random(f"{request.session_id}/{request.turn}")  # deterministic across runs
+        return [rng.randrange(1000, 31000) for _ in range(outcome.output_tokens or 1)]
 
     return tokens
 
@@ -117,27 +118,22 @@ def execute_run(args: argparse.Namespace, out_dir: Path, *, concurrency: int | N
     slo = parse_slo(args.slo) if args.slo else None
     tokenizer = _tokenizer(args)
     label = name or args.name or f"{args.workload} {load.describe()}"
-    me = psutil.Process()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[stats]}")]
     with Progress(*columns, console=console, disable=args.no_progress, transient=False) as progress:
         total = load.num_requests if args.workload != "trace" or load.num_requests else None
         bar = _ProgressBar(progress, total)
 
-        async def main() -> tuple[RunResult, float]:
+        async def main() -> RunResult:
             async with BenchClient(client_config(args)) as client:
-                cpu0 = me.cpu_times()
-                result = await _drive(args, load, Runner(client, load, bar), tokenizer)
-                cpu1 = me.cpu_times()
-                busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-                return result, 100.0 * busy / max(result.duration_s, 1e-9)
+                return await _drive(args, load, Runner(client, load, bar), tokenizer)
 
-        result, cpu = asyncio.run(main())
+        result = asyncio.run(main())
     settings = {"workload": workload_settings(args), "load": vars(load), "endpoint_type": args.endpoint_type,
                 "stream": not args.no_stream, "ignore_eos": not args.no_ignore_eos, "temperature": args.temperature}
     summary = summarize(result.records, name=label, url=args.url, model=args.model, workload=args.workload,
                         load=load.describe(), settings=settings, started_at=result.started_at,
-                        duration_s=result.duration_s, slo=slo, client_cpu_percent=cpu, target_rate=load.rate,
+                        duration_s=result.duration_s, slo=slo, client_cpu_percent=result.cpu_percent, target_rate=load.rate,
                         concurrency=load.concurrency)
     write_run(out_dir, summary, result.records)
     return summary

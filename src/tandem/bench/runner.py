@@ -9,6 +9,7 @@ every request sent has a record. Warm-up requests go first and are not recorded.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -85,6 +86,8 @@ class RunResult:
     started_at: float
     """Unix time of the start (after warm-up)."""
     duration_s: float
+    cpu_percent: float = 0.0
+    """CPU this process used during the run (warm-up excluded), percent of one core."""
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Runner:
 
     def _begin(self) -> float:
         self._s = _State(start=time.perf_counter())
+        self._cpu0 = _cpu_seconds()
         return time.time()
 
     async def _finish(self, started_at: float) -> RunResult:
@@ -154,7 +158,8 @@ class Runner:
                 await asyncio.gather(*late, return_exceptions=True)
         duration = time.perf_counter() - self._s.start
         records = sorted(self._s.records, key=lambda r: r.index)
-        return RunResult(records, started_at, duration)
+        cpu = 100.0 * (_cpu_seconds() - self._cpu0) / max(duration, 1e-9)
+        return RunResult(records, started_at, duration, cpu)
 
     # --- load shapes ----------------------------------------------------------------------------
 
@@ -236,6 +241,11 @@ class Runner:
         self._s.tasks.update(slots)
         await asyncio.wait(slots, timeout=self._remaining_s())
         return await self._finish(started_at)
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _record(index: int, start_s: float, request: BenchRequest, outcome: Outcome) -> RequestRecord:
