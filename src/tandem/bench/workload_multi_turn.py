@@ -32,6 +32,10 @@ from tandem.bench.workload_random import (
     random_token_ids,
 )
 
+WORKLOAD_TAG = 21
+"""Mixed into every seed so two workloads with the same --seed never draw the same tokens."""
+
+
 
 @dataclass
 class MultiTurnConfig:
@@ -92,7 +96,7 @@ def user_join_interval_s(config: MultiTurnConfig) -> float:
 
 def system_prompt_tokens(config: MultiTurnConfig) -> list[int]:
     """The system prompt every user shares."""
-    rng = np.random.default_rng([config.seed, 0])
+    rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 0])
     return random_token_ids(rng, config.system_prompt_len, config.first_token_id, config.vocab_size)
 
 
@@ -120,7 +124,7 @@ class UserSession:
         return self._turn >= self.config.num_rounds - 1
 
     def _question(self, round_index: int) -> list[int]:
-        rng = np.random.default_rng([self.config.seed, 2, self.user_index, round_index])
+        rng = np.random.default_rng([self.config.seed, WORKLOAD_TAG, 2, self.user_index, round_index])
         return random_token_ids(rng, self.config.question_len, self.config.first_token_id, self.config.vocab_size)
 
     def _request(self) -> BenchRequest:
@@ -135,7 +139,7 @@ class UserSession:
 
     def first_request(self) -> BenchRequest:
         """Turn 0: system + user history + the first question. Calling it again restarts the session."""
-        rng = np.random.default_rng([self.config.seed, 1, self.user_index])
+        rng = np.random.default_rng([self.config.seed, WORKLOAD_TAG, 1, self.user_index])
         cfg = self.config
         history = random_token_ids(rng, cfg.user_history_len, cfg.first_token_id, cfg.vocab_size)
         self._turn = 0

@@ -17,6 +17,10 @@ import numpy as np
 
 from tandem.bench.workload import BenchRequest
 
+WORKLOAD_TAG = 11
+"""Mixed into every seed so two workloads with the same --seed never draw the same tokens."""
+
+
 DEFAULT_FIRST_TOKEN_ID = 1000
 """Lowest token id drawn: above the special/control ids of common tokenizers."""
 DEFAULT_VOCAB_SIZE = 32000
@@ -80,7 +84,7 @@ def random_requests(config: RandomWorkloadConfig) -> list[BenchRequest]:
     """``config.num_requests`` requests with random-token prompts and sampled lengths."""
     requests: list[BenchRequest] = []
     for i in range(config.num_requests):
-        rng = np.random.default_rng([config.seed, i])
+        rng = np.random.default_rng([config.seed, WORKLOAD_TAG, i])
         input_len = sample_length(rng, config.input_len, config.input_len_stddev)
         output_len = sample_length(rng, config.output_len, config.output_len_stddev)
         prompt = random_token_ids(rng, input_len, config.first_token_id, config.vocab_size)

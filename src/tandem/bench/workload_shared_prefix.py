@@ -25,6 +25,10 @@ from tandem.bench.workload_random import (
     random_token_ids,
 )
 
+WORKLOAD_TAG = 31
+"""Mixed into every seed so two workloads with the same --seed never draw the same tokens."""
+
+
 
 @dataclass
 class SharedPrefixConfig:
@@ -71,7 +75,7 @@ def shared_prefixes(config: SharedPrefixConfig) -> list[list[int]]:
     """The ``num_prefixes`` system prompts (token ids), each with a distinct first token."""
     if config.prefix_len == 0:
         return [[] for _ in range(config.num_prefixes)]
-    rng = np.random.default_rng([config.seed, 0])
+    rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 0])
     firsts = rng.choice(config.vocab_size - config.first_token_id, size=config.num_prefixes, replace=False)
     return [
         [config.first_token_id + int(first)]
@@ -85,7 +89,7 @@ def shared_prefix_requests(config: SharedPrefixConfig) -> list[BenchRequest]:
     prefixes = shared_prefixes(config)
     requests: list[BenchRequest] = []
     for i in range(config.num_requests):
-        rng = np.random.default_rng([config.seed, 1, i])
+        rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 1, i])
         if config.assignment == "random":
             which = int(rng.integers(config.num_prefixes))
         else:

@@ -33,6 +33,9 @@ from tandem.bench.workload_random import DEFAULT_FIRST_TOKEN_ID, DEFAULT_VOCAB_S
 MOONCAKE_BLOCK_SIZE = 512
 """Tokens per hash id in the published Mooncake traces."""
 
+WORKLOAD_TAG = 41
+"""Mixed into every seed so two workloads with the same --seed never draw the same tokens."""
+
 
 @dataclass
 class TraceEntry:
@@ -134,7 +137,7 @@ class TraceConfig:
 
 def hash_id_block(hash_id: int, config: TraceConfig) -> np.ndarray:
     """The ``block_size`` tokens hash id ``hash_id`` stands for (the same in every request)."""
-    rng = np.random.default_rng([config.seed, 0, hash_id])
+    rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 0, hash_id])
     return rng.integers(config.first_token_id, config.vocab_size, size=config.block_size, dtype=np.int64)
 
 
@@ -178,7 +181,7 @@ def _build(
         parts.append(block)
         have += config.block_size
     if have < needed:
-        rng = np.random.default_rng([config.seed, 1, index])
+        rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 1, index])
         parts.append(rng.integers(config.first_token_id, config.vocab_size, size=needed - have, dtype=np.int64))
     prompt = np.concatenate(parts)[:needed].tolist()
     return BenchRequest(
@@ -200,6 +203,7 @@ def synthesize_trace(
     block_size: int = MOONCAKE_BLOCK_SIZE,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
+
     """A small Mooncake-format trace: Poisson arrivals at ``rate`` requests/s starting at 0 ms.
 
     Each request takes one of ``num_prefixes`` shared prefixes (``prefix_blocks`` hash ids each,

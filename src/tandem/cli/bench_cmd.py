@@ -112,8 +112,11 @@ def _sweep(args: argparse.Namespace) -> int:
     base = default_out_dir(args)
     points = [("concurrency", c) for c in args.concurrencies or []] + [("rate", r) for r in args.rates or []]
     summaries, dirs = [], []
+    base_seed = args.seed
     try:
-        for kind, value in points:
+        for point, (kind, value) in enumerate(points):
+            # Fresh prompts per point: a later point must not hit the prefix cache of an earlier one.
+            args.seed = base_seed + 1009 * point
             out = base / f"{kind}-{value:g}"
             label = f"{args.name or args.workload} {kind}={value:g}"
             summaries.append(execute_run(args, out, name=label, **{kind: value}))
