@@ -40,6 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish on shutdown (default: %(default)s)")
+    parser.add_argument("--no-kv-events", action="store_true",
+                        help="do not publish KV events (a KV router then cannot index this worker)")
+    parser.add_argument("--kv-events-port", type=int, default=0,
+                        help="ZMQ PUB port of the KV event publisher, bound on --host (0: a free one)")
+    parser.add_argument("--kv-replay-port", type=int, default=0, help="ZMQ replay port (0: a free one)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (default: %(default)s)")
     parser.set_defaults(func=run)
@@ -70,9 +75,18 @@ async def serve(args: argparse.Namespace) -> None:
         cores = [await asyncio.to_thread(LLMEngine, engine_config_from_args(args))]
         name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
     discovery = make_discovery(args.discovery)
-    services = [WorkerService(AsyncEngine(core), discovery, model_name=name, tokenizer_source=tokenizer_source,
-                              role=args.role, engine_kind=args.engine, host=args.host, port=args.port, ttl_s=args.ttl)
-                for core in cores]
+    services = []
+    for index, core in enumerate(cores):
+        publisher = None
+        if not args.no_kv_events:
+            from tandem.worker.kv_publisher import KvEventPublisher, PublisherConfig
+
+            ports = (args.kv_events_port, args.kv_replay_port) if index == 0 else (0, 0)
+            publisher = KvEventPublisher(PublisherConfig(host=args.host, port=ports[0], replay_port=ports[1]))
+        engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None)
+        services.append(WorkerService(engine, discovery, model_name=name, tokenizer_source=tokenizer_source,
+                                      role=args.role, engine_kind=args.engine, host=args.host, port=args.port,
+                                      ttl_s=args.ttl, kv_publisher=publisher))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,6 +59,8 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
     """``host:port`` of the worker's request-plane server."""
     kv_events_address: str | None = None
     """Endpoint of the KV event publisher (e.g. ``tcp://127.0.0.1:5557``); None when off."""
+    kv_replay_address: str | None = None
+    """Endpoint of the KV event replay service (vLLM's ROUTER protocol); None when off."""
     metrics_address: str | None = None
     """Endpoint of the load-metrics publisher or ``/metrics`` page; None when off."""
     engine: EngineKind = "builtin"
@@ -80,7 +82,7 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
         if self.engine not in ENGINE_KINDS:
             raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {self.engine!r}")
         _check_host_port(self.request_plane_address)
-        for name in ("kv_events_address", "metrics_address"):
+        for name in ("kv_events_address", "kv_replay_address", "metrics_address"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must be None or a non-empty string")
 

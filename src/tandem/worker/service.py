@@ -22,6 +22,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.runtime.discovery import Discovery, Registration
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
+from tandem.worker.kv_publisher import KvEventPublisher
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, sampling_params_from_payload
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 class WorkerService:
     def __init__(self, engine: AsyncEngine, discovery: Discovery, *, model_name: str, tokenizer_source: str,
                  role: Role = "agg", engine_kind: str = "builtin", host: str = "127.0.0.1", port: int = 0,
-                 ttl_s: float | None = None, worker_id: str | None = None) -> None:
+                 ttl_s: float | None = None, worker_id: str | None = None,
+                 kv_publisher: KvEventPublisher | None = None) -> None:
         self.engine = engine
         self.discovery = discovery
         self.model_name, self.tokenizer_source = model_name, tokenizer_source
@@ -39,6 +41,8 @@ class WorkerService:
         self.server = RequestPlaneServer(host, port)
         self.server.register("generate", self.generate)
         self.server.register("stats", self.stats)
+        self.server.register("kv_dump", self.kv_dump)
+        self.kv_publisher = kv_publisher
         self.registration: Registration | None = None
 
     def card(self) -> WorkerCard:
@@ -48,6 +52,8 @@ class WorkerService:
             chat_template=self.tokenizer_source, context_length=core.max_model_len, block_size=core.block_size,
             total_kv_blocks=core.pool.num_blocks, role=self.role, request_plane_address=self.server.address,
             engine=self.engine_kind,
+            kv_events_address=self.kv_publisher.address if self.kv_publisher else None,
+            kv_replay_address=self.kv_publisher.replay_address if self.kv_publisher else None,
         )
 
     async def start(self) -> None:
@@ -61,6 +67,8 @@ class WorkerService:
             await self.registration.withdraw()
         await self.server.stop(drain_timeout=timeout)
         await asyncio.to_thread(self.engine.shutdown)
+        if self.kv_publisher is not None:
+            self.kv_publisher.close()
 
     async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
         try:
@@ -84,3 +92,10 @@ class WorkerService:
 
     async def stats(self, payload: Any, ctx: RequestContext) -> dict:
         return asdict(self.engine.stats())
+
+    async def kv_dump(self, payload: Any, ctx: RequestContext) -> dict:
+        """Every block this worker holds, as BlockStored events, and the seq they are current as of."""
+        if self.kv_publisher is None:
+            raise EndpointError("not_found", "this worker publishes no KV events")
+        seq, events = self.kv_publisher.dump()
+        return {"seq": seq, "events": msgspec.to_builtins(events)}

@@ -1,0 +1,171 @@
+"""The worker's KV event publisher: vLLM's ZMQ wire format, a replay endpoint, and dumps.
+
+* **PUB** socket: every engine step that changed the prefix cache is sent as the frames
+  ``[topic, seq (8-byte big-endian), msgpack(KVEventBatch)]``; ``seq`` counts 0, 1, 2, ... per
+  engine, so a subscriber sees a gap when it misses a batch.
+* **Replay** (ROUTER socket, vLLM's protocol): a client sends ``seq`` as 8 big-endian bytes and
+  gets back every buffered batch from that number on as ``[b"", seq, payload]`` frames, then an
+  end marker with seq −1 and an empty payload. The buffer keeps the latest ``buffer_size``
+  batches; older ones need a dump.
+* **Dump**: the blocks the worker holds right now, as ``BlockStored`` events whose parents come
+  first, plus the seq they are current as of. The publisher keeps this table by applying its
+  own events (the engine's pool does not keep tokens per block).
+
+Sockets bind to the host given (127.0.0.1 by default), never silently to all interfaces.
+``publish`` runs on the engine thread (the only user of the PUB socket); the replay thread owns
+the ROUTER socket; the shared buffer and table are guarded by one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import zmq
+
+from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
+
+logger = logging.getLogger(__name__)
+
+END_OF_REPLAY = -1
+_SEQ = struct.Struct(">q")
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    host: str = "127.0.0.1"
+    """Bind address of both sockets."""
+    port: int = 0
+    """PUB port (0: a free one)."""
+    replay_port: int = 0
+    """Replay (ROUTER) port (0: a free one)."""
+    topic: bytes = b"kv-events"
+    buffer_size: int = 10_000
+    """Batches kept for replay."""
+
+
+class BlockTable:
+    """The blocks a worker holds (engine hash → parent hash, tokens), kept by applying its events."""
+
+    def __init__(self) -> None:
+        self.blocks: OrderedDict[int, tuple[int | None, list[int], int]] = OrderedDict()
+
+    def apply(self, batch: KVEventBatch) -> None:
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                parent, size = event.parent_block_hash, event.block_size
+                for i, block_hash in enumerate(event.block_hashes):
+                    self.blocks[block_hash] = (parent, list(event.token_ids[i * size:(i + 1) * size]), size)
+                    parent = block_hash
+            elif isinstance(event, BlockRemoved):
+                for block_hash in event.block_hashes:
+                    self.blocks.pop(block_hash, None)
+            elif isinstance(event, AllBlocksCleared):
+                self.blocks.clear()
+
+    def as_events(self) -> list[BlockStored]:
+        """One BlockStored per block, parents before children (insertion order keeps that)."""
+        return [BlockStored(block_hashes=[h], parent_block_hash=parent, token_ids=tokens, block_size=size)
+                for h, (parent, tokens, size) in self.blocks.items()]
+
+
+class KvEventPublisher:
+    def __init__(self, config: PublisherConfig | None = None) -> None:
+        self.config = config or PublisherConfig()
+        self._ctx = zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._replay = self._ctx.socket(zmq.ROUTER)
+        self._replay.setsockopt(zmq.LINGER, 0)
+        self.address = _bind(self._pub, self.config.host, self.config.port)
+        self.replay_address = _bind(self._replay, self.config.host, self.config.replay_port)
+        self._lock = threading.Lock()
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=self.config.buffer_size)
+        self._table = BlockTable()
+        self.last_seq = -1
+        self.batches_published = 0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve_replay, name="tandem-kv-replay", daemon=True)
+        self._thread.start()
+
+    def publish(self, seq: int, batch: KVEventBatch) -> None:
+        """Send one batch (called on the engine thread, as AsyncEngine's kv_event_sink)."""
+        payload = encode_batch(batch)
+        with self._lock:
+            self._buffer.append((seq, payload))
+            self._table.apply(batch)
+            self.last_seq = seq
+            self.batches_published += 1
+        try:
+            self._pub.send_multipart([self.config.topic, _SEQ.pack(seq), payload], flags=zmq.NOBLOCK)
+        except zmq.Again:  # no room in the send queue: subscribers recover through replay
+            logger.warning("KV event batch %d dropped by the PUB socket (send queue full)", seq)
+
+    def dump(self) -> tuple[int, list[BlockStored]]:
+        """(seq the dump is current as of, the blocks held now as BlockStored events)."""
+        with self._lock:
+            return self.last_seq, self._table.as_events()
+
+    def _serve_replay(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._replay, zmq.POLLIN)
+        while not self._closed.is_set():
+            try:
+                if not poller.poll(100):
+                    continue
+                frames = self._replay.recv_multipart()
+            except zmq.ZMQError:
+                return
+            identity, start = frames[0], _parse_seq(frames[-1])
+            with self._lock:
+                batches = [(seq, payload) for seq, payload in self._buffer if start is not None and seq >= start]
+            try:
+                for seq, payload in batches:
+                    self._replay.send_multipart([identity, b"", _SEQ.pack(seq), payload])
+                self._replay.send_multipart([identity, b"", _SEQ.pack(END_OF_REPLAY), b""])
+            except zmq.ZMQError:
+                continue
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=2)
+        self._pub.close()
+        self._replay.close()
+
+
+def _parse_seq(frame: bytes) -> int | None:
+    return _SEQ.unpack(frame)[0] if len(frame) == _SEQ.size else None
+
+
+def _bind(socket: zmq.Socket, host: str, port: int) -> str:
+    if port:
+        address = f"tcp://{host}:{port}"
+        socket.bind(address)
+        return address
+    bound = socket.bind_to_random_port(f"tcp://{host}")
+    return f"tcp://{host}:{bound}"
+
+
+def replay(address: str, start_seq: int, timeout_s: float = 5.0) -> list[tuple[int, bytes]]:
+    """Ask a publisher's replay endpoint for every buffered batch from ``start_seq`` on."""
+    ctx = zmq.Context.instance()
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+    socket.connect(address)
+    try:
+        socket.send_multipart([b"", _SEQ.pack(start_seq)])
+        batches = []
+        while True:
+            _, seq_frame, payload = socket.recv_multipart()
+            seq = _SEQ.unpack(seq_frame)[0]
+            if seq == END_OF_REPLAY:
+                return batches
+            batches.append((seq, payload))
+    except zmq.Again:
+        raise TimeoutError(f"no replay from {address} within {timeout_s}s") from None
+    finally:
+        socket.close()
