@@ -12,6 +12,7 @@ import logging
 import signal
 
 from tandem.frontend.config import FrontendConfig
+from tandem.router.policies import ROUTER_NAMES
 
 
 def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -20,8 +21,16 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group = parser.add_argument_group("frontend")
     group.add_argument("--host", default=d.host if defaults else None, help=f"HTTP bind address (default: {d.host})")
     group.add_argument("--port", type=int, default=d.port if defaults else None, help=f"HTTP port (default: {d.port})")
-    group.add_argument("--router", choices=("round-robin", "random"), default=d.router if defaults else None,
-                       help=f"routing policy (default: {d.router})")
+    group.add_argument("--router", choices=ROUTER_NAMES,
+                       default=d.router if defaults else None, help=f"routing policy (default: {d.router})")
+    group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit,
+                       help="kv: weight of a cached block against a prefill block (default: %(default)s)")
+    group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale,
+                       help="kv: weight of prefill work against decode blocks (default: %(default)s)")
+    group.add_argument("--kv-temperature", type=float, default=d.kv_temperature,
+                       help="kv: 0 = cheapest worker; > 0 = softmax sampling (default: %(default)s)")
+    group.add_argument("--no-kv-events", action="store_true",
+                       help="kv: do not use workers' KV events; index the router's own decisions with a TTL")
     group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                        help="request bodies above this get 413 (default: %(default)s)")
     group.add_argument("--default-max-tokens", type=int, default=None,
@@ -36,6 +45,9 @@ def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | N
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     config.max_body_bytes = args.max_body_bytes
+    config.kv_overlap_credit, config.kv_prefill_load_scale = args.kv_overlap_credit, args.kv_prefill_load_scale
+    config.kv_temperature = args.kv_temperature
+    config.kv_events = config.kv_events and not args.no_kv_events
     if args.default_max_tokens is not None:
         config.default_max_tokens = args.default_max_tokens
     config.access_log = config.access_log or args.access_log

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from tandem.frontend.config import FrontendConfig
-from tandem.router.policies import POLICIES
+from tandem.router.policies import ROUTER_NAMES
 
 ENGINES = ("builtin", "mocker")
 ROLES = ("agg", "prefill", "decode")
@@ -95,8 +95,8 @@ def _frontend(data: Any) -> FrontendConfig:
         kinds = _FRONTEND_KINDS.get(str(fields[name].type))
         if kinds is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
             raise GraphError(f"frontend.{name}: expected {fields[name].type}, got {value!r}")
-    if data.get("router", "round-robin") not in POLICIES:
-        raise GraphError(f"frontend.router must be one of {tuple(POLICIES)}, got {data['router']!r}")
+    if data.get("router", "round-robin") not in ROUTER_NAMES:
+        raise GraphError(f"frontend.router must be one of {ROUTER_NAMES}, got {data['router']!r}")
     try:
         return FrontendConfig(**data)
     except (TypeError, ValueError) as exc:

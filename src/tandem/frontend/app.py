@@ -210,6 +210,10 @@ def create_app(frontend: Frontend) -> FastAPI:
         body = frontend.health()
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
+    @app.get("/router/status")
+    async def router_status() -> JSONResponse:
+        return JSONResponse(frontend.router_status())
+
     @app.get("/live")
     async def live() -> JSONResponse:
         return JSONResponse({"status": "alive"})

@@ -12,7 +12,15 @@ class FrontendConfig:
     port: int = 8000
     """HTTP port (0 picks a free one)."""
     router: str = "round-robin"
-    """Routing policy: ``round-robin`` or ``random``."""
+    """Routing policy: ``round-robin``, ``random``, ``kv`` (KV-cache aware) or ``least-loaded``."""
+    kv_overlap_credit: float = 1.0
+    """kv: weight of a cached block against a prefill block."""
+    kv_prefill_load_scale: float = 1.0
+    """kv: weight of prefill work against decode blocks."""
+    kv_temperature: float = 0.0
+    """kv: 0 picks the cheapest worker; > 0 samples from a softmax over costs."""
+    kv_events: bool = True
+    """kv: index the workers' KV events (False: index the router's own decisions with a TTL)."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Larger request bodies get 413."""
     default_max_tokens: int | None = None

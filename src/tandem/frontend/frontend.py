@@ -45,12 +45,33 @@ class Frontend:
         self.discovery = discovery
         self.pool = WorkerPool(discovery, down_for_s=config.worker_down_s)
         self.client = RequestPlaneClient()
-        self.workers = WorkerClient(self.pool, make_policy(config.router), self.client, config.max_attempts)
+        self.policy = self._make_policy(config)
+        self.workers = WorkerClient(self.pool, self.policy, self.client, config.max_attempts)
         self.tokenizers = Tokenizers()
         self.metrics = FrontendMetrics()
         self.known_models: set[str] = set(models or [])
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self._poll_task: asyncio.Task | None = None
+
+    def _make_policy(self, config: FrontendConfig) -> Any:
+        if config.router == "kv":
+            from tandem.router.kv_router import KvRouter, KvRouterConfig
+
+            return KvRouter(self.pool, self.client, KvRouterConfig(
+                overlap_credit=config.kv_overlap_credit, prefill_load_scale=config.kv_prefill_load_scale,
+                temperature=config.kv_temperature, use_kv_events=config.kv_events))
+        if config.router == "least-loaded":
+            from tandem.router.active_load import ActiveLoad
+            from tandem.router.policy_least_loaded import LeastLoadedPolicy
+
+            return LeastLoadedPolicy(ActiveLoad(16))
+        return make_policy(config.router)
+
+    def router_status(self) -> dict[str, Any]:
+        status = getattr(self.policy, "status", None)
+        if status is None:
+            return {"policy": self.policy.name}
+        return status(self.pool.workers())
 
     async def start(self) -> None:
         await self.pool.start()
@@ -58,6 +79,9 @@ class Frontend:
             self._poll_task = asyncio.create_task(self._poll_worker_stats())
 
     async def stop(self) -> None:
+        stop_policy = getattr(self.policy, "stop", None)
+        if stop_policy is not None:
+            await stop_policy()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

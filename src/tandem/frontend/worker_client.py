@@ -53,12 +53,18 @@ class WorkerClient:
                 raise no_worker(model) from None
             if not candidates:
                 break
-            card = self.policy.select(candidates, request.token_ids)
+            route = getattr(self.policy, "route", None)  # load-aware policies book the request
+            if route is not None:
+                card = route(candidates, request.token_ids, request.request_id, request.cache_salt)
+            else:
+                card = self.policy.select(candidates, request.token_ids)
             tried.add(card.worker_id)
             started = False
             items = self.client.stream_batches(card.request_plane_address, "generate", payload)
             try:
                 async for batch in items:
+                    if not started:
+                        _hook(self.policy, "on_first_token", request.request_id)
                     started = True
                     # Deltas that queued up while this stream waited are handed out as one.
                     delta = msgspec.convert(batch[0], GenerateDelta)
@@ -77,5 +83,13 @@ class WorkerClient:
                 raise OpenAIError(500, f"worker {card.worker_id} failed: {exc.message}", "server_error") from None
             finally:
                 await items.aclose()
+                _hook(self.policy, "on_finished", request.request_id)
         logger.warning("no worker serving %s answered (tried %d)", model, len(tried))
         raise no_worker(model)
+
+
+def _hook(policy: RoutingPolicy, name: str, request_id: str) -> None:
+    """Tell a load-tracking policy about a request's progress (plain policies have no hooks)."""
+    hook = getattr(policy, name, None)
+    if hook is not None:
+        hook(request_id)

@@ -47,6 +47,9 @@ class RandomPolicy:
 
 
 POLICIES = {"round-robin": RoundRobinPolicy, "random": RandomPolicy}
+"""Policies that need nothing but the candidates."""
+ROUTER_NAMES = ("round-robin", "random", "kv", "least-loaded")
+"""Every ``--router`` choice; ``kv`` and ``least-loaded`` track load and are built by the frontend."""
 
 
 def make_policy(name: str) -> RoutingPolicy:

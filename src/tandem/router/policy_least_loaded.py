@@ -15,6 +15,7 @@ import random
 
 from tandem.router.active_load import ActiveLoad
 from tandem.router.kv_cost import select_worker
+from tandem.hashing import block_hashes, seed_for_salt
 from tandem.runtime.worker_card import WorkerCard
 
 
@@ -38,3 +39,18 @@ class LeastLoadedPolicy:
         by_id = {card.worker_id: card for card in candidates}
         loads = {worker_id: self.load(worker_id) for worker_id in by_id}
         return by_id[select_worker(loads, 0.0, self._rng)]
+
+    def route(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
+              cache_salt: str | None) -> WorkerCard:
+        """Select, then book the request on the chosen worker (released by the hooks below)."""
+        card = self.select(candidates, token_ids)
+        if request_id is not None:
+            hashes = block_hashes(token_ids, self.active_load.block_size, seed_for_salt(cache_salt))
+            self.active_load.add_request(request_id, card.worker_id, hashes, len(token_ids))
+        return card
+
+    def on_first_token(self, request_id: str) -> None:
+        self.active_load.mark_prefill_done(request_id)
+
+    def on_finished(self, request_id: str) -> None:
+        self.active_load.free(request_id)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from tandem.runtime.discovery import Discovery, EventKind
 from tandem.runtime.worker_card import WorkerCard
@@ -30,11 +31,20 @@ class WorkerPool:
         self._down_until: dict[str, float] = {}
         self._watch_task: asyncio.Task | None = None
         self._ready = asyncio.Event()
+        self._listeners: list[tuple[Callable[[WorkerCard], None], Callable[[WorkerCard], None]]] = []
+
+    def add_listener(self, on_added: Callable[[WorkerCard], None], on_removed: Callable[[WorkerCard], None]) -> None:
+        """Be told of every worker that appears (including those already known) or leaves."""
+        self._listeners.append((on_added, on_removed))
+        for card in self._workers.values():
+            on_added(card)
 
     async def start(self) -> None:
         """Load the current set and follow changes in the background."""
         for card in await self.discovery.list():
             self._workers[card.worker_id] = card
+            for on_added, _ in self._listeners:
+                on_added(card)
         self._watch_task = asyncio.create_task(self._follow())
         self._ready.set()
 
@@ -49,8 +59,12 @@ class WorkerPool:
             if event.kind is EventKind.ADDED:
                 self._workers[event.card.worker_id] = event.card
                 self._down_until.pop(event.card.worker_id, None)
+                for on_added, _ in self._listeners:
+                    on_added(event.card)
             else:
                 self._workers.pop(event.card.worker_id, None)
+                for _, on_removed in self._listeners:
+                    on_removed(event.card)
 
     def workers(self, model: str | None = None) -> list[WorkerCard]:
         """Live workers (optionally for one model), minus those recently seen failing."""

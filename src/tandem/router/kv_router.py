@@ -1,0 +1,212 @@
+"""The `kv` routing policy: send a request where its prompt's KV blocks already are, without
+piling work onto one worker (DESIGN.md §4 cost).
+
+For each candidate: cached blocks from the index (``find_matches`` on the router's own sequence
+hashes), active prefill tokens and decode blocks from ``ActiveLoad``; the cost picks the worker
+(temperature 0: the cheapest, ties at random). The index is fed by each worker's KV events
+(``KvEventFollower``); with ``use_kv_events=False`` the router indexes its own decisions instead,
+each entry expiring after ``approx_ttl_s``. The request's load is booked on its worker at routing,
+its prefill released at the first token, the rest at the end.
+
+Visible health: per worker, batches received, last seq, blocks indexed, gaps recovered and
+dumps; the router's hit rate (cached blocks ÷ prompt blocks of routed requests) and its
+per-request overhead. A worker that has served requests but never published an event gets one
+warning in the log and ``events_missing`` in the status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.router.active_load import ActiveLoad
+from tandem.router.kv_cost import KvCostConfig, select_worker, worker_cost
+from tandem.router.kv_event_follower import KvEventFollower
+from tandem.router.kv_indexer import KvIndexer
+from tandem.router.worker_pool import WorkerPool
+from tandem.runtime.request_plane import RequestPlaneClient
+from tandem.runtime.worker_card import WorkerCard
+
+logger = logging.getLogger(__name__)
+
+WARN_AFTER_REQUESTS = 2
+"""A worker that finished this many routed requests without one KV event gets the warning."""
+
+
+@dataclass
+class KvRouterConfig:
+    overlap_credit: float = 1.0
+    """Weight of a cached block against a prefill block (0 ignores the cache: load only)."""
+    prefill_load_scale: float = 1.0
+    """Weight of prefill work against decode blocks."""
+    temperature: float = 0.0
+    """0: always the cheapest worker; > 0: softmax sampling over normalised costs."""
+    use_kv_events: bool = True
+    """Index the workers' KV events; False: index the router's own decisions (approximate)."""
+    approx_ttl_s: float = 120.0
+    """Without events: how long a routed prompt's blocks count as cached on its worker."""
+    block_size: int = 16
+    """Tokens per block when no worker card says otherwise."""
+    seed: int | None = None
+
+
+class ApproxIndex:
+    """Without KV events: the router's own routing decisions, each block expiring after a TTL."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._holders: dict[int, dict[str, float]] = {}
+
+    def record(self, worker_id: str, seq_hashes: list[int], now: float) -> None:
+        for h in seq_hashes:
+            self._holders.setdefault(h, {})[worker_id] = now + self.ttl_s
+
+    def find_matches(self, seq_hashes: list[int], now: float) -> dict[str, int]:
+        matches: dict[str, int] = {}
+        alive: set[str] | None = None
+        for depth, h in enumerate(seq_hashes):
+            holders = {w for w, until in self._holders.get(h, {}).items() if until > now}
+            alive = holders if alive is None else alive & holders
+            if not alive:
+                break
+            for w in alive:
+                matches[w] = depth + 1
+        return matches
+
+    def remove_worker(self, worker_id: str) -> None:
+        for holders in self._holders.values():
+            holders.pop(worker_id, None)
+
+
+class KvRouter:
+    name = "kv"
+
+    def __init__(self, pool: WorkerPool, client: RequestPlaneClient, config: KvRouterConfig | None = None) -> None:
+        self.config = config or KvRouterConfig()
+        self.cost = KvCostConfig(overlap_credit=self.config.overlap_credit,
+                                 prefill_load_scale=self.config.prefill_load_scale,
+                                 temperature=self.config.temperature, seed=self.config.seed)
+        self._rng = self.cost.make_rng()
+        self.client = client
+        self.block_size = self.config.block_size
+        self.indexer = KvIndexer(self.block_size)
+        self.approx = ApproxIndex(self.config.approx_ttl_s)
+        self.load = ActiveLoad(self.block_size)
+        self.followers: dict[str, KvEventFollower] = {}
+        self.routed: dict[str, int] = {}  # worker → requests finished
+        self._warned: set[str] = set()
+        self.requests_routed = 0
+        self.prompt_blocks = 0
+        self.cached_blocks = 0
+        self.overhead_s_total = 0.0
+        pool.add_listener(self._on_added, self._on_removed)
+
+    # --- workers ---
+
+    def _on_added(self, card: WorkerCard) -> None:
+        if card.block_size != self.block_size and not self.followers:
+            self.block_size = card.block_size
+            self.indexer, self.load = KvIndexer(card.block_size), ActiveLoad(card.block_size)
+        if card.worker_id in self.followers or not self.config.use_kv_events or not card.kv_events_address:
+            return
+        follower = KvEventFollower(card, self.indexer, self.client)
+        follower.start()
+        self.followers[card.worker_id] = follower
+
+    def _on_removed(self, card: WorkerCard) -> None:
+        follower = self.followers.pop(card.worker_id, None)
+        if follower is not None:
+            import asyncio
+
+            asyncio.ensure_future(follower.stop())
+        self.indexer.remove_worker(card.worker_id)
+        self.approx.remove_worker(card.worker_id)
+        self.load.remove_worker(card.worker_id)
+
+    async def stop(self) -> None:
+        for follower in list(self.followers.values()):
+            await follower.stop()
+        self.followers.clear()
+
+    # --- routing ---
+
+    def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
+        return self.route(candidates, token_ids, None, None)
+
+    def route(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
+              cache_salt: str | None) -> WorkerCard:
+        """Pick the cheapest candidate for this prompt and book the request's load on it."""
+        start = time.perf_counter()
+        hashes = self.indexer.sequence_hashes(token_ids, cache_salt)
+        now = time.monotonic()
+        matches = self.indexer.find_matches(hashes) if self.config.use_kv_events else self.approx.find_matches(hashes, now)
+        costs = {c.worker_id: worker_cost(self.load.prefill_tokens(c.worker_id), len(token_ids),
+                                          matches.get(c.worker_id, 0), self.load.decode_blocks(c.worker_id),
+                                          self.block_size, self.cost) for c in candidates}
+        chosen = select_worker(costs, self.cost.temperature, self._rng)
+        cached = matches.get(chosen, 0)
+        if request_id is not None:
+            self.load.add_request(request_id, chosen, hashes, len(token_ids), cached * self.block_size)
+        if not self.config.use_kv_events:
+            self.approx.record(chosen, hashes, now)
+        self.requests_routed += 1
+        self.prompt_blocks += len(hashes)
+        self.cached_blocks += cached
+        self.overhead_s_total += time.perf_counter() - start
+        return next(c for c in candidates if c.worker_id == chosen)
+
+    def on_first_token(self, request_id: str) -> None:
+        self.load.mark_prefill_done(request_id)
+
+    def on_finished(self, request_id: str) -> None:
+        worker = self.load.worker_of(request_id)
+        self.load.free(request_id)
+        if worker is None:
+            return
+        self.routed[worker] = self.routed.get(worker, 0) + 1
+        if self.config.use_kv_events and worker not in self._warned and self._events_missing(worker):
+            self._warned.add(worker)
+            logger.warning("KV routing is on but worker %s has published no KV events after serving %d requests: "
+                           "its cache is invisible to the router (start it without --no-kv-events)",
+                           worker, self.routed[worker])
+
+    def _events_missing(self, worker: str) -> bool:
+        if self.routed.get(worker, 0) < WARN_AFTER_REQUESTS:
+            return False
+        follower = self.followers.get(worker)
+        return follower is None or (follower.stats.last_seq < 0 and follower.stats.batches_received == 0)
+
+    # --- status ---
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
+
+    def status(self, cards: list[WorkerCard]) -> dict[str, Any]:
+        workers = {}
+        for card in cards:
+            follower = self.followers.get(card.worker_id)
+            stats = follower.stats if follower else None
+            workers[card.worker_id] = {
+                "model": card.model,
+                "kv_events_address": card.kv_events_address,
+                "events_received": stats.batches_received if stats else 0,
+                "last_seq": stats.last_seq if stats else None,
+                "gaps_recovered": stats.gaps_recovered if stats else 0,
+                "dumps": stats.dumps if stats else 0,
+                "blocks_indexed": self.indexer.blocks_of(card.worker_id),
+                "requests_finished": self.routed.get(card.worker_id, 0),
+                "events_missing": self.config.use_kv_events and self._events_missing(card.worker_id),
+                "active_prefill_tokens": self.load.prefill_tokens(card.worker_id),
+                "active_decode_blocks": self.load.decode_blocks(card.worker_id),
+            }
+        return {
+            "policy": self.name, "use_kv_events": self.config.use_kv_events, "block_size": self.block_size,
+            "overlap_credit": self.cost.overlap_credit, "prefill_load_scale": self.cost.prefill_load_scale,
+            "temperature": self.cost.temperature, "requests_routed": self.requests_routed,
+            "hit_rate": self.hit_rate, "prompt_blocks": self.prompt_blocks, "cached_blocks": self.cached_blocks,
+            "overhead_ms_mean": 1e3 * self.overhead_s_total / self.requests_routed if self.requests_routed else 0.0,
+            "workers": workers,
+        }
