@@ -96,3 +96,13 @@ def test_a_worker_without_events_is_flagged_and_warned_about(kv_serve):
     assert silent["events_missing"] and silent["requests_finished"] >= 2
     assert all(not s["events_missing"] for s in _status(url)["workers"].values() if s["kv_events_address"])
     assert serve.wait_for_line("has published no KV events", timeout=5)
+
+
+def test_router_health_is_in_the_prometheus_metrics(kv_serve):
+    serve, url = kv_serve
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    assert "tandem_router_hit_rate " in text and "tandem_router_overhead_ms_mean " in text
+    indexed = [line for line in text.splitlines() if line.startswith("tandem_router_kv_blocks_indexed{")]
+    assert len(indexed) == 4
+    missing = [line for line in text.splitlines() if line.startswith("tandem_router_kv_events_missing{")]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in missing) == 1.0  # the worker without events

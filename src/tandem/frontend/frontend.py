@@ -49,6 +49,7 @@ class Frontend:
         self.workers = WorkerClient(self.pool, self.policy, self.client, config.max_attempts)
         self.tokenizers = Tokenizers()
         self.metrics = FrontendMetrics()
+        self.metrics.router_stats.status = self.router_status
         self.known_models: set[str] = set(models or [])
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self._poll_task: asyncio.Task | None = None

@@ -49,6 +49,44 @@ class WorkerStatsCollector:
             yield family
 
 
+# (name, help, key in KvRouter.status()["workers"][id])
+_ROUTER_WORKER_GAUGES = (
+    ("tandem_router_kv_events_received", "KV event batches the router applied from the worker", "events_received"),
+    ("tandem_router_kv_last_seq", "Sequence number of the worker's latest KV event batch applied", "last_seq"),
+    ("tandem_router_kv_blocks_indexed", "Blocks the router's index holds for the worker", "blocks_indexed"),
+    ("tandem_router_kv_gaps_recovered", "Missed KV event batches recovered by replay or dump", "gaps_recovered"),
+    ("tandem_router_kv_events_missing", "1 when the worker served requests but published no KV events",
+     "events_missing"),
+)
+
+
+class RouterStatsCollector:
+    """Exports the routing policy's status (a callable returning KvRouter.status()) on scrape."""
+
+    def __init__(self) -> None:
+        self.status: Any = None
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status() if self.status is not None else None
+        if not status or "workers" not in status:
+            return
+        for name, doc, key in (("tandem_router_hit_rate", "Cached blocks / prompt blocks of routed requests",
+                                "hit_rate"),
+                               ("tandem_router_requests_routed", "Requests routed by the KV policy", "requests_routed"),
+                               ("tandem_router_overhead_ms_mean", "Mean routing time per request (hash, match, score)",
+                                "overhead_ms_mean")):
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], float(status[key]))
+            yield family
+        for name, doc, key in _ROUTER_WORKER_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["worker_id"])
+            for worker_id, stats in sorted(status["workers"].items()):
+                value = stats.get(key)
+                if value is not None:
+                    family.add_metric([worker_id], float(value))
+            yield family
+
+
 class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -75,6 +113,8 @@ class FrontendMetrics:
                              registry=r)
         self.worker_stats = WorkerStatsCollector()
         r.register(self.worker_stats)
+        self.router_stats = RouterStatsCollector()
+        r.register(self.router_stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

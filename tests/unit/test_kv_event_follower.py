@@ -1,0 +1,107 @@
+"""The router's KV event follower against a real publisher: dump at start, then the stream;
+a gap is closed by replay, or by a dump when the replay buffer no longer reaches back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from tandem.engine.kv_events import BlockStored, encode_batch, make_batch
+from tandem.hashing import block_hashes
+from tandem.router.kv_event_follower import KvEventFollower
+from tandem.router.kv_indexer import KvIndexer
+from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
+from tandem.runtime.worker_card import WorkerCard
+from tandem.worker.kv_publisher import KvEventPublisher, PublisherConfig
+
+BLOCK = 16
+
+
+def _stored(tokens: list[int], parent_tokens: list[int] | None = None) -> BlockStored:
+    """A BlockStored for ``tokens`` (whole blocks) continuing ``parent_tokens``."""
+    prefix = parent_tokens or []
+    hashes = block_hashes(prefix + tokens, BLOCK)
+    parent = hashes[len(prefix) // BLOCK - 1] if prefix else None
+    return BlockStored(block_hashes=hashes[len(prefix) // BLOCK:], parent_block_hash=parent,
+                       token_ids=tokens, block_size=BLOCK)
+
+
+async def _follower(publisher: KvEventPublisher) -> tuple[KvEventFollower, KvIndexer, RequestPlaneServer]:
+    async def kv_dump(payload, ctx: RequestContext):
+        seq, events = publisher.dump()
+        yield {"seq": seq, "events": msgspec.to_builtins(events)}
+
+    server = RequestPlaneServer("127.0.0.1", 0)
+    server.register("kv_dump", kv_dump)
+    await server.start()
+    card = WorkerCard(worker_id="w", model="m", tokenizer="m", chat_template="m", context_length=4096,
+                      block_size=BLOCK, total_kv_blocks=1024, request_plane_address=server.address,
+                      kv_events_address=publisher.address, kv_replay_address=publisher.replay_address)
+    indexer = KvIndexer(BLOCK)
+    follower = KvEventFollower(card, indexer, RequestPlaneClient())
+    return follower, indexer, server
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_dump_at_start_then_stream_then_replay_closes_a_gap():
+    async def scenario() -> None:
+        publisher = KvEventPublisher()
+        a = list(range(100, 100 + 2 * BLOCK))
+        publisher.publish(0, make_batch([_stored(a)]))  # before the router knows the worker
+        follower, indexer, server = await _follower(publisher)
+        follower.start()
+        try:
+            await _until(lambda: follower.stats.dumps == 1)
+            assert indexer.find_matches(indexer.sequence_hashes(a)) == {"w": 2}
+            b = list(range(500, 500 + BLOCK))
+            publisher.publish(1, make_batch([_stored(b)]))
+            await _until(lambda: follower.stats.last_seq == 1)
+            # A batch the subscriber never saw (seq 2 goes only into the replay buffer)...
+            c = list(range(900, 900 + BLOCK))
+            with publisher._lock:
+                publisher._buffer.append((2, encode_batch(make_batch([_stored(c)]))))
+                publisher._table.apply(make_batch([_stored(c)]))
+            d = list(range(1300, 1300 + BLOCK))
+            publisher.publish(3, make_batch([_stored(d)]))
+            await _until(lambda: follower.stats.last_seq == 3)
+            # ...is recovered by replay, not by a new dump.
+            assert follower.stats.gaps_recovered == 1 and follower.stats.dumps == 1
+            for tokens in (b, c, d):
+                assert indexer.find_matches(indexer.sequence_hashes(tokens)) == {"w": 1}
+        finally:
+            await follower.stop()
+            await server.stop(0)
+            publisher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_gap_older_than_the_replay_buffer_is_closed_by_a_dump():
+    async def scenario() -> None:
+        publisher = KvEventPublisher(PublisherConfig(buffer_size=1))
+        follower, indexer, server = await _follower(publisher)
+        follower.start()
+        try:
+            await _until(lambda: follower.stats.dumps == 1)
+            e = list(range(2000, 2000 + BLOCK))
+            f = list(range(3000, 3000 + BLOCK))
+            with publisher._lock:  # seq 0 reaches only the table: the subscriber misses it
+                publisher._table.apply(make_batch([_stored(e)]))
+            publisher.publish(1, make_batch([_stored(f)]))  # the buffer (size 1) now holds only seq 1
+            await _until(lambda: follower.stats.dumps == 2)
+            assert follower.stats.gaps_recovered == 1
+            for tokens in (e, f):
+                assert indexer.find_matches(indexer.sequence_hashes(tokens)) == {"w": 1}
+        finally:
+            await follower.stop()
+            await server.stop(0)
+            publisher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
