@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -106,3 +109,59 @@ def test_router_health_is_in_the_prometheus_metrics(kv_serve):
     assert len(indexed) == 4
     missing = [line for line in text.splitlines() if line.startswith("tandem_router_kv_events_missing{")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in missing) == 1.0  # the worker without events
+
+
+def _start(argv: list[str], ready: str) -> tuple[subprocess.Popen, str]:
+    """Start a tandem process; return it and the line that says it is ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "tandem", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if ready in line:
+            return proc, line
+        assert line or proc.poll() is None, f"{argv[0]} exited early"
+    raise AssertionError(f"{argv[0]} not ready")
+
+
+def test_a_standalone_router_is_shared_by_two_frontends(tmp_path):
+    disco = f"file:{tmp_path / 'discovery'}"
+    procs = []
+    try:
+        worker, _ = _start(["worker", "--engine", "mocker", "--speedup-ratio", "0", "--mocker-workers", "3",
+                            "--model", MODEL, "--discovery", disco, "--log-level", "WARNING"], "serving")
+        procs.append(worker)
+        router, line = _start(["router", "--discovery", disco], "listening on")
+        procs.append(router)
+        address = line.rsplit(" ", 1)[1].strip()
+        urls = []
+        for _ in range(2):
+            frontend, line = _start(["frontend", "--discovery", disco, "--port", "0", "--router", "remote",
+                                     "--router-address", address], "frontend listening on")
+            procs.append(frontend)
+            urls.append(line.split(" on ")[1].split()[0])  # http://host:port/v1
+        clients = [openai.OpenAI(base_url=url, api_key="x", max_retries=0) for url in urls]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # both frontends see all 3 workers
+            try:
+                clients[0].completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=1)
+                clients[1].completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=1)
+                break
+            except openai.APIStatusError:
+                time.sleep(0.3)
+        hits = 0
+        for seed in range(5):
+            prompt = _prompt(500 + seed)
+            clients[0].completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+            time.sleep(0.5)  # the worker's KV event reaches the shared router
+            again = clients[1].completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+            hits += again.usage.prompt_tokens_details.cached_tokens == 160 - 16
+        assert hits == 5  # the second frontend's repeat went where the first frontend's request left its KV
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

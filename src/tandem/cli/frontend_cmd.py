@@ -23,6 +23,7 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group.add_argument("--port", type=int, default=d.port if defaults else None, help=f"HTTP port (default: {d.port})")
     group.add_argument("--router", choices=ROUTER_NAMES,
                        default=d.router if defaults else None, help=f"routing policy (default: {d.router})")
+    group.add_argument("--router-address", help="remote: host:port of a standalone `tandem router`")
     group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit,
                        help="kv: weight of a cached block against a prefill block (default: %(default)s)")
     group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale,
@@ -45,6 +46,8 @@ def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | N
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     config.max_body_bytes = args.max_body_bytes
+    if args.router_address:
+        config.router_address = args.router_address
     config.kv_overlap_credit, config.kv_prefill_load_scale = args.kv_overlap_credit, args.kv_prefill_load_scale
     config.kv_temperature = args.kv_temperature
     config.kv_events = config.kv_events and not args.no_kv_events

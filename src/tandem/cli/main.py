@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "frontend": "tandem.cli.frontend_cmd",
     "serve": "tandem.cli.serve_cmd",
     "bench": "tandem.cli.bench_cmd",
+    "router": "tandem.cli.router_cmd",
 }
 
 

@@ -82,7 +82,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
 
 # FrontendConfig field annotation → the YAML value types it accepts (bool is never an int here).
 _FRONTEND_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-                   "int | None": (int, type(None)), "float | None": (int, float, type(None))}
+                   "int | None": (int, type(None)), "str | None": (str, type(None)), "float | None": (int, float, type(None))}
 
 
 def _frontend(data: Any) -> FrontendConfig:

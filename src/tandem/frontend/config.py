@@ -12,7 +12,10 @@ class FrontendConfig:
     port: int = 8000
     """HTTP port (0 picks a free one)."""
     router: str = "round-robin"
-    """Routing policy: ``round-robin``, ``random``, ``kv`` (KV-cache aware) or ``least-loaded``."""
+    """Routing policy: ``round-robin``, ``random``, ``kv`` (KV-cache aware), ``least-loaded``, or
+    ``remote`` (ask the standalone router at ``router_address``)."""
+    router_address: str | None = None
+    """``remote``: host:port of a standalone `tandem router`."""
     kv_overlap_credit: float = 1.0
     """kv: weight of a cached block against a prefill block."""
     kv_prefill_load_scale: float = 1.0
@@ -41,5 +44,7 @@ class FrontendConfig:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
+        if self.router == "remote" and not self.router_address:
+            raise ValueError("router 'remote' needs router_address (host:port of `tandem router`)")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")

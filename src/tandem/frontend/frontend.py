@@ -61,6 +61,10 @@ class Frontend:
             return KvRouter(self.pool, self.client, KvRouterConfig(
                 overlap_credit=config.kv_overlap_credit, prefill_load_scale=config.kv_prefill_load_scale,
                 temperature=config.kv_temperature, use_kv_events=config.kv_events))
+        if config.router == "remote":
+            from tandem.router.router_service import RemoteRouter
+
+            return RemoteRouter(self.client, config.router_address)
         if config.router == "least-loaded":
             from tandem.router.active_load import ActiveLoad
             from tandem.router.policy_least_loaded import LeastLoadedPolicy
@@ -131,6 +135,9 @@ class Frontend:
             await asyncio.sleep(self.config.worker_stats_interval_s)
 
     async def refresh_worker_stats(self) -> None:
+        refresh = getattr(self.policy, "refresh", None)  # a standalone router's status
+        if refresh is not None:
+            await refresh()
         cards = self.pool.workers()
         for card in cards:
             self.tokenizers.preload(card.tokenizer)

@@ -7,6 +7,7 @@ have flowed, a lost worker ends the request with an error (migration comes with 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class WorkerClient:
             route = getattr(self.policy, "route", None)  # load-aware policies book the request
             if route is not None:
                 card = route(candidates, request.token_ids, request.request_id, request.cache_salt)
+                if inspect.isawaitable(card):  # a standalone router answers over the network
+                    card = await card
             else:
                 card = self.policy.select(candidates, request.token_ids)
             tried.add(card.worker_id)

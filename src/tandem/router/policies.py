@@ -48,7 +48,7 @@ class RandomPolicy:
 
 POLICIES = {"round-robin": RoundRobinPolicy, "random": RandomPolicy}
 """Policies that need nothing but the candidates."""
-ROUTER_NAMES = ("round-robin", "random", "kv", "least-loaded")
+ROUTER_NAMES = ("round-robin", "random", "kv", "least-loaded", "remote")
 """Every ``--router`` choice; ``kv`` and ``least-loaded`` track load and are built by the frontend."""
 
 

@@ -1,0 +1,50 @@
+"""``tandem router``: a standalone KV-aware router that several frontends share.
+
+Start it with the workers' discovery, then point frontends at it:
+``tandem frontend --router remote --router-address HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("router", help="a standalone KV-aware router shared by frontends")
+    parser.add_argument("--discovery", default="file", help="memory, file or file:/dir (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="request-plane port (0: a free one)")
+    parser.add_argument("--policy", choices=("kv", "least-loaded"), default="kv")
+    parser.add_argument("--kv-overlap-credit", type=float, default=1.0)
+    parser.add_argument("--kv-prefill-load-scale", type=float, default=1.0)
+    parser.add_argument("--kv-temperature", type=float, default=0.0)
+    parser.add_argument("--no-kv-events", action="store_true", help="index own decisions with a TTL instead")
+    parser.set_defaults(func=run)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from tandem.router.kv_router import KvRouterConfig
+    from tandem.router.router_service import RouterService
+    from tandem.runtime.discovery import make_discovery
+
+    config = KvRouterConfig(overlap_credit=args.kv_overlap_credit, prefill_load_scale=args.kv_prefill_load_scale,
+                            temperature=args.kv_temperature, use_kv_events=not args.no_kv_events)
+    service = RouterService(make_discovery(args.discovery), policy=args.policy, config=config, host=args.host,
+                            port=args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    print(f"router ({args.policy}) listening on {service.address}", flush=True)
+    await stop.wait()
+    await service.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    return 0
