@@ -56,8 +56,15 @@ def block_hashes(
     """
     hashes: list[int] = []
     num_full = len(token_ids) // block_size
+    if num_full == 0:
+        return hashes
+    # Convert all full blocks to little-endian uint32 bytes once, then hash byte slices: the
+    # same bytes local_block_hash would build per block, at half the cost per block.
+    data = np.asarray(token_ids[: num_full * block_size], dtype="<u4").tobytes()
+    step = block_size * 4
+    xxh3, pack = xxhash.xxh3_64_intdigest, _U64_PAIR.pack
     for i in range(num_full):
-        local = local_block_hash(token_ids[i * block_size : (i + 1) * block_size], seed)
-        parent_hash = chain_block_hash(parent_hash, local, seed)
+        local = xxh3(data[i * step : (i + 1) * step], seed=seed)
+        parent_hash = local if parent_hash is None else xxh3(pack(parent_hash, local), seed=seed)
         hashes.append(parent_hash)
     return hashes

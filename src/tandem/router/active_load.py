@@ -176,6 +176,13 @@ class ActiveLoad:
         load = self._workers.get(worker_id)
         return load.requests if load else 0
 
+    def loads(self, worker_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """``(prefill_tokens, decode_blocks)`` of each worker, expiring stale entries once."""
+        self.expire()
+        get = self._workers.get
+        return {wid: ((load.prefill_tokens, load.decode_blocks) if (load := get(wid)) else (0, 0))
+                for wid in worker_ids}
+
     def workers(self) -> list[str]:
         """Workers with at least one active request."""
         self.expire()

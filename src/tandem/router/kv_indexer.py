@@ -5,9 +5,13 @@ The index is keyed by the router's *own* sequence hashes (``tandem.hashing``) of
 only to resolve a later ``parent_block_hash`` or ``BlockRemoved``. So the router indexes any
 engine that speaks vLLM's event format, whatever hash function the engine uses.
 
-Because a sequence hash chains the whole prefix, one flat map ``seq_hash -> {workers}`` says
+Because a sequence hash chains the whole prefix, one flat map ``seq_hash -> workers`` says
 exactly which workers hold a given prefix; no radix tree is needed. ``find_matches`` walks a
 request's hashes in order, intersecting the candidate workers, and stops when none is left.
+The workers holding a block are a bitmask (an ``int``, one bit per worker), not a ``set``: no
+container object per block for the allocator and the cyclic GC to walk (with 1M blocks the GC
+alone cost more per block than the dict updates), and intersections are single int operations
+(benchmarks/kv_indexer_speed.py).
 
 Limits, on purpose:
 
@@ -53,11 +57,13 @@ class _WorkerBlocks:
 
     Two engine hashes can map to one router seq hash (e.g. an engine that salts its own hashes
     while events carry no salt), so a worker holds a seq hash while any of them is stored.
+    ``bit`` is the worker's bit in the holder masks.
     """
 
-    __slots__ = ("by_engine", "refs")
+    __slots__ = ("bit", "by_engine", "refs")
 
-    def __init__(self) -> None:
+    def __init__(self, bit: int) -> None:
+        self.bit = bit
         self.by_engine: dict[int, int] = {}
         self.refs: dict[int, int] = {}
 
@@ -70,8 +76,9 @@ class KvIndexer:
             raise ValueError("block_size must be > 0")
         self.block_size = block_size
         self.stats = IndexerStats()
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}  # seq hash -> bitmask of the workers holding it
         self._workers: dict[str, _WorkerBlocks] = {}
+        self._by_index: list[str | None] = []  # bit index -> worker id (None: free for reuse)
 
     # ---- hashing requests -----------------------------------------------------------------------
 
@@ -89,7 +96,7 @@ class KvIndexer:
             self._apply_removed(worker_id, event)
         elif isinstance(event, AllBlocksCleared):
             self._clear(worker_id)
-            self._workers[worker_id] = _WorkerBlocks()
+            self._worker(worker_id)
             self.stats.events_applied += 1
         else:
             raise TypeError(f"not a KV event: {type(event).__name__}")
@@ -100,6 +107,19 @@ class KvIndexer:
         for event in events:
             self.apply(worker_id, event)
 
+    def _worker(self, worker_id: str) -> _WorkerBlocks:
+        """The worker's blocks, registering the worker (and giving it a bit) on first sight."""
+        blocks = self._workers.get(worker_id)
+        if blocks is None:
+            try:
+                index = self._by_index.index(None)
+                self._by_index[index] = worker_id
+            except ValueError:
+                index = len(self._by_index)
+                self._by_index.append(worker_id)
+            blocks = self._workers[worker_id] = _WorkerBlocks(1 << index)
+        return blocks
+
     def _apply_stored(self, worker_id: str, event: BlockStored) -> None:
         n = len(event.block_hashes)
         if (
@@ -109,26 +129,27 @@ class KvIndexer:
         ):
             self.stats.skipped_events += 1
             return
-        blocks = self._workers.setdefault(worker_id, _WorkerBlocks())
+        blocks = self._worker(worker_id)
+        by_engine, refs, holders, bit = blocks.by_engine, blocks.refs, self._holders, blocks.bit
         parent: int | None = None
         if event.parent_block_hash is not None:
-            parent = blocks.by_engine.get(event.parent_block_hash)
+            parent = by_engine.get(event.parent_block_hash)
             if parent is None:
                 # The worker's sequence is out of sync with ours: its blocks cannot be placed.
                 self.stats.unknown_parents += 1
                 return
         seq_hashes = block_hashes(event.token_ids, self.block_size, BLOCK_HASH_SEED, parent)
         for engine_hash, seq_hash in zip(event.block_hashes, seq_hashes, strict=True):
-            old = blocks.by_engine.get(engine_hash)
-            if old == seq_hash:
-                continue  # a repeated report of the same block
+            old = by_engine.get(engine_hash)
             if old is not None:
-                self._release(worker_id, blocks, old)
-            blocks.by_engine[engine_hash] = seq_hash
-            count = blocks.refs.get(seq_hash, 0)
-            blocks.refs[seq_hash] = count + 1
-            if count == 0:
-                self._holders.setdefault(seq_hash, set()).add(worker_id)
+                if old == seq_hash:
+                    continue  # a repeated report of the same block
+                self._release(blocks, old)
+            by_engine[engine_hash] = seq_hash
+            count = refs.get(seq_hash, 0)
+            refs[seq_hash] = count + 1
+            if not count:
+                holders[seq_hash] = holders.get(seq_hash, 0) | bit
         self.stats.blocks_stored += n
         self.stats.events_applied += 1
 
@@ -136,36 +157,39 @@ class KvIndexer:
         if event.medium not in (None, MEDIUM_GPU):
             self.stats.skipped_events += 1
             return
-        blocks = self._workers.setdefault(worker_id, _WorkerBlocks())
+        blocks = self._worker(worker_id)
         for engine_hash in event.block_hashes:
             seq_hash = blocks.by_engine.pop(engine_hash, None)
             if seq_hash is None:
                 self.stats.unknown_removals += 1
                 continue
-            self._release(worker_id, blocks, seq_hash)
+            self._release(blocks, seq_hash)
             self.stats.blocks_removed += 1
         self.stats.events_applied += 1
 
-    def _release(self, worker_id: str, blocks: _WorkerBlocks, seq_hash: int) -> None:
+    def _release(self, blocks: _WorkerBlocks, seq_hash: int) -> None:
         count = blocks.refs[seq_hash] - 1
         if count:
             blocks.refs[seq_hash] = count
             return
         del blocks.refs[seq_hash]
-        holders = self._holders[seq_hash]
-        holders.discard(worker_id)
-        if not holders:
+        mask = self._holders[seq_hash] & ~blocks.bit
+        if mask:
+            self._holders[seq_hash] = mask
+        else:
             del self._holders[seq_hash]
 
     def _clear(self, worker_id: str) -> None:
         blocks = self._workers.get(worker_id)
         if blocks is None:
             return
+        holders, keep = self._holders, ~blocks.bit
         for seq_hash in blocks.refs:
-            holders = self._holders[seq_hash]
-            holders.discard(worker_id)
-            if not holders:
-                del self._holders[seq_hash]
+            mask = holders[seq_hash] & keep
+            if mask:
+                holders[seq_hash] = mask
+            else:
+                del holders[seq_hash]
         blocks.by_engine.clear()
         blocks.refs.clear()
 
@@ -174,7 +198,9 @@ class KvIndexer:
     def remove_worker(self, worker_id: str) -> None:
         """Forget a departed worker and every block it held (no-op for an unknown worker)."""
         self._clear(worker_id)
-        self._workers.pop(worker_id, None)
+        blocks = self._workers.pop(worker_id, None)
+        if blocks is not None:
+            self._by_index[blocks.bit.bit_length() - 1] = None  # its bit is clear everywhere now
 
     def workers(self) -> set[str]:
         """Workers that have reported events and have not been removed."""
@@ -196,26 +222,30 @@ class KvIndexer:
 
         A worker's count stops at the first block it lacks, even if it holds later ones.
         """
+        holders = self._holders
         scores: dict[str, int] = {}
-        candidates: set[str] | None = None
+        candidates = 0  # bitmask of the workers holding every block so far
         depth = 0
         for depth, seq_hash in enumerate(seq_hashes):
-            holders = self._holders.get(seq_hash)
-            if not holders:
-                break
-            if candidates is None:
-                candidates = set(holders)
-                continue
-            if holders.issuperset(candidates):
-                continue
-            for worker in candidates - holders:
-                scores[worker] = depth
-            candidates &= holders
+            mask = holders.get(seq_hash, 0)
+            if not depth:
+                candidates = mask
+            elif mask & candidates != candidates:
+                self._score(candidates & ~mask, depth, scores)  # they stop here
+                candidates &= mask
             if not candidates:
                 break
         else:
             depth = len(seq_hashes)
-        if candidates:
-            for worker in candidates:
-                scores[worker] = depth
+        self._score(candidates, depth, scores)
         return scores
+
+    def _score(self, mask: int, depth: int, scores: dict[str, int]) -> None:
+        """``scores[worker] = depth`` for every worker in ``mask``."""
+        by_index = self._by_index
+        while mask:
+            low = mask & -mask
+            worker = by_index[low.bit_length() - 1]
+            if worker is not None:
+                scores[worker] = depth
+            mask ^= low

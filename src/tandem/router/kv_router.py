@@ -142,9 +142,9 @@ class KvRouter:
         hashes = self.indexer.sequence_hashes(token_ids, cache_salt)
         now = time.monotonic()
         matches = self.indexer.find_matches(hashes) if self.config.use_kv_events else self.approx.find_matches(hashes, now)
-        costs = {c.worker_id: worker_cost(self.load.prefill_tokens(c.worker_id), len(token_ids),
-                                          matches.get(c.worker_id, 0), self.load.decode_blocks(c.worker_id),
-                                          self.block_size, self.cost) for c in candidates}
+        loads = self.load.loads([c.worker_id for c in candidates])
+        costs = {wid: worker_cost(prefill, len(token_ids), matches.get(wid, 0), decode, self.block_size, self.cost)
+                 for wid, (prefill, decode) in loads.items()}
         chosen = select_worker(costs, self.cost.temperature, self._rng)
         cached = matches.get(chosen, 0)
         if request_id is not None:
