@@ -316,3 +316,29 @@ def test_trace_synthetic_pairs_share_exact_blocks():
     for r, s in itertools.combinations(reqs, 2):
         k = common_prefix_len(r.hash_ids, s.hash_ids)
         assert shared_block_hashes(r.prompt, s.prompt) == k * 512 // HASH_BLOCK
+
+
+def test_multi_turn_several_system_prompts_and_answer_spread():
+    from tandem.bench.workload_multi_turn import MultiTurnConfig, new_session
+
+    config = MultiTurnConfig(num_users=4, num_system_prompts=3, system_prompt_len=32, user_history_len=8,
+                             question_len=4, answer_len=50, answer_len_stddev=10, num_rounds=4)
+    firsts = [new_session(config, user).first_request().prompt[:32] for user in range(6)]
+    assert firsts[0] == firsts[3] and firsts[1] == firsts[4] and firsts[2] == firsts[5]  # user i → prompt i % 3
+    assert len({tuple(p) for p in firsts}) == 3
+    session = new_session(config, 0)
+    lengths = [session.first_request().max_tokens]
+    for _ in range(3):
+        lengths.append(session.next_request([7] * 5).max_tokens)
+    assert len(set(lengths)) > 1 and all(1 <= n for n in lengths)
+    assert lengths == [r for r in _replay_lengths(config)]  # deterministic
+
+
+def _replay_lengths(config):
+    from tandem.bench.workload_multi_turn import new_session
+
+    session = new_session(config, 0)
+    out = [session.first_request().max_tokens]
+    for _ in range(3):
+        out.append(session.next_request([7] * 5).max_tokens)
+    return out

@@ -30,6 +30,7 @@ from tandem.bench.workload_random import (
     DEFAULT_VOCAB_SIZE,
     check_vocab,
     random_token_ids,
+    sample_length,
 )
 
 WORKLOAD_TAG = 21
@@ -58,6 +59,10 @@ class MultiTurnConfig:
     """Tokens of each round's question."""
     seed: int = 0
     """Same seed, same prompts."""
+    num_system_prompts: int = 1
+    """Distinct shared system prompts; user ``i`` gets prompt ``i % num_system_prompts``."""
+    answer_len_stddev: float = 0.0
+    """Spread of ``max_tokens`` per turn (normal, clamped to >= 1); 0 = every answer ``answer_len``."""
     first_token_id: int = DEFAULT_FIRST_TOKEN_ID
     """Lowest token id drawn."""
     vocab_size: int = DEFAULT_VOCAB_SIZE
@@ -71,6 +76,8 @@ class MultiTurnConfig:
             raise ValueError("system_prompt_len, user_history_len and question_len must be >= 0")
         if self.system_prompt_len + self.user_history_len + self.question_len < 1:
             raise ValueError("the first prompt would be empty")
+        if self.num_system_prompts < 1 or self.answer_len_stddev < 0:
+            raise ValueError("num_system_prompts must be >= 1 and answer_len_stddev >= 0")
         if self.answer_len < 1:
             raise ValueError(f"answer_len must be >= 1, got {self.answer_len}")
         if not self.qps > 0:
@@ -94,9 +101,9 @@ def user_join_interval_s(config: MultiTurnConfig) -> float:
     return session_duration_s(config) / config.num_users
 
 
-def system_prompt_tokens(config: MultiTurnConfig) -> list[int]:
-    """The system prompt every user shares."""
-    rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 0])
+def system_prompt_tokens(config: MultiTurnConfig, index: int = 0) -> list[int]:
+    """Shared system prompt number ``index`` (of ``num_system_prompts``)."""
+    rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 0] + ([index] if index else []))
     return random_token_ids(rng, config.system_prompt_len, config.first_token_id, config.vocab_size)
 
 
@@ -109,7 +116,9 @@ class UserSession:
         self.config = config
         self.user_index = user_index
         self.session_id = f"user-{user_index}"
-        self._system = system_prompt_tokens(config) if system_tokens is None else system_tokens
+        if system_tokens is None:
+            system_tokens = system_prompt_tokens(config, user_index % config.num_system_prompts)
+        self._system = system_tokens
         self._prompt: list[int] | None = None
         self._turn = -1
 
@@ -130,12 +139,19 @@ class UserSession:
     def _request(self) -> BenchRequest:
         assert self._prompt is not None
         return BenchRequest(
-            max_tokens=self.config.answer_len,
+            max_tokens=self._answer_len(),
             input_tokens=len(self._prompt),
             prompt=list(self._prompt),
             session_id=self.session_id,
             turn=self._turn,
         )
+
+    def _answer_len(self) -> int:
+        cfg = self.config
+        if not cfg.answer_len_stddev:
+            return cfg.answer_len
+        rng = np.random.default_rng([cfg.seed, WORKLOAD_TAG, 3, self.user_index, self._turn])
+        return sample_length(rng, cfg.answer_len, cfg.answer_len_stddev)
 
     def first_request(self) -> BenchRequest:
         """Turn 0: system + user history + the first question. Calling it again restarts the session."""

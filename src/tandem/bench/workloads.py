@@ -39,6 +39,8 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--system-prompt-len", type=int, default=200, help="multi-turn: shared system prompt tokens")
     w.add_argument("--user-history-len", type=int, default=400, help="multi-turn: per-user context tokens")
     w.add_argument("--answer-len", type=int, default=32, help="multi-turn: tokens per answer (default: %(default)s)")
+    w.add_argument("--num-system-prompts", type=int, default=1, help="multi-turn: distinct shared system prompts")
+    w.add_argument("--answer-len-stddev", type=float, default=0.0, help="multi-turn: spread of answer tokens")
     w.add_argument("--qps", type=float, default=1.0, help="multi-turn: overall request rate (default: %(default)s)")
     w.add_argument("--trace", help="trace: Mooncake-format JSONL file")
     w.add_argument("--trace-block-size", type=int, default=512, help="trace: tokens per hash id (default: %(default)s)")
@@ -66,6 +68,7 @@ def multi_turn_config(args: argparse.Namespace) -> MultiTurnConfig:
     return MultiTurnConfig(num_users=args.num_users, num_rounds=args.num_rounds,
                            system_prompt_len=args.system_prompt_len, user_history_len=args.user_history_len,
                            answer_len=args.answer_len, qps=args.qps, question_len=args.question_len,
+                           num_system_prompts=args.num_system_prompts, answer_len_stddev=args.answer_len_stddev,
                            seed=args.seed, **_vocab(args))
 
 

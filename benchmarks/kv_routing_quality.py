@@ -1,0 +1,102 @@
+"""Routing quality: does `--router kv` cut TTFT and find the caches, against round-robin?
+
+Four mocker workers behind `tandem serve` (Dynamo's timing polynomial, ``--speedup-ratio``),
+each with a KV pool too small for every conversation, run the same multi-turn workload
+(`tandem bench run --workload multi-turn`: 20 shared system prompts of 1,000 tokens, 80 users ×
+4 turns, 8 users at a time, answers 100 ± 20 tokens, each turn resends the growing history)
+under four deployments, each started fresh, in the same run:
+
+* `round-robin` (the baseline);
+* `kv` (KV events indexed from every worker);
+* `kv` without events (the router indexes its own decisions, TTL 120 s);
+* **oracle** for the hit rate: one worker with the pooled capacity of all four (4× KV blocks and
+  batch), i.e. every request sees every cache. Its TTFT is not comparable (one engine).
+
+Printed per deployment: TTFT p50/p90, prefix hit rate (cached prompt tokens ÷ prompt tokens,
+from `usage`), throughput; and the ratios kv/round-robin for TTFT p90 (goal ≥ 2× lower) and
+the gap of each hit rate to the oracle's (goal: kv within 2 points).
+
+Usage: python benchmarks/kv_routing_quality.py [--speedup-ratio 4] [--num-kv-blocks 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+
+
+def graph(router: str, workers: int, blocks: int, seqs: int, args: argparse.Namespace, events: bool) -> str:
+    flags = (f"{{speedup-ratio: {args.speedup_ratio}, num-kv-blocks: {blocks}, max-num-seqs: {seqs}, "
+             f"max-num-batched-tokens: {args.max_num_batched_tokens}}}")
+    kv = "" if events else ", kv_events: false"
+    return (f"frontend: {{port: 0, router: {router}{kv}}}\n"
+            f"workers:\n  - {{engine: mocker, count: {workers}, flags: {flags}}}\n")
+
+
+def run_one(name: str, graph_text: str, tmp: Path, args: argparse.Namespace) -> dict:
+    path = tmp / f"{name}.yaml"
+    path.write_text(graph_text)
+    serve = subprocess.Popen([sys.executable, "-m", "tandem", "serve", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in serve.stdout:
+            if line.startswith("Tandem is serving"):
+                url = line.split(" at ")[1].split("/v1")[0]
+                break
+        out = tmp / name
+        subprocess.run([sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", MODEL,
+                        "--workload", "multi-turn", "--num-system-prompts", "20", "--system-prompt-len", "1000",
+                        "--user-history-len", str(args.user_history_len), "--question-len", "20",
+                        "--answer-len", "100", "--answer-len-stddev", "20", "--num-users", "8", "--num-rounds", "4",
+                        "--num-requests", str(args.num_requests), "--qps", "1000", "--seed", str(args.seed),
+                        "--no-progress", "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads((out / "summary.json").read_text())
+    finally:
+        serve.send_signal(2)
+        serve.wait(timeout=60)
+    return {"ttft_p50": summary["ttft_ms"]["p50"], "ttft_p90": summary["ttft_ms"]["p90"],
+            "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
+            "ok": summary["requests_ok"], "sent": summary["requests_sent"],
+            "tok_s": summary["output_token_throughput"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--speedup-ratio", type=float, default=4.0)
+    parser.add_argument("--num-kv-blocks", type=int, default=1024, help="per worker (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="per worker (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--user-history-len", type=int, default=200)
+    parser.add_argument("--num-requests", type=int, default=320, help="80 users × 4 turns")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-kv-quality-"))
+    blocks, seqs = args.num_kv_blocks, args.max_num_seqs
+    runs = {
+        "round-robin": graph("round-robin", 4, blocks, seqs, args, True),
+        "kv": graph("kv", 4, blocks, seqs, args, True),
+        "kv, no events": graph("kv", 4, blocks, seqs, args, False),
+        "oracle (1 pooled worker)": graph("round-robin", 1, 4 * blocks, 4 * seqs, args, True),
+    }
+    results = {name: run_one(name.split(" ")[0].strip(",") + str(i), text, tmp, args)
+               for i, (name, text) in enumerate(runs.items())}
+    print(f"4 mocker workers (speedup {args.speedup_ratio}, {blocks} KV blocks and {seqs} seqs each); multi-turn: "
+          f"20 system prompts × 1000 tokens, 8 users at a time, 4 turns, answers 100±20, {args.num_requests} requests")
+    print(f"{'deployment':26} | {'ok':>7} | {'TTFT p50':>9} | {'TTFT p90':>9} | {'hit rate':>8} | {'out tok/s':>9}")
+    for name, r in results.items():
+        print(f"{name:26} | {r['ok']:>3}/{r['sent']:<3} | {r['ttft_p50']:>6.1f} ms | {r['ttft_p90']:>6.1f} ms | "
+              f"{r['hit_rate'] * 100:>7.1f}% | {r['tok_s']:>9.0f}")
+    rr, kv, oracle = results["round-robin"], results["kv"], results["oracle (1 pooled worker)"]
+    print(f"TTFT p90 round-robin / kv: {rr['ttft_p90'] / kv['ttft_p90']:.2f}x (goal >= 2x)")
+    for name in ("kv", "kv, no events", "round-robin"):
+        gap = (oracle["hit_rate"] - results[name]["hit_rate"]) * 100
+        print(f"hit rate gap to the oracle, {name}: {gap:.1f} points" + (" (goal <= 2)" if name == "kv" else ""))
+
+
+if __name__ == "__main__":
+    main()
