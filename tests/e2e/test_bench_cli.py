@@ -93,8 +93,9 @@ def test_counts_and_percentiles_match_the_timing_model(server, tmp_path):
         assert r.input_tokens == 100, r
         # One gap per content event after the first. The mocker samples random token ids; a token
         # that decodes to no text yet (part of a UTF-8 character) sends an event without content,
-        # which is not timed (vLLM's and AIPerf's convention), so its gap joins the next one.
-        assert 8 <= len(r.itl_s) <= 10, r
+        # which is not timed (vLLM's and AIPerf's convention), so its gap joins the next one; and
+        # tokens that queued up while the frontend was busy arrive merged in one event.
+        assert 5 <= len(r.itl_s) <= 10, r
         # E2E is the first token plus every gap (the end of the stream follows the last token at once).
         assert r.e2e_s == pytest.approx(r.ttft_s + sum(r.itl_s), abs=0.010)
     # Concurrency 1: each request starts after the previous one ended.
@@ -102,7 +103,9 @@ def test_counts_and_percentiles_match_the_timing_model(server, tmp_path):
         assert b.start_s >= a.start_s + a.e2e_s - 1e-3
     assert summary.total_output_tokens == 15 * 11 and summary.total_input_tokens == 15 * 100
     assert summary.output_tokens_per_request.p50 == 11
-    assert sum(len(r.itl_s) for r in records) >= 15 * 10 - 5
+    # Tokens that queue up while the client reads are merged into one event, so a few of the 10
+    # gaps per request can disappear on a busy machine; most must be there.
+    assert sum(len(r.itl_s) for r in records) >= 15 * 10 * 0.8
 
     # Tolerances: TTFT = one 50 ms prefill step plus HTTP, SSE and scheduling overhead (measured
     # ~55 ms; up to +40 ms on a loaded 2-core CI box, never below the step minus timer slack);
