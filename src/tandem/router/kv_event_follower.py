@@ -21,10 +21,9 @@ import zmq.asyncio
 from tandem.engine.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, decode_batch
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
 from tandem.runtime.worker_card import WorkerCard
-from tandem.worker.kv_publisher import replay
+from tandem.worker.kv_publisher import SEQ_FRAME, replay
 
 logger = logging.getLogger(__name__)
-_SEQ = struct.Struct(">q")
 
 
 @dataclass
@@ -72,7 +71,7 @@ class KvEventFollower:
         while True:
             try:
                 frames = await self._socket.recv_multipart()
-                seq, batch = _SEQ.unpack(frames[1])[0], decode_batch(frames[2])
+                seq, batch = SEQ_FRAME.unpack(frames[1])[0], decode_batch(frames[2])
             except (IndexError, struct.error, msgspec.DecodeError):
                 self.stats.malformed += 1
                 continue

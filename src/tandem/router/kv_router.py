@@ -16,6 +16,7 @@ warning in the log and ``events_missing`` in the status.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -118,8 +119,6 @@ class KvRouter:
     def _on_removed(self, card: WorkerCard) -> None:
         follower = self.followers.pop(card.worker_id, None)
         if follower is not None:
-            import asyncio
-
             asyncio.ensure_future(follower.stop())
         self.indexer.remove_worker(card.worker_id)
         self.approx.remove_worker(card.worker_id)

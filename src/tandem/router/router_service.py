@@ -12,6 +12,7 @@ request plane:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -119,8 +120,6 @@ class RemoteRouter:
         self._tell("finished", request_id)
 
     def _tell(self, endpoint: str, request_id: str) -> None:
-        import asyncio
-
         async def send() -> None:
             try:
                 await self.client.call(self.address, endpoint, {"request_id": request_id}, timeout=5.0)

@@ -31,7 +31,8 @@ from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored,
 logger = logging.getLogger(__name__)
 
 END_OF_REPLAY = -1
-_SEQ = struct.Struct(">q")
+SEQ_FRAME = struct.Struct(">q")
+"""The sequence-number frame: a signed 64-bit big-endian integer (vLLM's format)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class KvEventPublisher:
             self.last_seq = seq
             self.batches_published += 1
         try:
-            self._pub.send_multipart([self.config.topic, _SEQ.pack(seq), payload], flags=zmq.NOBLOCK)
+            self._pub.send_multipart([self.config.topic, SEQ_FRAME.pack(seq), payload], flags=zmq.NOBLOCK)
         except zmq.Again:  # no room in the send queue: subscribers recover through replay
             logger.warning("KV event batch %d dropped by the PUB socket (send queue full)", seq)
 
@@ -124,8 +125,8 @@ class KvEventPublisher:
                 batches = [(seq, payload) for seq, payload in self._buffer if start is not None and seq >= start]
             try:
                 for seq, payload in batches:
-                    self._replay.send_multipart([identity, b"", _SEQ.pack(seq), payload])
-                self._replay.send_multipart([identity, b"", _SEQ.pack(END_OF_REPLAY), b""])
+                    self._replay.send_multipart([identity, b"", SEQ_FRAME.pack(seq), payload])
+                self._replay.send_multipart([identity, b"", SEQ_FRAME.pack(END_OF_REPLAY), b""])
             except zmq.ZMQError:
                 continue
 
@@ -137,7 +138,7 @@ class KvEventPublisher:
 
 
 def _parse_seq(frame: bytes) -> int | None:
-    return _SEQ.unpack(frame)[0] if len(frame) == _SEQ.size else None
+    return SEQ_FRAME.unpack(frame)[0] if len(frame) == SEQ_FRAME.size else None
 
 
 def _bind(socket: zmq.Socket, host: str, port: int) -> str:
@@ -157,11 +158,11 @@ def replay(address: str, start_seq: int, timeout_s: float = 5.0) -> list[tuple[i
     socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     socket.connect(address)
     try:
-        socket.send_multipart([b"", _SEQ.pack(start_seq)])
+        socket.send_multipart([b"", SEQ_FRAME.pack(start_seq)])
         batches = []
         while True:
             _, seq_frame, payload = socket.recv_multipart()
-            seq = _SEQ.unpack(seq_frame)[0]
+            seq = SEQ_FRAME.unpack(seq_frame)[0]
             if seq == END_OF_REPLAY:
                 return batches
             batches.append((seq, payload))
