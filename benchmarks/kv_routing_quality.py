@@ -12,6 +12,7 @@ under four deployments, each started fresh, in the same run:
 * **oracle** for the hit rate: one worker with the pooled capacity of all four (4× KV blocks and
   batch), i.e. every request sees every cache. Its TTFT is not comparable (one engine).
 
+With ``--repeats N`` every deployment runs N times, interleaved, and the medians are printed.
 Printed per deployment: TTFT p50/p90, prefix hit rate (cached prompt tokens ÷ prompt tokens,
 from `usage`), throughput; and the ratios kv/round-robin for TTFT p90 (goal ≥ 2× lower) and
 the gap of each hit rate to the oracle's (goal: kv within 2 points).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--user-history-len", type=int, default=200)
     parser.add_argument("--num-requests", type=int, default=320, help="80 users × 4 turns")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every deployment this many times, interleaved; report medians (default: %(default)s)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-kv-quality-"))
     blocks, seqs = args.num_kv_blocks, args.max_num_seqs
@@ -83,13 +87,20 @@ def main() -> None:
         "kv, no events": graph("kv", 4, blocks, seqs, args, False),
         "oracle (1 pooled worker)": graph("round-robin", 1, 4 * blocks, 4 * seqs, args, True),
     }
-    results = {name: run_one(name.split(" ")[0].strip(",") + str(i), text, tmp, args)
-               for i, (name, text) in enumerate(runs.items())}
+    trials: dict[str, list[dict]] = {name: [] for name in runs}
+    for repeat in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
+        for i, (name, text) in enumerate(runs.items()):
+            trials[name].append(run_one(f"run{repeat}-{i}", text, tmp, args))
+    results = {name: {key: statistics.median(t[key] for t in ts) for key in ts[0]} for name, ts in trials.items()}
+    for name, ts in trials.items():
+        if len(ts) > 1:
+            print(f"{name}: TTFT p90 per trial {[round(t['ttft_p90'], 1) for t in ts]} ms, "
+                  f"hit rate {[round(100 * t['hit_rate'], 1) for t in ts]}%")
     print(f"4 mocker workers (speedup {args.speedup_ratio}, {blocks} KV blocks and {seqs} seqs each); multi-turn: "
           f"20 system prompts × 1000 tokens, 8 users at a time, 4 turns, answers 100±20, {args.num_requests} requests")
     print(f"{'deployment':26} | {'ok':>7} | {'TTFT p50':>9} | {'TTFT p90':>9} | {'hit rate':>8} | {'out tok/s':>9}")
     for name, r in results.items():
-        print(f"{name:26} | {r['ok']:>3}/{r['sent']:<3} | {r['ttft_p50']:>6.1f} ms | {r['ttft_p90']:>6.1f} ms | "
+        print(f"{name:26} | {r['ok']:>3.0f}/{r['sent']:<3.0f} | {r['ttft_p50']:>6.1f} ms | {r['ttft_p90']:>6.1f} ms | "
               f"{r['hit_rate'] * 100:>7.1f}% | {r['tok_s']:>9.0f}")
     rr, kv, oracle = results["round-robin"], results["kv"], results["oracle (1 pooled worker)"]
     print(f"TTFT p90 round-robin / kv: {rr['ttft_p90'] / kv['ttft_p90']:.2f}x (goal >= 2x)")
