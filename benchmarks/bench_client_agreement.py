@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_util import serving
+
 from tandem.bench.workload_random import RandomWorkloadConfig, random_requests
 
 MODEL = "smollm2-135m-instruct"
@@ -113,12 +115,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-agree-"))
     graph = tmp / "graph.yaml"
     graph.write_text(GRAPH)
-    serve = subprocess.Popen([sys.executable, "-m", "tandem", "serve", str(graph)], stdout=subprocess.PIPE, text=True)
-    try:
-        for line in serve.stdout:
-            if line.startswith("Tandem is serving"):
-                url = line.split(" at ")[1].split("/v1")[0]
-                break
+    with serving(str(graph)) as url:
         results: dict[str, tuple[list[float], list[float]]] = {
             "tandem bench": ([], []), "openai client": ([], []), "openai raw": ([], [])}
         server = {name: [0.0, 0.0] for name in results}
@@ -134,9 +131,6 @@ def main() -> None:
                 results[name][0].extend(t), results[name][1].extend(g)
                 server[name][0] += after[0] - before[0]
                 server[name][1] += after[1] - before[1]
-    finally:
-        serve.send_signal(2)
-        serve.wait(timeout=60)
     print(f"fixed-delay mocker (prefill 50 ms, decode 10 ms), concurrency {args.concurrency}, "
           f"2 × {args.num_requests} requests per client")
     p50 = {}

@@ -17,14 +17,14 @@ Usage: python benchmarks/bench_tool_ceiling.py [--concurrency 64] [--num-request
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from serve_util import serving
 
 MODEL = "smollm2-135m-instruct"
 
@@ -77,16 +77,6 @@ def bench(url: str, out: Path, args: argparse.Namespace) -> dict:
             "ttft_p50": summary["ttft_ms"]["p50"]}
 
 
-def wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith(prefix):
-            return line
-        if not line and proc.poll() is not None:
-            raise RuntimeError("server exited")
-    raise TimeoutError(prefix)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -96,15 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-ceiling-"))
 
-    serve = subprocess.Popen([sys.executable, "-m", "tandem", "serve", "--engine", "mocker", "--speedup-ratio", "0",
-                              "--port", "0", "--max-num-seqs", "256"], stdout=subprocess.PIPE, text=True)
-    try:
-        line = wait_line(serve, "Tandem is serving")
-        url = line.split(" at ")[1].split("/v1")[0]
+    with serving("--engine", "mocker", "--speedup-ratio", "0", "--port", "0", "--max-num-seqs", "256") as url:
         tandem = bench(url, tmp / "tandem", args)
-    finally:
-        serve.send_signal(2)
-        serve.wait(timeout=60)
 
     fire = subprocess.Popen([sys.executable, "-c", FIREHOSE, str(args.output_len)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)

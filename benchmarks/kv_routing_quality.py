@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from serve_util import serving
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -44,12 +46,7 @@ def graph(router: str, workers: int, blocks: int, seqs: int, args: argparse.Name
 def run_one(name: str, graph_text: str, tmp: Path, args: argparse.Namespace) -> dict:
     path = tmp / f"{name}.yaml"
     path.write_text(graph_text)
-    serve = subprocess.Popen([sys.executable, "-m", "tandem", "serve", str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        for line in serve.stdout:
-            if line.startswith("Tandem is serving"):
-                url = line.split(" at ")[1].split("/v1")[0]
-                break
+    with serving(str(path)) as url:
         out = tmp / name
         subprocess.run([sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", MODEL,
                         "--workload", "multi-turn", "--num-system-prompts", "20", "--system-prompt-len", "1000",
@@ -58,9 +55,6 @@ def run_one(name: str, graph_text: str, tmp: Path, args: argparse.Namespace) -> 
                         "--num-requests", str(args.num_requests), "--qps", "1000", "--seed", str(args.seed),
                         "--no-progress", "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((out / "summary.json").read_text())
-    finally:
-        serve.send_signal(2)
-        serve.wait(timeout=60)
     return {"ttft_p50": summary["ttft_ms"]["p50"], "ttft_p90": summary["ttft_ms"]["p90"],
             "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
             "ok": summary["requests_ok"], "sent": summary["requests_sent"],

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
+from tandem.cli.signals import stop_event
 from tandem.frontend.config import FrontendConfig
 from tandem.router.policies import ROUTER_NAMES
 
@@ -70,10 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
     from tandem.runtime.discovery import make_discovery
 
     server = FrontendServer(frontend_config_from_args(args), make_discovery(args.discovery))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     await server.start()
     print(f"frontend listening on {server.url}/v1 (workers from discovery {args.discovery!r})", flush=True)
     await stop.wait()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
+
+from tandem.cli.signals import stop_event
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,10 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
                             temperature=args.kv_temperature, use_kv_events=not args.no_kv_events)
     service = RouterService(make_discovery(args.discovery), policy=args.policy, config=config, host=args.host,
                             port=args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     await service.start()
     print(f"router ({args.policy}) listening on {service.address}", flush=True)
     await stop.wait()

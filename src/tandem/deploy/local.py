@@ -40,8 +40,7 @@ def _tokenizer_source(group: WorkerGroup) -> str:
         return group.model
     from tandem.model_cache import resolve_model
 
-    resolved = resolve_model(group.model, progress=False)
-    return str(resolved.hf_dir if resolved.hf_dir is not None else resolved.gguf_path)
+    return resolve_model(group.model, progress=False).source
 
 
 class StartupError(RuntimeError):

@@ -22,7 +22,7 @@ from tandem.frontend.preprocess import Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.sampling import stop_strings, to_sampling_params
 from tandem.frontend.worker_client import WorkerClient
-from tandem.router.policies import make_policy
+from tandem.router.factory import build_policy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery import Discovery
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
@@ -55,22 +55,16 @@ class Frontend:
         self._poll_task: asyncio.Task | None = None
 
     def _make_policy(self, config: FrontendConfig) -> Any:
-        if config.router == "kv":
-            from tandem.router.kv_router import KvRouter, KvRouterConfig
-
-            return KvRouter(self.pool, self.client, KvRouterConfig(
-                overlap_credit=config.kv_overlap_credit, prefill_load_scale=config.kv_prefill_load_scale,
-                temperature=config.kv_temperature, use_kv_events=config.kv_events))
         if config.router == "remote":
             from tandem.router.router_service import RemoteRouter
 
             return RemoteRouter(self.client, config.router_address)
-        if config.router == "least-loaded":
-            from tandem.router.active_load import ActiveLoad
-            from tandem.router.policy_least_loaded import LeastLoadedPolicy
+        from tandem.router.kv_router import KvRouterConfig
 
-            return LeastLoadedPolicy(ActiveLoad(16))
-        return make_policy(config.router)
+        kv_config = KvRouterConfig(overlap_credit=config.kv_overlap_credit,
+                                   prefill_load_scale=config.kv_prefill_load_scale,
+                                   temperature=config.kv_temperature, use_kv_events=config.kv_events)
+        return build_policy(config.router, self.pool, self.client, kv_config)
 
     def router_status(self) -> dict[str, Any]:
         status = getattr(self.policy, "status", None)

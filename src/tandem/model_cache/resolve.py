@@ -22,6 +22,12 @@ class ResolvedModel:
     gguf_path: Path | None
     """The GGUF file, if there is one."""
 
+    @property
+    def source(self) -> str:
+        """What the weights load from (the HF directory, else the GGUF file): a worker card's
+        tokenizer source."""
+        return str(self.hf_dir if self.hf_dir is not None else self.gguf_path)
+
 
 def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))

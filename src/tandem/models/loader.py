@@ -106,19 +106,18 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     if resolved.hf_dir is not None:
         hf_config, weights = read_hf_dir(resolved.hf_dir)
         tokenizer = load_hf_tokenizer(resolved.hf_dir)
-        source = str(resolved.hf_dir)
     else:
         from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer
 
         gguf = load_gguf(resolved.gguf_path)
         hf_config, weights = gguf.config, gguf.state_dict.items()
         tokenizer = load_gguf_tokenizer(resolved.gguf_path, chat_template=gguf.chat_template or "")
-        source = str(resolved.gguf_path)
     cfg = ModelConfig.from_hf_dict(hf_config)
     context = max_model_len or cfg.max_position_embeddings
     if context > cfg.max_position_embeddings:
         raise ModelLoadError(f"max_model_len {context} exceeds the model's context of {cfg.max_position_embeddings}")
     model = build_model(cfg, weights, torch_dtype, torch_device, context)
     eos = _eos_ids(cfg, tokenizer, resolved.hf_dir)
+    source = resolved.source
     logger.info("loaded %s from %s in %.1fs", resolved.name, source, time.perf_counter() - start)
     return LoadedModel(resolved.name, model, cfg, hf_config, tokenizer, torch_dtype, torch_device, context, eos, source)

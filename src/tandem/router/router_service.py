@@ -18,9 +18,8 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tandem.router.active_load import ActiveLoad
-from tandem.router.kv_router import KvRouter, KvRouterConfig
-from tandem.router.policy_least_loaded import LeastLoadedPolicy
+from tandem.router.factory import build_policy
+from tandem.router.kv_router import KvRouterConfig
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery import Discovery
 from tandem.runtime.request_plane import (
@@ -39,12 +38,9 @@ class RouterService:
                  host: str = "127.0.0.1", port: int = 0) -> None:
         self.pool = WorkerPool(discovery)
         self.client = RequestPlaneClient()
-        if policy == "kv":
-            self.policy: Any = KvRouter(self.pool, self.client, config)
-        elif policy == "least-loaded":
-            self.policy = LeastLoadedPolicy(ActiveLoad(16))
-        else:
+        if policy not in ("kv", "least-loaded"):
             raise ValueError(f"a standalone router runs 'kv' or 'least-loaded', not {policy!r}")
+        self.policy: Any = build_policy(policy, self.pool, self.client, config)
         self.server = RequestPlaneServer(host, port)
         for name in ("route", "first_token", "finished", "status"):
             self.server.register(name, getattr(self, f"_{name}"))
