@@ -159,3 +159,32 @@ def test_list_flag_values_expand_to_several_arguments():
     argv = group.worker_argv()
     at = argv.index("--mocker-decode-coeffs")
     assert argv[at + 1:at + 4] == ["0", "0", "10"]
+
+
+def _serve_args(*argv: str):
+    import argparse
+
+    from tandem.cli.frontend_cmd import add_frontend_args
+
+    parser = argparse.ArgumentParser()
+    add_frontend_args(parser, defaults=False)
+    return parser.parse_args(list(argv))
+
+
+def test_serve_flags_left_unset_keep_the_graphs_frontend_values():
+    from tandem.cli.frontend_cmd import frontend_config_from_args
+
+    graph = parse_graph({"frontend": {"router": "kv", "kv_overlap_credit": 0.5, "kv_prefill_load_scale": 4.0,
+                                      "kv_temperature": 0.2, "max_body_bytes": 10000, "default_max_tokens": 7}})
+    config = frontend_config_from_args(_serve_args(), graph.frontend)
+    assert (config.router, config.kv_overlap_credit, config.kv_prefill_load_scale, config.kv_temperature,
+            config.max_body_bytes, config.default_max_tokens) == ("kv", 0.5, 4.0, 0.2, 10000, 7)
+
+
+def test_serve_flags_given_override_the_graph():
+    from tandem.cli.frontend_cmd import frontend_config_from_args
+
+    graph = parse_graph({"frontend": {"router": "kv", "kv_prefill_load_scale": 4.0, "max_body_bytes": 10000}})
+    args = _serve_args("--kv-prefill-load-scale", "2", "--max-body-bytes", "5000", "--router", "round-robin")
+    config = frontend_config_from_args(args, graph.frontend)
+    assert (config.router, config.kv_prefill_load_scale, config.max_body_bytes) == ("round-robin", 2.0, 5000)

@@ -24,35 +24,33 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group.add_argument("--router", choices=ROUTER_NAMES,
                        default=d.router if defaults else None, help=f"routing policy (default: {d.router})")
     group.add_argument("--router-address", help="remote: host:port of a standalone `tandem router`")
-    group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit,
-                       help="kv: weight of a cached block against a prefill block (default: %(default)s)")
-    group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale,
-                       help="kv: weight of prefill work against decode blocks (default: %(default)s)")
-    group.add_argument("--kv-temperature", type=float, default=d.kv_temperature,
-                       help="kv: 0 = cheapest worker; > 0 = softmax sampling (default: %(default)s)")
+    group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit if defaults else None,
+                       help=f"kv: weight of a cached block against a prefill block (default: {d.kv_overlap_credit})")
+    group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale if defaults else None,
+                       help=f"kv: weight of prefill work against decode blocks (default: {d.kv_prefill_load_scale})")
+    group.add_argument("--kv-temperature", type=float, default=d.kv_temperature if defaults else None,
+                       help=f"kv: 0 = cheapest worker; > 0 = softmax sampling (default: {d.kv_temperature})")
     group.add_argument("--no-kv-events", action="store_true",
                        help="kv: do not use workers' KV events; index the router's own decisions with a TTL")
-    group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                       help="request bodies above this get 413 (default: %(default)s)")
+    group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes if defaults else None,
+                       help=f"request bodies above this get 413 (default: {d.max_body_bytes})")
     group.add_argument("--default-max-tokens", type=int, default=None,
                        help="completion length when a request gives none (default: up to the context length)")
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
 
+# Flags that replace the base config's value only when given (None = not given).
+_OVERRIDABLE = ("host", "port", "router", "router_address", "max_body_bytes", "default_max_tokens",
+                "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature")
+
+
 def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | None = None) -> FrontendConfig:
     """``base`` (e.g. from a graph) with every flag the user set applied on top."""
     config = base or FrontendConfig()
-    for name in ("host", "port", "router"):
+    for name in _OVERRIDABLE:
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
-    config.max_body_bytes = args.max_body_bytes
-    if args.router_address:
-        config.router_address = args.router_address
-    config.kv_overlap_credit, config.kv_prefill_load_scale = args.kv_overlap_credit, args.kv_prefill_load_scale
-    config.kv_temperature = args.kv_temperature
     config.kv_events = config.kv_events and not args.no_kv_events
-    if args.default_max_tokens is not None:
-        config.default_max_tokens = args.default_max_tokens
     config.access_log = config.access_log or args.access_log
     config.__post_init__()
     return config
