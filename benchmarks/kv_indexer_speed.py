@@ -15,11 +15,9 @@ stored (no evictions: 15,625 blocks per worker fit a 16,384-block pool).
 1. **Indexing**: events/s and blocks/s of ``KvIndexer.apply`` (one call per event, as the
    event follower does). Baseline, measured in the same run on the same token lists: the router's
    re-hashing alone, ``tandem.hashing.block_hashes(event.token_ids, 16, seed, parent)`` per
-   event, and the same hashes computed with the event's tokens packed once (``array.array``, one
-   conversion per event instead of a numpy conversion per 16-token block: what the hashing could
-   cost). The ratio
-   indexing/hashing shows how much of an event's cost is the hashing (per block: a numpy
-   conversion + 2 xxh3 calls); the rest is Python dict updates (per block: engine hash → seq
+   event (the C loop when it is built, as in serving), and the same call in the pure-Python
+   loop. The ratio indexing/hashing shows how much of an event's cost is the hashing (per event:
+   one numpy conversion and one C call); the rest is Python dict updates (per block: engine hash → seq
    hash, a ref count, the holder bitmask: ~6 dict operations on tables of up to 1M entries, i.e.
    cache misses) and per-event dispatch. A second build with the cyclic GC off shows the GC's
    share (~0 now that holders are int bitmasks; it was ~2.9 us/block at 1M blocks when each
@@ -48,18 +46,14 @@ Usage: python benchmarks/kv_indexer_speed.py [--blocks 1000000] [--workers 64] [
 from __future__ import annotations
 
 import argparse
-import array
 import gc
 import logging
 import random
 import statistics
-import struct
-import sys
 import time
 
-import xxhash
-
 from tandem.engine.kv_events import BlockStored
+from tandem import hashing
 from tandem.hashing import BLOCK_HASH_SEED, block_hashes
 from tandem.router.kv_indexer import KvIndexer
 
@@ -67,8 +61,6 @@ BLOCK_SIZE = 16
 PROMPT_TOKENS = 1000
 VOCAB = 32_000
 _TOKENS = list(range(VOCAB))  # token lists reference these ints, so 1M blocks fit in memory
-_U64_PAIR = struct.Struct("<QQ")
-BIG_ENDIAN = sys.byteorder == "big"  # array "I" is native-endian uint32 on the usual platforms
 
 
 def rand_tokens(rng: random.Random, n: int) -> list[int]:
@@ -165,29 +157,17 @@ def bench_indexing(events: list[tuple[str, BlockStored]], n_blocks: int) -> KvIn
                      0 if event.parent_block_hash is not None else None)
     hash_s = time.perf_counter() - start
 
-    # The same hashes with the event's tokens packed once (array.array, one conversion per event,
-    # not a numpy conversion per 16-token block): what block_hashes could cost.
-    step = BLOCK_SIZE * 4
-    xxh, pack, seed = xxhash.xxh3_64_intdigest, _U64_PAIR.pack, BLOCK_HASH_SEED
-
-    def packed_hashes(token_ids: list[int], parent: int | None) -> list[int]:
-        arr = array.array("I", token_ids)  # uint32; the contract is little-endian
-        if BIG_ENDIAN:
-            arr.byteswap()
-        data = arr.tobytes()
-        out = []
-        for off in range(0, len(data) - step + 1, step):
-            local = xxh(data[off:off + step], seed=seed)
-            parent = local if parent is None else xxh(pack(parent, local), seed=seed)
-            out.append(parent)
-        return out
-
-    for _, event in events[:1000]:  # same contract, same hashes
-        assert packed_hashes(event.token_ids, 7) == block_hashes(event.token_ids, BLOCK_SIZE, seed, 7)
-    start = time.perf_counter()
-    for _, event in events:
-        packed_hashes(event.token_ids, 0 if event.parent_block_hash is not None else None)
-    packed_s = time.perf_counter() - start
+    # The same hashes in the pure-Python loop (what the indexer cost before the C loop).
+    native = hashing._native_fn
+    hashing._native_fn = None
+    try:
+        start = time.perf_counter()
+        for _, event in events:
+            block_hashes(event.token_ids, BLOCK_SIZE, BLOCK_HASH_SEED,
+                         0 if event.parent_block_hash is not None else None)
+        python_s = time.perf_counter() - start
+    finally:
+        hashing._native_fn = native
 
     n_events = len(events)
     print(f"\n1. Indexing {n_events:,} BlockStored events ({n_blocks:,} blocks, "
@@ -198,8 +178,8 @@ def bench_indexing(events: list[tuple[str, BlockStored]], n_blocks: int) -> KvIn
           f"  ({1e6 * index_s / n_blocks:.2f} us/block, {index_s:.2f} s)")
     print(f"   baseline block_hashes only  {n_events / hash_s:12,.0f} events/s  {n_blocks / hash_s:12,.0f} blocks/s"
           f"  ({1e6 * hash_s / n_blocks:.2f} us/block)")
-    print(f"   hashing, tokens packed once {n_events / packed_s:12,.0f} events/s  {n_blocks / packed_s:12,.0f} blocks/s"
-          f"  ({1e6 * packed_s / n_blocks:.2f} us/block, hashes asserted equal)")
+    print(f"   block_hashes, Python loop   {n_events / python_s:12,.0f} events/s  {n_blocks / python_s:12,.0f} blocks/s"
+          f"  ({1e6 * python_s / n_blocks:.2f} us/block; the C loop is {python_s / hash_s:.1f}x faster)")
     print(f"   KvIndexer.apply, GC off     {n_events / nogc_s:12,.0f} events/s  {n_blocks / nogc_s:12,.0f} blocks/s"
           f"  ({1e6 * nogc_s / n_blocks:.2f} us/block; GC on - off: "
           f"{1e6 * (index_s - nogc_s) / n_blocks:+.2f} us/block)")
@@ -334,7 +314,7 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
     print(f"   router hit rate {router.hit_rate:.2f}, mean overhead (router's own figure) "
           f"{router.status([])['overhead_ms_mean']:.3f} ms")
     # What bounds route(): its parts, timed separately on the same prompts and the same load.
-    from tandem.router.kv_cost import worker_cost
+    from tandem.router.kv_cost import worker_costs
 
     sample = queries[: min(len(queries), 500)]
     load, cost, bsz = router.load, router.cost, router.block_size
@@ -343,12 +323,12 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
     t1 = time.perf_counter()
     found = [router.indexer.find_matches(hs) for hs in hashed]
     t2 = time.perf_counter()
+    ids = [c.worker_id for c in cards]
     for q, m in zip(sample, found):
-        {c.worker_id: worker_cost(load.prefill_tokens(c.worker_id), len(q), m.get(c.worker_id, 0),
-                                  load.decode_blocks(c.worker_id), bsz, cost) for c in cards}
+        worker_costs(load.loads(ids), len(q), m, bsz, cost)
     t3 = time.perf_counter()
     k = len(sample)
-    parts = {"hashing": (t1 - t0) / k, "find_matches": (t2 - t1) / k, f"{len(cards)} costs": (t3 - t2) / k}
+    parts = {"hashing": (t1 - t0) / k, "find_matches": (t2 - t1) / k, f"loads + {len(cards)} costs": (t3 - t2) / k}
     # The same requests back to back (no sleep, caches hot), booked and released the same way.
     hot_s = []
     for i, tokens in enumerate(queries):

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up Tandem on a fresh Debian/Ubuntu machine: system packages the tests use (etcd, NATS),
-# a virtual environment in .venv, and the package with its test extras.
+# libxxhash0 and gcc for the native block-hash kernel, a virtual environment in .venv, and the
+# package with its test extras.
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in etcd-server nats-server; do
+  for pkg in etcd-server nats-server libxxhash0 gcc; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -8,9 +8,27 @@ from collections import Counter
 
 import pytest
 
-from tandem.router.kv_cost import KvCostConfig, select_worker, softmax_probabilities, worker_cost
+from tandem.router.kv_cost import (
+    DEFAULT_PREFILL_LOAD_SCALE,
+    KvCostConfig,
+    select_worker,
+    softmax_probabilities,
+    worker_cost,
+    worker_costs,
+)
 
 BS = 16
+
+
+def dynamo(**overrides: float) -> KvCostConfig:
+    """A cost config with Dynamo's defaults (prefill_load_scale 1.0, Tandem's default is 4.0)."""
+    return KvCostConfig(**{"prefill_load_scale": 1.0, **overrides})
+
+
+def test_tandem_default_weights_prefill_four_times_dynamos():
+    assert KvCostConfig().prefill_load_scale == DEFAULT_PREFILL_LOAD_SCALE == 4.0
+    # The worked example's W2 under Tandem's default: 4 * (10 - 5) + 5.
+    assert worker_cost(0, 160, 5, 5, BS, KvCostConfig()) == 25.0
 
 
 def cost(prefill_blocks: float, cached_blocks: float, decode_blocks: int, config: KvCostConfig | None = None,
@@ -18,47 +36,56 @@ def cost(prefill_blocks: float, cached_blocks: float, decode_blocks: int, config
     """Cost with the new prompt given in blocks (the prompt is prefill_blocks * BS tokens)."""
     new_tokens = int(prefill_blocks * BS) - active_prefill_tokens
     return worker_cost(active_prefill_tokens, new_tokens, cached_blocks, decode_blocks, BS,
-                       config or KvCostConfig())
+                       config or dynamo())
 
 
 def test_dynamo_worked_example():
     # router-design.md: W1 (10 prefill blocks, 2 cached, 10 decode) = 18, W2 (10, 5, 5) = 10,
     # W3 (10, 8, 9) = 11 -> W2. The prompt is 160 tokens = 10 blocks of 16.
     costs = {
-        "w1": worker_cost(0, 160, 2, 10, BS, KvCostConfig()),
-        "w2": worker_cost(0, 160, 5, 5, BS, KvCostConfig()),
-        "w3": worker_cost(0, 160, 8, 9, BS, KvCostConfig()),
+        "w1": worker_cost(0, 160, 2, 10, BS, dynamo()),
+        "w2": worker_cost(0, 160, 5, 5, BS, dynamo()),
+        "w3": worker_cost(0, 160, 8, 9, BS, dynamo()),
     }
     assert costs == {"w1": 18.0, "w2": 10.0, "w3": 11.0}
     for seed in range(20):
         assert select_worker(costs, 0.0, random.Random(seed)) == "w2"
     # The same numbers with block_size 1 (Dynamo's example counts in blocks).
-    assert worker_cost(0, 10, 2, 10, 1, KvCostConfig()) == 18.0
+    assert worker_cost(0, 10, 2, 10, 1, dynamo()) == 18.0
+
+
+def test_worker_costs_scores_every_worker_like_worker_cost():
+    # The router's batched form: the worked example in one call, absent matches counting as 0.
+    loads = {"w1": (0, 10), "w2": (0, 5), "w3": (0, 9), "w4": (48, 0)}
+    costs = worker_costs(loads, 160, {"w1": 2, "w2": 5, "w3": 8}, BS, dynamo())
+    assert costs == {"w1": 18.0, "w2": 10.0, "w3": 11.0, "w4": 13.0}
+    config = dynamo(overlap_credit=0.5, prefill_load_scale=3.0)
+    assert worker_costs(loads, 160, {"w2": 5}, BS, config)["w2"] == worker_cost(0, 160, 5, 5, BS, config) == 27.5
 
 
 def test_active_prefill_tokens_add_to_the_new_prompt():
     # 96 tokens already prefilling + 64 new = 160 tokens = 10 blocks; 2 cached; 10 decode -> 18.
-    assert worker_cost(96, 64, 2, 10, BS, KvCostConfig()) == 18.0
+    assert worker_cost(96, 64, 2, 10, BS, dynamo()) == 18.0
     # Partial blocks count fractionally: 8 tokens = half a block.
-    assert worker_cost(0, 8, 0, 0, BS, KvCostConfig()) == 0.5
+    assert worker_cost(0, 8, 0, 0, BS, dynamo()) == 0.5
 
 
 def test_overlap_credit_scales_cached_blocks():
-    assert cost(10, 4, 3, KvCostConfig(overlap_credit=0.5)) == 10 - 2 + 3
-    assert cost(10, 4, 3, KvCostConfig(overlap_credit=0.0)) == 10 + 3  # cache ignored
-    assert cost(10, 4, 3, KvCostConfig(overlap_credit=2.0)) == 10 - 8 + 3
+    assert cost(10, 4, 3, dynamo(overlap_credit=0.5)) == 10 - 2 + 3
+    assert cost(10, 4, 3, dynamo(overlap_credit=0.0)) == 10 + 3  # cache ignored
+    assert cost(10, 4, 3, dynamo(overlap_credit=2.0)) == 10 - 8 + 3
 
 
 def test_prefill_load_scale_weights_prefill_not_decode():
-    assert cost(10, 4, 3, KvCostConfig(prefill_load_scale=2.0)) == 2 * (10 - 4) + 3
-    assert cost(10, 4, 3, KvCostConfig(prefill_load_scale=0.0)) == 3
-    assert cost(10, 4, 3, KvCostConfig(prefill_load_scale=0.5, overlap_credit=0.5)) == 0.5 * (10 - 2) + 3
+    assert cost(10, 4, 3, dynamo(prefill_load_scale=2.0)) == 2 * (10 - 4) + 3
+    assert cost(10, 4, 3, dynamo(prefill_load_scale=0.0)) == 3
+    assert cost(10, 4, 3, dynamo(prefill_load_scale=0.5, overlap_credit=0.5)) == 0.5 * (10 - 2) + 3
 
 
 def test_credit_is_clamped_at_zero():
     # More credit than prefill work: the prefill term is 0, not negative.
     assert cost(4, 10, 7) == 7.0
-    assert cost(4, 4, 7, KvCostConfig(overlap_credit=3.0)) == 7.0
+    assert cost(4, 4, 7, dynamo(overlap_credit=3.0)) == 7.0
     assert cost(0, 5, 0) == 0.0
 
 
@@ -156,4 +183,4 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="not finite"):
         select_worker({"a": 1.0, "b": math.nan}, 0.5, rng)
     with pytest.raises(ValueError, match="block_size"):
-        worker_cost(0, 10, 0, 0, 0, KvCostConfig())
+        worker_cost(0, 10, 0, 0, 0, dynamo())

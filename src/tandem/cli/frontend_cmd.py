@@ -27,7 +27,8 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit if defaults else None,
                        help=f"kv: weight of a cached block against a prefill block (default: {d.kv_overlap_credit})")
     group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale if defaults else None,
-                       help=f"kv: weight of prefill work against decode blocks (default: {d.kv_prefill_load_scale})")
+                       help=f"kv: weight of prefill work against decode blocks (default: {d.kv_prefill_load_scale}; "
+                            "Dynamo: 1.0)")
     group.add_argument("--kv-temperature", type=float, default=d.kv_temperature if defaults else None,
                        help=f"kv: 0 = cheapest worker; > 0 = softmax sampling (default: {d.kv_temperature})")
     group.add_argument("--no-kv-events", action="store_true",

@@ -14,14 +14,20 @@ from tandem.cli.signals import stop_event
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from tandem.router.kv_cost import KvCostConfig
+
     parser = subparsers.add_parser("router", help="a standalone KV-aware router shared by frontends")
     parser.add_argument("--discovery", default="file", help="memory, file or file:/dir (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="request-plane port (0: a free one)")
     parser.add_argument("--policy", choices=("kv", "least-loaded"), default="kv")
-    parser.add_argument("--kv-overlap-credit", type=float, default=1.0)
-    parser.add_argument("--kv-prefill-load-scale", type=float, default=1.0)
-    parser.add_argument("--kv-temperature", type=float, default=0.0)
+    d = KvCostConfig()
+    parser.add_argument("--kv-overlap-credit", type=float, default=d.overlap_credit,
+                        help="weight of a cached block against a prefill block (default: %(default)s)")
+    parser.add_argument("--kv-prefill-load-scale", type=float, default=d.prefill_load_scale,
+                        help="weight of prefill work against decode blocks (default: %(default)s; Dynamo: 1.0)")
+    parser.add_argument("--kv-temperature", type=float, default=d.temperature,
+                        help="0 = cheapest worker; > 0 = softmax sampling (default: %(default)s)")
     parser.add_argument("--no-kv-events", action="store_true", help="index own decisions with a TTL instead")
     parser.set_defaults(func=run)
 

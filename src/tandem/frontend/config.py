@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.router.kv_cost import DEFAULT_PREFILL_LOAD_SCALE
+
 
 @dataclass
 class FrontendConfig:
@@ -18,8 +20,9 @@ class FrontendConfig:
     """``remote``: host:port of a standalone `tandem router`."""
     kv_overlap_credit: float = 1.0
     """kv: weight of a cached block against a prefill block."""
-    kv_prefill_load_scale: float = 1.0
-    """kv: weight of prefill work against decode blocks."""
+    kv_prefill_load_scale: float = DEFAULT_PREFILL_LOAD_SCALE
+    """kv: weight of prefill work against decode blocks (Dynamo's default: 1.0; see
+    :data:`tandem.router.kv_cost.DEFAULT_PREFILL_LOAD_SCALE` for why Tandem's is higher)."""
     kv_temperature: float = 0.0
     """kv: 0 picks the cheapest worker; > 0 samples from a softmax over costs."""
     kv_events: bool = True

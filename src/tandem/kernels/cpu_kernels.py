@@ -14,16 +14,13 @@ first so the kernel shares torch's OpenMP runtime (same libgomp soname). Without
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tandem.kernels.native import NativeUnavailable, load_library
 
 logger = logging.getLogger(__name__)
 
@@ -35,35 +32,6 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _library_path() -> Path:
-    from tandem.model_cache import cache_dir
-
-    digest = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_id().encode())
-    for source in SOURCES:
-        digest.update(source.read_bytes())
-    return cache_dir() / "kernels" / f"tandem_cpu-{digest.hexdigest()[:16]}.so"
-
-
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(out, target)  # atomic: concurrent builders never load a half-written file
-
-
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, building it on first use; None if that is impossible."""
     global _lib, _tried
@@ -73,17 +41,10 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("TANDEM_DISABLE_CPU_GEMV") == "1":
         return None
     try:
-        path = _library_path()
-        if not path.is_file():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-        for name, argtypes in _SIGNATURES.items():
-            getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
-        _lib = lib
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        logger.warning("CPU kernels unavailable (%s); falling back to oneDNN and SDPA", detail)
+        _lib = load_library("tandem_cpu", SOURCES, FLAGS + ["-lm"],
+                            {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()})
+    except NativeUnavailable as exc:
+        logger.warning("CPU kernels unavailable (%s); falling back to oneDNN and SDPA", exc)
     return _lib
 
 

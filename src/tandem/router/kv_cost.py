@@ -23,6 +23,13 @@ import math
 import random
 from dataclasses import dataclass
 
+DEFAULT_PREFILL_LOAD_SCALE = 4.0
+"""Tandem's default weight of prefill blocks against decode blocks. Dynamo defaults to 1.0; on
+the multi-turn benchmark (benchmarks/kv_routing_quality.py, docs/benchmarks.md) 1.0 let the
+decode blocks of a worker's running conversations outweigh a 1,000-token cached prefix, so new
+users were sent away from their system prompt: 75% prefix hits and TTFT p90 only 1.2× under
+round-robin's, against 85.6% (the pooled-cache oracle's) and 3.2× at 4.0."""
+
 # Costs within this relative distance of the minimum count as tied (guards float noise such as
 # 0.1 + 0.2 != 0.3 from making tie-breaking depend on evaluation order).
 _TIE_REL_TOL = 1e-9
@@ -30,14 +37,15 @@ _TIE_REL_TOL = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class KvCostConfig:
-    """Knobs of the KV-aware cost and selection. All default to Dynamo's defaults."""
+    """Knobs of the KV-aware cost and selection. Dynamo's defaults, except ``prefill_load_scale``
+    (:data:`DEFAULT_PREFILL_LOAD_SCALE`)."""
 
     overlap_credit: float = 1.0
     """Blocks of prefill credit per cached prompt block. 1.0 = a cached block costs nothing to
     prefill; 0 ignores the cache entirely (pure load balancing)."""
-    prefill_load_scale: float = 1.0
-    """Weight of the (credited) prefill load relative to decode blocks. > 1 favours TTFT (cache
-    hits and idle prefill), < 1 favours spreading decode load (ITL)."""
+    prefill_load_scale: float = DEFAULT_PREFILL_LOAD_SCALE
+    """Weight of the (credited) prefill load relative to decode blocks. Higher favours TTFT
+    (cache hits and idle prefill), lower favours spreading decode load (ITL). Dynamo: 1.0."""
     temperature: float = 0.0
     """0 = always the cheapest worker (random among ties); > 0 = sample from a softmax over
     min-max normalised costs; larger spreads load more evenly, regardless of cost."""
@@ -62,11 +70,23 @@ def worker_cost(active_prefill_tokens: int, new_prompt_tokens: int, cached_block
     ``cached_blocks`` is how many of the prompt's blocks the worker already holds (tiered hits may
     pass a fractional, partially credited count). Lower is better; never negative.
     """
+    return worker_costs({"": (active_prefill_tokens, active_decode_blocks)}, new_prompt_tokens,
+                        {"": cached_blocks}, block_size, config)[""]
+
+
+def worker_costs(loads: dict[str, tuple[int, int]], new_prompt_tokens: int, matches: dict[str, int],
+                 block_size: int, config: KvCostConfig) -> dict[str, float]:
+    """:func:`worker_cost` of every worker in ``loads`` (worker → (active prefill tokens, active
+    decode blocks)); ``matches`` gives cached blocks (absent = 0). One loop with the constants
+    hoisted: the router runs this for every candidate of every request."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size!r}")
-    prefill_blocks = (active_prefill_tokens + new_prompt_tokens) / block_size
-    credited = max(0.0, prefill_blocks - config.overlap_credit * cached_blocks)
-    return config.prefill_load_scale * credited + active_decode_blocks
+    scale, credit, get = config.prefill_load_scale, config.overlap_credit, matches.get
+    costs = {}
+    for wid, (prefill, decode) in loads.items():
+        credited = (prefill + new_prompt_tokens) / block_size - credit * get(wid, 0)
+        costs[wid] = scale * (credited if credited > 0.0 else 0.0) + decode
+    return costs
 
 
 def softmax_probabilities(costs: dict[str, float], temperature: float) -> dict[str, float]:

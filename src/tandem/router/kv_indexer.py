@@ -37,7 +37,7 @@ from tandem.engine.kv_events import (
     KVEvent,
     KVEventBatch,
 )
-from tandem.hashing import BLOCK_HASH_SEED, block_hashes, seed_for_salt
+from tandem.hashing import BLOCK_HASH_SEED, block_hashes, native_hashing, seed_for_salt
 
 __all__ = ["IndexerStats", "KvIndexer"]
 
@@ -75,6 +75,7 @@ class KvIndexer:
         if block_size <= 0:
             raise ValueError("block_size must be > 0")
         self.block_size = block_size
+        native_hashing()  # build the C hashing loop now, not on the first routed request
         self.stats = IndexerStats()
         self._holders: dict[int, int] = {}  # seq hash -> bitmask of the workers holding it
         self._workers: dict[str, _WorkerBlocks] = {}

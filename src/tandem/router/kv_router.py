@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.router.active_load import ActiveLoad
-from tandem.router.kv_cost import KvCostConfig, select_worker, worker_cost
+from tandem.router.kv_cost import DEFAULT_PREFILL_LOAD_SCALE, KvCostConfig, select_worker, worker_costs
 from tandem.router.kv_event_follower import KvEventFollower
 from tandem.router.kv_indexer import KvIndexer
 from tandem.router.worker_pool import WorkerPool
@@ -40,8 +40,8 @@ WARN_AFTER_REQUESTS = 2
 class KvRouterConfig:
     overlap_credit: float = 1.0
     """Weight of a cached block against a prefill block (0 ignores the cache: load only)."""
-    prefill_load_scale: float = 1.0
-    """Weight of prefill work against decode blocks."""
+    prefill_load_scale: float = DEFAULT_PREFILL_LOAD_SCALE
+    """Weight of prefill work against decode blocks (Dynamo's default: 1.0)."""
     temperature: float = 0.0
     """0: always the cheapest worker; > 0: softmax sampling over normalised costs."""
     use_kv_events: bool = True
@@ -142,8 +142,7 @@ class KvRouter:
         now = time.monotonic()
         matches = self.indexer.find_matches(hashes) if self.config.use_kv_events else self.approx.find_matches(hashes, now)
         loads = self.load.loads([c.worker_id for c in candidates])
-        costs = {wid: worker_cost(prefill, len(token_ids), matches.get(wid, 0), decode, self.block_size, self.cost)
-                 for wid, (prefill, decode) in loads.items()}
+        costs = worker_costs(loads, len(token_ids), matches, self.block_size, self.cost)
         chosen = select_worker(costs, self.cost.temperature, self._rng)
         cached = matches.get(chosen, 0)
         if request_id is not None:
