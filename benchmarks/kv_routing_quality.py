@@ -41,6 +41,10 @@ from serve_util import serving
 
 MODEL = "smollm2-135m-instruct"
 
+# --only names → the deployments' display names (the keys of ``runs`` in main).
+DEPLOYMENTS = {"round-robin": "round-robin", "kv": "kv", "kv-no-events": "kv, no events",
+               "oracle": "oracle (1 pooled worker)"}
+
 # --timing → (prefill A B C, decode D E F) mocker coefficients; None = the mocker's defaults (Dynamo's).
 TIMINGS = {"dynamo": (None, None), "prefill-bound": ((0.0, 0.07, 3.0), (0.0, 6.0, 8.0))}
 
@@ -94,8 +98,8 @@ def main() -> None:
     parser.add_argument("--kv-overlap-credit", type=float, default=1.0, help="both kv deployments (default: %(default)s)")
     parser.add_argument("--kv-prefill-load-scale", type=float, default=1.0, help="both kv deployments (default: %(default)s)")
     parser.add_argument("--kv-temperature", type=float, default=0.0, help="both kv deployments (default: %(default)s)")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="run only these deployments (round-robin, kv, kv-no-events, oracle)")
+    parser.add_argument("--only", nargs="+", choices=sorted(DEPLOYMENTS), default=None,
+                        help="run only these deployments (default: all)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-kv-quality-"))
     blocks, seqs = args.num_kv_blocks, args.max_num_seqs
@@ -106,9 +110,7 @@ def main() -> None:
         "oracle (1 pooled worker)": graph("round-robin", 1, 4 * blocks, 4 * seqs, args, True),
     }
     if args.only:
-        keys = {"round-robin": "round-robin", "kv": "kv", "kv-no-events": "kv, no events",
-                "oracle": "oracle (1 pooled worker)"}
-        runs = {keys[k]: runs[keys[k]] for k in args.only}
+        runs = {DEPLOYMENTS[k]: runs[DEPLOYMENTS[k]] for k in args.only}
     trials: dict[str, list[dict]] = {name: [] for name in runs}
     for repeat in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
         for i, (name, text) in enumerate(runs.items()):
@@ -125,9 +127,9 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:26} | {r['ok']:>3.0f}/{r['sent']:<3.0f} | {r['ttft_p50']:>6.1f} ms | {r['ttft_p90']:>6.1f} ms | "
               f"{r['hit_rate'] * 100:>7.1f}% | {r['tok_s']:>9.0f}")
-    if set(runs) != set(keys := ("round-robin", "kv", "kv, no events", "oracle (1 pooled worker)")):
-        return
-    rr, kv, oracle = (results[k] for k in (keys[0], keys[1], keys[3]))
+    if set(runs) != set(DEPLOYMENTS.values()):
+        return  # the ratios need every deployment
+    rr, kv, oracle = (results[DEPLOYMENTS[k]] for k in ("round-robin", "kv", "oracle"))
     print(f"TTFT p90 round-robin / kv: {rr['ttft_p90'] / kv['ttft_p90']:.2f}x (goal >= 2x)")
     for name in ("kv", "kv, no events", "round-robin"):
         gap = (oracle["hit_rate"] - results[name]["hit_rate"]) * 100

@@ -25,6 +25,8 @@ import time
 import urllib.error
 import urllib.request
 
+from serve_util import stop_serve
+
 MODEL = "smollm2-135m-instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True,
         "temperature": 0}
@@ -85,11 +87,7 @@ def trial() -> tuple[float, float]:
             time.sleep(0.05)
         raise TimeoutError("no first token within 120 s")
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc, timeout=30)
 
 
 def baseline() -> float:

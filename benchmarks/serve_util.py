@@ -34,8 +34,13 @@ def serving(*serve_args: str, timeout: float = 120.0) -> Iterator[str]:
                 raise RuntimeError(f"tandem serve {' '.join(serve_args)} did not become ready")
         yield url[0]
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc, timeout=60)
+
+
+def stop_serve(proc: subprocess.Popen, timeout: float) -> None:
+    """Ctrl-C a `tandem serve` process (a clean drain), and kill it if that takes over ``timeout``."""
+    proc.send_signal(2)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -4,6 +4,8 @@ a gap is closed by replay, or by a dump when the replay buffer no longer reaches
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -27,7 +29,9 @@ def _stored(tokens: list[int], parent_tokens: list[int] | None = None) -> BlockS
                        token_ids=tokens, block_size=BLOCK)
 
 
-async def _follower(publisher: KvEventPublisher) -> tuple[KvEventFollower, KvIndexer, RequestPlaneServer]:
+@contextlib.asynccontextmanager
+async def _following(publisher: KvEventPublisher) -> AsyncIterator[tuple[KvEventFollower, KvIndexer]]:
+    """A started follower of ``publisher`` (with a kv_dump endpoint), torn down with the publisher."""
     async def kv_dump(payload, ctx: RequestContext):
         seq, events = publisher.dump()
         yield {"seq": seq, "events": msgspec.to_builtins(events)}
@@ -40,7 +44,13 @@ async def _follower(publisher: KvEventPublisher) -> tuple[KvEventFollower, KvInd
                       kv_events_address=publisher.address, kv_replay_address=publisher.replay_address)
     indexer = KvIndexer(BLOCK)
     follower = KvEventFollower(card, indexer, RequestPlaneClient())
-    return follower, indexer, server
+    follower.start()
+    try:
+        yield follower, indexer
+    finally:
+        await follower.stop()
+        await server.stop(0)
+        publisher.close()
 
 
 async def _until(predicate, timeout: float = 5.0) -> None:
@@ -55,9 +65,7 @@ def test_dump_at_start_then_stream_then_replay_closes_a_gap():
         publisher = KvEventPublisher()
         a = list(range(100, 100 + 2 * BLOCK))
         publisher.publish(0, make_batch([_stored(a)]))  # before the router knows the worker
-        follower, indexer, server = await _follower(publisher)
-        follower.start()
-        try:
+        async with _following(publisher) as (follower, indexer):
             await _until(lambda: follower.stats.dumps == 1)
             assert indexer.find_matches(indexer.sequence_hashes(a)) == {"w": 2}
             b = list(range(500, 500 + BLOCK))
@@ -75,10 +83,6 @@ def test_dump_at_start_then_stream_then_replay_closes_a_gap():
             assert follower.stats.gaps_recovered == 1 and follower.stats.dumps == 1
             for tokens in (b, c, d):
                 assert indexer.find_matches(indexer.sequence_hashes(tokens)) == {"w": 1}
-        finally:
-            await follower.stop()
-            await server.stop(0)
-            publisher.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
@@ -86,9 +90,7 @@ def test_dump_at_start_then_stream_then_replay_closes_a_gap():
 def test_a_gap_older_than_the_replay_buffer_is_closed_by_a_dump():
     async def scenario() -> None:
         publisher = KvEventPublisher(PublisherConfig(buffer_size=1))
-        follower, indexer, server = await _follower(publisher)
-        follower.start()
-        try:
+        async with _following(publisher) as (follower, indexer):
             await _until(lambda: follower.stats.dumps == 1)
             e = list(range(2000, 2000 + BLOCK))
             f = list(range(3000, 3000 + BLOCK))
@@ -99,9 +101,5 @@ def test_a_gap_older_than_the_replay_buffer_is_closed_by_a_dump():
             assert follower.stats.gaps_recovered == 1
             for tokens in (e, f):
                 assert indexer.find_matches(indexer.sequence_hashes(tokens)) == {"w": 1}
-        finally:
-            await follower.stop()
-            await server.stop(0)
-            publisher.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
