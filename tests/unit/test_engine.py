@@ -150,6 +150,27 @@ def test_export_import_moves_prefix_between_engines(tiny_loaded):
     assert dst.stats().cached_prompt_tokens_total == 32
 
 
+def test_import_of_a_later_run_continues_the_cached_prefix(tiny_loaded):
+    # A decode worker that holds block 0 imports only block 1 (parent_hash = block 0's hash).
+    src, dst = make_engine(tiny_loaded), make_engine(tiny_loaded)
+    expected = src.generate([PROMPT], GREEDY)[0]
+    export = src.export_kv(PROMPT)
+    per_block = len(export.data) // 2
+    fields = {f: getattr(export, f) for f in export.__struct_fields__}
+    head = KVBlockExport(**{**fields, "block_hashes": export.block_hashes[:1], "token_ids": export.token_ids[:16],
+                            "data": export.data[:per_block]})
+    tail = KVBlockExport(**{**fields, "block_hashes": export.block_hashes[1:], "token_ids": export.token_ids[16:],
+                            "data": export.data[per_block:], "parent_hash": export.block_hashes[0]})
+    with pytest.raises(ValueError, match="prefix first"):
+        dst.import_kv(tail)  # its parent is not here yet: nothing imported
+    assert dst.pool.num_free_blocks == dst.pool.num_blocks and dst.pool.num_cached_blocks == 0
+    assert dst.import_kv(head) == 1
+    assert dst.import_kv(tail) == 1
+    dst.take_kv_events()
+    assert dst.generate([PROMPT], GREEDY)[0] == expected
+    assert dst.stats().cached_prompt_tokens_total == 32
+
+
 def test_import_rejects_tampered_payload(tiny_loaded):
     src, dst = make_engine(tiny_loaded), make_engine(tiny_loaded)
     src.generate([PROMPT], GREEDY)

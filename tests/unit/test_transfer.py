@@ -234,6 +234,28 @@ def test_full_pull_round_trips_to_an_importable_export():
     run(body)
 
 
+def test_a_run_past_block_0_becomes_an_export_that_continues_its_parent():
+    tokens = list(range(50, 50 + 4 * BLOCK))
+    tensor = torch.randn(4, *BLOCK_SHAPE)
+    hashes = block_hashes(tokens, BLOCK)
+    export = tensor_to_export(tensor, hashes, tokens, BLOCK, 1337)
+
+    async def body() -> None:
+        async with Served() as served:
+            served.hold("tail", export)
+            with await served.pull("tail", [2, 3]) as pulled:
+                tail = pulled.to_export()
+            assert tail.parent_hash == hashes[1] and tail.block_hashes == hashes[2:]
+            verify_block_hashes(tail)  # the chain is checked from the parent
+            assert torch.equal(export_to_tensor(tail, list(BLOCK_SHAPE), torch.float32), tensor[2:])
+            served.hold("scattered", export)
+            with await served.pull("scattered", [0, 2]) as pulled:
+                with pytest.raises(ValueError, match="contiguous"):
+                    pulled.to_export()
+
+    run(body)
+
+
 def test_payloadless_mocker_export_pulls_its_metadata_only():
     tokens = list(range(7, 7 + 2 * BLOCK))
     export = KVBlockExport(BLOCK, "float32", [0], 1337, block_hashes(tokens, BLOCK), tokens, b"")  # as MockerEngine

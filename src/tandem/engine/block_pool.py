@@ -82,6 +82,10 @@ class BlockPool:
 
     # ---- prefix cache -----------------------------------------------------------------------
 
+    def is_cached(self, block_hash: int) -> bool:
+        """Whether a block with this sequence hash is in the prefix cache (no counters touched)."""
+        return block_hash in self._cached
+
     def find_cached_blocks(self, block_hashes: list[int]) -> list[KVBlock]:
         """Longest prefix of ``block_hashes`` present in the cache (stops at the first miss).
 

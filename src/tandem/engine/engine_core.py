@@ -190,9 +190,13 @@ class EngineCore:
         return seed, hashes, self.pool.find_cached_blocks(hashes)
 
     def _import_blocks(self, hashes: list[int], token_ids: list[int],
-                       write: Callable[[list[int], int], None]) -> int:
+                       write: Callable[[list[int], int], None], parent_hash: int | None = None) -> int:
         """Publish blocks to the prefix cache; ``write(block_ids, first)`` fills the new blocks with
-        the payload of blocks ``first..``. Returns how many were new (cached blocks are skipped)."""
+        the payload of blocks ``first..``. Returns how many were new (cached blocks are skipped).
+        ``parent_hash``: the run continues that cached block (its prefix must be here already, or
+        the imported blocks could never be reached by a prompt)."""
+        if parent_hash is not None and not self.pool.is_cached(parent_hash):
+            raise ValueError("the imported blocks continue a block this engine does not hold: import their prefix first")
         present = self.pool.find_cached_blocks(hashes)
         num_present = len(present)
         new = len(hashes) - num_present
@@ -206,7 +210,7 @@ class EngineCore:
         blocks = self.pool.allocate(new)
         write([b.block_id for b in blocks], num_present)
         bs = self.block_size
-        parent = hashes[num_present - 1] if num_present else None
+        parent = hashes[num_present - 1] if num_present else parent_hash
         self.pool.cache_full_blocks(blocks, hashes[num_present:], token_ids[num_present * bs:], parent)
         self.pool.free(list(reversed(present + blocks)))
         return new

@@ -1,7 +1,8 @@
 """Export and import of KV blocks (block hashes + raw bytes), the unit of P/D transfer.
 
 An export carries the contract hashes of a run of full prompt blocks, their tokens, and their
-KV bytes laid out ``[num_blocks, layers, 2 (k, v), block_size, kv_heads, head_dim]``. Import
+KV bytes (a run may start past block 0: ``parent_hash`` then names the block before it, so a
+decode worker can pull and import only the blocks it lacks) laid out ``[num_blocks, layers, 2 (k, v), block_size, kv_heads, head_dim]``. Import
 checks the hashes against the tokens (never trusting the sender), writes the bytes into fresh
 blocks and publishes them to the prefix cache, so the request that follows simply hits them.
 """
@@ -25,6 +26,8 @@ class KVBlockExport(msgspec.Struct):
     token_ids: list[int]
     """All tokens of the exported blocks, concatenated."""
     data: bytes
+    parent_hash: int | None = None
+    """Sequence hash of the block before the first exported one; None when the run starts at block 0."""
 
 
 def tensor_to_export(data: torch.Tensor, hashes: list[int], token_ids: list[int], block_size: int,
@@ -39,7 +42,7 @@ def verify_block_hashes(export: KVBlockExport) -> None:
     """Check that the export's tokens cover its blocks and hash to its block hashes."""
     if len(export.token_ids) != len(export.block_hashes) * export.block_size:
         raise ValueError("token_ids do not cover the exported blocks")
-    if block_hashes(export.token_ids, export.block_size, export.hash_seed) != list(export.block_hashes):
+    if block_hashes(export.token_ids, export.block_size, export.hash_seed, export.parent_hash) != list(export.block_hashes):
         raise ValueError("block hashes do not match their tokens")
 
 

@@ -218,4 +218,5 @@ class MockerEngine(EngineCore):
         """Publish an export's blocks to this prefix cache (hashes checked, bytes ignored); returns how many were new."""
         self._check_import_block_size(export.block_size)
         verify_block_hashes(export)
-        return self._import_blocks(list(export.block_hashes), list(export.token_ids), lambda block_ids, first: None)
+        return self._import_blocks(list(export.block_hashes), list(export.token_ids), lambda block_ids, first: None,
+                                   export.parent_hash)

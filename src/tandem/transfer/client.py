@@ -87,11 +87,15 @@ class PulledBlocks:
     def to_export(self) -> KVBlockExport:
         """The returned blocks as a `KVBlockExport` (copies the payload into ``data``).
 
-        An export of blocks not starting at block 0 continues a hash chain (its first block's parent
-        is ``header.parent_hashes[0]``), which `verify_block_hashes` cannot check on its own."""
+        A run not starting at block 0 carries its first block's parent (``parent_hash``); blocks
+        that are not one contiguous run cannot form one export (ValueError)."""
         header = self.header
+        indices = self.block_indices
+        if any(later - earlier != 1 for earlier, later in zip(indices, indices[1:])):
+            raise ValueError(f"blocks {indices} are not one contiguous run: pull them as separate runs")
+        parent = header.parent_hashes[0] if header.parent_hashes else None
         return KVBlockExport(header.block_size, header.dtype, list(header.block_shape), header.hash_seed,
-                             list(header.block_hashes), list(header.token_ids), bytes(self.payload))
+                             list(header.block_hashes), list(header.token_ids), bytes(self.payload), parent)
 
     def close(self) -> None:
         """Release the payload; for a pooled shm segment, tell the server it may reuse it (the
