@@ -183,6 +183,15 @@ class EngineCore:
 
     # --- KV export / import: the block bookkeeping (subclasses move the bytes) ---
 
+    def num_cached_prompt_blocks(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> int:
+        """Leading full blocks of the prompt in the prefix cache (hit counters untouched)."""
+        count = 0
+        for block_hash in block_hashes(prompt_token_ids, self.block_size, seed_for_salt(cache_salt)):
+            if not self.pool.is_cached(block_hash):
+                break
+            count += 1
+        return count
+
     def _cached_prefix(self, prompt_token_ids: list[int], cache_salt: str | None) -> tuple[int, list[int], list[KVBlock]]:
         """(hash seed, the prompt's full-block hashes, the cached blocks of its leading run)."""
         seed = seed_for_salt(cache_salt)

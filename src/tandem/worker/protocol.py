@@ -29,12 +29,28 @@ def sampling_params_from_payload(sampling: dict[str, Any]) -> SamplingParams:
     return msgspec.convert(sampling, SamplingParams)
 
 
+class KvTransferParams(msgspec.Struct, forbid_unknown_fields=True):
+    """Where a decode worker pulls a finished prefill's KV blocks."""
+
+    address: str
+    """``host:port`` of the prefill worker's transfer server."""
+    transfer_id: str
+    """The held export's id on that server."""
+    num_blocks: int
+    """Full prompt blocks held (the leading ``num_blocks`` blocks of the prompt)."""
+
+
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     request_id: str
     token_ids: list[int]
     sampling: dict[str, Any] = msgspec.field(default_factory=dict)
     """SamplingParams fields by name; see sampling_params_from_payload."""
     cache_salt: str | None = None
+    export_kv: bool = False
+    """Prefill half of a disaggregated request: when it finishes, hold the prompt's KV for a
+    decode worker and say where in the last delta's ``kv_transfer``."""
+    kv_transfer: KvTransferParams | None = None
+    """Decode half: pull the prompt's KV blocks this worker lacks from here before running."""
 
 
 class TokenLogprobPayload(msgspec.Struct):
@@ -51,6 +67,8 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
     stop_token_id: int | None = None
     logprobs: list[TokenLogprobPayload] | None = None
+    kv_transfer: KvTransferParams | None = None
+    """On the last delta of an ``export_kv`` request: where its KV blocks wait to be pulled."""
 
     @classmethod
     def from_output(cls, out: RequestOutput) -> "GenerateDelta":
@@ -66,4 +84,5 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
         return GenerateDelta(self.token_ids + later.token_ids, later.num_prompt_tokens, later.num_cached_tokens,
-                             later.num_output_tokens, later.finish_reason, later.stop_token_id, logprobs)
+                             later.num_output_tokens, later.finish_reason, later.stop_token_id, logprobs,
+                             later.kv_transfer or self.kv_transfer)

@@ -22,6 +22,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.runtime.discovery import Discovery, Registration
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
+from tandem.worker.disagg import PrefillExporter, import_missing_blocks
 from tandem.worker.kv_publisher import KvEventPublisher
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, sampling_params_from_payload
 
@@ -32,7 +33,7 @@ class WorkerService:
     def __init__(self, engine: AsyncEngine, discovery: Discovery, *, model_name: str, tokenizer_source: str,
                  role: Role = "agg", engine_kind: str = "builtin", host: str = "127.0.0.1", port: int = 0,
                  ttl_s: float | None = None, worker_id: str | None = None,
-                 kv_publisher: KvEventPublisher | None = None) -> None:
+                 kv_publisher: KvEventPublisher | None = None, kv_hold_s: float = 60.0) -> None:
         self.engine = engine
         self.discovery = discovery
         self.model_name, self.tokenizer_source = model_name, tokenizer_source
@@ -42,7 +43,12 @@ class WorkerService:
         self.server.register("generate", self.generate)
         self.server.register("stats", self.stats)
         self.server.register("kv_dump", self.kv_dump)
+        self.server.register("kv_release", self.kv_release)
         self.kv_publisher = kv_publisher
+        # Prefill workers hold finished prompts' KV for decode workers (worker/disagg.py).
+        self.exporter = PrefillExporter(engine, host, kv_hold_s) if role == "prefill" else None
+        self.kv_blocks_imported = 0
+        """Blocks pulled from prefill workers and imported (decode side), since start."""
         self.registration: Registration | None = None
 
     def card(self) -> WorkerCard:
@@ -57,6 +63,8 @@ class WorkerService:
         )
 
     async def start(self) -> None:
+        if self.exporter is not None:
+            await self.exporter.start()
         await self.server.start()
         self.registration = await self.discovery.register(self.card(), self.ttl_s)
         logger.info("worker %s serving %s at %s", self.worker_id, self.model_name, self.server.address)
@@ -66,6 +74,8 @@ class WorkerService:
         if self.registration is not None:
             await self.registration.withdraw()
         await self.server.stop(drain_timeout=timeout)
+        if self.exporter is not None:
+            await self.exporter.stop()
         await asyncio.to_thread(self.engine.shutdown)
         if self.kv_publisher is not None:
             self.kv_publisher.close()
@@ -80,15 +90,32 @@ class WorkerService:
             self.engine.engine.validate_prompt(request.token_ids)
         except ValueError as exc:
             raise EndpointError("bad_request", str(exc)) from None
+        if request.export_kv and self.exporter is None:
+            raise EndpointError("bad_request", f"export_kv needs a prefill worker; this one is {self.role!r}")
+        if request.kv_transfer is not None:
+            prompt = request.token_ids[:-1]  # the last token is the prefill's first output
+            self.kv_blocks_imported += await import_missing_blocks(self.engine, prompt, request.cache_salt,
+                                                                   request.kv_transfer)
         stream = self.engine.generate(request.token_ids, params, request_id=request.request_id,
                                       cache_salt=request.cache_salt)
         try:
             async for out in stream:
-                yield msgspec.to_builtins(GenerateDelta.from_output(out))
+                delta = GenerateDelta.from_output(out)
+                if request.export_kv and out.finish_reason is not None:
+                    delta.kv_transfer = await self.exporter.export(request.request_id, request.token_ids,
+                                                                   request.cache_salt)
+                yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None
         finally:
             await stream.aclose()  # aborts the engine request if the client went away early
+
+    async def kv_release(self, payload: Any, ctx: RequestContext) -> dict:
+        """Free a held prefill export nobody will pull (``{"transfer_id": ...}``)."""
+        transfer_id = payload.get("transfer_id") if isinstance(payload, dict) else None
+        if not isinstance(transfer_id, str):
+            raise EndpointError("bad_request", "kv_release needs {'transfer_id': str}")
+        return {"released": self.exporter.release(transfer_id) if self.exporter else False}
 
     async def stats(self, payload: Any, ctx: RequestContext) -> dict:
         return asdict(self.engine.stats())

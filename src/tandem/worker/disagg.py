@@ -1,0 +1,78 @@
+"""The worker's two halves of disaggregated serving (DESIGN.md §2, issue 6).
+
+**Prefill side** (``PrefillExporter``, on ``--role prefill`` workers): a request sent with
+``export_kv`` runs as usual (the frontend asks for one token); when it finishes, the prompt's
+cached full blocks are exported from the engine and held in a `TransferStore`, served by this
+worker's `KvTransferServer`, and the final delta carries `KvTransferParams` saying where to pull
+them. The held copy lives in host memory, not in the engine's pool, so the pool is never pinned;
+it is freed when a decode worker pulls it, when the frontend cancels it (``kv_release``), or
+after ``ttl_s``.
+
+**Decode side** (:func:`import_missing_blocks`): a request that carries `KvTransferParams` first
+pulls the blocks of the prompt this worker does not hold yet (only those: a cached prefix stays),
+imports them into its prefix cache, then runs; the engine then hits them like any cached prefix.
+Any failure (prefill worker gone, corrupted or truncated transfer, no room in the pool) is logged
+and counted, and the request simply prefills locally: disaggregation never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from tandem.transfer import KvTransferServer, TransferError, TransferStore, TransferStoreConfig, pull_blocks
+from tandem.worker.protocol import KvTransferParams
+
+if TYPE_CHECKING:
+    from tandem.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillExporter:
+    """Exports finished prefills and serves them to decode workers until pulled or expired."""
+
+    def __init__(self, engine: AsyncEngine, host: str = "127.0.0.1", ttl_s: float = 60.0) -> None:
+        self.engine = engine
+        self.store = TransferStore(TransferStoreConfig(ttl_s=ttl_s))
+        self.server = KvTransferServer(self.store, host=host)
+
+    async def start(self) -> str:
+        return await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()  # cancels whatever is still held
+
+    async def export(self, transfer_id: str, token_ids: list[int], cache_salt: str | None) -> KvTransferParams | None:
+        """Export the prompt's cached blocks and hold them; None if there is nothing to hold."""
+        export = await self.engine.call(lambda core: core.export_kv(token_ids, cache_salt))
+        if not export.block_hashes:
+            return None  # prompt shorter than a block, or already evicted: the decode side prefills
+        try:
+            self.store.hold(transfer_id, export)
+        except ValueError as exc:  # a duplicate id: the earlier hold stays, this one is not offered
+            logger.warning("not holding KV for %s: %s", transfer_id, exc)
+            return None
+        return KvTransferParams(self.server.address, transfer_id, len(export.block_hashes))
+
+    def release(self, transfer_id: str) -> bool:
+        """Free a held export nobody will pull (the client went away); False if not held."""
+        return self.store.release(transfer_id, "cancelled")
+
+
+async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_salt: str | None,
+                                params: KvTransferParams, timeout_s: float = 30.0) -> int:
+    """Pull and import the prompt blocks this engine lacks; returns how many it imported (0 on
+    any failure, after logging it: the request then prefills them itself)."""
+    have = await engine.call(lambda core: core.num_cached_prompt_blocks(prompt, cache_salt))
+    if have >= params.num_blocks:
+        return 0
+    try:
+        with await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
+                               timeout_s=timeout_s) as pulled:
+            export = pulled.to_export()
+        return await engine.call(lambda core: core.import_kv(export))
+    except (TransferError, ValueError, OSError) as exc:
+        logger.warning("KV transfer %s from %s failed (%s); prefilling locally", params.transfer_id,
+                       params.address, exc)
+        return 0

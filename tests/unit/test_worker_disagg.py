@@ -1,0 +1,138 @@
+"""Disaggregation on the worker side: a prefill worker holds its prompt's KV, a decode worker pulls
+the blocks it lacks and continues; greedy output equals the aggregated engine's, and a failed
+transfer falls back to local prefill with the same output."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.sampling_params import SamplingParams
+from tandem.models.loader import load_model
+from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.request_plane import RemoteError, RequestPlaneClient
+from tandem.worker.service import WorkerService
+from tests.tiny_models import make_tiny_model
+
+PROMPT = list(range(10, 60))  # 3 full blocks + 2 tokens
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-disagg")
+    make_tiny_model("llama", path)
+    return load_model(str(path))
+
+
+def _service(loaded, discovery: MemoryDiscovery, role: str) -> WorkerService:
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), loaded=loaded))
+    return WorkerService(engine, discovery, model_name="tiny", tokenizer_source="tiny", role=role, ttl_s=2.0)
+
+
+def _sampling(max_tokens: int) -> dict:
+    return {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+async def _collect(client: RequestPlaneClient, address: str, payload: dict) -> list[dict]:
+    return [d async for d in client.stream(address, "generate", payload)]
+
+
+def _disagg(loaded, prefix_on_decode: list[int] | None = None, break_transfer: bool = False):
+    """Run PROMPT prefill → decode; returns (tokens, decode's cached tokens, blocks the decode worker
+    imported, prefill's held count)."""
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        prefill, decode = _service(loaded, discovery, "prefill"), _service(loaded, discovery, "decode")
+        await prefill.start()
+        await decode.start()
+        try:
+            if prefix_on_decode:  # the decode worker already holds part of the prompt
+                await _collect(client, decode.server.address,
+                               {"request_id": "warm", "token_ids": prefix_on_decode, "sampling": _sampling(1)})
+            first = await _collect(client, prefill.server.address, {
+                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            params = first[-1]["kv_transfer"]
+            assert params["num_blocks"] == len(PROMPT) // 16 and prefill.exporter.store.stats().held == 1
+            if break_transfer:
+                params = {**params, "transfer_id": "no-such-transfer"}
+            first_token = first[-1]["token_ids"][-1]
+            rest = await _collect(client, decode.server.address, {
+                "request_id": "d", "token_ids": PROMPT + [first_token], "sampling": _sampling(MAX_TOKENS - 1),
+                "kv_transfer": params})
+            tokens = [first_token] + [t for d in rest for t in d["token_ids"]]
+            return (tokens, rest[-1].get("num_cached_tokens", 0), decode.kv_blocks_imported,
+                    prefill.exporter.store.stats().held)
+        finally:
+            await client.close()
+            await prefill.drain(timeout=1)
+            await decode.drain(timeout=1)
+
+    return asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.fixture(scope="module")
+def aggregated(tiny_loaded) -> list[int]:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64), loaded=tiny_loaded)
+    return engine.generate([PROMPT], SamplingParams(**_sampling(MAX_TOKENS)))[0]
+
+
+def test_decode_continues_from_the_pulled_blocks_with_the_aggregated_output(tiny_loaded, aggregated):
+    tokens, cached, imported, held = _disagg(tiny_loaded)
+    assert tokens == aggregated
+    assert cached == 48 and imported == 3  # all three full blocks came from the prefill worker
+    assert held == 0  # pulled, so released
+
+
+def test_decode_pulls_only_the_blocks_it_lacks(tiny_loaded, aggregated):
+    tokens, cached, imported, held = _disagg(tiny_loaded, prefix_on_decode=PROMPT[:33])  # holds blocks 0-1
+    assert tokens == aggregated and cached == 48 and held == 0
+    assert imported == 1  # block 2 only
+
+
+def test_a_failed_transfer_falls_back_to_local_prefill(tiny_loaded, aggregated):
+    tokens, cached, imported, held = _disagg(tiny_loaded, break_transfer=True)
+    assert tokens == aggregated
+    assert cached == imported == 0  # nothing imported: the decode worker prefilled everything
+    assert held == 1  # the real transfer was never pulled (it expires, or kv_release frees it)
+
+
+def test_export_kv_on_a_non_prefill_worker_is_a_bad_request(tiny_loaded):
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        agg = _service(tiny_loaded, discovery, "agg")
+        await agg.start()
+        try:
+            with pytest.raises(RemoteError) as err:
+                await _collect(client, agg.server.address,
+                               {"request_id": "x", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            assert err.value.code == "bad_request"
+            assert await client.call(agg.server.address, "kv_release", {"transfer_id": "x"}) == {"released": False}
+        finally:
+            await client.close()
+            await agg.drain(timeout=1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_kv_release_frees_a_held_export(tiny_loaded):
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        prefill = _service(tiny_loaded, discovery, "prefill")
+        await prefill.start()
+        try:
+            first = await _collect(client, prefill.server.address, {
+                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            transfer_id = first[-1]["kv_transfer"]["transfer_id"]
+            assert await client.call(prefill.server.address, "kv_release", {"transfer_id": transfer_id}) == \
+                {"released": True}
+            assert prefill.exporter.store.stats().held == 0
+        finally:
+            await client.close()
+            await prefill.drain(timeout=1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
