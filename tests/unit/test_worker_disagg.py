@@ -136,3 +136,77 @@ def test_kv_release_frees_a_held_export(tiny_loaded):
             await prefill.drain(timeout=1)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# --- the frontend's two-halves flow (DisaggregatedClient) over real worker sockets ---
+
+LONG_PROMPT = list(range(10, 110))  # 6 full blocks + 4 tokens: above max_local_prefill_length 64
+
+
+def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill: bool = False,
+                   router: str = "round-robin"):
+    """Generate LONG_PROMPT through DisaggregatedClient over workers with ``roles``; returns
+    (tokens, the last delta, the client, the started services)."""
+    from tandem.frontend.disagg import DisaggregatedClient
+    from tandem.frontend.worker_client import WorkerClient
+    from tandem.router.factory import build_policy
+    from tandem.router.worker_pool import WorkerPool
+    from tandem.worker.protocol import GenerateRequest
+
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        services = [_service(loaded, discovery, role) for role in roles]
+        for service in services:
+            await service.start()
+        pool = WorkerPool(discovery)
+        await pool.start()
+        flow = DisaggregatedClient(WorkerClient(pool, build_policy(router, pool, client), client))
+        try:
+            if lose_prefill:  # a prefill worker that is registered but does not answer
+                prefill = next(s for s in services if s.role == "prefill")
+                await prefill.server.stop(drain_timeout=0)
+            request = GenerateRequest("r", LONG_PROMPT, _sampling(max_tokens))
+            deltas = [d async for d in flow.generate("tiny", request)]
+            await asyncio.sleep(0.1)  # a best-effort kv_release runs in the background
+            held = [s.exporter.store.stats().held for s in services if s.exporter is not None and not lose_prefill]
+            return [t for d in deltas for t in d.token_ids], deltas[-1], flow, held
+        finally:
+            await pool.stop()
+            await client.close()
+            for service in services:
+                await service.drain(timeout=1)
+
+    return asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.fixture(scope="module")
+def aggregated_long(tiny_loaded) -> list[int]:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64), loaded=tiny_loaded)
+    return engine.generate([LONG_PROMPT], SamplingParams(**_sampling(MAX_TOKENS)))[0]
+
+
+@pytest.mark.parametrize("router", ["round-robin", "kv"])
+def test_frontend_flow_prefills_then_decodes_with_the_aggregated_output(tiny_loaded, aggregated_long, router):
+    tokens, last, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS, router=router)
+    assert tokens == aggregated_long
+    assert flow.disaggregated_total == 1 and flow.fallbacks_total == 0
+    # Usage in the whole request's terms: the prefill's token is output, not prompt.
+    assert (last.num_prompt_tokens, last.num_output_tokens, last.finish_reason) == (len(LONG_PROMPT), MAX_TOKENS,
+                                                                                    "length")
+    assert held == [0]  # pulled
+
+
+def test_frontend_flow_without_prefill_workers_runs_on_the_decode_worker(tiny_loaded, aggregated_long):
+    tokens, _, flow, _ = _frontend_flow(tiny_loaded, ("decode",), MAX_TOKENS)
+    assert tokens == aggregated_long and flow.disaggregated_total == flow.fallbacks_total == 0
+
+
+def test_frontend_flow_falls_back_when_the_prefill_worker_does_not_answer(tiny_loaded, aggregated_long):
+    tokens, _, flow, _ = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS, lose_prefill=True)
+    assert tokens == aggregated_long and flow.fallbacks_total == 1
+
+
+def test_a_one_token_request_ends_at_the_prefill_and_frees_its_blocks(tiny_loaded, aggregated_long):
+    tokens, last, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), 1)
+    assert tokens == aggregated_long[:1] and last.finish_reason == "length"
+    assert held == [0]  # released with kv_release, not left to expire

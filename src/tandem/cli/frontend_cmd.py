@@ -37,12 +37,15 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
                        help=f"request bodies above this get 413 (default: {d.max_body_bytes})")
     group.add_argument("--default-max-tokens", type=int, default=None,
                        help="completion length when a request gives none (default: up to the context length)")
+    group.add_argument("--max-local-prefill-length", type=int, default=None,
+                       help="disaggregated serving: prompts up to this many tokens are prefilled on the decode "
+                            f"worker (default: {d.max_local_prefill_length})")
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
 
 # Flags that replace the base config's value only when given (None = not given).
 _OVERRIDABLE = ("host", "port", "router", "router_address", "max_body_bytes", "default_max_tokens",
-                "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature")
+                "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature", "max_local_prefill_length")
 
 
 def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | None = None) -> FrontendConfig:

@@ -37,6 +37,9 @@ class FrontendConfig:
     """How long a worker that did not answer is skipped before it is tried again."""
     worker_stats_interval_s: float = 2.0
     """How often workers' stats are polled for /metrics and /health (0 disables)."""
+    max_local_prefill_length: int = 64
+    """Disaggregated serving: prompts of at most this many tokens are prefilled on the decode
+    worker instead of a prefill worker (only matters when prefill workers exist)."""
     access_log: bool = False
     """Log every HTTP request (off by default: it costs throughput)."""
 
@@ -49,5 +52,7 @@ class FrontendConfig:
             raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
         if self.router == "remote" and not self.router_address:
             raise ValueError("router 'remote' needs router_address (host:port of `tandem router`)")
+        if self.max_local_prefill_length < 0:
+            raise ValueError(f"max_local_prefill_length must be >= 0, got {self.max_local_prefill_length}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")

@@ -21,6 +21,7 @@ from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.preprocess import Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.sampling import stop_strings, to_sampling_params
+from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
 from tandem.frontend.worker_client import WorkerClient
 from tandem.router.factory import build_policy
 from tandem.router.worker_pool import WorkerPool
@@ -46,7 +47,8 @@ class Frontend:
         self.pool = WorkerPool(discovery, down_for_s=config.worker_down_s)
         self.client = RequestPlaneClient()
         self.policy = self._make_policy(config)
-        self.workers = WorkerClient(self.pool, self.policy, self.client, config.max_attempts)
+        self.workers = DisaggregatedClient(WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
+                                           DisaggConfig(max_local_prefill_length=config.max_local_prefill_length))
         self.tokenizers = Tokenizers()
         self.metrics = FrontendMetrics()
         self.metrics.router_stats.status = self.router_status

@@ -19,6 +19,7 @@ from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.text_stream import TextStream
+from tandem.frontend.disagg import DisaggregatedClient
 from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, TokenLogprobPayload
 
@@ -112,7 +113,7 @@ class _Timer:
             m.cached_tokens.labels(self.model).inc(usage.cached_tokens)
 
 
-async def generate_chunks(spec: GenerationSpec, workers: WorkerClient,
+async def generate_chunks(spec: GenerationSpec, workers: WorkerClient | DisaggregatedClient,
                           metrics: FrontendMetrics) -> AsyncIterator[OutputChunk]:
     """Final text chunks of one choice; the last one has ``finish_reason`` and full usage."""
     text = TextStream(spec.tokenizer, spec.prompt_token_ids, spec.stop) if spec.tokenizer is not None else None

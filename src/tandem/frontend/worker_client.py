@@ -22,6 +22,9 @@ from tandem.worker.protocol import GenerateDelta, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
+SERVING_ROLES = ("agg", "decode")
+"""Workers that run whole requests (a prefill worker only runs the prefill half)."""
+
 
 class StreamBrokenError(Exception):
     """The worker went away after the request had started streaming."""
@@ -39,9 +42,11 @@ class WorkerClient:
         self.pool, self.policy, self.client = pool, policy, client
         self.max_attempts = max_attempts
 
-    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
-        """Stream the request's deltas from a worker. Raises OpenAIError (503 when no worker is
-        left, 400 when the worker refused the request) or StreamBrokenError mid-stream.
+    async def generate(self, model: str, request: GenerateRequest,
+                       roles: tuple[str, ...] = SERVING_ROLES) -> AsyncIterator[GenerateDelta]:
+        """Stream the request's deltas from a worker with one of ``roles``. Raises OpenAIError (503
+        when no worker is left, 400 when the worker refused the request) or StreamBrokenError
+        mid-stream.
 
         Closing the iterator early cancels the request on the worker (its KV blocks are freed).
         """
@@ -49,7 +54,7 @@ class WorkerClient:
         tried: set[str] = set()
         for _ in range(self.max_attempts):
             try:
-                candidates = [c for c in self.pool.candidates(model) if c.worker_id not in tried]
+                candidates = [c for c in self.pool.candidates(model, roles) if c.worker_id not in tried]
             except NoWorkerError as exc:
                 raise no_worker(model) from None
             if not candidates:

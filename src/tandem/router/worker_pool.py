@@ -75,12 +75,18 @@ class WorkerPool:
     def models(self) -> list[str]:
         return sorted({card.model for card in self._workers.values()})
 
-    def candidates(self, model: str) -> list[WorkerCard]:
-        """Workers to choose from; raises NoWorkerError when there are none."""
-        found = self.workers(model)
+    def candidates(self, model: str, roles: tuple[str, ...] | None = None) -> list[WorkerCard]:
+        """Workers to choose from (only those in ``roles`` when given); raises NoWorkerError when
+        there are none."""
+        found = [card for card in self.workers(model) if roles is None or card.role in roles]
         if not found:
-            raise NoWorkerError(f"no worker serves model {model!r}")
+            what = f"{'/'.join(roles)} worker" if roles else "worker"
+            raise NoWorkerError(f"no {what} serves model {model!r}")
         return found
+
+    def has_role(self, model: str, role: str) -> bool:
+        """Whether a live worker of this model has ``role``."""
+        return any(card.role == role for card in self.workers(model))
 
     def mark_down(self, worker_id: str) -> None:
         """Skip this worker for down_for_s (it did not answer)."""

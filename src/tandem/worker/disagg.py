@@ -43,7 +43,8 @@ class PrefillExporter:
     async def stop(self) -> None:
         await self.server.stop()  # cancels whatever is still held
 
-    async def export(self, transfer_id: str, token_ids: list[int], cache_salt: str | None) -> KvTransferParams | None:
+    async def export(self, transfer_id: str, token_ids: list[int], cache_salt: str | None,
+                     worker_address: str) -> KvTransferParams | None:
         """Export the prompt's cached blocks and hold them; None if there is nothing to hold."""
         export = await self.engine.call(lambda core: core.export_kv(token_ids, cache_salt))
         if not export.block_hashes:
@@ -53,7 +54,7 @@ class PrefillExporter:
         except ValueError as exc:  # a duplicate id: the earlier hold stays, this one is not offered
             logger.warning("not holding KV for %s: %s", transfer_id, exc)
             return None
-        return KvTransferParams(self.server.address, transfer_id, len(export.block_hashes))
+        return KvTransferParams(self.server.address, transfer_id, len(export.block_hashes), worker_address)
 
     def release(self, transfer_id: str) -> bool:
         """Free a held export nobody will pull (the client went away); False if not held."""

@@ -38,6 +38,8 @@ class KvTransferParams(msgspec.Struct, forbid_unknown_fields=True):
     """The held export's id on that server."""
     num_blocks: int
     """Full prompt blocks held (the leading ``num_blocks`` blocks of the prompt)."""
+    worker_address: str
+    """The prefill worker's request-plane address (its ``kv_release`` endpoint)."""
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -103,7 +103,7 @@ class WorkerService:
                 delta = GenerateDelta.from_output(out)
                 if request.export_kv and out.finish_reason is not None:
                     delta.kv_transfer = await self.exporter.export(request.request_id, request.token_ids,
-                                                                   request.cache_salt)
+                                                                   request.cache_salt, self.server.address)
                 yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None

@@ -1,0 +1,137 @@
+"""Disaggregated flow in the frontend: prefill on a prefill worker, decode on a decode worker.
+
+When the model has live ``prefill`` workers and the prompt is longer than
+``max_local_prefill_length``, a request runs in two halves (DESIGN.md §2, Dynamo's
+frontend-orchestrated flow):
+
+1. **Prefill**: the prompt goes to a prefill worker (picked by the routing policy, so the kv
+   router finds prefix hits) with ``max_tokens=1`` and ``export_kv``. Its one token is the first
+   token the client sees; its last delta says where the prompt's KV blocks wait.
+2. **Decode**: prompt + that token go to a decode (or agg) worker, which pulls only the blocks it
+   lacks, imports them and generates the rest (``max_tokens - 1``).
+
+Fallbacks, so disaggregation never fails a request: no live prefill worker, a prefill worker
+that is lost or errs, or a short prompt → the whole request runs on a decode/agg worker, which
+prefills itself. A failed KV pull is handled on the decode worker (local prefill). A request that
+ends before its decode half pulled the blocks (the client left, the first token ended it) frees
+them on the prefill worker with ``kv_release``.
+
+Sampling notes: the decode half sees the first token as prompt, so ``min_tokens`` and
+``max_tokens`` are shifted by one; ``presence_penalty``/``frequency_penalty`` do not count that
+one token, and a seeded sample (temperature > 0) differs from the aggregated one. Greedy output
+is the same token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+
+from tandem.frontend.errors import OpenAIError
+from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
+from tandem.worker.protocol import GenerateDelta, GenerateRequest, KvTransferParams
+
+logger = logging.getLogger(__name__)
+
+PREFILL_ROLES = ("prefill",)
+
+
+@dataclass
+class DisaggConfig:
+    max_local_prefill_length: int = 64
+    """Prompts of at most this many tokens are prefilled on the decode worker (a transfer would
+    cost more than it saves)."""
+    release_timeout_s: float = 2.0
+    """How long a ``kv_release`` to a prefill worker may take (best effort)."""
+
+
+class DisaggregatedClient:
+    """`WorkerClient.generate` with the two-halves flow when prefill workers exist."""
+
+    def __init__(self, workers: WorkerClient, config: DisaggConfig | None = None) -> None:
+        self.workers = workers
+        self.config = config or DisaggConfig()
+        self.disaggregated_total = 0
+        """Requests served in two halves."""
+        self.fallbacks_total = 0
+        """Requests that had prefill workers but ran whole on a decode worker after a prefill failure."""
+
+    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        if (len(request.token_ids) <= self.config.max_local_prefill_length
+                or not self.workers.pool.has_role(model, "prefill")):
+            async for delta in self.workers.generate(model, request):
+                yield delta
+            return
+        first = await self._prefill(model, request)
+        if first is None:
+            self.fallbacks_total += 1
+            async for delta in self.workers.generate(model, request):
+                yield delta
+            return
+        self.disaggregated_total += 1
+        params, pulled = first.kv_transfer, False
+        first.kv_transfer = None
+        try:
+            if first.finish_reason == "stop" or request.sampling.get("max_tokens", 16) <= 1:
+                yield first  # the first token ended the request: there is nothing to decode
+                return
+            yield msgspec.structs.replace(first, finish_reason=None, stop_token_id=None)
+            async for delta in self.workers.generate(model, _decode_request(request, first, params)):
+                pulled = True
+                yield _as_whole_request(delta, first)
+        finally:
+            if params is not None and not pulled:
+                asyncio.ensure_future(self._release(params))
+
+    async def _prefill(self, model: str, request: GenerateRequest) -> GenerateDelta | None:
+        """The prefill half's merged deltas; None when it could not run (the caller falls back)."""
+        sampling = {**request.sampling, "max_tokens": 1, "min_tokens": min(1, request.sampling.get("min_tokens", 0))}
+        half = msgspec.structs.replace(request, request_id=f"{request.request_id}:prefill", sampling=sampling,
+                                       export_kv=True)
+        merged: GenerateDelta | None = None
+        deltas = self.workers.generate(model, half, PREFILL_ROLES)
+        try:
+            async for delta in deltas:
+                merged = delta if merged is None else merged.merge(delta)
+        except StreamBrokenError as exc:
+            logger.warning("prefill of %s lost (%s); decoding it whole", request.request_id, exc)
+            return None
+        except OpenAIError as exc:
+            if exc.status == 400:
+                raise  # the request itself is bad: a decode worker would refuse it too
+            logger.warning("prefill of %s failed (%s); decoding it whole", request.request_id, exc.message)
+            return None
+        finally:
+            await deltas.aclose()
+        return merged if merged is not None and merged.finish_reason is not None else None
+
+    async def _release(self, params: KvTransferParams) -> None:
+        """Free the held blocks on the prefill worker (best effort; they expire anyway)."""
+        try:
+            await self.workers.client.call(params.worker_address, "kv_release",
+                                           {"transfer_id": params.transfer_id},
+                                           timeout=self.config.release_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - best effort: the export expires on its own
+            logger.debug("kv_release of %s failed: %s", params.transfer_id, exc)
+
+
+def _decode_request(request: GenerateRequest, first: GenerateDelta, params: KvTransferParams | None) -> GenerateRequest:
+    """The decode half: prompt + the prefill's token, one token fewer to generate, and where the KV is."""
+    sampling = dict(request.sampling)
+    sampling["max_tokens"] = sampling.get("max_tokens", 16) - 1
+    if sampling.get("min_tokens"):
+        sampling["min_tokens"] -= 1
+    return msgspec.structs.replace(request, token_ids=request.token_ids + first.token_ids, sampling=sampling,
+                                   kv_transfer=params)
+
+
+def _as_whole_request(delta: GenerateDelta, first: GenerateDelta) -> GenerateDelta:
+    """A decode-half delta in the whole request's terms: the prefill's token is output, not
+    prompt, and cached tokens are what the prefill worker found (imported blocks are not hits)."""
+    return msgspec.structs.replace(
+        delta, num_prompt_tokens=first.num_prompt_tokens, num_cached_tokens=first.num_cached_tokens,
+        num_output_tokens=delta.num_output_tokens + len(first.token_ids) if delta.num_output_tokens else 0)
