@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -52,9 +52,12 @@ class DisaggConfig:
 class DisaggregatedClient:
     """`WorkerClient.generate` with the two-halves flow when prefill workers exist."""
 
-    def __init__(self, workers: WorkerClient, config: DisaggConfig | None = None) -> None:
+    def __init__(self, workers: WorkerClient, config: DisaggConfig | None = None,
+                 on_outcome: Callable[[str, str], None] | None = None) -> None:
         self.workers = workers
         self.config = config or DisaggConfig()
+        self.on_outcome = on_outcome
+        """Called with (model, "disaggregated" | "fallback") per request that had prefill workers."""
         self.disaggregated_total = 0
         """Requests served in two halves."""
         self.fallbacks_total = 0
@@ -69,10 +72,12 @@ class DisaggregatedClient:
         first = await self._prefill(model, request)
         if first is None:
             self.fallbacks_total += 1
+            self._report(model, "fallback")
             async for delta in self.workers.generate(model, request):
                 yield delta
             return
         self.disaggregated_total += 1
+        self._report(model, "disaggregated")
         params, pulled = first.kv_transfer, False
         first.kv_transfer = None
         try:
@@ -86,6 +91,10 @@ class DisaggregatedClient:
         finally:
             if params is not None and not pulled:
                 asyncio.ensure_future(self._release(params))
+
+    def _report(self, model: str, outcome: str) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(model, outcome)
 
     async def _prefill(self, model: str, request: GenerateRequest) -> GenerateDelta | None:
         """The prefill half's merged deltas; None when it could not run (the caller falls back)."""

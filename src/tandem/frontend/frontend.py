@@ -47,10 +47,12 @@ class Frontend:
         self.pool = WorkerPool(discovery, down_for_s=config.worker_down_s)
         self.client = RequestPlaneClient()
         self.policy = self._make_policy(config)
-        self.workers = DisaggregatedClient(WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
-                                           DisaggConfig(max_local_prefill_length=config.max_local_prefill_length))
-        self.tokenizers = Tokenizers()
         self.metrics = FrontendMetrics()
+        self.workers = DisaggregatedClient(
+            WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
+            DisaggConfig(max_local_prefill_length=config.max_local_prefill_length),
+            on_outcome=lambda model, outcome: self.metrics.disagg_requests.labels(model, outcome).inc())
+        self.tokenizers = Tokenizers()
         self.metrics.router_stats.status = self.router_status
         self.known_models: set[str] = set(models or [])
         self.worker_stats: dict[str, dict[str, Any]] = {}

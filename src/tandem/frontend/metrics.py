@@ -109,6 +109,10 @@ class FrontendMetrics:
                                      ["model"], registry=r)
         self.cancellations = Counter("tandem_frontend_cancellations", "Requests the client abandoned",
                                      ["model"], registry=r)
+        self.disagg_requests = Counter(
+            "tandem_frontend_disaggregated_requests", "Requests by how they ran when prefill workers existed: "
+            "disaggregated (prefill + decode worker) or fallback (whole on a decode worker after a prefill failure)",
+            ["model", "outcome"], registry=r)
         self.workers = Gauge("tandem_frontend_workers", "Live workers known to the frontend", ["model"],
                              registry=r)
         self.worker_stats = WorkerStatsCollector()
