@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, KvTransferParams
@@ -38,6 +39,7 @@ from tandem.worker.protocol import GenerateDelta, GenerateRequest, KvTransferPar
 logger = logging.getLogger(__name__)
 
 PREFILL_ROLES = ("prefill",)
+_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens  # what a worker uses when the payload names none
 
 
 @dataclass
@@ -81,7 +83,7 @@ class DisaggregatedClient:
         params, pulled = first.kv_transfer, False
         first.kv_transfer = None
         try:
-            if first.finish_reason == "stop" or request.sampling.get("max_tokens", 16) <= 1:
+            if first.finish_reason == "stop" or request.sampling.get("max_tokens", _DEFAULT_MAX_TOKENS) <= 1:
                 yield first  # the first token ended the request: there is nothing to decode
                 return
             yield msgspec.structs.replace(first, finish_reason=None, stop_token_id=None)
@@ -131,7 +133,7 @@ class DisaggregatedClient:
 def _decode_request(request: GenerateRequest, first: GenerateDelta, params: KvTransferParams | None) -> GenerateRequest:
     """The decode half: prompt + the prefill's token, one token fewer to generate, and where the KV is."""
     sampling = dict(request.sampling)
-    sampling["max_tokens"] = sampling.get("max_tokens", 16) - 1
+    sampling["max_tokens"] = sampling.get("max_tokens", _DEFAULT_MAX_TOKENS) - 1
     if sampling.get("min_tokens"):
         sampling["min_tokens"] -= 1
     return msgspec.structs.replace(request, token_ids=request.token_ids + first.token_ids, sampling=sampling,
