@@ -259,6 +259,18 @@ def test_kv_export_import_between_mockers():
 
 # --- concurrency ---
 
+def test_modeled_transfer_time_follows_the_bandwidth_flag():
+    # 100 blocks × 16 tokens × 131072 B (Llama-3.1-8B bf16) at 64 GB/s = 3.28 ms.
+    config = MockerConfig(speedup_ratio=1.0)
+    assert config.transfer_ms(1600) == pytest.approx(1600 * 131072 / 64e9 * 1e3)
+    assert MockerEngine(config).modeled_transfer_s(100) == pytest.approx(3.2768e-3)
+    assert MockerEngine(MockerConfig(speedup_ratio=4.0)).modeled_transfer_s(100) == pytest.approx(3.2768e-3 / 4)
+    assert MockerEngine(MockerConfig(speedup_ratio=0.0)).modeled_transfer_s(100) == 0.0
+    assert MockerConfig(kv_transfer_bandwidth_gbs=0).transfer_ms(1600) == 0.0
+    with pytest.raises(ValueError):
+        MockerConfig(kv_transfer_bandwidth_gbs=-1)
+
+
 def test_async_engine_drives_50_streams():
     engine = MockerEngine(MockerConfig(speedup_ratio=50.0, num_kv_blocks=256))
     batches = []

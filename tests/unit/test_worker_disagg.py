@@ -144,10 +144,10 @@ LONG_PROMPT = list(range(10, 110))  # 6 full blocks + 4 tokens: above max_local_
 
 
 def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill: bool = False,
-                   router: str = "round-robin"):
+                   router: str = "round-robin", prefills_already_in_flight: int = 0):
     """Generate LONG_PROMPT through DisaggregatedClient over workers with ``roles``; returns
     (tokens, the last delta, the client, the started services)."""
-    from tandem.frontend.disagg import DisaggregatedClient
+    from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
     from tandem.frontend.worker_client import WorkerClient
     from tandem.router.factory import build_policy
     from tandem.router.worker_pool import WorkerPool
@@ -160,7 +160,12 @@ def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill
             await service.start()
         pool = WorkerPool(discovery)
         await pool.start()
-        flow = DisaggregatedClient(WorkerClient(pool, build_policy(router, pool, client), client))
+        outcomes: list[str] = []
+        flow = DisaggregatedClient(WorkerClient(pool, build_policy(router, pool, client), client),
+                                   DisaggConfig(max_prefill_queue_size=2),
+                                   on_outcome=lambda model, outcome: outcomes.append(outcome))
+        flow.outcomes = outcomes
+        flow.prefills_in_flight["tiny"] = prefills_already_in_flight
         try:
             if lose_prefill:  # a prefill worker that is registered but does not answer
                 prefill = next(s for s in services if s.role == "prefill")
@@ -199,11 +204,23 @@ def test_frontend_flow_prefills_then_decodes_with_the_aggregated_output(tiny_loa
 def test_frontend_flow_without_prefill_workers_runs_on_the_decode_worker(tiny_loaded, aggregated_long):
     tokens, _, flow, _ = _frontend_flow(tiny_loaded, ("decode",), MAX_TOKENS)
     assert tokens == aggregated_long and flow.disaggregated_total == flow.fallbacks_total == 0
+    assert flow.outcomes == []
+
+
+@pytest.mark.parametrize("in_flight, outcome", [(1, "disaggregated"), (2, "local_busy")])
+def test_frontend_flow_prefills_locally_when_every_prefill_worker_is_busy(tiny_loaded, aggregated_long,
+                                                                          in_flight, outcome):
+    # max_prefill_queue_size 2 with one prefill worker: a third prefill in flight would queue.
+    tokens, _, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS,
+                                           prefills_already_in_flight=in_flight)
+    assert tokens == aggregated_long and flow.outcomes == [outcome]
+    assert flow.prefills_in_flight["tiny"] == in_flight  # the count is restored after the prefill half
+    assert held == [0]
 
 
 def test_frontend_flow_falls_back_when_the_prefill_worker_does_not_answer(tiny_loaded, aggregated_long):
     tokens, _, flow, _ = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS, lose_prefill=True)
-    assert tokens == aggregated_long and flow.fallbacks_total == 1
+    assert tokens == aggregated_long and flow.fallbacks_total == 1 and flow.outcomes == ["fallback"]
 
 
 def test_a_one_token_request_ends_at_the_prefill_and_frees_its_blocks(tiny_loaded, aggregated_long):

@@ -40,12 +40,16 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group.add_argument("--max-local-prefill-length", type=int, default=None,
                        help="disaggregated serving: prompts up to this many tokens are prefilled on the decode "
                             f"worker (default: {d.max_local_prefill_length})")
+    group.add_argument("--max-prefill-queue-size", type=int, default=None,
+                       help="disaggregated serving: prefill on the decode worker when this many prefill requests "
+                            f"per prefill worker are already in flight; 0 = never (default: {d.max_prefill_queue_size})")
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
 
 # Flags that replace the base config's value only when given (None = not given).
 _OVERRIDABLE = ("host", "port", "router", "router_address", "max_body_bytes", "default_max_tokens",
-                "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature", "max_local_prefill_length")
+                "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature", "max_local_prefill_length",
+               "max_prefill_queue_size")
 
 
 def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | None = None) -> FrontendConfig:

@@ -33,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mocker-decode-coeffs", type=float, nargs=3, metavar=("D", "E", "F"),
                         help="mocker: decode_ms = max(1, D·u² + E·u + F) for KV usage u "
                              "(default: Dynamo's -25.74 54.01 5.74; `0 0 10` = a fixed 10 ms)")
+    parser.add_argument("--kv-transfer-bandwidth", type=float, default=64.0, metavar="GBS",
+                        help="mocker: modeled prefill → decode KV transfer bandwidth in GB/s; 0 = instant "
+                             "(default: %(default)s)")
+    parser.add_argument("--kv-bytes-per-token", type=int, default=131072,
+                        help="mocker: KV bytes per token for the transfer model (default: %(default)s, "
+                             "Llama-3.1-8B in bf16)")
     parser.add_argument("--mocker-workers", type=int, default=1,
                         help="mocker: run this many independent workers in this one process, each with its own "
                              "engine, port and card (scale runs; default: %(default)s)")
@@ -68,6 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len or MockerConfig.max_model_len,
             enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio, seed=index,
+            kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth, kv_bytes_per_token=args.kv_bytes_per_token,
             **_mocker_coeffs(args)))
             for index in range(args.mocker_workers)]
         name, tokenizer_source = args.served_model_name or args.model, args.model

@@ -183,6 +183,11 @@ class EngineCore:
 
     # --- KV export / import: the block bookkeeping (subclasses move the bytes) ---
 
+    def modeled_transfer_s(self, num_blocks: int) -> float:
+        """Extra wait a KV pull of ``num_blocks`` should cost: 0 for an engine whose pulls move
+        real bytes (the mocker models one)."""
+        return 0.0
+
     def num_cached_prompt_blocks(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> int:
         """Leading full blocks of the prompt in the prefix cache (hit counters untouched)."""
         count = 0

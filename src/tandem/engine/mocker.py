@@ -18,6 +18,10 @@ Step time model (milliseconds; defaults are NVIDIA Dynamo's published mocker pol
   fraction after this step's allocation. Only when at least one decode row (a request computing
   the single token it sampled last step) is in the batch.
 * a mixed step costs the **sum** of both parts; an empty step costs nothing.
+* KV transfer (disaggregated serving): ``transfer_ms(N) = N · kv_bytes_per_token ÷
+  kv_transfer_bandwidth`` for the N tokens of the blocks a decode worker pulls (only those it
+  lacks); the decode worker waits that long before importing them (Dynamo's mocker sleeps the
+  same quantity on the prefill side, for the whole prompt).
 
 Sampled tokens are drawn uniformly from ``[first_token_id, vocab_size)`` by a per-request
 ``random.Random`` (seeded from ``SamplingParams.seed`` or from ``MockerConfig.seed`` and the
@@ -84,6 +88,12 @@ class MockerConfig:
     """f in decode_ms."""
     decode_min_ms: float = 1.0
     """Floor of decode_ms."""
+    kv_bytes_per_token: int = 131072
+    """KV bytes one token occupies, for the modeled transfer time (layers·2·kv_heads·head_dim·dtype
+    bytes; default: Llama-3.1-8B in bf16, 32·2·8·128·2)."""
+    kv_transfer_bandwidth_gbs: float = 64.0
+    """Modeled prefill → decode KV transfer bandwidth in GB/s (Dynamo's mocker docs use 64);
+    0 = transfers take no time."""
     seed: int = 0
     """Base seed of the per-request token RNGs for requests that bring no seed."""
 
@@ -96,6 +106,8 @@ class MockerConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.kv_bytes_per_token < 0 or self.kv_transfer_bandwidth_gbs < 0:
+            raise ValueError("kv_bytes_per_token and kv_transfer_bandwidth_gbs must be non-negative")
         if self.speedup_ratio < 0:
             raise ValueError(f"speedup_ratio must be non-negative (0 = no delay), got {self.speedup_ratio}")
         if not 0 <= self.first_token_id < self.vocab_size:
@@ -114,6 +126,12 @@ class MockerConfig:
         """Modeled time of one decode pass at KV usage fraction ``kv_usage``."""
         u = float(kv_usage)
         return max(self.decode_min_ms, self.decode_quadratic * u * u + self.decode_linear * u + self.decode_constant)
+
+    def transfer_ms(self, num_tokens: int) -> float:
+        """Modeled time of moving ``num_tokens`` tokens' KV from a prefill to a decode worker."""
+        if self.kv_transfer_bandwidth_gbs <= 0:
+            return 0.0
+        return num_tokens * self.kv_bytes_per_token / (self.kv_transfer_bandwidth_gbs * 1e9) * 1000.0
 
     def step_ms(self, num_prefill_tokens: int, num_decode_rows: int, kv_usage: float) -> float:
         """A step's modeled time: prefill part + decode part (each only when present)."""
@@ -206,6 +224,14 @@ class MockerEngine(EngineCore):
                 return token_id
 
     # --- KV export / import (metadata only: a mocker holds no KV bytes) ---
+
+    def modeled_transfer_s(self, num_blocks: int) -> float:
+        """Wall seconds a pull of ``num_blocks`` blocks should take (the decode worker sleeps them:
+        the real pull moves no bytes). Scaled by the speedup ratio like step times; 0 = no delay."""
+        ratio = self.config.speedup_ratio
+        if ratio <= 0:
+            return 0.0
+        return self.config.transfer_ms(num_blocks * self.block_size) / 1000.0 / ratio
 
     def export_kv(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> KVBlockExport:
         """The prompt's leading cached blocks as an export with an empty payload (block_shape [0])."""

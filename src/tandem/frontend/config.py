@@ -40,6 +40,9 @@ class FrontendConfig:
     max_local_prefill_length: int = 64
     """Disaggregated serving: prompts of at most this many tokens are prefilled on the decode
     worker instead of a prefill worker (only matters when prefill workers exist)."""
+    max_prefill_queue_size: int = 8
+    """Disaggregated serving: prefill on the decode worker when this frontend already has this
+    many prefill halves in flight per live prefill worker (all busy); 0 = never."""
     access_log: bool = False
     """Log every HTTP request (off by default: it costs throughput)."""
 
@@ -54,5 +57,7 @@ class FrontendConfig:
             raise ValueError("router 'remote' needs router_address (host:port of `tandem router`)")
         if self.max_local_prefill_length < 0:
             raise ValueError(f"max_local_prefill_length must be >= 0, got {self.max_local_prefill_length}")
+        if self.max_prefill_queue_size < 0:
+            raise ValueError(f"max_prefill_queue_size must be >= 0, got {self.max_prefill_queue_size}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")

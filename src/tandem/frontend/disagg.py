@@ -10,9 +10,11 @@ frontend-orchestrated flow):
 2. **Decode**: prompt + that token go to a decode (or agg) worker, which pulls only the blocks it
    lacks, imports them and generates the rest (``max_tokens - 1``).
 
-Fallbacks, so disaggregation never fails a request: no live prefill worker, a prefill worker
-that is lost or errs, or a short prompt → the whole request runs on a decode/agg worker, which
-prefills itself. A failed KV pull is handled on the decode worker (local prefill). A request that
+Conditional disaggregation: a short prompt (at most ``max_local_prefill_length`` tokens) or busy
+prefill workers (this frontend already has ``max_prefill_queue_size`` prefill halves in flight per
+live prefill worker) → the whole request runs on a decode/agg worker, which prefills itself.
+Fallbacks, so disaggregation never fails a request: no live prefill worker, or a prefill worker
+that is lost or errs → the same. A failed KV pull is handled on the decode worker (local prefill). A request that
 ends before its decode half pulled the blocks (the client left, the first token ended it) frees
 them on the prefill worker with ``kv_release``.
 
@@ -47,6 +49,10 @@ class DisaggConfig:
     max_local_prefill_length: int = 64
     """Prompts of at most this many tokens are prefilled on the decode worker (a transfer would
     cost more than it saves)."""
+    max_prefill_queue_size: int = 8
+    """Prefill on the decode worker instead when this frontend already has this many prefill
+    halves in flight per live prefill worker (every prefill worker is busy: queueing there would
+    cost more TTFT than a local prefill); 0 = never."""
     release_timeout_s: float = 2.0
     """How long a ``kv_release`` to a prefill worker may take (best effort)."""
 
@@ -59,15 +65,20 @@ class DisaggregatedClient:
         self.workers = workers
         self.config = config or DisaggConfig()
         self.on_outcome = on_outcome
-        """Called with (model, "disaggregated" | "fallback") per request that had prefill workers."""
+        """Called per request that had prefill workers with (model, outcome): "disaggregated",
+        "fallback" (prefill failed), "local_short" (short prompt) or "local_busy" (queue full)."""
+        self.prefills_in_flight: dict[str, int] = {}
+        """Prefill halves running now, per model."""
         self.disaggregated_total = 0
         """Requests served in two halves."""
         self.fallbacks_total = 0
         """Requests that had prefill workers but ran whole on a decode worker after a prefill failure."""
 
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
-        if (len(request.token_ids) <= self.config.max_local_prefill_length
-                or not self.workers.pool.has_role(model, "prefill")):
+        local = self._run_locally(model, request)
+        if local is not None:
+            if local != "no_prefill_workers":
+                self._report(model, local)
             async for delta in self.workers.generate(model, request):
                 yield delta
             return
@@ -94,6 +105,18 @@ class DisaggregatedClient:
             if params is not None and not pulled:
                 asyncio.ensure_future(self._release(params))
 
+    def _run_locally(self, model: str, request: GenerateRequest) -> str | None:
+        """Why the request should run whole on a decode worker, or None to disaggregate it."""
+        prefill_workers = sum(card.role == "prefill" for card in self.workers.pool.workers(model))
+        if prefill_workers == 0:
+            return "no_prefill_workers"
+        if len(request.token_ids) <= self.config.max_local_prefill_length:
+            return "local_short"
+        limit = self.config.max_prefill_queue_size
+        if limit and self.prefills_in_flight.get(model, 0) >= limit * prefill_workers:
+            return "local_busy"
+        return None
+
     def _report(self, model: str, outcome: str) -> None:
         if self.on_outcome is not None:
             self.on_outcome(model, outcome)
@@ -105,9 +128,14 @@ class DisaggregatedClient:
                                        export_kv=True)
         merged: GenerateDelta | None = None
         deltas = self.workers.generate(model, half, PREFILL_ROLES)
+        self.prefills_in_flight[model] = self.prefills_in_flight.get(model, 0) + 1
         try:
-            async for delta in deltas:
-                merged = delta if merged is None else merged.merge(delta)
+            try:
+                async for delta in deltas:
+                    merged = delta if merged is None else merged.merge(delta)
+            finally:
+                self.prefills_in_flight[model] -= 1
+                await deltas.aclose()
         except StreamBrokenError as exc:
             logger.warning("prefill of %s lost (%s); decoding it whole", request.request_id, exc)
             return None
@@ -116,8 +144,10 @@ class DisaggregatedClient:
                 raise  # the request itself is bad: a decode worker would refuse it too
             logger.warning("prefill of %s failed (%s); decoding it whole", request.request_id, exc.message)
             return None
-        finally:
-            await deltas.aclose()
+        except BaseException:  # cancelled (the client left): free blocks the prefill already exported
+            if merged is not None and merged.kv_transfer is not None:
+                asyncio.ensure_future(self._release(merged.kv_transfer))
+            raise
         return merged if merged is not None and merged.finish_reason is not None else None
 
     async def _release(self, params: KvTransferParams) -> None:

@@ -50,7 +50,8 @@ class Frontend:
         self.metrics = FrontendMetrics()
         self.workers = DisaggregatedClient(
             WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
-            DisaggConfig(max_local_prefill_length=config.max_local_prefill_length),
+            DisaggConfig(max_local_prefill_length=config.max_local_prefill_length,
+                         max_prefill_queue_size=config.max_prefill_queue_size),
             on_outcome=lambda model, outcome: self.metrics.disagg_requests.labels(model, outcome).inc())
         self.tokenizers = Tokenizers()
         self.metrics.router_stats.status = self.router_status

@@ -111,7 +111,8 @@ class FrontendMetrics:
                                      ["model"], registry=r)
         self.disagg_requests = Counter(
             "tandem_frontend_disaggregated_requests", "Requests by how they ran when prefill workers existed: "
-            "disaggregated (prefill + decode worker) or fallback (whole on a decode worker after a prefill failure)",
+            "disaggregated (prefill + decode worker); whole on a decode worker: fallback (the prefill failed), "
+            "local_short (prompt within --max-local-prefill-length), local_busy (prefill queue full)",
             ["model", "outcome"], registry=r)
         self.workers = Gauge("tandem_frontend_workers", "Live workers known to the frontend", ["model"],
                              registry=r)

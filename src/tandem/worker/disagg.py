@@ -17,6 +17,7 @@ and counted, and the request simply prefills locally: disaggregation never fails
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,9 @@ async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_sa
         with await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
                                timeout_s=timeout_s) as pulled:
             export = pulled.to_export()
+        modeled_s = engine.engine.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
+        if modeled_s > 0:
+            await asyncio.sleep(modeled_s)
         return await engine.call(lambda core: core.import_kv(export))
     except (TransferError, ValueError, OSError) as exc:
         logger.warning("KV transfer %s from %s failed (%s); prefilling locally", params.transfer_id,
