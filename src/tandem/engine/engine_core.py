@@ -110,6 +110,11 @@ class EngineCore:
         return True
 
     @property
+    def num_steps(self) -> int:
+        """Non-empty steps run since start."""
+        return self._steps
+
+    @property
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
