@@ -9,6 +9,8 @@ blocks and publishes them to the prefix cache, so the request that follows simpl
 
 from __future__ import annotations
 
+import warnings
+
 import msgspec
 import torch
 
@@ -26,6 +28,7 @@ class KVBlockExport(msgspec.Struct):
     token_ids: list[int]
     """All tokens of the exported blocks, concatenated."""
     data: bytes
+    """The KV bytes; an importer also accepts any buffer (e.g. a pulled payload's memoryview)."""
     parent_hash: int | None = None
     """Sequence hash of the block before the first exported one; None when the run starts at block 0."""
 
@@ -61,5 +64,11 @@ def export_to_tensor(export: KVBlockExport, expected_block_shape: list[int], exp
     element_size = torch.tensor([], dtype=dtype).element_size()
     if len(export.data) != numel * element_size:
         raise ValueError(f"KV payload is {len(export.data)} bytes, expected {numel * element_size}")
-    tensor = torch.frombuffer(bytearray(export.data), dtype=dtype).view(n, *export.block_shape)
+    if numel == 0:
+        return torch.empty(n, *export.block_shape, dtype=expected_dtype)
+    # A view of the payload, not a copy: the caller's write into the KV cache is the one copy.
+    # torch warns that the buffer is read-only; nothing writes through this view.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.frombuffer(export.data, dtype=dtype).view(n, *export.block_shape)
     return tensor.to(expected_dtype)

@@ -79,6 +79,9 @@ class LLMEngine(EngineCore):
         cfg = self.model_config
         shape = [cfg.num_hidden_layers, 2, self.block_size, cfg.num_key_value_heads, cfg.head_dim]
         data = export_to_tensor(export, shape, self.runner.dtype)
-        return self._import_blocks(list(export.block_hashes), list(export.token_ids),
-                                   lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),
-                                   export.parent_hash)
+        try:
+            return self._import_blocks(list(export.block_hashes), list(export.token_ids),
+                                       lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),
+                                       export.parent_hash)
+        finally:
+            del data  # may view the caller's buffer (a pulled payload): let it be released

@@ -84,8 +84,9 @@ class PulledBlocks:
         size = self.nbytes // self.num_blocks if self.num_blocks else 0
         return self.payload[position * size : (position + 1) * size]
 
-    def to_export(self) -> KVBlockExport:
-        """The returned blocks as a `KVBlockExport` (copies the payload into ``data``).
+    def to_export(self, copy: bool = True) -> KVBlockExport:
+        """The returned blocks as a `KVBlockExport`. ``copy``: ``data`` is a copy of the payload;
+        else it is the payload view itself (no copy; only valid until `close`).
 
         A run not starting at block 0 carries its first block's parent (``parent_hash``); blocks
         that are not one contiguous run cannot form one export (ValueError)."""
@@ -95,13 +96,17 @@ class PulledBlocks:
             raise ValueError(f"blocks {indices} are not one contiguous run: pull them as separate runs")
         parent = header.parent_hashes[0] if header.parent_hashes else None
         return KVBlockExport(header.block_size, header.dtype, list(header.block_shape), header.hash_seed,
-                             list(header.block_hashes), list(header.token_ids), bytes(self.payload), parent)
+                             list(header.block_hashes), list(header.token_ids),
+                            bytes(self.payload) if copy else self.payload, parent)
 
     def close(self) -> None:
         """Release the payload; for a pooled shm segment, tell the server it may reuse it (the
         mapping stays cached here), else unmap it. Views taken of ``payload`` must not be used
         after this."""
-        self.payload.release()
+        try:
+            self.payload.release()
+        except BufferError:  # a view of it is still referenced (e.g. by a traceback): GC frees it
+            logger.debug("pulled payload of %s still has views at close", self.transfer_id)
         segment, self._segment = self._segment, None
         if segment is not None and not self.header.shm_recycle:
             detach_segment(segment)

@@ -72,11 +72,19 @@ async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_sa
     try:
         with await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
                                timeout_s=timeout_s) as pulled:
-            export = pulled.to_export()
-        modeled_s = engine.engine.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
-        if modeled_s > 0:
-            await asyncio.sleep(modeled_s)
-        return await engine.call(lambda core: core.import_kv(export))
+            modeled_s = engine.engine.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
+            if modeled_s > 0:
+                await asyncio.sleep(modeled_s)
+            # Imported straight from the pulled payload (no copy) while it is still held: if this
+            # request is cancelled meanwhile, the payload is released only after the engine
+            # thread is done reading it.
+            export = pulled.to_export(copy=False)
+            importing = asyncio.ensure_future(engine.call(lambda core: core.import_kv(export)))
+            try:
+                return await asyncio.shield(importing)
+            except asyncio.CancelledError:
+                await asyncio.wait({importing})
+                raise
     except (TransferError, ValueError, OSError) as exc:
         logger.warning("KV transfer %s from %s failed (%s); prefilling locally", params.transfer_id,
                        params.address, exc)
