@@ -11,7 +11,8 @@ by bisection, and the figure is output tokens/s per worker at that rate (rate ×
   "disagg"); prompts run in two halves as the frontend runs them (``frontend/disagg.py``).
 
 Workloads: ``random`` (every prompt unique) for agg vs disagg, both round-robin; ``shared-prefix``
-(16 system prompts of 2,000 tokens, each request one of them + 1,000 unique tokens) to show what
+(``--num-prefixes`` system prompts of 2,000 tokens, default 16, each request one of them +
+1,000 unique tokens) to show what
 the KV router adds: agg and disagg, each with round-robin and with ``kv``.
 
 ITL here is every gap between consecutive tokens of a request (what ``tandem bench`` reports: the
@@ -24,12 +25,18 @@ modeled). Served in real time, 8 workers, a frontend and a client on this 2-core
 be measuring the machine, not the deployment. Each rate runs ``--requests`` requests; the first
 and last 10% by arrival are left out of the percentiles (ramp-up and drain).
 
+``local_busy`` is the share of requests the frontend ran whole on a decode worker because every
+prefill worker already had ``--max-prefill-queue-size`` prefills in flight (conditional
+disaggregation; 0 turns it off).
+
 Usage: python benchmarks/disagg_vs_agg.py [--requests 2000] [--workload random|shared-prefix|both]
+                                          [--max-prefill-queue-size 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import time
 
@@ -46,9 +53,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def make_requests(workload: str, rate: float, count: int, seed: int) -> list[SimRequest]:
+def make_requests(workload: str, rate: float, count: int, seed: int, num_prefixes: int = 16) -> list[SimRequest]:
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(*VOCAB) for _ in range(2000)] for _ in range(16)]
+    prefixes = [[rng.randrange(*VOCAB) for _ in range(2000)] for _ in range(num_prefixes)]
     requests = []
     for i, at in enumerate(poisson_arrivals(rate, count, seed)):
         if workload == "shared-prefix":
@@ -77,8 +84,9 @@ def measure(results: list[SimResult]) -> dict[str, float]:
 def run_point(deployment: dict, router: str, workload: str, rate: float, args: argparse.Namespace) -> dict:
     mocker = MockerConfig(speedup_ratio=0.0, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth)
-    sim = Simulation(SimConfig(router=router, mocker=mocker, **deployment))
-    figures = measure(sim.run(make_requests(workload, rate, args.requests, args.seed)))
+    sim = Simulation(SimConfig(router=router, mocker=mocker, max_prefill_queue_size=args.max_prefill_queue_size,
+                               **deployment))
+    figures = measure(sim.run(make_requests(workload, rate, args.requests, args.seed, args.num_prefixes)))
     figures["rate"] = rate
     figures["ok"] = figures["ttft_p90"] <= TTFT_SLO_MS and figures["itl_p90"] <= ITL_SLO_MS
     return figures
@@ -109,7 +117,9 @@ def sweep(workload: str, routers: list[str], args: argparse.Namespace) -> None:
     deployments = [{"num_agg": WORKERS}] + [{"num_prefill": p, "num_decode": WORKERS - p}
                                             for p in range(args.min_prefill, args.max_prefill + 1)]
     print(f"\n## workload {workload}: ISL {ISL}, OSL {OSL}, {WORKERS} workers, SLO TTFT p90 ≤ {TTFT_SLO_MS:.0f} ms "
-          f"and ITL p90 ≤ {ITL_SLO_MS:.0f} ms, {args.requests} requests per rate")
+          f"and ITL p90 ≤ {ITL_SLO_MS:.0f} ms, {args.requests} requests per rate, "
+          f"max_prefill_queue_size {args.max_prefill_queue_size}"
+          + (f", {args.num_prefixes} shared prefixes" if workload == "shared-prefix" else ""))
     print(f"{'deployment':<16} {'router':<12} {'req/s':>7} {'tok/s/worker':>13} {'TTFT p90':>9} {'ITL p50':>8} "
           f"{'ITL p90':>8} {'mean-ITL p90':>13} {'hits':>6} {'local_busy':>10} {'sim s':>6}")
     best: dict[tuple[str, str], float] = {}
@@ -138,6 +148,9 @@ def sweep(workload: str, routers: list[str], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=("random", "shared-prefix", "both"), default="both")
+    parser.add_argument("--num-prefixes", type=int, default=16,
+                        help="shared-prefix: system prompts of 2,000 tokens (default: %(default)s; 128 of them "
+                             "do not all fit in one worker's 16,384-block pool)")
     parser.add_argument("--requests", type=int, default=2000, help="requests per rate point")
     parser.add_argument("--min-rate", type=float, default=4.0)
     parser.add_argument("--max-rate", type=float, default=128.0)
@@ -146,8 +159,13 @@ def main() -> None:
     parser.add_argument("--max-prefill", type=int, default=5)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--kv-transfer-bandwidth", type=float, default=64.0, help="GB/s")
+    parser.add_argument("--max-prefill-queue-size", type=int, default=8,
+                        help="the frontend's conditional disaggregation (0 = always disaggregate; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # The simulation feeds the kv router's indexer directly, not through event followers, so the
+    # router's "this worker publishes no KV events" warning would be wrong here.
+    logging.getLogger("tandem.router.kv_router").setLevel(logging.ERROR)
     if args.workload in ("random", "both"):
         sweep("random", ["round-robin"], args)
     if args.workload in ("shared-prefix", "both"):
