@@ -8,6 +8,7 @@ server said when something goes wrong.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -23,10 +24,12 @@ _READY = re.compile(r"^Tandem is serving .* at (http://\S+)/v1 ")
 class ServeProcess:
     """``python -m tandem serve ARGS`` with its output captured line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        """``env``: variables added to this process's environment (the workers inherit them)."""
         self.argv = [sys.executable, "-m", "tandem", "serve", *args]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL, bufsize=1)
+                                     stdin=subprocess.DEVNULL, bufsize=1,
+                                     env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()

@@ -1,7 +1,8 @@
 """KV block transfer service over real sockets on 127.0.0.1: the store's release-exactly-once
 contract, byte-exact pulls over TCP and shared memory (all blocks and subsets), path choice,
 integrity failures (corruption, truncation, bad hashes, timeouts), hostile clients, shm segment
-lifetime (no segment outlives its test), and metrics."""
+lifetime (no segment outlives its test), metrics, and the test-only fault hook
+(TANDEM_FAULT_TRANSFER)."""
 
 from __future__ import annotations
 
@@ -556,5 +557,77 @@ def test_stop_unlinks_pool_and_cancels_held_and_expiry_runs_on_its_own():
             assert any(str(os.getpid()) in name for name in list_segments())  # the idle pooled segment
         assert not any(str(os.getpid()) in name for name in list_segments())
         assert served.releases == [("late", "expired"), ("kept", "pulled"), ("left", "cancelled")]
+
+    run(body)
+
+
+# --- fault injection (TANDEM_FAULT_TRANSFER, for tests only) -------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["tcp", "shm"])
+@pytest.mark.parametrize("fault, reason", [("corrupt", "checksum"), ("truncate", "truncated")])
+def test_fault_hook_corrupts_or_truncates_every_pull_and_the_client_detects_it(monkeypatch, path, fault, reason):
+    monkeypatch.setenv("TANDEM_FAULT_TRANSFER", fault)
+
+    async def body() -> None:
+        async with Served() as served:
+            export = make_export()
+            served.hold("t", export)
+            for _ in range(2):  # every pull, not just the first
+                with pytest.raises(TransferError) as info:
+                    await served.pull("t", path=path)
+                assert info.value.reason == reason
+            assert "t" in served.store and served.releases == []  # a failed pull leaves it held
+            assert bytes(export.data) == bytes(served.store.get("t").data)  # the held copy is intact
+
+    run(body)
+
+
+def test_fault_hook_delays_the_pull_and_a_release_meanwhile_refuses_it(monkeypatch):
+    monkeypatch.setenv("TANDEM_FAULT_TRANSFER", "delay:0.3")
+
+    async def body() -> None:
+        async with Served() as served:
+            export = make_export()
+            served.hold("slow", export)
+            start = asyncio.get_running_loop().time()
+            with await served.pull("slow") as pulled:
+                assert bytes(pulled.payload) == export.data
+            assert asyncio.get_running_loop().time() - start >= 0.3
+            served.hold("gone", export)
+            pull = asyncio.ensure_future(served.pull("gone"))
+            await asyncio.sleep(0.1)
+            served.store.release("gone", "cancelled")  # kv_release while the decode side waits
+            with pytest.raises(TransferError, match="unknown or expired") as info:
+                await pull
+            assert info.value.reason == "server_error"
+
+    run(body)
+
+
+def test_fault_hook_is_off_by_default_and_a_file_switches_it_at_run_time(monkeypatch, tmp_path):
+    monkeypatch.delenv("TANDEM_FAULT_TRANSFER", raising=False)
+    assert KvTransferServer(TransferStore()).faults is None
+    for bad in ("corupt", "delay:", "delay:-1", "delay:soon"):
+        monkeypatch.setenv("TANDEM_FAULT_TRANSFER", bad)
+        with pytest.raises(ValueError, match="TANDEM_FAULT_TRANSFER"):
+            KvTransferServer(TransferStore())
+    switch = tmp_path / "fault"
+    monkeypatch.setenv("TANDEM_FAULT_TRANSFER", f"file:{switch}")
+
+    async def body() -> None:
+        async with Served() as served:
+            export = make_export()
+            for mode, fails in (("missing", False), ("corrupt", True), ("truncate", True), ("", False)):
+                if mode != "missing":
+                    switch.write_text(mode)
+                served.hold(f"t-{mode}", export)
+                if fails:
+                    with pytest.raises(TransferError):
+                        await served.pull(f"t-{mode}")
+                    served.store.release(f"t-{mode}")
+                else:
+                    with await served.pull(f"t-{mode}") as pulled:
+                        assert bytes(pulled.payload) == export.data
 
     run(body)

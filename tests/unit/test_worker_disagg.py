@@ -1,10 +1,15 @@
 """Disaggregation on the worker side: a prefill worker holds its prompt's KV, a decode worker pulls
-the blocks it lacks and continues; greedy output equals the aggregated engine's, and a failed
-transfer falls back to local prefill with the same output."""
+the blocks it lacks and continues; greedy output equals the aggregated engine's, a failed
+transfer falls back to local prefill with the same output, and a client that leaves during the
+prefill, after the first token or during the KV pull leaves nothing behind on either worker."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -29,8 +34,8 @@ def tiny_loaded(tmp_path_factory):
     return load_model(str(path))
 
 
-def _service(loaded, discovery: MemoryDiscovery, role: str) -> WorkerService:
-    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), loaded=loaded))
+def _service(loaded, discovery: MemoryDiscovery, role: str, **engine_config) -> WorkerService:
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64, **engine_config), loaded=loaded))
     return WorkerService(engine, discovery, model_name="tiny", tokenizer_source="tiny", role=role, ttl_s=2.0)
 
 
@@ -227,3 +232,173 @@ def test_a_one_token_request_ends_at_the_prefill_and_frees_its_blocks(tiny_loade
     tokens, last, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), 1)
     assert tokens == aggregated_long[:1] and last.finish_reason == "length"
     assert held == [0]  # released with kv_release, not left to expire
+
+
+# --- a client that leaves mid-flow leaves nothing behind on either worker ---
+
+
+async def _leftovers(client: RequestPlaneClient, service: WorkerService) -> dict:
+    """What the worker still holds for requests, from its ``stats`` endpoint and its engine."""
+    stats = await client.call(service.server.address, "stats", {})
+    return {"engine_requests": len(service.engine.engine.requests), "running": stats["num_running"],
+            "waiting": stats["num_waiting"], "kv_usage": stats["kv_usage"],
+            "exports_held": stats["kv_exports_held"]}
+
+
+async def _until_nothing_left(client: RequestPlaneClient, services: list[WorkerService],
+                              timeout_s: float = 5.0) -> list[dict]:
+    nothing = {"engine_requests": 0, "running": 0, "waiting": 0, "kv_usage": 0.0, "exports_held": 0}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [await _leftovers(client, service) for service in services]
+        if all(each == nothing for each in left) or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Abandoned:
+    """What an abandoned request left behind (see `_abandoned_flow`)."""
+
+    left: list[dict]
+    """`_leftovers` of [prefill worker, decode worker] once they settled."""
+    prefill_generated: int
+    """Tokens the prefill worker's engine generated (1 once the prefill finished)."""
+    decode_prompt_tokens: int
+    """Prompt tokens the decode worker's engine ran (0: the decode half never started)."""
+    imported: int
+    """Blocks the decode worker imported."""
+    engines_alive: list[bool]
+    """Whether each worker's engine thread still runs."""
+    import_errors: list[str]
+    """What the decode engine's KV imports raised."""
+
+
+def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
+    """Start LONG_PROMPT through DisaggregatedClient (prefill + decode worker) and abandon it at
+    ``stage``: "prefill" (the prefill worker is part-way through a chunked prefill), "first_token"
+    (the client closes the stream on the first token, before the decode half starts), "transfer"
+    (the decode worker is pulling the blocks; the transfer server delays the pull), "export" (the
+    prefill worker's engine is exporting the finished prompt's blocks) or "import" (the decode
+    worker's engine is importing the pulled blocks, and then the frontend's connection drops too)."""
+    from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
+    from tandem.frontend.worker_client import WorkerClient
+    from tandem.router.factory import build_policy
+    from tandem.router.worker_pool import WorkerPool
+    from tandem.worker import disagg as worker_disagg
+    from tandem.worker.protocol import GenerateRequest
+
+    if stage == "transfer":
+        monkeypatch.setenv("TANDEM_FAULT_TRANSFER", "delay:5")  # read by the prefill worker's transfer server
+    pulling, exporting, importing = asyncio.Event(), threading.Event(), threading.Event()
+    import_errors: list[str] = []
+    real_pull = worker_disagg.pull_blocks
+
+    async def watched_pull(*args, **kwargs):
+        pulling.set()
+        return await real_pull(*args, **kwargs)
+
+    monkeypatch.setattr(worker_disagg, "pull_blocks", watched_pull)
+
+    async def scenario():
+        discovery, client, stats_client = MemoryDiscovery(), RequestPlaneClient(), RequestPlaneClient()
+        # 16-token steps: LONG_PROMPT's prefill takes 7 steps, slowed so the client can leave mid-way.
+        prefill = _service(loaded, discovery, "prefill", max_num_batched_tokens=16)
+        decode = _service(loaded, discovery, "decode")
+        core, real_step, steps = prefill.engine.engine, prefill.engine.engine.step, []
+        real_export, real_import = core.export_kv, decode.engine.engine.import_kv
+
+        def slow_step():
+            outputs = real_step()
+            steps.append(len(outputs))
+            time.sleep(0.05)
+            return outputs
+
+        def slow_export(*args):
+            exporting.set()
+            time.sleep(0.5)
+            return real_export(*args)
+
+        def slow_import(export):
+            importing.set()
+            time.sleep(0.5)
+            try:
+                return real_import(export)
+            except Exception as exc:
+                import_errors.append(repr(exc))
+                raise
+
+        core.step, core.export_kv, decode.engine.engine.import_kv = slow_step, slow_export, slow_import
+        for service in (prefill, decode):
+            await service.start()
+        pool = WorkerPool(discovery)
+        await pool.start()
+        flow = DisaggregatedClient(WorkerClient(pool, build_policy("round-robin", pool, client), client),
+                                   DisaggConfig())
+        deltas = flow.generate("tiny", GenerateRequest("r", LONG_PROMPT, _sampling(MAX_TOKENS)))
+        first_token = asyncio.Event()
+
+        async def consume():
+            async for _ in deltas:
+                first_token.set()
+                if stage == "first_token":
+                    await deltas.aclose()  # the client leaves on the first token
+                    return
+
+        task = asyncio.create_task(consume())
+        try:
+            if stage == "prefill":
+                while len(steps) < 2:  # part-way through the prefill
+                    await asyncio.sleep(0.005)
+                assert not first_token.is_set()
+            elif stage == "transfer":
+                await pulling.wait()
+                await asyncio.sleep(0.1)  # the pull is connected and waiting on the delayed server
+            elif stage in ("export", "import"):
+                while not (exporting if stage == "export" else importing).is_set():
+                    await asyncio.sleep(0.005)
+            await (task if stage == "first_token" else asyncio.sleep(0))
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if stage == "import":
+                await asyncio.sleep(0.1)  # the decode worker's handler now waits for the import...
+                await client.close()  # ...when the frontend goes away too: its streams are cancelled once more
+            await asyncio.sleep(0.6)  # past the slowed export/import
+            left = await _until_nothing_left(stats_client, [prefill, decode])
+            return Abandoned(left, prefill.engine.stats().generation_tokens_total,
+                             decode.engine.stats().prompt_tokens_total, decode.kv_blocks_imported,
+                             [prefill.engine.is_running, decode.engine.is_running], import_errors)
+        finally:
+            await pool.stop()
+            await client.close()
+            await stats_client.close()
+            for service in (prefill, decode):
+                await service.drain(timeout=1)
+
+    return asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+NOTHING_LEFT = {"engine_requests": 0, "running": 0, "waiting": 0, "kv_usage": 0.0, "exports_held": 0}
+
+
+def test_a_client_leaving_during_the_prefill_leaves_nothing_on_either_worker(tiny_loaded, monkeypatch):
+    result = _abandoned_flow(tiny_loaded, monkeypatch, "prefill")
+    assert result.left == [NOTHING_LEFT, NOTHING_LEFT]
+    assert result.prefill_generated == 0  # aborted before its one token: the prefill really was cut short
+    assert result.decode_prompt_tokens == 0 and result.imported == 0  # the decode half never started
+    assert result.engines_alive == [True, True]
+
+
+def test_a_client_leaving_on_the_first_token_frees_the_held_export(tiny_loaded, monkeypatch):
+    result = _abandoned_flow(tiny_loaded, monkeypatch, "first_token")
+    assert result.left == [NOTHING_LEFT, NOTHING_LEFT]  # the export was released (kv_release), not left to expire
+    assert result.prefill_generated == 1 and result.decode_prompt_tokens == 0 and result.imported == 0
+
+
+def test_a_client_leaving_during_the_kv_pull_leaves_nothing_on_either_worker(tiny_loaded, monkeypatch):
+    result = _abandoned_flow(tiny_loaded, monkeypatch, "transfer")
+    assert result.left == [NOTHING_LEFT, NOTHING_LEFT]  # the pull was abandoned and the export released
+    assert result.prefill_generated == 1  # the prefill finished and exported its blocks
+    assert result.imported == 0 and result.decode_prompt_tokens == 0  # left before the pull completed
+    assert result.engines_alive == [True, True]

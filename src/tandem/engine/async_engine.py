@@ -143,6 +143,8 @@ class AsyncEngine:
                 self.engine.abort_request(payload)
             elif kind == "call":
                 fn, future = payload
+                if not future.set_running_or_notify_cancel():
+                    continue  # the caller gave up (was cancelled) before it ran
                 try:
                     future.set_result(fn(self.engine))
                 except Exception as exc:

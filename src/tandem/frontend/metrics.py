@@ -29,6 +29,10 @@ _WORKER_GAUGES = (
     ("tandem_worker_kv_blocks_total", "Size of the worker's KV block pool", "num_total_blocks"),
     ("tandem_worker_kv_blocks_free", "Free KV blocks on the worker", "num_free_blocks"),
     ("tandem_worker_preemptions", "Requests preempted on the worker since start", "num_preemptions"),
+    ("tandem_worker_kv_exports_held", "Prefill exports the worker holds for a decode worker's pull",
+     "kv_exports_held"),
+    ("tandem_worker_kv_blocks_imported", "KV blocks the worker pulled from prefill workers since start",
+     "kv_blocks_imported"),
 )
 
 

@@ -18,6 +18,11 @@ Big copies and checksums run in a worker thread, so a 100 MB pull does not stall
 
 Errors a client caused (unknown transfer, bad indices, shm across hosts) get an error response;
 malformed or oversized messages close the connection. Nothing a client sends stops the server.
+
+Fault injection, for tests only: ``TANDEM_FAULT_TRANSFER`` (``corrupt``, ``truncate`` or
+``delay:SECONDS``, or ``file:PATH`` to re-read one of those from PATH at each pull; see faults.py),
+read when the server is constructed, makes the pulls it serves corrupt, truncated or late. Off by
+default, and then it costs nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import xxhash
 
 from tandem.engine.kv_transfer import KVBlockExport
 from tandem.runtime.request_plane_config import format_address
+from tandem.transfer.faults import TransferFault, corrupt_runs, faults_from_env, truncate_runs
 from tandem.transfer.metrics import TransferMetrics, default_metrics
 from tandem.transfer.protocol import (
     HEADER_SIZE,
@@ -105,6 +111,8 @@ class KvTransferServer:
         self.metrics = metrics or default_metrics()
         self.host_id = host_id()
         self.pool = SegmentPool(self.config.shm_pool_bytes)
+        self.faults = faults_from_env()
+        """Injected faults, for tests only (faults.py); None (the default) serves every pull honestly."""
         self._server: asyncio.Server | None = None
         self._address: str | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -194,6 +202,9 @@ class KvTransferServer:
         return decode_client_message(await reader.readexactly(length))
 
     async def _serve(self, request: PullRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fault = self.faults.current() if self.faults is not None else None
+        if fault is not None and fault.kind == "delay":
+            await asyncio.sleep(fault.delay_s)
         export = self.store.get(request.transfer_id)
         try:
             if export is None:
@@ -207,10 +218,10 @@ class KvTransferServer:
             return
         runs = _payload_runs(export, indices)
         header = _response_header(request.transfer_id, export, indices, sum(len(run) for run in runs))
-        if path == "shm" and header.nbytes > 0:
-            await self._send_shm(header, runs, reader, writer)
+        if path == "shm" and header.nbytes > 0 and not (fault is not None and fault.kind == "truncate"):
+            await self._send_shm(header, runs, reader, writer, fault)
         else:
-            await self._send_tcp(header, runs, reader, writer)
+            await self._send_tcp(header, runs, reader, writer, fault)
 
     def _choose_path(self, request: PullRequest) -> str:
         same_host = request.host_id == self.host_id
@@ -222,8 +233,10 @@ class KvTransferServer:
         return "tcp"
 
     async def _send_tcp(self, header: PullResponse, runs: list[memoryview], reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
+                        writer: asyncio.StreamWriter, fault: TransferFault | None = None) -> None:
         header.checksum = await _off_loop(header.nbytes, payload_checksum, *runs)
+        if fault is not None and fault.kind != "delay":  # tests only: a bad payload under a good checksum
+            runs = corrupt_runs(runs) if fault.kind == "corrupt" else truncate_runs(runs)
         writer.write(encode_message(header))
         chunk = self.config.send_chunk_bytes
         for run in runs:
@@ -231,14 +244,18 @@ class KvTransferServer:
                 writer.write(run[start : start + chunk])
                 await writer.drain()
         await writer.drain()
+        if fault is not None and fault.kind == "truncate":
+            return  # hang up mid-payload (the connection handler closes the socket)
         await self._await_ack(header, reader)
 
     async def _send_shm(self, header: PullResponse, runs: list[memoryview], reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
+                        writer: asyncio.StreamWriter, fault: TransferFault | None = None) -> None:
         segment = self.pool.acquire(header.nbytes)
         reusable = False
         try:
             header.checksum = await _off_loop(header.nbytes, _copy_and_hash, segment, runs)
+            if fault is not None and fault.kind == "corrupt":  # tests only
+                segment.buf[header.nbytes // 2] ^= 0xFF
             header.path, header.shm_name, header.shm_recycle = "shm", segment.name, self.pool.enabled
             writer.write(encode_message(header))
             await writer.drain()

@@ -70,21 +70,22 @@ async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_sa
     if have >= params.num_blocks:
         return 0
     try:
-        with await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
-                               timeout_s=timeout_s) as pulled:
+        pulled = await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
+                                   timeout_s=timeout_s)
+        try:
             modeled_s = engine.engine.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
             if modeled_s > 0:
                 await asyncio.sleep(modeled_s)
-            # Imported straight from the pulled payload (no copy) while it is still held: if this
-            # request is cancelled meanwhile, the payload is released only after the engine
-            # thread is done reading it.
+            # Imported straight from the pulled payload (no copy).
             export = pulled.to_export(copy=False)
             importing = asyncio.ensure_future(engine.call(lambda core: core.import_kv(export)))
-            try:
-                return await asyncio.shield(importing)
-            except asyncio.CancelledError:
-                await asyncio.wait({importing})
-                raise
+        except BaseException:
+            pulled.close()
+            raise
+        # The payload is released when the engine thread is done reading it, however often this
+        # task is cancelled meanwhile.
+        importing.add_done_callback(lambda _: pulled.close())
+        return await asyncio.shield(importing)
     except (TransferError, ValueError, OSError) as exc:
         logger.warning("KV transfer %s from %s failed (%s); prefilling locally", params.transfer_id,
                        params.address, exc)

@@ -1,9 +1,10 @@
 """The worker service: an AsyncEngine behind the request plane, registered in discovery.
 
 Endpoints: ``generate`` (stream of GenerateDelta; leaving the stream aborts the request and
-frees its KV blocks) and ``stats`` (the engine's latest EngineStats). ``start()`` binds the
-request plane, then registers the worker card; ``drain()`` withdraws the card first (so routers
-stop sending), lets in-flight streams finish up to a timeout, then stops the engine.
+frees its KV blocks), ``stats`` (the engine's latest EngineStats, plus held KV exports and imported
+blocks), ``kv_release`` and ``kv_dump``. ``start()`` binds the request plane, then registers the
+worker card; ``drain()`` withdraws the card first (so routers stop sending), lets in-flight streams
+finish up to a timeout, then stops the engine.
 """
 
 from __future__ import annotations
@@ -118,7 +119,13 @@ class WorkerService:
         return {"released": self.exporter.release(transfer_id) if self.exporter else False}
 
     async def stats(self, payload: Any, ctx: RequestContext) -> dict:
-        return asdict(self.engine.stats())
+        """The engine's EngineStats, plus this worker's disaggregation figures:
+        ``kv_exports_held`` (prefill exports waiting for a pull; 0 on other roles) and
+        ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
+        stats = asdict(self.engine.stats())
+        stats["kv_exports_held"] = len(self.exporter.store) if self.exporter is not None else 0
+        stats["kv_blocks_imported"] = self.kv_blocks_imported
+        return stats
 
     async def kv_dump(self, payload: Any, ctx: RequestContext) -> dict:
         """Every block this worker holds, as BlockStored events, and the seq they are current as of."""
