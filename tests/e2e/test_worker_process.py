@@ -103,3 +103,42 @@ def test_several_mocker_workers_share_one_process(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_prefill_worker_serves_its_transfer_metrics(tmp_path):
+    """--metrics-port: the card names the /metrics URL, which shows the held KV export."""
+    import urllib.request
+
+    disco_dir = tmp_path / "discovery"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0", "--role", "prefill",
+         "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3",
+         "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def exercise() -> str:
+            discovery, client = FileDiscovery(disco_dir), RequestPlaneClient()
+            try:
+                deadline, cards = time.monotonic() + 60, []
+                while not cards and time.monotonic() < deadline:
+                    cards = await discovery.list("tiny")
+                    await asyncio.sleep(0.2)
+                assert cards and cards[0].metrics_address.endswith("/metrics")
+                payload = {"request_id": "p1", "token_ids": PROMPT, "export_kv": True,
+                           "sampling": {"max_tokens": 1, "temperature": 0.0}}
+                deltas = [d async for d in client.stream(cards[0].request_plane_address, "generate", payload)]
+                assert deltas[-1]["kv_transfer"]["num_blocks"] == len(PROMPT) // 16
+                return cards[0].metrics_address
+            finally:
+                await client.close()
+                await discovery.close()
+
+        url = asyncio.run(asyncio.wait_for(exercise(), 90))
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert "tandem_kv_transfers_held 1.0" in text and "tandem_kv_transfer_seconds" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -51,6 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-events-port", type=int, default=0,
                         help="ZMQ PUB port of the KV event publisher, bound on --host (0: a free one)")
     parser.add_argument("--kv-replay-port", type=int, default=0, help="ZMQ replay port (0: a free one)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve this process's Prometheus metrics (KV transfer bytes, seconds and failures; "
+                             "held exports) at http://HOST:PORT/metrics; 0 picks a free port (default: off)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (default: %(default)s)")
     parser.set_defaults(func=run)
@@ -82,6 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
         cores = [await asyncio.to_thread(LLMEngine, engine_config_from_args(args))]
         name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
     discovery = make_discovery(args.discovery)
+    metrics_address = _serve_metrics(args.host, args.metrics_port) if args.metrics_port is not None else None
     services = []
     for index, core in enumerate(cores):
         publisher = None
@@ -93,7 +97,7 @@ async def serve(args: argparse.Namespace) -> None:
         engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None)
         services.append(WorkerService(engine, discovery, model_name=name, tokenizer_source=tokenizer_source,
                                       role=args.role, engine_kind=args.engine, host=args.host, port=args.port,
-                                      ttl_s=args.ttl, kv_publisher=publisher))
+                                      ttl_s=args.ttl, kv_publisher=publisher, metrics_address=metrics_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,6 +109,14 @@ async def serve(args: argparse.Namespace) -> None:
     print("draining…", flush=True)
     await asyncio.gather(*(service.drain(timeout=args.drain_timeout) for service in services))
     await discovery.close()
+
+
+def _serve_metrics(host: str, port: int) -> str:
+    """Start prometheus_client's HTTP exporter of the global registry; returns its /metrics URL."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host)
+    return f"http://{host}:{server.server_port}/metrics"
 
 
 def _mocker_coeffs(args: argparse.Namespace) -> dict[str, float]:

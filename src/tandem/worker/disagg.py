@@ -21,7 +21,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from tandem.transfer import KvTransferServer, TransferError, TransferStore, TransferStoreConfig, pull_blocks
+from tandem.transfer import (KvTransferServer, TransferError, TransferStore, TransferStoreConfig, default_metrics,
+                             pull_blocks)
 from tandem.worker.protocol import KvTransferParams
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class PrefillExporter:
 
     def __init__(self, engine: AsyncEngine, host: str = "127.0.0.1", ttl_s: float = 60.0) -> None:
         self.engine = engine
-        self.store = TransferStore(TransferStoreConfig(ttl_s=ttl_s))
+        self.store = TransferStore(TransferStoreConfig(ttl_s=ttl_s), metrics=default_metrics())
         self.server = KvTransferServer(self.store, host=host)
 
     async def start(self) -> str:

@@ -34,7 +34,8 @@ class WorkerService:
     def __init__(self, engine: AsyncEngine, discovery: Discovery, *, model_name: str, tokenizer_source: str,
                  role: Role = "agg", engine_kind: str = "builtin", host: str = "127.0.0.1", port: int = 0,
                  ttl_s: float | None = None, worker_id: str | None = None,
-                 kv_publisher: KvEventPublisher | None = None, kv_hold_s: float = 60.0) -> None:
+                 kv_publisher: KvEventPublisher | None = None, kv_hold_s: float = 60.0,
+                 metrics_address: str | None = None) -> None:
         self.engine = engine
         self.discovery = discovery
         self.model_name, self.tokenizer_source = model_name, tokenizer_source
@@ -46,6 +47,8 @@ class WorkerService:
         self.server.register("kv_dump", self.kv_dump)
         self.server.register("kv_release", self.kv_release)
         self.kv_publisher = kv_publisher
+        self.metrics_address = metrics_address
+        """URL of this process's Prometheus /metrics page (``--metrics-port``), for the card."""
         # Prefill workers hold finished prompts' KV for decode workers (worker/disagg.py).
         self.exporter = PrefillExporter(engine, host, kv_hold_s) if role == "prefill" else None
         self.kv_blocks_imported = 0
@@ -61,6 +64,7 @@ class WorkerService:
             engine=self.engine_kind,
             kv_events_address=self.kv_publisher.address if self.kv_publisher else None,
             kv_replay_address=self.kv_publisher.replay_address if self.kv_publisher else None,
+            metrics_address=self.metrics_address,
         )
 
     async def start(self) -> None:
