@@ -271,6 +271,33 @@ def test_modeled_transfer_time_follows_the_bandwidth_flag():
         MockerConfig(kv_transfer_bandwidth_gbs=-1)
 
 
+def test_on_finish_hook_runs_on_the_engine_thread_in_the_finishing_step():
+    engine = MockerEngine(MockerConfig(speedup_ratio=0.0, num_kv_blocks=64))
+    aeng = AsyncEngine(engine)
+    seen_steps = []
+
+    def export(core):
+        seen_steps.append(core.num_steps)
+        return core.export_kv(PROMPT)
+
+    def broken(core):
+        raise RuntimeError("hook failed")
+
+    async def main():
+        outs = [o async for o in aeng.generate(PROMPT, SamplingParams(max_tokens=3), on_finish=export)]
+        failed = [o async for o in aeng.generate(PROMPT[:20], SamplingParams(max_tokens=1), on_finish=broken)]
+        return outs, failed
+
+    try:
+        outs, failed = asyncio.run(main())
+        assert [o.on_finish_result for o in outs[:-1]] == [None] * (len(outs) - 1)
+        assert len(outs[-1].on_finish_result.block_hashes) == 2  # the prompt's 2 full blocks
+        assert seen_steps == [3]  # right after the third (finishing) step, before any other
+        assert failed[-1].finished and failed[-1].on_finish_result is None and aeng.is_running
+    finally:
+        aeng.shutdown()
+
+
 def test_async_engine_drives_50_streams():
     engine = MockerEngine(MockerConfig(speedup_ratio=50.0, num_kv_blocks=256))
     batches = []

@@ -402,3 +402,204 @@ def test_a_client_leaving_during_the_kv_pull_leaves_nothing_on_either_worker(tin
     assert result.prefill_generated == 1  # the prefill finished and exported its blocks
     assert result.imported == 0 and result.decode_prompt_tokens == 0  # left before the pull completed
     assert result.engines_alive == [True, True]
+
+
+def _serving_again(monkeypatch) -> list[list[int] | str]:
+    """Make `_abandoned_flow`, once both workers settled, send LONG_PROMPT (greedy, MAX_TOKENS)
+    straight to the prefill worker, then to the decode worker; returns each one's tokens (or the
+    error it answered with)."""
+    settle, served = _until_nothing_left, []
+
+    async def settle_then_serve(client: RequestPlaneClient, services: list[WorkerService],
+                                timeout_s: float = 5.0) -> list[dict]:
+        left = await settle(client, services, timeout_s)
+        for service in services:
+            try:
+                deltas = await asyncio.wait_for(_collect(client, service.server.address, {
+                    "request_id": "again", "token_ids": LONG_PROMPT, "sampling": _sampling(MAX_TOKENS)}), 5)
+                served.append([t for d in deltas for t in d["token_ids"]])
+            except (RemoteError, TimeoutError) as exc:
+                served.append(repr(exc))
+        return left
+
+    monkeypatch.setitem(globals(), "_until_nothing_left", settle_then_serve)
+    return served
+
+
+def test_a_client_leaving_while_the_prefill_worker_exports_keeps_its_engine_alive(tiny_loaded, monkeypatch,
+                                                                                 aggregated_long):
+    # The engine thread is inside export_kv (slowed) when the prefill worker's handler is
+    # cancelled: the cancelled call's future must not kill the thread that still completes it.
+    served = _serving_again(monkeypatch)
+    result = _abandoned_flow(tiny_loaded, monkeypatch, "export")
+    assert result.engines_alive == [True, True]
+    assert result.left == [NOTHING_LEFT, NOTHING_LEFT]  # the export was never held (or was released)
+    # Counted after the request served again: the prefill's one token, then MAX_TOKENS; on the decode
+    # worker only the request served again ran (the decode half never started).
+    assert result.prefill_generated == 1 + MAX_TOKENS
+    assert result.decode_prompt_tokens == len(LONG_PROMPT) and result.imported == 0
+    assert served == [aggregated_long, aggregated_long]  # both workers still serve, greedy as aggregated
+
+
+def test_an_engine_call_cancelled_before_it_ran_is_skipped_and_the_engine_lives_on(tiny_loaded):
+    async def scenario():
+        engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), loaded=tiny_loaded))
+        entered, release, ran = threading.Event(), threading.Event(), []
+        try:
+            def block(core):
+                entered.set()
+                return release.wait(5)
+
+            blocking = asyncio.create_task(engine.call(block))
+            abandoned = asyncio.create_task(engine.call(lambda core: ran.append("abandoned")))
+            assert await asyncio.to_thread(entered.wait, 5)  # both posted; the engine thread runs the first
+            abandoned.cancel()  # cancelled while still in the inbox
+            with contextlib.suppress(asyncio.CancelledError):
+                await abandoned
+            release.set()
+            assert await asyncio.wait_for(blocking, 5) is True
+            # The engine thread skipped the cancelled call and still serves the next one.
+            assert await asyncio.wait_for(engine.call(lambda core: core.num_cached_prompt_blocks(PROMPT, None)),
+                                          2) == 0
+            assert ran == [] and engine.is_running
+        finally:
+            release.set()
+            await asyncio.to_thread(engine.shutdown, 2)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_pull_cancelled_twice_is_not_released_under_the_engines_import(tiny_loaded, monkeypatch):
+    from tandem.worker import disagg as worker_disagg
+    from tandem.worker.protocol import KvTransferParams
+
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        prefill, decode = _service(tiny_loaded, discovery, "prefill"), _service(tiny_loaded, discovery, "decode")
+        core = decode.engine.engine
+        real_import, real_pull = core.import_kv, worker_disagg.pull_blocks
+        importing, imported, outcome, pulls = threading.Event(), threading.Event(), [], []
+
+        def slow_import(export):  # on the engine thread, reading the pulled payload in place
+            importing.set()
+            time.sleep(0.3)
+            try:
+                outcome.append(real_import(export))
+            except Exception as exc:
+                outcome.append(repr(exc))
+                raise
+            finally:
+                imported.set()
+
+        async def recorded_pull(*args, **kwargs):
+            pulls.append(await real_pull(*args, **kwargs))
+            return pulls[-1]
+
+        core.import_kv = slow_import
+        monkeypatch.setattr(worker_disagg, "pull_blocks", recorded_pull)
+        await prefill.start()
+        await decode.start()
+        try:
+            first = await _collect(client, prefill.server.address, {
+                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            params = KvTransferParams(**first[-1]["kv_transfer"])
+            task = asyncio.create_task(worker_disagg.import_missing_blocks(decode.engine, PROMPT, None, params))
+            assert await asyncio.to_thread(importing.wait, 5)
+            task.cancel()  # the request is cancelled while the engine imports...
+            await asyncio.sleep(0.05)
+            task.cancel()  # ...and once more (its connection dropped too)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+            assert await asyncio.to_thread(imported.wait, 5)
+            await asyncio.sleep(0.05)  # the payload is released right after the import's call finished
+            assert outcome == [3]  # the engine read the whole payload: no "released memoryview" error
+            assert await decode.engine.call(lambda core: core.num_cached_prompt_blocks(PROMPT, None)) == 3
+            assert decode.engine.is_running
+            (pulled,) = pulls
+            with pytest.raises(ValueError, match="released memoryview"):
+                pulled.payload.tobytes()  # released once the import was done: nothing leaks
+            assert prefill.exporter.store.stats().held == 0  # pulled, so released
+            assert await _until_nothing_left(client, [prefill, decode]) == [NOTHING_LEFT, NOTHING_LEFT]
+        finally:
+            await client.close()
+            await prefill.drain(timeout=1)
+            await decode.drain(timeout=1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_client_and_its_frontend_leaving_during_the_kv_import_leave_nothing(tiny_loaded, monkeypatch):
+    # The decode worker's handler is cancelled while its engine imports the pulled blocks, then
+    # once more when the frontend's connection drops: the import still reads an intact payload.
+    result = _abandoned_flow(tiny_loaded, monkeypatch, "import")
+    assert result.import_errors == []
+    assert result.engines_alive == [True, True]
+    assert result.left == [NOTHING_LEFT, NOTHING_LEFT]
+    assert result.prefill_generated == 1 and result.decode_prompt_tokens == 0  # left before the decode ran
+
+
+# --- the worker's disaggregation figures: its stats endpoint and the frontend's gauges ---
+
+
+def test_worker_stats_report_held_exports_and_imported_blocks(tiny_loaded, monkeypatch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tandem.frontend.config import FrontendConfig
+    from tandem.frontend.frontend import Frontend
+
+    def gauges(frontend: Frontend) -> dict[tuple[str, str], float]:
+        """The frontend's tandem_worker_* gauges: (name, worker_id) → value."""
+        text = frontend.metrics.render().decode()
+        return {(sample.name, sample.labels["worker_id"]): sample.value
+                for family in text_string_to_metric_families(text) if family.name.startswith("tandem_worker_")
+                for sample in family.samples}
+
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        prefill, decode = _service(tiny_loaded, discovery, "prefill"), _service(tiny_loaded, discovery, "decode")
+        frontend = Frontend(FrontendConfig(port=0, worker_stats_interval_s=0), discovery)
+        monkeypatch.setattr(frontend.tokenizers, "preload", lambda source: None)  # "tiny" names no tokenizer
+        for service in (prefill, decode):
+            await service.start()
+        await frontend.start()
+        ids = {"prefill": prefill.worker_id, "decode": decode.worker_id}
+
+        async def figures() -> dict[str, tuple[int, int]]:
+            """(kv_exports_held, kv_blocks_imported) of each worker, from its stats endpoint."""
+            stats = {role: await client.call(s.server.address, "stats", {}) for role, s in
+                     (("prefill", prefill), ("decode", decode))}
+            return {role: (s["kv_exports_held"], s["kv_blocks_imported"]) for role, s in stats.items()}
+
+        async def exported() -> dict[str, tuple[float, float]]:
+            """The same figures as the frontend's gauges (after a stats poll)."""
+            await frontend.refresh_worker_stats()
+            # A worker whose stats lack the two figures (an older version) gets no sample of them.
+            frontend.metrics.worker_stats.latest["older"] = ("tiny", {"kv_usage": 0.25})
+            values = gauges(frontend)
+            assert values[("tandem_worker_kv_usage", "older")] == 0.25
+            assert not {key for key in values if key[1] == "older"} - {("tandem_worker_kv_usage", "older")}
+            return {role: (values[("tandem_worker_kv_exports_held", wid)],
+                           values[("tandem_worker_kv_blocks_imported", wid)]) for role, wid in ids.items()}
+
+        try:
+            assert await figures() == {"prefill": (0, 0), "decode": (0, 0)}
+            first = await _collect(client, prefill.server.address, {
+                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            params = first[-1]["kv_transfer"]
+            assert await figures() == {"prefill": (1, 0), "decode": (0, 0)}  # held for the decode worker
+            assert await exported() == {"prefill": (1.0, 0.0), "decode": (0.0, 0.0)}
+            await _collect(client, decode.server.address, {
+                "request_id": "d", "token_ids": PROMPT + [first[-1]["token_ids"][-1]], "sampling": _sampling(2),
+                "kv_transfer": params})
+            pulled = params["num_blocks"]
+            assert pulled == 3
+            assert await figures() == {"prefill": (0, 0), "decode": (0, pulled)}  # pulled: released, imported
+            assert await exported() == {"prefill": (0.0, 0.0), "decode": (0.0, float(pulled))}
+        finally:
+            await frontend.stop()
+            await client.close()
+            await prefill.drain(timeout=1)
+            await decode.drain(timeout=1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

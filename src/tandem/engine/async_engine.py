@@ -40,6 +40,7 @@ class AsyncEngine:
         the prefix cache (e.g. a ZMQ publisher)."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._on_finish: dict[str, Callable[[EngineCore], Any]] = {}
         self._wakeup = threading.Event()
         self._stopped = False
         self._ids = itertools.count()
@@ -50,14 +51,22 @@ class AsyncEngine:
     # --- caller side (any thread with an event loop) ---
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iterator early aborts the request."""
+                       cache_salt: str | None = None,
+                       on_finish: Callable[[EngineCore], Any] | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early aborts the request.
+
+        ``on_finish(engine)`` runs on the engine thread right after the step that finished the
+        request, before the next step (so its prompt's cached blocks are still there, and nothing
+        waits a step for it); its result rides on the final output as ``on_finish_result``. A
+        prefill worker exports the prompt's KV this way. If it raises, the result is None."""
         if self._stopped:
             raise EngineDeadError("engine is stopped")
         request_id = request_id or f"req-{next(self._ids)}"
         self.engine.validate_prompt(prompt_token_ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if on_finish is not None:
+            self._on_finish[request_id] = on_finish
         self._post("add", (request_id, prompt_token_ids, params, cache_salt))
         finished = False
         held: Any = None  # an item taken from the queue but not yet handed out
@@ -81,6 +90,7 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
+            self._on_finish.pop(request_id, None)
             if not finished:
                 self._post("abort", request_id)
 
@@ -163,6 +173,13 @@ class AsyncEngine:
                 self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
             return
         for out in outputs:
+            if out.finished and self._on_finish:
+                hook = self._on_finish.pop(out.request_id, None)
+                if hook is not None:
+                    try:
+                        out.on_finish_result = hook(self.engine)
+                    except Exception:
+                        logger.exception("on_finish hook of %s failed", out.request_id)
             self._deliver(out.request_id, out)
         batch = self.engine.take_kv_event_batch()  # always drained, so events never pile up
         if batch is not None and self.kv_event_sink is not None:

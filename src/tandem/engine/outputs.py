@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,6 +30,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     stop_token_id: int | None = None
     """The EOS or stop token that ended the request (it is included in new_token_ids)."""
+    on_finish_result: Any = None
+    """On the final output: what the request's ``on_finish`` hook returned (``AsyncEngine.generate``)."""
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by ``later`` (of the same request), as one delta."""
@@ -38,4 +41,4 @@ class RequestOutput:
         return RequestOutput(
             self.request_id, self.new_token_ids + later.new_token_ids, later.finished, later.finish_reason,
             later.num_prompt_tokens, later.num_cached_tokens, later.num_output_tokens, logprobs,
-            later.stop_token_id)
+            later.stop_token_id, later.on_finish_result)

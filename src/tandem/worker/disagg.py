@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tandem.transfer import (KvTransferServer, TransferError, TransferStore, TransferStoreConfig, default_metrics,
@@ -27,6 +28,8 @@ from tandem.worker.protocol import KvTransferParams
 
 if TYPE_CHECKING:
     from tandem.engine.async_engine import AsyncEngine
+    from tandem.engine.engine_core import EngineCore
+    from tandem.engine.kv_transfer import KVBlockExport
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +48,11 @@ class PrefillExporter:
     async def stop(self) -> None:
         await self.server.stop()  # cancels whatever is still held
 
-    async def export(self, transfer_id: str, token_ids: list[int], cache_salt: str | None,
-                     worker_address: str) -> KvTransferParams | None:
-        """Export the prompt's cached blocks and hold them; None if there is nothing to hold."""
-        export = await self.engine.call(lambda core: core.export_kv(token_ids, cache_salt))
-        if not export.block_hashes:
-            return None  # prompt shorter than a block, or already evicted: the decode side prefills
+    def hold(self, transfer_id: str, export: KVBlockExport | None, worker_address: str) -> KvTransferParams | None:
+        """Hold a finished prompt's export (made on the engine thread when the request finished:
+        ``export_on_finish``) for a decode worker; None if there is nothing to hold."""
+        if export is None or not export.block_hashes:
+            return None  # prompt shorter than a block, export failed, or already evicted: the decode side prefills
         try:
             self.store.hold(transfer_id, export)
         except ValueError as exc:  # a duplicate id: the earlier hold stays, this one is not offered
@@ -61,6 +63,13 @@ class PrefillExporter:
     def release(self, transfer_id: str) -> bool:
         """Free a held export nobody will pull (the client went away); False if not held."""
         return self.store.release(transfer_id, "cancelled")
+
+
+def export_on_finish(token_ids: list[int], cache_salt: str | None) -> Callable[[EngineCore], KVBlockExport]:
+    """The ``on_finish`` hook of a prefill request: export its prompt's cached blocks at once, on
+    the engine thread, in the step that finished it (an ``engine.call`` would wait for the next
+    step, delaying the first token by up to a step)."""
+    return lambda core: core.export_kv(token_ids, cache_salt)
 
 
 async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_salt: str | None,

@@ -23,7 +23,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.runtime.discovery import Discovery, Registration
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
-from tandem.worker.disagg import PrefillExporter, import_missing_blocks
+from tandem.worker.disagg import PrefillExporter, export_on_finish, import_missing_blocks
 from tandem.worker.kv_publisher import KvEventPublisher
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, sampling_params_from_payload
 
@@ -101,14 +101,15 @@ class WorkerService:
             prompt = request.token_ids[:-1]  # the last token is the prefill's first output
             self.kv_blocks_imported += await import_missing_blocks(self.engine, prompt, request.cache_salt,
                                                                    request.kv_transfer)
+        on_finish = export_on_finish(request.token_ids, request.cache_salt) if request.export_kv else None
         stream = self.engine.generate(request.token_ids, params, request_id=request.request_id,
-                                      cache_salt=request.cache_salt)
+                                      cache_salt=request.cache_salt, on_finish=on_finish)
         try:
             async for out in stream:
                 delta = GenerateDelta.from_output(out)
                 if request.export_kv and out.finish_reason is not None:
-                    delta.kv_transfer = await self.exporter.export(request.request_id, request.token_ids,
-                                                                   request.cache_salt, self.server.address)
+                    delta.kv_transfer = self.exporter.hold(request.request_id, out.on_finish_result,
+                                                           self.server.address)
                 yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None
