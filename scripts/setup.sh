@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up Tandem on a fresh Debian/Ubuntu machine: system packages the tests use (etcd, NATS),
+# Set up Tandem on a fresh Debian/Ubuntu machine: system packages the tests use (etcd, NATS,
+# iproute2 for the multi-host test bed),
 # libxxhash0 and gcc for the native block-hash kernel, a virtual environment in .venv, and the
 # package with its test extras.
 # Idempotent: a second run only checks that everything is there.
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in etcd-server nats-server libxxhash0 gcc; do
+  for pkg in etcd-server nats-server iproute2 libxxhash0 gcc; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
