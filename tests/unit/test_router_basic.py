@@ -27,6 +27,15 @@ def test_round_robin_cycles_in_order_and_skips_departed_workers():
     assert picks == {"a", "c"}
 
 
+def test_round_robin_spreads_interleaved_prefill_and_decode_picks():
+    # A disaggregated request picks a prefill worker, then a decode worker: each role must still
+    # cycle through all of its workers (one shared counter would always pick p0 here).
+    policy = RoundRobinPolicy()
+    prefill, decode = [card("p0"), card("p1")], [card("d0"), card("d1")]
+    picks = [(policy.select(prefill, []).worker_id, policy.select(decode, []).worker_id) for _ in range(4)]
+    assert picks == [("p0", "d0"), ("p1", "d1"), ("p0", "d0"), ("p1", "d1")]
+
+
 def test_random_is_roughly_uniform_and_seedable():
     cards = [card(x) for x in "abcd"]
     policy = RandomPolicy(seed=1)
