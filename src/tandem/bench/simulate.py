@@ -17,7 +17,7 @@ served engine loop. The frontend's flow is replayed on top:
   ``max_local_prefill_length`` tokens, or arriving while every prefill worker already has
   ``max_prefill_queue_size`` prefill halves in flight, run whole on a decode worker.
 
-Routing uses the real policies: ``round-robin`` per role, or the real ``KvRouter`` (its indexer
+Routing uses the real policies: ``RoundRobinPolicy``, or the real ``KvRouter`` (its indexer
 fed with each worker's KV events after every step, its active-load bookkeeping fed with the
 first-token and finish hooks the frontend calls), choosing among the workers of the right role.
 Not modeled: the frontend's and request plane's own latency (sub-millisecond next to the
@@ -26,6 +26,7 @@ modeled steps) and the tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -36,6 +37,8 @@ from typing import Any, Literal
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.frontend.disagg import DisaggConfig, local_prefill_reason
+from tandem.router.policies import RoundRobinPolicy
 from tandem.runtime.worker_card import WorkerCard
 
 Router = Literal["round-robin", "kv"]
@@ -61,7 +64,7 @@ class SimResult:
     cached_tokens: int = 0
     """Prompt tokens the first engine found in its prefix cache."""
     path: str = "agg"
-    """agg | disaggregated | local_short | local_busy."""
+    """agg | disaggregated | local_short | local_busy | decode_only (no prefill workers)."""
     imported_blocks: int = 0
 
     @property
@@ -99,7 +102,7 @@ class _Worker:
                                context_length=config.max_model_len, block_size=config.block_size,
                                total_kv_blocks=config.num_kv_blocks, role=role, request_plane_address=f"127.0.0.1:{index + 1}",
                                engine="mocker")
-        self.core = MockerEngine(MockerConfig(**{**config.__dict__, "speedup_ratio": 0.0, "seed": index}))
+        self.core = MockerEngine(dataclasses.replace(config, speedup_ratio=0.0, seed=index))
         self.busy = False
 
 
@@ -107,24 +110,6 @@ class _StaticPool:
     """The one call ``KvRouter`` makes on a worker pool: the workers never change here."""
 
     def add_listener(self, on_added, on_removed) -> None:  # noqa: ANN001 - callbacks, never called
-        return None
-
-
-class _RoundRobin:
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
-
-    def route(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
-              cache_salt: str | None) -> WorkerCard:
-        role = candidates[0].role
-        index = self._next.get(role, 0)
-        self._next[role] = index + 1
-        return candidates[index % len(candidates)]
-
-    def on_first_token(self, request_id: str) -> None:
-        return None
-
-    def on_finished(self, request_id: str) -> None:
         return None
 
 
@@ -143,7 +128,7 @@ class Simulation:
             self.policy: Any = KvRouter(_StaticPool(), None, KvRouterConfig(
                 block_size=config.mocker.block_size, **{"seed": 0, **config.kv_router}))
         else:
-            self.policy = _RoundRobin()
+            self.policy = RoundRobinPolicy()
         self._events: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count()
         self.now = 0.0
@@ -196,10 +181,21 @@ class Simulation:
     def _candidates(self, roles: tuple[str, ...]) -> list[WorkerCard]:
         return [w.card for w in self.workers.values() if w.card.role in roles]
 
+    def _route(self, roles: tuple[str, ...], prompt: list[int], engine_id: str) -> _Worker:
+        """Pick a worker as ``WorkerClient.generate`` does: ``route`` books load-aware policies."""
+        route = getattr(self.policy, "route", None)
+        candidates = self._candidates(roles)
+        card = route(candidates, prompt, engine_id, None) if route else self.policy.select(candidates, prompt)
+        return self.workers[card.worker_id]
+
+    def _hook(self, name: str, engine_id: str) -> None:
+        hook = getattr(self.policy, name, None)
+        if hook is not None:
+            hook(engine_id)
+
     def _start(self, request: SimRequest, half: str, roles: tuple[str, ...], prompt: list[int],
                max_tokens: int, engine_id: str) -> _Worker:
-        card = self.policy.route(self._candidates(roles), prompt, engine_id, None)
-        worker = self.workers[card.worker_id]
+        worker = self._route(roles, prompt, engine_id)
         worker.core.add_request(engine_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         self._pending[engine_id] = (request, half)
         self._kick(worker)
@@ -211,32 +207,29 @@ class Simulation:
         if self.config.num_agg:
             self._start(request, "whole", ("agg",), request.prompt, request.max_tokens, request.request_id)
             return
-        if self.config.num_prefill == 0:
-            result.path = "decode_only"
-        elif len(request.prompt) <= self.config.max_local_prefill_length:
-            result.path = "local_short"
-        elif (self.config.max_prefill_queue_size
-              and self._prefills_in_flight >= self.config.max_prefill_queue_size * self.config.num_prefill):
-            result.path = "local_busy"
-        else:
+        reason = local_prefill_reason(len(request.prompt), self.config.num_prefill, self._prefills_in_flight,
+                                      DisaggConfig(max_local_prefill_length=self.config.max_local_prefill_length,
+                                                   max_prefill_queue_size=self.config.max_prefill_queue_size))
+        if reason is None:
             result.path = "disaggregated"
             self._prefills_in_flight += 1
             self._start(request, "prefill", ("prefill",), request.prompt, 1, f"{request.request_id}:prefill")
             return
+        result.path = "decode_only" if reason == "no_prefill_workers" else reason
         self._start(request, "whole", ("decode",), request.prompt, request.max_tokens, request.request_id)
 
     def _on_output(self, worker: _Worker, out: RequestOutput) -> None:
         request, half = self._pending[out.request_id]
         result = self.results[request.request_id]
         if out.new_token_ids and out.num_output_tokens == len(out.new_token_ids):  # its first token
-            self.policy.on_first_token(out.request_id)
+            self._hook("on_first_token", out.request_id)
             if half != "decode":
                 result.cached_tokens = out.num_cached_tokens
         result.token_ms.extend([self.now] * len(out.new_token_ids))
         if not out.finished:
             return
         del self._pending[out.request_id]
-        self.policy.on_finished(out.request_id)
+        self._hook("on_finished", out.request_id)
         if half == "prefill":
             self._prefills_in_flight -= 1
             export = worker.core.export_kv(request.prompt)
@@ -247,8 +240,7 @@ class Simulation:
     def _begin_decode(self, request: SimRequest, export, first: list[int]) -> None:  # noqa: ANN001
         """Route the decode half, then let the pull of the blocks it lacks take its modeled time."""
         prompt = request.prompt + first
-        card = self.policy.route(self._candidates(("decode",)), prompt, request.request_id, None)
-        worker = self.workers[card.worker_id]
+        worker = self._route(("decode",), prompt, request.request_id)
         have = worker.core.num_cached_prompt_blocks(request.prompt)
         missing = max(0, len(export.block_hashes) - have)
         delay = worker.core.config.transfer_ms(missing * worker.core.block_size)

@@ -57,6 +57,20 @@ class DisaggConfig:
     """How long a ``kv_release`` to a prefill worker may take (best effort)."""
 
 
+def local_prefill_reason(num_prompt_tokens: int, num_prefill_workers: int, prefills_in_flight: int,
+                         config: DisaggConfig) -> str | None:
+    """Conditional disaggregation: why a request runs whole on a decode worker
+    ("no_prefill_workers", "local_short", "local_busy"), or None to run it in two halves."""
+    if num_prefill_workers == 0:
+        return "no_prefill_workers"
+    if num_prompt_tokens <= config.max_local_prefill_length:
+        return "local_short"
+    limit = config.max_prefill_queue_size
+    if limit and prefills_in_flight >= limit * num_prefill_workers:
+        return "local_busy"
+    return None
+
+
 class DisaggregatedClient:
     """`WorkerClient.generate` with the two-halves flow when prefill workers exist."""
 
@@ -108,14 +122,8 @@ class DisaggregatedClient:
     def _run_locally(self, model: str, request: GenerateRequest) -> str | None:
         """Why the request should run whole on a decode worker, or None to disaggregate it."""
         prefill_workers = sum(card.role == "prefill" for card in self.workers.pool.workers(model))
-        if prefill_workers == 0:
-            return "no_prefill_workers"
-        if len(request.token_ids) <= self.config.max_local_prefill_length:
-            return "local_short"
-        limit = self.config.max_prefill_queue_size
-        if limit and self.prefills_in_flight.get(model, 0) >= limit * prefill_workers:
-            return "local_busy"
-        return None
+        return local_prefill_reason(len(request.token_ids), prefill_workers, self.prefills_in_flight.get(model, 0),
+                                    self.config)
 
     def _report(self, model: str, outcome: str) -> None:
         if self.on_outcome is not None:
