@@ -19,3 +19,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/tests/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+
+
+# Real etcd / NATS servers on free loopback ports (tests/infra_servers.py).
+from tests.infra_servers import etcd_server, nats_server  # noqa: E402,F401

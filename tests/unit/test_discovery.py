@@ -455,8 +455,6 @@ def test_make_discovery_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     default_file = make_discovery("file")
     assert isinstance(default_file, FileDiscovery)
     assert default_file.directory == tmp_path / "cache" / "discovery"
-    with pytest.raises(NotImplementedError, match="later issue"):
-        make_discovery("etcd://127.0.0.1:2379")
     with pytest.raises(ValueError, match="unknown discovery spec"):
         make_discovery("zookeeper")
 

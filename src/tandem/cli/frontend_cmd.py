@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 
+from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
 from tandem.cli.signals import stop_event
 from tandem.frontend.config import FrontendConfig
 from tandem.router.policies import ROUTER_NAMES
@@ -67,15 +68,14 @@ def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | N
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("frontend", help="the OpenAI HTTP frontend, routing to workers in discovery")
     add_frontend_args(parser)
-    parser.add_argument("--discovery", default="file", help="memory, file or file:/dir (default: %(default)s)")
+    add_discovery_args(parser)
+    add_event_plane_args(parser)
     parser.set_defaults(func=run)
 
 
 async def serve(args: argparse.Namespace) -> None:
     from tandem.frontend.server import FrontendServer
-    from tandem.runtime.discovery import make_discovery
-
-    server = FrontendServer(frontend_config_from_args(args), make_discovery(args.discovery))
+    server = FrontendServer(frontend_config_from_args(args), discovery_from_args(args))
     stop = stop_event()
     await server.start()
     print(f"frontend listening on {server.url}/v1 (workers from discovery {args.discovery!r})", flush=True)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 
+from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
 from tandem.cli.signals import stop_event
 
 
@@ -17,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from tandem.router.kv_cost import KvCostConfig
 
     parser = subparsers.add_parser("router", help="a standalone KV-aware router shared by frontends")
-    parser.add_argument("--discovery", default="file", help="memory, file or file:/dir (default: %(default)s)")
+    add_discovery_args(parser)
+    add_event_plane_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="request-plane port (0: a free one)")
     parser.add_argument("--policy", choices=("kv", "least-loaded"), default="kv")
@@ -35,11 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 async def serve(args: argparse.Namespace) -> None:
     from tandem.router.kv_router import KvRouterConfig
     from tandem.router.router_service import RouterService
-    from tandem.runtime.discovery import make_discovery
 
     config = KvRouterConfig(overlap_credit=args.kv_overlap_credit, prefill_load_scale=args.kv_prefill_load_scale,
                             temperature=args.kv_temperature, use_kv_events=not args.no_kv_events)
-    service = RouterService(make_discovery(args.discovery), policy=args.policy, config=config, host=args.host,
+    service = RouterService(discovery_from_args(args), policy=args.policy, config=config, host=args.host,
                             port=args.port)
     stop = stop_event()
     await service.start()

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from tandem.cli.engine_args import add_engine_args, engine_config_from_args
+from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +21,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="request-plane port; 0 picks a free one")
-    parser.add_argument("--discovery", default="file",
-                        help="memory, file or file:/dir (default: %(default)s; etcd comes later)")
     parser.add_argument("--role", default="agg", choices=("agg", "prefill", "decode"))
     parser.add_argument("--engine", default="builtin", choices=("builtin", "mocker"),
                         help="builtin runs the model; mocker only models step times (default: %(default)s)")
@@ -56,13 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "held exports) at http://HOST:PORT/metrics; 0 picks a free port (default: off)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (default: %(default)s)")
+    add_discovery_args(parser)
+    add_event_plane_args(parser)
     parser.set_defaults(func=run)
 
 
 async def serve(args: argparse.Namespace) -> None:
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.llm_engine import LLMEngine
-    from tandem.runtime.discovery import make_discovery
     from tandem.worker.service import WorkerService
 
     if args.engine != "mocker" and args.mocker_workers != 1:
@@ -84,7 +84,7 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         cores = [await asyncio.to_thread(LLMEngine, engine_config_from_args(args))]
         name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
-    discovery = make_discovery(args.discovery)
+    discovery = discovery_from_args(args, ttl_s=args.ttl)
     metrics_address = _serve_metrics(args.host, args.metrics_port) if args.metrics_port is not None else None
     services = []
     for index, core in enumerate(cores):

@@ -6,8 +6,8 @@ loss) disappears once its TTL runs out. Routers and frontends ``list()`` the liv
 ``watch()`` a stream of Added/Removed events.
 
 Implementations: ``memory`` (:mod:`tandem.runtime.discovery_memory`, tests and single-process
-graphs), ``file`` (:mod:`tandem.runtime.discovery_file`, the default on one machine) and, in a
-later issue, ``etcd``. :func:`make_discovery` builds one from a spec string.
+graphs), ``file`` (:mod:`tandem.runtime.discovery_file`, the default on one machine) and ``etcd``
+(:mod:`tandem.runtime.discovery_etcd`, clusters). :func:`make_discovery` builds one from a spec string.
 """
 
 from __future__ import annotations
@@ -289,12 +289,14 @@ def diff_snapshots(old: Snapshot, new: Snapshot) -> list[DiscoveryEvent]:
     return events
 
 
-def make_discovery(spec: str, config: DiscoveryConfig | None = None) -> Discovery:
+def make_discovery(spec: str, config: DiscoveryConfig | None = None, *, etcd_endpoints: str | None = None,
+                   namespace: str = "tandem") -> Discovery:
     """Build a discovery client from a spec.
 
     ``memory`` (the process-wide in-memory store), ``memory:NAME`` (a named one), ``file``
-    (``$TANDEM_CACHE_DIR/discovery``, else ``~/.cache/tandem/discovery``), ``file:/some/dir``.
-    ``etcd://host:port`` is reserved for the etcd implementation (a later issue).
+    (``$TANDEM_CACHE_DIR/discovery``, else ``~/.cache/tandem/discovery``), ``file:/some/dir``,
+    ``etcd`` (at ``etcd_endpoints``, a comma-separated ``host:port`` list) or
+    ``etcd://host:port[,host:port]``. ``namespace`` scopes etcd keys.
     """
     kind, _, arg = spec.partition(":")
     if kind == "memory":
@@ -306,8 +308,9 @@ def make_discovery(spec: str, config: DiscoveryConfig | None = None) -> Discover
 
         return FileDiscovery(arg or None, config)
     if kind == "etcd":
-        raise NotImplementedError(
-            f"etcd discovery ({spec!r}) is not implemented yet; it comes in a later issue. "
-            "Use 'file' (one machine) or 'memory' (one process) for now."
-        )
-    raise ValueError(f"unknown discovery spec {spec!r}: expected 'memory', 'file' or 'file:/dir'")
+        endpoints = arg.removeprefix("//") or etcd_endpoints or "127.0.0.1:2379"
+        from tandem.runtime.discovery_etcd import EtcdDiscovery
+
+        return EtcdDiscovery(endpoints, namespace=namespace, config=config)
+    raise ValueError(f"unknown discovery spec {spec!r}: expected 'memory', 'file', 'file:/dir', 'etcd' "
+                     "or 'etcd://host:port'")

@@ -1,0 +1,169 @@
+"""Real etcd and NATS servers for tests: started on free loopback ports, stopped afterwards.
+
+``EtcdServer`` and ``NatsServer`` run the Debian binaries (``etcd-server``, ``nats-server``,
+installed by scripts/setup.sh). Both can be killed and restarted on the same port and data
+directory, which is how tests take the infrastructure away and bring it back. The fixtures
+``etcd_server`` and ``nats_server`` (function scope) are registered in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+NATS_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+class _Server:
+    """A child server process that can be stopped, killed and started again on the same ports."""
+
+    name = "server"
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
+        self.data_dir, self.host = Path(data_dir), host
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir / f"{self.name}.log"
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        if self.running:
+            return
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for_port(self.host, self.port, timeout_s, self.proc)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes as if its machine died."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s."""
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class EtcdServer(_Server):
+    """One etcd member on free loopback ports; ``endpoint`` is its ``host:port`` client address."""
+
+    name = "etcd"
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", client_port: int | None = None) -> None:
+        super().__init__(data_dir, host)
+        self.client_port = client_port or free_port(host)
+        self.peer_port = free_port(host)
+
+    @property
+    def port(self) -> int:
+        return self.client_port
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def _argv(self) -> list[str]:
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [ETCD_BIN, "--name", "tandem-test", "--data-dir", str(self.data_dir / "data"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"tandem-test={peer}", "--log-level", "warn"]
+
+
+class NatsServer(_Server):
+    """One nats-server with JetStream on a free loopback port; ``url`` is ``nats://host:port``."""
+
+    name = "nats"
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        super().__init__(data_dir, host)
+        self._port = port or free_port(host)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self._port}"
+
+    def _argv(self) -> list[str]:
+        return [NATS_BIN, "-a", self.host, "-p", str(self._port), "-js", "-sd", str(self.data_dir / "js")]
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path):
+    if not os.path.exists(ETCD_BIN):
+        pytest.fail(f"etcd not found at {ETCD_BIN}: run scripts/setup.sh (Debian package etcd-server)")
+    server = EtcdServer(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    if not os.path.exists(NATS_BIN):
+        pytest.fail(f"nats-server not found at {NATS_BIN}: run scripts/setup.sh (Debian package nats-server)")
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
