@@ -46,6 +46,9 @@ class _Server:
 
     name = "server"
 
+    argv_prefix: tuple[str, ...] = ()
+    """Prepended to the server's argv (the multi-host test bed runs it through ``ip netns exec``)."""
+
     def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
         self.data_dir, self.host = Path(data_dir), host
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +66,14 @@ class _Server:
         if self.running:
             return
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([*self.argv_prefix, *self._argv()], stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         log.close()
+        self._wait_listening(timeout_s)
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        """Return once the server accepts connections (a subclass probes from elsewhere)."""
+        assert self.proc is not None
         wait_for_port(self.host, self.port, timeout_s, self.proc)
 
     @property
@@ -102,10 +111,11 @@ class EtcdServer(_Server):
 
     name = "etcd"
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", client_port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", client_port: int | None = None,
+                 peer_port: int | None = None) -> None:
         super().__init__(data_dir, host)
         self.client_port = client_port or free_port(host)
-        self.peer_port = free_port(host)
+        self.peer_port = peer_port or free_port(host)
 
     @property
     def port(self) -> int:

@@ -459,6 +459,24 @@ def test_make_discovery_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         make_discovery("zookeeper")
 
 
+def test_make_discovery_etcd_specs() -> None:
+    from tandem.runtime.discovery_etcd import EtcdDiscovery
+
+    # Constructing connects to nothing (no etcd listens on these ports).
+    by_url = make_discovery("etcd://127.0.0.1:2379")
+    assert isinstance(by_url, EtcdDiscovery)
+    assert by_url.endpoints == [("127.0.0.1", 2379)] and by_url.namespace == "tandem"
+    assert by_url.prefix == b"/tandem/tandem/workers/"
+    by_flag = make_discovery("etcd", DiscoveryConfig(ttl_s=3.0), etcd_endpoints="10.0.0.1:2379,10.0.0.2:2390",
+                             namespace="prod")
+    assert isinstance(by_flag, EtcdDiscovery)
+    assert by_flag.endpoints == [("10.0.0.1", 2379), ("10.0.0.2", 2390)] and by_flag.namespace == "prod"
+    assert by_flag.config.ttl_s == 3.0 and by_flag.key("w1") == b"/tandem/prod/workers/w1"
+    assert make_discovery("etcd").endpoints == [("127.0.0.1", 2379)]  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="etcd endpoint must be host:port"):
+        make_discovery("etcd://nowhere")
+
+
 def test_config_validation() -> None:
     assert DiscoveryConfig().ttl_s == 10.0
     for bad in (dict(ttl_s=0), dict(heartbeat_fraction=1.0), dict(poll_interval_s=-1)):

@@ -44,13 +44,16 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group.add_argument("--max-prefill-queue-size", type=int, default=None,
                        help="disaggregated serving: prefill on the decode worker when this many prefill requests "
                             f"per prefill worker are already in flight; 0 = never (default: {d.max_prefill_queue_size})")
+    group.add_argument("--migration-limit", type=int, default=None,
+                       help="times a request may move to another worker when its worker is lost mid-stream; "
+                            "0 = off (default: 1 when more than one worker serves the model, else 0)")
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
 
 # Flags that replace the base config's value only when given (None = not given).
 _OVERRIDABLE = ("host", "port", "router", "router_address", "max_body_bytes", "default_max_tokens",
                 "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature", "max_local_prefill_length",
-               "max_prefill_queue_size")
+               "max_prefill_queue_size", "migration_limit")
 
 
 def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | None = None) -> FrontendConfig:
@@ -75,7 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     from tandem.frontend.server import FrontendServer
-    server = FrontendServer(frontend_config_from_args(args), discovery_from_args(args))
+    config = frontend_config_from_args(args)
+    if args.event_plane == "nats":
+        config.nats_url = args.nats_url
+    server = FrontendServer(config, discovery_from_args(args))
     stop = stop_event()
     await server.start()
     print(f"frontend listening on {server.url}/v1 (workers from discovery {args.discovery!r})", flush=True)

@@ -1,7 +1,10 @@
 """``tandem router``: a standalone KV-aware router that several frontends share.
 
 Start it with the workers' discovery, then point frontends at it:
-``tandem frontend --router remote --router-address HOST:PORT``.
+``tandem frontend --router remote --router-address HOST:PORT``. Workers started with
+``--event-plane nats`` are followed through NATS JetStream (``--nats-url``; without
+``--event-plane nats`` the server in their cards), so several router replicas see the same
+events and one that restarts replays what it missed.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ async def serve(args: argparse.Namespace) -> None:
     from tandem.router.router_service import RouterService
 
     config = KvRouterConfig(overlap_credit=args.kv_overlap_credit, prefill_load_scale=args.kv_prefill_load_scale,
-                            temperature=args.kv_temperature, use_kv_events=not args.no_kv_events)
+                            temperature=args.kv_temperature, use_kv_events=not args.no_kv_events,
+                            nats_url=args.nats_url if args.event_plane == "nats" else None)
     service = RouterService(discovery_from_args(args), policy=args.policy, config=config, host=args.host,
                             port=args.port)
     stop = stop_event()

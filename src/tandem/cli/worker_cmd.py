@@ -1,7 +1,10 @@
 """``tandem worker``: one builtin engine served on the request plane and registered in discovery.
 
-Runs until SIGTERM or SIGINT, then drains: it withdraws its card (routers stop sending), lets
-in-flight streams finish up to ``--drain-timeout``, and exits 0. A second signal exits at once.
+Runs until SIGTERM or SIGINT, then drains: it withdraws its card (routers stop sending), keeps
+accepting for ``--shutdown-grace``, lets in-flight streams finish up to ``--drain-timeout`` (the
+rest end with ``unavailable`` so the frontend migrates them), and exits 0. A second signal exits
+at once with code 70. If the engine dies, the worker withdraws its card at once and exits 1
+(tandem.worker.lifecycle).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -44,7 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--served-model-name", help="name clients use (default: the model's name)")
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests may take to finish on shutdown (default: %(default)s)")
+                        help="seconds in-flight requests may take to finish on shutdown; those still running "
+                             "then end with 'unavailable' and migrate (default: %(default)s)")
+    parser.add_argument("--shutdown-grace", type=float, default=1.0,
+                        help="seconds a withdrawn worker keeps accepting requests on shutdown, for routers with "
+                             "a stale view of discovery (default: %(default)s)")
     parser.add_argument("--no-kv-events", action="store_true",
                         help="do not publish KV events (a KV router then cannot index this worker)")
     parser.add_argument("--kv-events-port", type=int, default=0,
@@ -60,9 +68,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.llm_engine import LLMEngine
+    from tandem.worker.lifecycle import ShutdownConfig, serve_until_stopped
     from tandem.worker.service import WorkerService
 
     if args.engine != "mocker" and args.mocker_workers != 1:
@@ -90,14 +99,18 @@ async def serve(args: argparse.Namespace) -> None:
     for index, core in enumerate(cores):
         publisher = None
         if not args.no_kv_events:
-            from tandem.worker.kv_publisher import KvEventPublisher, PublisherConfig
+            from tandem.worker.kv_publisher_factory import make_kv_publisher
 
-            ports = (args.kv_events_port, args.kv_replay_port) if index == 0 else (0, 0)
-            publisher = KvEventPublisher(PublisherConfig(host=args.host, port=ports[0], replay_port=ports[1]))
+            publisher = make_kv_publisher(args, index)  # ZMQ or NATS (--event-plane)
         engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None)
+        if publisher is not None:
+            from tandem.worker.kv_publisher_factory import attach_engine
+
+            attach_engine(publisher, engine)  # NATS: load metrics
         services.append(WorkerService(engine, discovery, model_name=name, tokenizer_source=tokenizer_source,
                                       role=args.role, engine_kind=args.engine, host=args.host, port=args.port,
-                                      ttl_s=args.ttl, kv_publisher=publisher, metrics_address=metrics_address))
+                                      ttl_s=args.ttl, kv_publisher=publisher, metrics_address=metrics_address,
+                                      worker_id=getattr(publisher, "worker_id", None)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,10 +118,10 @@ async def serve(args: argparse.Namespace) -> None:
     for service in services:
         await service.start()
         print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
-    await stop.wait()
-    print("draining…", flush=True)
-    await asyncio.gather(*(service.drain(timeout=args.drain_timeout) for service in services))
+    shutdown = ShutdownConfig(grace_s=args.shutdown_grace, drain_timeout_s=args.drain_timeout)
+    code = await serve_until_stopped(services, stop, shutdown, announce=lambda line: print(line, flush=True))
     await discovery.close()
+    return code
 
 
 def _serve_metrics(host: str, port: int) -> str:
@@ -131,12 +144,13 @@ def _mocker_coeffs(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _on_signal(stop: asyncio.Event) -> None:
-    if stop.is_set():
-        sys.exit(70)  # second signal: no more waiting
+    if stop.is_set():  # second signal: no more waiting (the card was withdrawn by the first)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(70)
     stop.set()
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args))
-    return 0
+    return asyncio.run(serve(args))

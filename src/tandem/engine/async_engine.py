@@ -4,7 +4,10 @@ stream outputs from per-request queues.
 The engine thread owns the ``EngineCore`` outright: callers never touch it directly, they post
 commands (add, abort, or a function to run between steps) into a thread-safe inbox. PyTorch
 releases the GIL inside its kernels, so the event loop stays responsive while a step runs.
-An exception inside a step fails the requests of that step, never the thread or the process.
+An exception inside a step fails the requests of that step, never the thread. A fatal one
+(`EngineFatalError`, or ``max_step_failures`` failed steps in a row: the engine itself is broken)
+ends the thread: every request fails with `EngineDeadError`, new ones are refused, and
+`wait_stopped()` returns the cause, so the worker can deregister and exit for a restart.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.engine_core import EngineCore, EngineStats
+from tandem.engine.faults import engine_fault_from_env
+from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 
@@ -31,13 +35,25 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
 
 
+class EngineFatalError(RuntimeError):
+    """Raised inside a step: the engine cannot go on (its thread ends)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: EngineCore,
-                 kv_event_sink: Callable[[int, KVEventBatch], None] | None = None) -> None:
+                 kv_event_sink: Callable[[int, KVEventBatch], None] | None = None,
+                 max_step_failures: int = 3) -> None:
         self.engine = engine
         self.kv_event_sink = kv_event_sink
         """Called on the engine thread with (sequence number, batch) after each step that changed
         the prefix cache (e.g. a ZMQ publisher)."""
+        self.max_step_failures = max_step_failures
+        """Failed steps in a row after which the engine is declared dead (default 3)."""
+        self.failure: BaseException | None = None
+        """What killed the engine thread; None while it runs or after a clean `shutdown`."""
+        self._fault = engine_fault_from_env()  # tests only (engine/faults.py)
+        self._num_steps = self._failed_steps = 0
+        self._exit: Future[BaseException | None] = Future()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._on_finish: dict[str, Callable[[EngineCore], Any]] = {}
@@ -60,11 +76,14 @@ class AsyncEngine:
         waits a step for it); its result rides on the final output as ``on_finish_result``. A
         prefill worker exports the prompt's KV this way. If it raises, the result is None."""
         if self._stopped:
-            raise EngineDeadError("engine is stopped")
+            raise self._dead_error()
         request_id = request_id or f"req-{next(self._ids)}"
         self.engine.validate_prompt(prompt_token_ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if self._stopped:  # the thread ended after the check above: it may not have seen this stream
+            self._streams.pop(request_id, None)
+            raise self._dead_error()
         if on_finish is not None:
             self._on_finish[request_id] = on_finish
         self._post("add", (request_id, prompt_token_ids, params, cache_salt))
@@ -99,8 +118,12 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
         """Run ``fn(engine)`` on the engine thread between steps (export/import KV, reset cache...)."""
+        if self._stopped:
+            raise self._dead_error()
         future: Future = Future()
         self._post("call", (fn, future))
+        if self._stopped:  # the thread ended meanwhile and may never run it
+            self._fail_calls(self._dead_error())
         return await asyncio.wrap_future(future)
 
     def stats(self) -> EngineStats:
@@ -114,6 +137,15 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopped
+
+    async def wait_stopped(self) -> BaseException | None:
+        """Wait for the engine thread to end: None after `shutdown`, else what killed it."""
+        return await asyncio.shield(asyncio.wrap_future(self._exit))
+
+    def _dead_error(self) -> EngineDeadError:
+        if self.failure is None:
+            return EngineDeadError("engine is stopped")
+        return EngineDeadError(f"engine failed: {self.failure}")
 
     def _post(self, kind: str, payload: Any) -> None:
         self._inbox.put((kind, payload))
@@ -133,9 +165,17 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 self._step()
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the thread is reported, not lost
+            logger.critical("engine thread died: %s", exc, exc_info=exc)
+            self.failure = exc
         finally:
             self._stopped = True
-            self._fail_all(EngineDeadError("engine stopped"))
+            dead = self._dead_error()
+            try:
+                self._fail_all(dead)
+                self._fail_calls(dead)
+            finally:
+                self._exit.set_result(self.failure)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -165,13 +205,22 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
+            if self._fault is not None and self._fault.fails_at(self._num_steps):
+                raise EngineFatalError(f"injected fault ({self._fault}) after {self._num_steps} steps")
             outputs = self.engine.step()
+        except EngineFatalError:
+            raise
         except Exception as exc:
+            self._failed_steps += 1
+            if self._failed_steps >= self.max_step_failures:
+                raise EngineFatalError(f"{self._failed_steps} steps failed in a row; the last: {exc}") from exc
             logger.exception("engine step failed; aborting its requests")
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
                 self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
             return
+        self._num_steps += 1
+        self._failed_steps = 0
         for out in outputs:
             if out.finished and self._on_finish:
                 hook = self._on_finish.pop(out.request_id, None)
@@ -199,3 +248,13 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._streams):
             self._deliver(request_id, exc)
+
+    def _fail_calls(self, exc: BaseException) -> None:
+        """Fail the `call`s still queued (the thread that would run them is gone)."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call" and payload[1].set_running_or_notify_cancel():
+                payload[1].set_exception(exc)

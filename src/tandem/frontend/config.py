@@ -27,12 +27,19 @@ class FrontendConfig:
     """kv: 0 picks the cheapest worker; > 0 samples from a softmax over costs."""
     kv_events: bool = True
     """kv: index the workers' KV events (False: index the router's own decisions with a TTL)."""
+    nats_url: str | None = None
+    """kv: NATS server(s) of workers publishing KV events on NATS (``--event-plane nats``); None:
+    the server named in their cards."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Larger request bodies get 413."""
     default_max_tokens: int | None = None
     """Completion length when a request names none; None means up to the context length."""
     max_attempts: int = 3
     """Workers tried for one request when the chosen one cannot be reached."""
+    migration_limit: int | None = None
+    """Times one request may move to another worker when its worker is lost mid-stream (the
+    new worker continues from the tokens generated so far; see tandem.frontend.migration).
+    None: 1 when more than one worker serves the model, else 0; 0 turns migration off."""
     worker_down_s: float = 5.0
     """How long a worker that did not answer is skipped before it is tried again."""
     worker_stats_interval_s: float = 2.0
@@ -59,5 +66,7 @@ class FrontendConfig:
             raise ValueError(f"max_local_prefill_length must be >= 0, got {self.max_local_prefill_length}")
         if self.max_prefill_queue_size < 0:
             raise ValueError(f"max_prefill_queue_size must be >= 0, got {self.max_prefill_queue_size}")
+        if self.migration_limit is not None and self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")

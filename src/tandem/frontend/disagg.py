@@ -88,19 +88,21 @@ class DisaggregatedClient:
         self.fallbacks_total = 0
         """Requests that had prefill workers but ran whole on a decode worker after a prefill failure."""
 
-    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+    async def generate(self, model: str, request: GenerateRequest,
+                       exclude: frozenset[str] = frozenset()) -> AsyncIterator[GenerateDelta]:
+        """Deltas of the whole request; ``exclude``: workers not to use (lost ones, on migration)."""
         local = self._run_locally(model, request)
         if local is not None:
             if local != "no_prefill_workers":
                 self._report(model, local)
-            async for delta in self.workers.generate(model, request):
+            async for delta in self.workers.generate(model, request, exclude=exclude):
                 yield delta
             return
-        first = await self._prefill(model, request)
+        first = await self._prefill(model, request, exclude)
         if first is None:
             self.fallbacks_total += 1
             self._report(model, "fallback")
-            async for delta in self.workers.generate(model, request):
+            async for delta in self.workers.generate(model, request, exclude=exclude):
                 yield delta
             return
         self.disaggregated_total += 1
@@ -112,7 +114,7 @@ class DisaggregatedClient:
                 yield first  # the first token ended the request: there is nothing to decode
                 return
             yield msgspec.structs.replace(first, finish_reason=None, stop_token_id=None)
-            async for delta in self.workers.generate(model, _decode_request(request, first, params)):
+            async for delta in self.workers.generate(model, _decode_request(request, first, params), exclude=exclude):
                 pulled = True
                 yield _as_whole_request(delta, first)
         finally:
@@ -129,13 +131,14 @@ class DisaggregatedClient:
         if self.on_outcome is not None:
             self.on_outcome(model, outcome)
 
-    async def _prefill(self, model: str, request: GenerateRequest) -> GenerateDelta | None:
+    async def _prefill(self, model: str, request: GenerateRequest,
+                       exclude: frozenset[str] = frozenset()) -> GenerateDelta | None:
         """The prefill half's merged deltas; None when it could not run (the caller falls back)."""
         sampling = {**request.sampling, "max_tokens": 1, "min_tokens": min(1, request.sampling.get("min_tokens", 0))}
         half = msgspec.structs.replace(request, request_id=f"{request.request_id}:prefill", sampling=sampling,
                                        export_kv=True)
         merged: GenerateDelta | None = None
-        deltas = self.workers.generate(model, half, PREFILL_ROLES)
+        deltas = self.workers.generate(model, half, PREFILL_ROLES, exclude)
         self.prefills_in_flight[model] = self.prefills_in_flight.get(model, 0) + 1
         try:
             try:

@@ -22,6 +22,7 @@ from tandem.frontend.preprocess import Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.sampling import stop_strings, to_sampling_params
 from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
+from tandem.frontend.migration import MigratingClient
 from tandem.frontend.worker_client import WorkerClient
 from tandem.router.factory import build_policy
 from tandem.router.worker_pool import WorkerPool
@@ -48,11 +49,15 @@ class Frontend:
         self.client = RequestPlaneClient()
         self.policy = self._make_policy(config)
         self.metrics = FrontendMetrics()
-        self.workers = DisaggregatedClient(
-            WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
-            DisaggConfig(max_local_prefill_length=config.max_local_prefill_length,
-                         max_prefill_queue_size=config.max_prefill_queue_size),
-            on_outcome=lambda model, outcome: self.metrics.disagg_requests.labels(model, outcome).inc())
+        self.workers = MigratingClient(
+            DisaggregatedClient(
+                WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
+                DisaggConfig(max_local_prefill_length=config.max_local_prefill_length,
+                             max_prefill_queue_size=config.max_prefill_queue_size),
+                on_outcome=lambda model, outcome: self.metrics.disagg_requests.labels(model, outcome).inc()),
+            self.pool, config.migration_limit,
+            on_outcome=lambda model, outcome: self.metrics.migrations.labels(model, outcome).inc(),
+            on_limit=lambda model, limit: self.metrics.migration_limit.labels(model).set(limit))
         self.tokenizers = Tokenizers()
         self.metrics.router_stats.status = self.router_status
         self.known_models: set[str] = set(models or [])
@@ -68,7 +73,8 @@ class Frontend:
 
         kv_config = KvRouterConfig(overlap_credit=config.kv_overlap_credit,
                                    prefill_load_scale=config.kv_prefill_load_scale,
-                                   temperature=config.kv_temperature, use_kv_events=config.kv_events)
+                                   temperature=config.kv_temperature, use_kv_events=config.kv_events,
+                                   nats_url=config.nats_url)
         return build_policy(config.router, self.pool, self.client, kv_config)
 
     def router_status(self) -> dict[str, Any]:
@@ -147,6 +153,7 @@ class Frontend:
                                             if (wid := card.worker_id) in fresh}
         for model in self.known_models | {c.model for c in cards}:
             self.metrics.workers.labels(model).set(sum(c.model == model for c in cards))
+            self.metrics.migration_limit.labels(model).set(self.workers.limit_for(model))
 
     async def _stats_of(self, card: WorkerCard) -> dict[str, Any] | None:
         try:

@@ -4,7 +4,9 @@
 :class:`OutputChunk` items: text that is final (stop strings held back and trimmed), the
 chunk's logprobs, and on the last one the finish reason and usage. Leaving the iterator early
 (a client disconnect, a stop string) cancels the request on the worker. Timing metrics (TTFT,
-inter-token latency, duration) are recorded here, once for every endpoint.
+inter-token latency, duration) are recorded here, once for every endpoint. A request migrated
+to another worker (:mod:`tandem.frontend.migration`) arrives here as one continuous stream of
+deltas, so text, stop strings, logprobs and usage carry across the switch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tandem.frontend.errors import OpenAIError
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.text_stream import TextStream
 from tandem.frontend.disagg import DisaggregatedClient
+from tandem.frontend.migration import MigratingClient
 from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, TokenLogprobPayload
 
@@ -113,7 +116,7 @@ class _Timer:
             m.cached_tokens.labels(self.model).inc(usage.cached_tokens)
 
 
-async def generate_chunks(spec: GenerationSpec, workers: WorkerClient | DisaggregatedClient,
+async def generate_chunks(spec: GenerationSpec, workers: MigratingClient | DisaggregatedClient | WorkerClient,
                           metrics: FrontendMetrics) -> AsyncIterator[OutputChunk]:
     """Final text chunks of one choice; the last one has ``finish_reason`` and full usage."""
     text = TextStream(spec.tokenizer, spec.prompt_token_ids, spec.stop) if spec.tokenizer is not None else None
@@ -132,7 +135,7 @@ async def generate_chunks(spec: GenerationSpec, workers: WorkerClient | Disaggre
                 return
             if chunk.text or chunk.logprobs:
                 yield chunk
-    except StreamBrokenError as exc:
+    except StreamBrokenError as exc:  # ``workers`` does not migrate
         raise OpenAIError(502, str(exc), "server_error", None, "worker_lost") from None
     finally:
         await deltas.aclose()

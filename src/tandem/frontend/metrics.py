@@ -118,6 +118,13 @@ class FrontendMetrics:
             "disaggregated (prefill + decode worker); whole on a decode worker: fallback (the prefill failed), "
             "local_short (prompt within --max-local-prefill-length), local_busy (prefill queue full)",
             ["model", "outcome"], registry=r)
+        self.migrations = Counter(
+            "tandem_frontend_migrations", "Requests whose worker was lost mid-stream, by outcome: migrated (moved "
+            "to another worker), exhausted (--migration-limit used up), disabled (limit 0), no_worker (no other "
+            "worker took it over)", ["model", "outcome"], registry=r)
+        self.migration_limit = Gauge("tandem_frontend_migration_limit",
+                                     "Effective migration limit per request (--migration-limit, or its default "
+                                     "from the live worker count)", ["model"], registry=r)
         self.workers = Gauge("tandem_frontend_workers", "Live workers known to the frontend", ["model"],
                              registry=r)
         self.worker_stats = WorkerStatsCollector()

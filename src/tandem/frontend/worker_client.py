@@ -2,7 +2,9 @@
 
 A worker that cannot be reached (or goes away before sending anything) is marked down in the
 pool and the request goes to the next candidate, up to ``max_attempts`` workers. Once tokens
-have flowed, a lost worker ends the request with an error (migration comes with issue 7).
+have flowed, a lost worker (connection lost or timed out, the worker shutting down, the stream
+ending unfinished) raises :class:`StreamBrokenError`; :mod:`tandem.frontend.migration` moves the
+request to another worker from there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ SERVING_ROLES = ("agg", "decode")
 class StreamBrokenError(Exception):
     """The worker went away after the request had started streaming."""
 
+    def __init__(self, worker_id: str, reason: str) -> None:
+        super().__init__(f"worker {worker_id} was lost mid-stream: {reason}")
+        self.worker_id = worker_id
+        self.reason = reason
+
 
 @dataclass
 class RoutedStream:
@@ -42,16 +49,16 @@ class WorkerClient:
         self.pool, self.policy, self.client = pool, policy, client
         self.max_attempts = max_attempts
 
-    async def generate(self, model: str, request: GenerateRequest,
-                       roles: tuple[str, ...] = SERVING_ROLES) -> AsyncIterator[GenerateDelta]:
-        """Stream the request's deltas from a worker with one of ``roles``. Raises OpenAIError (503
-        when no worker is left, 400 when the worker refused the request) or StreamBrokenError
-        mid-stream.
+    async def generate(self, model: str, request: GenerateRequest, roles: tuple[str, ...] = SERVING_ROLES,
+                       exclude: frozenset[str] = frozenset()) -> AsyncIterator[GenerateDelta]:
+        """Stream the request's deltas from a worker with one of ``roles`` (never one in
+        ``exclude``). Raises OpenAIError (503 when no worker is left, 400 when the worker refused
+        the request) or StreamBrokenError mid-stream.
 
         Closing the iterator early cancels the request on the worker (its KV blocks are freed).
         """
         payload = msgspec.to_builtins(request)
-        tried: set[str] = set()
+        tried: set[str] = set(exclude)
         for _ in range(self.max_attempts):
             try:
                 candidates = [c for c in self.pool.candidates(model, roles) if c.worker_id not in tried]
@@ -67,7 +74,7 @@ class WorkerClient:
             else:
                 card = self.policy.select(candidates, request.token_ids)
             tried.add(card.worker_id)
-            started = False
+            started = finished = False
             items = self.client.stream_batches(card.request_plane_address, "generate", payload)
             try:
                 async for batch in items:
@@ -78,17 +85,21 @@ class WorkerClient:
                     delta = msgspec.convert(batch[0], GenerateDelta)
                     for item in batch[1:]:
                         delta = delta.merge(msgspec.convert(item, GenerateDelta))
+                    finished = delta.finish_reason is not None
                     yield delta
+                if started and not finished:
+                    raise StreamBrokenError(card.worker_id, "the stream ended before the request finished")
                 return
-            except WorkerUnavailableError as exc:
+            except (WorkerUnavailableError, RemoteError) as exc:
+                lost = isinstance(exc, WorkerUnavailableError) or exc.code == "unavailable"
+                if not lost:
+                    if exc.code == "bad_request":
+                        raise bad_request(exc.message, "messages") from None
+                    raise OpenAIError(500, f"worker {card.worker_id} failed: {exc.message}", "server_error") from None
                 self.pool.mark_down(card.worker_id)
                 if started:
-                    raise StreamBrokenError(f"worker {card.worker_id} was lost mid-stream: {exc}") from None
+                    raise StreamBrokenError(card.worker_id, str(exc)) from None
                 logger.warning("worker %s unavailable (%s); trying another", card.worker_id, exc)
-            except RemoteError as exc:
-                if exc.code == "bad_request":
-                    raise bad_request(exc.message, "messages") from None
-                raise OpenAIError(500, f"worker {card.worker_id} failed: {exc.message}", "server_error") from None
             finally:
                 await items.aclose()
                 _hook(self.policy, "on_finished", request.request_id)

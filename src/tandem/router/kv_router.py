@@ -4,14 +4,16 @@ piling work onto one worker (DESIGN.md §4 cost).
 For each candidate: cached blocks from the index (``find_matches`` on the router's own sequence
 hashes), active prefill tokens and decode blocks from ``ActiveLoad``; the cost picks the worker
 (temperature 0: the cheapest, ties at random). The index is fed by each worker's KV events
-(``KvEventFollower``); with ``use_kv_events=False`` the router indexes its own decisions instead,
+(``KvEventFollower`` over ZMQ, or ``NatsKvEventFollower`` for a worker whose card names a NATS
+subject: one NATS connection per router, shared by those followers, which also brings the
+workers' load metrics); with ``use_kv_events=False`` the router indexes its own decisions instead,
 each entry expiring after ``approx_ttl_s``. The request's load is booked on its worker at routing,
 its prefill released at the first token, the rest at the end.
 
 Visible health: per worker, batches received, last seq, blocks indexed, gaps recovered and
-dumps; the router's hit rate (cached blocks ÷ prompt blocks of routed requests) and its
-per-request overhead. A worker that has served requests but never published an event gets one
-warning in the log and ``events_missing`` in the status.
+dumps, and (NATS) its latest load metrics; the router's hit rate (cached blocks ÷ prompt blocks
+of routed requests) and its per-request overhead. A worker that has served requests but never
+published an event gets one warning in the log and ``events_missing`` in the status.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from tandem.router.active_load import ActiveLoad
 from tandem.router.kv_cost import DEFAULT_PREFILL_LOAD_SCALE, KvCostConfig, select_worker, worker_costs
 from tandem.router.kv_event_follower import KvEventFollower
+from tandem.router.kv_follower_core import KvEventFollowerCore
 from tandem.router.kv_indexer import KvIndexer
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.request_plane import RequestPlaneClient
@@ -51,6 +54,9 @@ class KvRouterConfig:
     block_size: int = 16
     """Tokens per block when no worker card says otherwise."""
     seed: int | None = None
+    nats_url: str | None = None
+    """NATS server(s) for workers that publish KV events on NATS (``--event-plane nats``); None:
+    the server named in the first such worker's card."""
 
 
 class ApproxIndex:
@@ -95,7 +101,8 @@ class KvRouter:
         self.indexer = KvIndexer(self.block_size)
         self.approx = ApproxIndex(self.config.approx_ttl_s)
         self.load = ActiveLoad(self.block_size)
-        self.followers: dict[str, KvEventFollower] = {}
+        self.followers: dict[str, KvEventFollowerCore] = {}
+        self.nats = None  # a NatsRouterPlane, made for the first worker that publishes on NATS
         self.routed: dict[str, int] = {}  # worker → requests finished
         self._warned: set[str] = set()
         self.requests_routed = 0
@@ -112,11 +119,24 @@ class KvRouter:
             self.indexer, self.load = KvIndexer(card.block_size), ActiveLoad(card.block_size)
         if card.worker_id in self.followers or not self.config.use_kv_events or not card.kv_events_address:
             return
-        follower = KvEventFollower(card, self.indexer, self.client)
+        follower = self._make_follower(card)
         follower.start()
         self.followers[card.worker_id] = follower
 
+    def _make_follower(self, card: WorkerCard) -> KvEventFollowerCore:
+        if card.kv_events_subject is None:
+            return KvEventFollower(card, self.indexer, self.client)
+        from tandem.router.kv_event_follower_nats import NatsKvEventFollower
+        from tandem.router.nats_router_plane import NatsRouterPlane
+
+        if self.nats is None:
+            assert card.kv_events_address is not None  # the card's validation guarantees it
+            self.nats = NatsRouterPlane(self.config.nats_url or card.kv_events_address)
+        return NatsKvEventFollower(card, self.indexer, self.client, self.nats)
+
     def _on_removed(self, card: WorkerCard) -> None:
+        if self.nats is not None:
+            self.nats.forget(card.worker_id)
         follower = self.followers.pop(card.worker_id, None)
         if follower is not None:
             asyncio.ensure_future(follower.stop())
@@ -128,6 +148,8 @@ class KvRouter:
         for follower in list(self.followers.values()):
             await follower.stop()
         self.followers.clear()
+        if self.nats is not None:
+            await self.nats.close()
 
     # --- routing ---
 
@@ -194,6 +216,9 @@ class KvRouter:
                 "last_seq": stats.last_seq if stats else None,
                 "gaps_recovered": stats.gaps_recovered if stats else 0,
                 "dumps": stats.dumps if stats else 0,
+                "event_transport": follower.transport if follower else None,
+                "malformed_events": stats.malformed if stats else 0,
+                "load": self.nats.load_of(card.worker_id) if self.nats is not None else None,
                 "blocks_indexed": self.indexer.blocks_of(card.worker_id),
                 "requests_finished": self.routed.get(card.worker_id, 0),
                 "events_missing": self.config.use_kv_events and self._events_missing(card.worker_id),
@@ -207,4 +232,5 @@ class KvRouter:
             "hit_rate": self.hit_rate, "prompt_blocks": self.prompt_blocks, "cached_blocks": self.cached_blocks,
             "overhead_ms_mean": 1e3 * self.overhead_s_total / self.requests_routed if self.requests_routed else 0.0,
             "workers": workers,
+            "nats": {"url": self.nats.url, "load_malformed": self.nats.load_malformed} if self.nats else None,
         }

@@ -7,7 +7,11 @@ request plane:
   chosen worker among the live workers of the model (or among ``candidates``, the worker ids the
   frontend can still use), booked under ``request_id``;
 * ``first_token`` / ``finished`` ``{request_id}``: release the booked prefill / everything;
-* ``status``: the policy's status (as ``/router/status``).
+* ``status``: the policy's status (as ``/router/status``);
+* ``overlap`` ``{token_ids, cache_salt?}`` → ``{worker_id: matched_blocks}``: how many leading
+  blocks of the prompt each worker holds according to this router's index (workers with none are
+  left out), like Dynamo's ``get_overlap_scores``; ``kv`` policy only. Tests and benchmarks
+  compare router replicas' indexes with it.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class RouterService:
             raise ValueError(f"a standalone router runs 'kv' or 'least-loaded', not {policy!r}")
         self.policy: Any = build_policy(policy, self.pool, self.client, config)
         self.server = RequestPlaneServer(host, port)
-        for name in ("route", "first_token", "finished", "status"):
+        for name in ("route", "first_token", "finished", "status", "overlap"):
             self.server.register(name, getattr(self, f"_{name}"))
 
     @property
@@ -84,6 +88,18 @@ class RouterService:
     async def _status(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
         status = getattr(self.policy, "status", None)
         yield status(self.pool.workers()) if status else {"policy": self.policy.name}
+
+
+    async def _overlap(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+        indexer = getattr(self.policy, "indexer", None)
+        if indexer is None:
+            raise EndpointError("not_found", f"policy {self.policy.name!r} keeps no KV index")
+        token_ids = payload.get("token_ids") if isinstance(payload, dict) else None
+        salt = payload.get("cache_salt") if isinstance(payload, dict) else None
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) and t >= 0 for t in token_ids) \
+                or not (salt is None or isinstance(salt, str)):
+            raise EndpointError("bad_request", "overlap needs {token_ids: [int], cache_salt?: str}")
+        yield indexer.find_matches(indexer.sequence_hashes(token_ids, salt))
 
 
 class RemoteRouter:

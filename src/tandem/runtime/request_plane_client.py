@@ -2,7 +2,9 @@
 
 The client numbers its streams per connection; a reader task routes every incoming frame to its
 stream's inbox (an unbounded deque: the reader never blocks, so one slow consumer cannot stall the
-other streams of its connection). Leaving a stream early sends `Cancel`.
+other streams of its connection). Leaving a stream early sends `Cancel`. While streams are open,
+a `Keepalive` pings the worker; if it stays silent for ``keepalive_timeout`` (frozen host, dead
+link) the connection is declared lost and its streams fail with `WorkerUnavailableError`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tandem.runtime.frames import (
     Pong,
     Request,
 )
+from tandem.runtime.keepalive import Keepalive
 from tandem.runtime.request_plane_config import (
     RemoteError,
     RequestPlaneConfig,
@@ -115,10 +118,17 @@ class _ClientConnection:
         self._pings: dict[int, asyncio.Future[None]] = {}
         self.closed = False
         self._read_task = asyncio.create_task(self._read_loop(), name=f"request-plane {address}")
+        self._keepalive: Keepalive | None = None
+        if config.keepalive_interval is not None:
+            self._keepalive = Keepalive(
+                config.keepalive_interval, config.keepalive_timeout, has_streams=lambda: bool(self._inboxes),
+                send_ping=lambda: self.write_nowait(Ping(next(self._ids))), on_lost=self._lost, name=address)
 
     def open_stream(self) -> tuple[int, _Inbox]:
         """Allocate a stream id and its inbox."""
         stream_id = next(self._ids)
+        if not self._inboxes and self._keepalive is not None:
+            self._keepalive.streams_opened()
         inbox = self._inboxes[stream_id] = _Inbox()
         return stream_id, inbox
 
@@ -161,6 +171,8 @@ class _ClientConnection:
                 data = await self._reader.read(self.config.read_chunk_size)
                 if not data:
                     break
+                if self._keepalive is not None:
+                    self._keepalive.heard()
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
         except FrameError as exc:
@@ -188,9 +200,18 @@ class _ClientConnection:
         else:
             logger.warning("request plane: unexpected %s frame from %s", type(frame).__name__, self.address)
 
+    def _lost(self, reason: str) -> None:
+        """The keepalive gave up on the worker: drop the connection and fail its streams."""
+        logger.warning("request plane: connection to %s lost: %s", self.address, reason)
+        self._fail_all(reason)
+
     def _fail_all(self, reason: str) -> None:
-        """Mark the connection dead and wake every stream and ping with the reason."""
+        """Mark the connection dead and wake every stream and ping with the reason (once)."""
+        if self.closed:
+            return
         self.closed = True
+        if self._keepalive is not None:
+            self._keepalive.stop()
         self._writer.transport.abort()
         for inbox in self._inboxes.values():
             inbox.put(_Lost(reason))

@@ -24,14 +24,27 @@ class RequestPlaneConfig:
     connection is closed. Sending a bigger frame fails locally for that stream only."""
 
     drain_timeout: float = 30.0
-    """Default seconds `RequestPlaneServer.stop()` lets in-flight streams finish before
-    cancelling them."""
+    """Default seconds `RequestPlaneServer.stop()` lets in-flight streams finish before ending
+    them with code ``unavailable``."""
 
     cancel_timeout: float = 5.0
     """Seconds `stop()` waits for cancelled handlers' cleanup (their ``finally`` blocks)."""
 
     read_chunk_size: int = 256 * 1024
     """Bytes asked of the socket per read; every complete frame in a read is decoded at once."""
+
+    keepalive_interval: float | None = 2.0
+    """Seconds between two Pings on a connection that has open streams (idle connections are not
+    pinged). Both ends do it: the client to notice a worker that froze or whose link died without
+    a reset (host hung, cable cut, ``ip link set down``), the worker to notice a client that
+    vanished the same way, so it aborts that client's requests and frees their KV blocks.
+    None turns keepalive off."""
+
+    keepalive_timeout: float = 10.0
+    """Seconds a connection with open streams may stay silent (no Pong, no frame at all) before it
+    is declared lost: every stream on it fails with `WorkerUnavailableError` ("no keepalive answer
+    for 10 s") on the client, or is cancelled on the worker. Detection takes between this and this
+    plus ``keepalive_interval``. Must exceed ``keepalive_interval``."""
 
     def __post_init__(self) -> None:
         if self.max_frame_size <= 0:
@@ -42,6 +55,9 @@ class RequestPlaneConfig:
             raise ValueError(f"read_timeout must be > 0 or None, got {self.read_timeout}")
         if self.read_chunk_size <= 0:
             raise ValueError(f"read_chunk_size must be > 0, got {self.read_chunk_size}")
+        if self.keepalive_interval is not None and not 0 < self.keepalive_interval < self.keepalive_timeout:
+            raise ValueError(f"keepalive_interval must be > 0 and < keepalive_timeout "
+                             f"({self.keepalive_timeout}), got {self.keepalive_interval}")
 
 
 class RequestPlaneError(Exception):

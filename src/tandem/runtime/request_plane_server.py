@@ -4,7 +4,13 @@ Each incoming `Request` runs its endpoint's handler in its own task. A handler i
 generator (``async def h(payload, ctx): yield ...``; each item becomes a `Data` frame) or a
 coroutine function whose return value becomes the only `Data` frame. `End` or `Error` closes the
 stream. A `Cancel` frame, or the connection dropping, cancels the task, so the handler's
-``finally`` runs (a worker aborts the engine request there).
+``finally`` runs (a worker aborts the engine request there). A client that goes silent while it
+has streams open (see `tandem.runtime.keepalive`) counts as dropped.
+
+Shutting down is three steps a worker can space out (`stop` does them back to back):
+`start_draining` refuses new requests with code ``unavailable`` (control endpoints such as
+``health`` keep answering), `wait_drained` lets in-flight streams finish, and `end_streams` ends
+the rest with an ``unavailable`` error, so the client can move them elsewhere; `close` then hangs up.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from tandem.runtime.frames import (
     Pong,
     Request,
 )
+from tandem.runtime.keepalive import Keepalive
 from tandem.runtime.request_plane_config import (
     EndpointError,
     RemoteError,
@@ -74,13 +81,18 @@ class RequestPlaneServer:
         self._server: asyncio.Server | None = None
         self._address: str | None = None
         self._connections: set[_ServerConnection] = set()
-        self._draining = False
+        self._control: set[str] = set()
+        self._refusal: str | None = None  # why new requests are refused; None while serving
 
-    def register(self, endpoint: str, handler: Handler) -> None:
-        """Serve ``handler`` under ``endpoint`` (may be called before or after `start`)."""
+    def register(self, endpoint: str, handler: Handler, *, while_draining: bool = False) -> None:
+        """Serve ``handler`` under ``endpoint`` (may be called before or after `start`).
+        ``while_draining``: a control endpoint (health, stats...), still served after
+        `start_draining` and not waited for by `wait_drained`."""
         if endpoint in self._handlers:
             raise ValueError(f"endpoint {endpoint!r} is already registered")
         self._handlers[endpoint] = handler
+        if while_draining:
+            self._control.add(endpoint)
 
     @property
     def endpoints(self) -> list[str]:
@@ -104,6 +116,11 @@ class RequestPlaneServer:
         """Streams whose handlers are running now."""
         return sum(len(conn.streams) for conn in self._connections)
 
+    @property
+    def draining(self) -> bool:
+        """True once `start_draining` (or `stop`) was called."""
+        return self._refusal is not None
+
     async def start(self) -> None:
         """Bind and start accepting connections."""
         if self._server is not None:
@@ -112,25 +129,50 @@ class RequestPlaneServer:
         self._address = format_address(self.host, self._server.sockets[0].getsockname()[1])
         logger.info("request plane listening on %s", self.address)
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop accepting, let in-flight streams finish for up to ``drain_timeout`` seconds
-        (default: config), cancel the rest, then close every connection.
-        New requests arriving meanwhile fail with code ``unavailable``."""
-        if drain_timeout is None:
-            drain_timeout = self.config.drain_timeout
-        self._draining = True
-        if self._server is not None:
-            self._server.close()
-        tasks = [task for conn in self._connections for task in conn.streams.values()]
-        if tasks and drain_timeout > 0:
-            await asyncio.wait(tasks, timeout=drain_timeout)
-        for task in tasks:
-            task.cancel()
+    async def stop(self, drain_timeout: float | None = None, message: str = "worker is shutting down") -> None:
+        """Refuse new requests, let in-flight streams finish for up to ``drain_timeout`` seconds
+        (default: config), end the rest with code ``unavailable`` and ``message``, then close."""
+        self.start_draining(message)
+        if not await self.wait_drained(self.config.drain_timeout if drain_timeout is None else drain_timeout):
+            await self.end_streams("unavailable", message)
+        await self.close()
+
+    def start_draining(self, reason: str = "worker is shutting down") -> None:
+        """From now on new requests fail with code ``unavailable`` and ``reason`` (control
+        endpoints excepted). Connections stay open and new ones are still accepted, so clients
+        can ask a draining worker for its health."""
+        if self._refusal is None:
+            self._refusal = reason
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for in-flight streams (control endpoints excepted) to
+        finish; True if none is left."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while tasks := self._work_streams():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(tasks, timeout=remaining)
+        return True
+
+    async def end_streams(self, code: str, message: str) -> None:
+        """End every in-flight stream now with an Error frame (``code``, ``message``) and cancel
+        its handler; waits up to ``cancel_timeout`` for the handlers' cleanup."""
+        tasks = [task for conn in list(self._connections) for task in conn.end_streams(code, message)]
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.cancel_timeout)
+
+    async def close(self) -> None:
+        """Stop listening and close every connection (streams still running are cancelled)."""
+        if self._server is not None:
+            self._server.close()
         await asyncio.gather(*(conn.close() for conn in list(self._connections)))
         if self._server is not None:
             await self._server.wait_closed()
+
+    def _work_streams(self) -> list[asyncio.Task[None]]:
+        return [task for conn in self._connections for stream_id, task in conn.streams.items()
+                if conn.endpoint_of.get(stream_id) not in self._control]
 
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -153,6 +195,8 @@ class _ServerConnection:
         self.reader = reader
         self.writer = writer
         self.streams: dict[int, asyncio.Task[None]] = {}
+        self.endpoint_of: dict[int, str] = {}
+        """Endpoint of each stream in ``streams``."""
         self.closed = False
         peer = writer.get_extra_info("peername")
         self.peer = format_address(peer[0], peer[1]) if peer else "?"
@@ -164,6 +208,12 @@ class _ServerConnection:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        config = server.config
+        self._keepalive: Keepalive | None = None
+        if config.keepalive_interval is not None:
+            self._keepalive = Keepalive(
+                config.keepalive_interval, config.keepalive_timeout, has_streams=lambda: bool(self.streams),
+                send_ping=lambda: self.write_nowait(Ping(0)), on_lost=self._lost, name=self.peer)
 
     async def serve(self) -> None:
         """Read loop. A protocol violation closes this connection (logged), nothing more."""
@@ -172,6 +222,8 @@ class _ServerConnection:
                 data = await self.reader.read(self.server.config.read_chunk_size)
                 if not data:
                     break
+                if self._keepalive is not None:
+                    self._keepalive.heard()
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
         except FrameError as exc:
@@ -197,18 +249,40 @@ class _ServerConnection:
 
     def _start_stream(self, request: Request) -> None:
         stream_id = request.stream_id
-        if self.server._draining:
-            self.write_nowait(Error(stream_id, "unavailable", "worker is shutting down"))
+        refusal = self.server._refusal
+        if refusal is not None and request.endpoint not in self.server._control:
+            self.write_nowait(Error(stream_id, "unavailable", refusal))
         elif stream_id in self.streams:
             self.write_nowait(Error(stream_id, "bad_request", f"stream {stream_id} is already open"))
         else:
+            if not self.streams and self._keepalive is not None:
+                self._keepalive.streams_opened()
             task = asyncio.create_task(self._run_stream(request))
             self.streams[stream_id] = task
+            self.endpoint_of[stream_id] = request.endpoint
             task.add_done_callback(functools.partial(self._forget_stream, stream_id))
 
     def _forget_stream(self, stream_id: int, task: asyncio.Task[None]) -> None:
         if self.streams.get(stream_id) is task:
             del self.streams[stream_id]
+            del self.endpoint_of[stream_id]
+
+    def end_streams(self, code: str, message: str) -> list[asyncio.Task[None]]:
+        """Answer every running stream with an Error frame and cancel its handler (which sends
+        nothing more); returns the cancelled tasks."""
+        tasks = []
+        for stream_id, task in list(self.streams.items()):
+            if not task.done():
+                self.write_nowait(Error(stream_id, code, message))
+                task.cancel()
+                tasks.append(task)
+        return tasks
+
+    def _lost(self, reason: str) -> None:
+        """The keepalive gave up on the client: cancel its streams (freeing their resources)."""
+        logger.warning("request plane: client %s lost (%s); cancelling its %d streams", self.peer, reason,
+                       len(self.streams))
+        self.writer.transport.abort()  # the read loop sees the end and closes the rest
 
     async def _run_stream(self, request: Request) -> None:
         """Run one handler to completion, sending Data..., then End or Error."""
@@ -279,6 +353,8 @@ class _ServerConnection:
         if self.closed:
             return
         self.closed = True
+        if self._keepalive is not None:
+            self._keepalive.stop()
         for task in list(self.streams.values()):
             task.cancel()
         self._flush()

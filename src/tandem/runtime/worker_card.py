@@ -58,7 +58,11 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
     request_plane_address: str
     """``host:port`` of the worker's request-plane server."""
     kv_events_address: str | None = None
-    """Endpoint of the KV event publisher (e.g. ``tcp://127.0.0.1:5557``); None when off."""
+    """Endpoint of the KV event publisher: ZMQ PUB (``tcp://127.0.0.1:5557``) or the NATS server(s)
+    the worker publishes to (``nats://host:4222``, with ``kv_events_subject``); None when off."""
+    kv_events_subject: str | None = None
+    """NATS event plane: the JetStream subject of the worker's KV events
+    (``tandem.<namespace>.kv.<token>``); None on the ZMQ plane."""
     kv_replay_address: str | None = None
     """Endpoint of the KV event replay service (vLLM's ROUTER protocol); None when off."""
     metrics_address: str | None = None
@@ -85,6 +89,7 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("kv_events_address", "kv_replay_address", "metrics_address"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must be None or a non-empty string")
+        _check_kv_subject(self.kv_events_address, self.kv_events_subject)
 
     def to_json(self) -> bytes:
         """Encode as UTF-8 JSON."""
@@ -130,6 +135,21 @@ def _check_host_port(address: object) -> None:
         raise ValueError(f"request_plane_address must be 'host:port', got {address!r}")
 
 
+def _check_kv_subject(address: str | None, subject: str | None) -> None:
+    """A NATS address needs a subject, a subject needs a NATS address, and the subject must be a
+    literal NATS subject (dot-separated tokens, no wildcards or whitespace)."""
+    nats_address = address is not None and address.startswith("nats://")
+    if subject is None:
+        if nats_address:
+            raise ValueError("kv_events_address is a NATS server: kv_events_subject is required")
+        return
+    if not nats_address:
+        raise ValueError(f"kv_events_subject needs a nats:// kv_events_address, got {address!r}")
+    if _SUBJECT.match(subject) is None:
+        raise ValueError(f"kv_events_subject must be a literal NATS subject, got {subject!r}")
+
+
+_SUBJECT = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
 _JSON_ENCODER = msgspec.json.Encoder()
 _JSON_DECODER = msgspec.json.Decoder(WorkerCard)
 _MSGPACK_ENCODER = msgspec.msgpack.Encoder()

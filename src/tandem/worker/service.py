@@ -1,10 +1,14 @@
 """The worker service: an AsyncEngine behind the request plane, registered in discovery.
 
 Endpoints: ``generate`` (stream of GenerateDelta; leaving the stream aborts the request and
-frees its KV blocks), ``stats`` (the engine's latest EngineStats, plus held KV exports and imported
-blocks), ``kv_release`` and ``kv_dump``. ``start()`` binds the request plane, then registers the
-worker card; ``drain()`` withdraws the card first (so routers stop sending), lets in-flight streams
-finish up to a timeout, then stops the engine.
+frees its KV blocks), ``health`` (see `WorkerService.health`), ``stats`` (the engine's latest
+EngineStats, plus held KV exports and imported blocks), ``kv_release`` and ``kv_dump``. Only
+``generate`` is refused while draining. ``start()`` binds the request plane, then registers the
+worker card; ``drain()`` shuts down gracefully (its docstring lists the steps).
+
+If the engine thread dies, every in-flight and new stream fails with code ``unavailable`` (the
+frontend moves it to another worker), the card is withdrawn at once, and ``engine_failed`` is set:
+the process should drain briefly and exit non-zero (see `tandem.worker.lifecycle`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 import msgspec
 
-from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.async_engine import AsyncEngine, EngineDeadError
 from tandem.runtime.discovery import Discovery, Registration
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
@@ -28,6 +33,11 @@ from tandem.worker.kv_publisher import KvEventPublisher
 from tandem.worker.protocol import GenerateDelta, GenerateRequest, sampling_params_from_payload
 
 logger = logging.getLogger(__name__)
+
+DRAINED_MESSAGE = "worker drained; migrate"
+"""Error message (code ``unavailable``) of the streams still running when a drain times out."""
+WITHDRAW_TIMEOUT_S = 5.0
+"""Longest wait for discovery to remove the card; past it the lease expires on its own."""
 
 
 class WorkerService:
@@ -43,9 +53,9 @@ class WorkerService:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.server = RequestPlaneServer(host, port)
         self.server.register("generate", self.generate)
-        self.server.register("stats", self.stats)
-        self.server.register("kv_dump", self.kv_dump)
-        self.server.register("kv_release", self.kv_release)
+        for name, control in (("health", self.health), ("stats", self.stats), ("kv_dump", self.kv_dump),
+                              ("kv_release", self.kv_release)):
+            self.server.register(name, control, while_draining=True)
         self.kv_publisher = kv_publisher
         self.metrics_address = metrics_address
         """URL of this process's Prometheus /metrics page (``--metrics-port``), for the card."""
@@ -54,6 +64,18 @@ class WorkerService:
         self.kv_blocks_imported = 0
         """Blocks pulled from prefill workers and imported (decode side), since start."""
         self.registration: Registration | None = None
+        self.engine_failed = asyncio.Event()
+        """Set once the engine thread died and the card was withdrawn (the process should exit)."""
+        self._draining = False
+        self._started_at = time.monotonic()
+        self._engine_watch: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``draining`` (shutting down) or ``failed`` (the engine died)."""
+        if self.engine.failure is not None:
+            return "failed"
+        return "draining" if self._draining else "ok"
 
     def card(self) -> WorkerCard:
         core = self.engine.engine
@@ -64,6 +86,7 @@ class WorkerService:
             engine=self.engine_kind,
             kv_events_address=self.kv_publisher.address if self.kv_publisher else None,
             kv_replay_address=self.kv_publisher.replay_address if self.kv_publisher else None,
+            kv_events_subject=getattr(self.kv_publisher, "subject", None),
             metrics_address=self.metrics_address,
         )
 
@@ -71,19 +94,86 @@ class WorkerService:
         if self.exporter is not None:
             await self.exporter.start()
         await self.server.start()
+        self._started_at = time.monotonic()
+        self._engine_watch = asyncio.create_task(self._watch_engine(), name=f"engine watch {self.worker_id}")
         self.registration = await self.discovery.register(self.card(), self.ttl_s)
         logger.info("worker %s serving %s at %s", self.worker_id, self.model_name, self.server.address)
 
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Withdraw from discovery, finish in-flight streams (up to timeout), stop the engine."""
-        if self.registration is not None:
-            await self.registration.withdraw()
-        await self.server.stop(drain_timeout=timeout)
+    async def drain(self, timeout: float = 30.0, grace: float = 0.0) -> None:
+        """Graceful shutdown, in this order:
+
+        1. withdraw the card from discovery (routers stop sending here);
+        2. keep serving for ``grace`` seconds: requests routed on a stale view still run;
+        3. refuse new requests with code ``unavailable`` (the frontend retries them elsewhere);
+        4. let in-flight streams finish for up to ``timeout`` seconds; end the rest with code
+           ``unavailable``, "worker drained; migrate" (the frontend migrates them);
+        5. a prefill worker waits, within the same ``timeout``, until its held KV exports are
+           pulled or released;
+        6. close the request plane and stop the engine.
+
+        ``health`` answers ``draining`` throughout. With a dead engine, step 2 is skipped."""
+        self._draining = True
+        started = time.monotonic()
+        deadline = started + grace + timeout
+        await self._withdraw()
+        if grace > 0 and self.engine.failure is None:
+            await asyncio.sleep(grace)
+        self.server.start_draining()
+        logger.info("worker %s: withdrawn; refusing new requests, %d in flight", self.worker_id,
+                    self.server.num_inflight)
+        if not await self.server.wait_drained(max(0.0, deadline - time.monotonic())):
+            logger.warning("worker %s: %d streams still running after the %.1fs drain timeout; ending them",
+                           self.worker_id, self.server.num_inflight, timeout)
+            await self.server.end_streams("unavailable", DRAINED_MESSAGE)
+        if self.exporter is not None:
+            await self._wait_for_exports(deadline)
+        await self.server.close()
+        if self._engine_watch is not None:
+            self._engine_watch.cancel()
         if self.exporter is not None:
             await self.exporter.stop()
         await asyncio.to_thread(self.engine.shutdown)
         if self.kv_publisher is not None:
             self.kv_publisher.close()
+        logger.info("worker %s: drained in %.2fs", self.worker_id, time.monotonic() - started)
+
+    async def _wait_for_exports(self, deadline: float) -> None:
+        """Wait until every held KV export was pulled or released, or until ``deadline``."""
+        assert self.exporter is not None
+        while len(self.exporter.store) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if len(self.exporter.store):
+            logger.warning("worker %s: dropping %d KV exports nobody pulled", self.worker_id,
+                           len(self.exporter.store))
+
+    async def _withdraw(self) -> None:
+        """Remove the card from discovery now (idempotent); a failure is logged, not raised."""
+        if self.registration is None:
+            return
+        try:
+            await asyncio.wait_for(self.registration.withdraw(), WITHDRAW_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - discovery away: the lease expires by itself
+            logger.warning("worker %s: could not withdraw from discovery (%r); its lease will expire",
+                           self.worker_id, exc)
+
+    async def _watch_engine(self) -> None:
+        """On engine death: refuse new requests, withdraw the card, set ``engine_failed``.
+        (In-flight streams already fail: the engine hands them EngineDeadError.)"""
+        cause = await self.engine.wait_stopped()
+        if cause is None:
+            return  # a requested shutdown
+        logger.error("worker %s: engine failed (%s); withdrawing from discovery", self.worker_id, cause)
+        self.server.start_draining(f"engine failed: {cause}")
+        await self._withdraw()
+        self.engine_failed.set()
+
+    async def health(self, payload: Any, ctx: RequestContext) -> dict:
+        """``{status, worker_id, model, role, engine_alive, num_running, num_waiting, uptime_s}``;
+        status is ``ok``, ``draining`` or ``failed``. Answered while draining too."""
+        stats = self.engine.stats()
+        return {"status": self.status, "worker_id": self.worker_id, "model": self.model_name, "role": self.role,
+                "engine_alive": self.engine.is_running, "num_running": stats.num_running,
+                "num_waiting": stats.num_waiting, "uptime_s": round(time.monotonic() - self._started_at, 3)}
 
     async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
         try:
@@ -99,8 +189,11 @@ class WorkerService:
             raise EndpointError("bad_request", f"export_kv needs a prefill worker; this one is {self.role!r}")
         if request.kv_transfer is not None:
             prompt = request.token_ids[:-1]  # the last token is the prefill's first output
-            self.kv_blocks_imported += await import_missing_blocks(self.engine, prompt, request.cache_salt,
-                                                                   request.kv_transfer)
+            try:
+                self.kv_blocks_imported += await import_missing_blocks(self.engine, prompt, request.cache_salt,
+                                                                       request.kv_transfer)
+            except EngineDeadError as exc:
+                raise EndpointError("unavailable", str(exc)) from None
         on_finish = export_on_finish(request.token_ids, request.cache_salt) if request.export_kv else None
         stream = self.engine.generate(request.token_ids, params, request_id=request.request_id,
                                       cache_salt=request.cache_salt, on_finish=on_finish)
@@ -113,6 +206,8 @@ class WorkerService:
                 yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None
+        except EngineDeadError as exc:  # another worker can serve it: the frontend migrates it
+            raise EndpointError("unavailable", str(exc)) from None
         finally:
             await stream.aclose()  # aborts the engine request if the client went away early
 

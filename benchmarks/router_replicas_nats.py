@@ -1,0 +1,224 @@
+"""Routing quality of two router replicas fed by NATS against one router (issue 7's goal: the
+replicas' prefix hit rate within 2 points of the single router's).
+
+Both deployments, each started fresh (its own nats-server, workers and routers):
+
+* **one router**: 4 mocker workers (one `tandem worker --mocker-workers 4 --event-plane nats`),
+  one `tandem router --event-plane nats`, one `tandem frontend --router remote` on it;
+* **two replicas**: the same workers, two `tandem router --event-plane nats`, two frontends,
+  each `--router remote` on its own router; requests alternate between the frontends, so every
+  turn of a conversation goes to the other replica than the turn before, and each replica only
+  sees the other's requests through the workers' KV events on NATS (and not their load: each
+  router books only its own requests).
+
+The workload is the router issue's multi-turn one (benchmarks/kv_routing_quality.py:
+20 system prompts of 1,000 tokens, 8 users at a time, 4 turns, answers 100 ± 20 tokens, 320
+requests), driven by tandem.bench's session runner. The hit rate is cached prompt tokens ÷
+prompt tokens as the workers report them in ``usage``. Everything binds to 127.0.0.1.
+
+Usage: python benchmarks/router_replicas_nats.py [--speedup-ratio 1] [--num-requests 320]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tandem.bench.client import BenchClient, ClientConfig, Outcome
+from tandem.bench.runner import LoadConfig, Runner
+from tandem.bench.workload import BenchRequest
+from tandem.bench.workload_multi_turn import MultiTurnConfig, new_session, user_gap_s
+from tandem.runtime.request_plane import RequestPlaneClient
+
+MODEL = "smollm2-135m-instruct"
+NATS_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
+READY_TIMEOUT_S = 120.0
+RUN_TIMEOUT_S = 1800.0
+"""Longest a deployment's workload may run (the request count bounds it first)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Child processes of one deployment; their output is drained; all are stopped at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], ready: str) -> str:
+        """Start ``argv``; return the first output line containing ``ready``."""
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.procs.append(proc)
+        found: list[str] = []
+        seen = threading.Event()
+
+        def drain() -> None:
+            for line in proc.stdout:
+                if ready in line and not found:
+                    found.append(line.strip())
+                    seen.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not seen.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(argv[:4])} did not become ready")
+        return found[0]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(2)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def tandem(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tandem", *args]
+
+
+@contextlib.contextmanager
+def deployment(replicas: int, args: argparse.Namespace) -> Iterator[tuple[list[str], list[str]]]:
+    """Start nats-server, the workers, ``replicas`` routers and as many frontends; yield
+    (frontend URLs, router addresses)."""
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-replicas-"))
+    procs = Processes()
+    try:
+        port = free_port()
+        procs.start([NATS_BIN, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp / "js")], "Server is ready")
+        plane = ["--discovery", f"file:{tmp / 'discovery'}", "--event-plane", "nats",
+                 "--nats-url", f"nats://127.0.0.1:{port}", "--namespace", "bench"]
+        procs.start(tandem("worker", "--engine", "mocker", "--mocker-workers", str(args.workers), "--model", MODEL,
+                           "--speedup-ratio", str(args.speedup_ratio), "--num-kv-blocks", str(args.num_kv_blocks),
+                           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
+                           str(args.max_num_batched_tokens), "--log-level", "WARNING", *plane), "serving")
+        routers, urls = [], []
+        for _ in range(replicas):
+            line = procs.start(tandem("router", *plane, "--kv-prefill-load-scale", str(args.kv_prefill_load_scale)),
+                               "listening on")
+            routers.append(line.rsplit(" ", 1)[1])
+        for router in routers:
+            line = procs.start(tandem("frontend", *plane, "--port", "0", "--router", "remote", "--router-address",
+                                      router), "frontend listening on")
+            urls.append(line.split(" on ")[1].split()[0].removesuffix("/v1"))
+        yield urls, routers
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class AlternatingClient:
+    """BenchClient's ``send`` over several frontends, taking turns request by request."""
+
+    def __init__(self, clients: list[BenchClient]) -> None:
+        self.clients, self._next = clients, 0
+
+    async def send(self, request: BenchRequest) -> Outcome:
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        return await client.send(request)
+
+
+def answer_tokens(outcome: Outcome, request: BenchRequest) -> list[int]:
+    """The next turn's copy of the answer: synthetic ids, the same in every run (as `tandem bench`
+    does without a tokenizer)."""
+    rng = random.Random(f"{request.session_id}/{request.turn}")
+    return [rng.randrange(1000, 31000) for _ in range(outcome.output_tokens or 1)]
+
+
+async def wait_for_workers(urls: list[str], routers: list[str], workers: int) -> None:
+    """Until every router follows every worker (and so every frontend can route)."""
+    client = RequestPlaneClient()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while True:
+            statuses = [await client.call(r, "status", None, timeout=5) for r in routers]
+            if all(len(s["workers"]) == workers and all(w["last_seq"] is not None for w in s["workers"].values())
+                   for s in statuses):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("routers never saw every worker")
+            await asyncio.sleep(0.5)
+    finally:
+        await client.close()
+
+
+async def run_workload(urls: list[str], routers: list[str], args: argparse.Namespace) -> dict:
+    await wait_for_workers(urls, routers, args.workers)
+    config = MultiTurnConfig(num_users=8, num_rounds=4, system_prompt_len=1000, user_history_len=args.user_history_len,
+                             answer_len=100, answer_len_stddev=20, qps=1000, question_len=20, seed=args.seed,
+                             num_system_prompts=20)
+    load = LoadConfig(num_requests=args.num_requests, duration_s=RUN_TIMEOUT_S, seed=args.seed)
+    clients = [BenchClient(ClientConfig(url=url, model=MODEL)) for url in urls]
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
+        runner = Runner(AlternatingClient(clients), load)  # type: ignore[arg-type] - only send() is used
+        result = await runner.run_sessions(lambda i: new_session(config, i), config.num_users, user_gap_s(config),
+                                           answer_tokens)
+    ok = [r for r in result.records if r.ok]
+    status_client = RequestPlaneClient()
+    try:
+        statuses = [await status_client.call(r, "status", None, timeout=5) for r in routers]
+    finally:
+        await status_client.close()
+    input_tokens = sum(r.input_tokens or 0 for r in ok)
+    return {"ok": len(ok), "sent": len(result.records), "duration_s": result.duration_s,
+            "hit_rate": sum(r.cached_tokens for r in ok) / max(1, input_tokens),
+            "router_hit_rate": (sum(s["cached_blocks"] for s in statuses)
+                                / max(1, sum(s["prompt_blocks"] for s in statuses))),
+            "routed": [s["requests_routed"] for s in statuses],
+            "gaps": sum(w["gaps_recovered"] for s in statuses for w in s["workers"].values()),
+            "dumps": sum(w["dumps"] for s in statuses for w in s["workers"].values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=4, help="mocker workers (default: %(default)s)")
+    parser.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker speed (default: %(default)s)")
+    parser.add_argument("--num-kv-blocks", type=int, default=1024, help="per worker (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="per worker (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--user-history-len", type=int, default=200)
+    parser.add_argument("--num-requests", type=int, default=320, help="80 users × 4 turns (default: %(default)s)")
+    parser.add_argument("--kv-prefill-load-scale", type=float, default=1.0, help="both routers (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    results = {}
+    for name, replicas in (("one router", 1), ("two replicas", 2)):
+        with deployment(replicas, args) as (urls, routers):
+            results[name] = asyncio.run(run_workload(urls, routers, args))
+    print(f"{args.workers} mocker workers (speedup {args.speedup_ratio}, {args.num_kv_blocks} KV blocks, "
+          f"{args.max_num_seqs} seqs each), NATS event plane; multi-turn: 20 system prompts × 1000 tokens, "
+          f"8 users, 4 turns, answers 100±20, {args.num_requests} requests, seed {args.seed}")
+    print(f"{'deployment':13} | {'ok':>7} | {'hit rate':>8} | {'router est.':>11} | {'routed per router':>17} | "
+          f"{'gaps':>4} | {'dumps':>5} | {'time':>6}")
+    for name, r in results.items():
+        print(f"{name:13} | {r['ok']:>3}/{r['sent']:<3} | {100 * r['hit_rate']:>7.1f}% | "
+              f"{100 * r['router_hit_rate']:>10.1f}% | {str(r['routed']):>17} | {r['gaps']:>4} | {r['dumps']:>5} | "
+              f"{r['duration_s']:>5.0f}s")
+    gap = 100 * (results["one router"]["hit_rate"] - results["two replicas"]["hit_rate"])
+    print(f"hit rate, one router − two replicas: {gap:+.1f} points (goal: within 2)")
+
+
+if __name__ == "__main__":
+    main()

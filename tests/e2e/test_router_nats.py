@@ -1,0 +1,153 @@
+"""Two router replicas fed by the NATS event plane: a router SIGKILLed mid-run and restarted
+rebuilds its index from JetStream to the same state as the replica that never stopped.
+
+Real processes: nats-server (JetStream), two `tandem worker --engine mocker --event-plane nats`
+with small KV pools (so blocks are evicted too), two `tandem router --event-plane nats`.
+Prompts go straight to the workers on the request plane; the routers' indexes are compared
+with their `overlap` endpoint on every prompt sent plus some never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from tandem.runtime.request_plane import RequestPlaneClient
+
+MODEL = "mock-model"
+NAMESPACE = "e2enats"
+
+
+def _prompt(seed: int, length: int = 96) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000, 30000) for _ in range(length)]
+
+
+# Conversations: a turn resends its history plus new tokens, so prompts share prefixes.
+def _turn(conversation: int, turn: int) -> list[int]:
+    return [t for k in range(turn + 1) for t in _prompt(10_000 * conversation + k, 48)]
+
+
+class Procs:
+    """Child processes, killed at the end whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], ready: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen([sys.executable, "-m", "tandem", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if ready in line:
+                return proc, line
+            assert line or proc.poll() is None, f"{argv[0]} exited early ({proc.returncode})"
+        raise AssertionError(f"{argv[0]} not ready within {timeout}s")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+async def _send(client: RequestPlaneClient, worker: str, prompt: list[int], request_id: str) -> None:
+    payload = {"request_id": request_id, "token_ids": prompt,
+               "sampling": {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}}
+    async for _ in client.stream(worker, "generate", payload):
+        pass
+
+
+async def _statuses(client: RequestPlaneClient, routers: list[str]) -> list[dict]:
+    return [await client.call(r, "status", None, timeout=5) for r in routers]
+
+
+async def _wait_in_step(client: RequestPlaneClient, routers: list[str], workers: int,
+                        timeout: float = 30) -> list[dict]:
+    """Wait until every router follows every worker at the same, stable last seq."""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        statuses = await _statuses(client, routers)
+        seqs = [{w: s["last_seq"] for w, s in st["workers"].items()} for st in statuses]
+        in_step = all(len(s) == workers and None not in s.values() for s in seqs) and all(s == seqs[0] for s in seqs)
+        if in_step and seqs[0] == previous:
+            return statuses
+        previous = seqs[0] if in_step else None
+        assert time.monotonic() < deadline, f"routers never agreed: {seqs}"
+        await asyncio.sleep(0.3)
+
+
+def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tmp_path, nats_server):
+    disco = f"file:{tmp_path / 'discovery'}"
+    plane = ["--event-plane", "nats", "--nats-url", nats_server.url, "--namespace", NAMESPACE, "--discovery", disco]
+    procs = Procs()
+    try:
+        workers = []
+        for _ in range(2):
+            _, line = procs.start(["worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL,
+                                   "--num-kv-blocks", "64", "--log-level", "WARNING", *plane], "serving")
+            workers.append(line.rsplit(" ", 1)[1].strip())
+        _, line = procs.start(["router", *plane], "listening on")
+        router_a = line.rsplit(" ", 1)[1].strip()
+        router_b_proc, line = procs.start(["router", *plane], "listening on")
+        router_b = line.rsplit(" ", 1)[1].strip()
+
+        async def scenario() -> None:
+            client = RequestPlaneClient()
+            sent: list[list[int]] = []
+            count = 0
+
+            async def send_turns(conversations: range, turns: range) -> None:
+                nonlocal count
+                for turn in turns:
+                    for c in conversations:
+                        prompt = _turn(c, turn)
+                        await _send(client, workers[c % 2], prompt, f"r{count}")
+                        sent.append(prompt)
+                        count += 1
+
+            try:
+                await send_turns(range(6), range(2))  # both routers watching
+                await _wait_in_step(client, [router_a, router_b], 2)
+                router_b_proc.send_signal(signal.SIGKILL)
+                router_b_proc.wait(timeout=10)
+                await send_turns(range(6), range(2, 4))  # B misses these
+                await send_turns(range(6, 10), range(2))
+                _, line = await asyncio.to_thread(procs.start, ["router", *plane], "listening on")
+                router_b2 = line.rsplit(" ", 1)[1].strip()
+                await send_turns(range(10, 12), range(2))  # and B is back for these
+                status_a, status_b = await _wait_in_step(client, [router_a, router_b2], 2)
+                probes = sent + [_prompt(99_000 + i, 96) for i in range(5)]
+                overlaps_a = [await client.call(router_a, "overlap", {"token_ids": p}) for p in probes]
+                overlaps_b = [await client.call(router_b2, "overlap", {"token_ids": p}) for p in probes]
+                assert overlaps_a == overlaps_b
+                assert sum(1 for o in overlaps_a if o) >= len(sent) // 4  # the indexes are not trivially empty
+                assert all(not o for o in overlaps_a[len(sent):])  # never-sent prompts match nothing
+                for worker_id, stats in status_b["workers"].items():
+                    assert stats["event_transport"] == "nats"
+                    assert stats["dumps"] == 0  # rebuilt from the stream alone
+                    assert stats["blocks_indexed"] == status_a["workers"][worker_id]["blocks_indexed"]
+                    assert status_a["workers"][worker_id]["load"]["num_running"] == 0, status_a
+                assert sum(s["events_received"] for s in status_a["workers"].values()) > 0
+                deadline = time.monotonic() + 10  # load metrics come every second, on core NATS
+                while not all(s["load"] for s in (await _statuses(client, [router_b2]))[0]["workers"].values()):
+                    assert time.monotonic() < deadline, "the restarted router never got load metrics"
+                    await asyncio.sleep(0.2)
+            finally:
+                await client.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 150))
+    finally:
+        procs.stop_all()
