@@ -19,9 +19,9 @@ Per discovery kind:
      ``list()`` every 50 ms): file expiry or etcd lease expiry, bounded by the TTL;
    - **migrated completion**: the last migrated request's completion, and how much later each
      migrated request finished than in the baseline.
-   A request counts as migrated when it has a gap spanning t0 longer than ``--gap-factor`` times
-   its own median ITL (survivors keep streaming through t0); the count is checked against the
-   frontend's ``tandem_frontend_migrations_total``.
+   Which requests migrated: the frontend's ``tandem_frontend_migrations_total`` says how many;
+   they are the ones with the longest gap spanning t0 relative to their own median ITL
+   (survivors keep streaming through t0).
 3. **cost**: ITL (chunk gaps) and TTFT of migrated requests and of survivors, failure run vs
    baseline: the migration gap (detection + re-prefill of prompt + generated tokens on the
    survivor) and the survivors' slowdown from the extra load.
@@ -153,15 +153,19 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
 
 
-def classify(run: dict, gap_factor: float) -> list[bool]:
-    """Per request: True when it has a gap spanning t0 much longer than its median gap."""
-    t0, out = run["t0"], []
+def classify(run: dict, count: int) -> list[bool]:
+    """Per request: True for the ``count`` requests (the frontend's migration counter) with the
+    longest gap spanning t0, as a multiple of their own median gap. The client cannot see which
+    worker served a stream; survivors keep streaming through t0 while a migrated request waits for
+    the failure to be noticed and its prompt + generated tokens to be prefilled elsewhere."""
+    t0, score = run["t0"], []
     for ts in run["times"]:
         g = gaps(ts)
-        med = statistics.median(g) if g else 0.0
+        med = statistics.median(g) if g else 1e-4
         spanning = [b - a for a, b in zip(ts, ts[1:]) if a <= t0 <= b]
-        out.append(bool(spanning) and spanning[0] > gap_factor * max(med, 1e-4))
-    return out
+        score.append(spanning[0] / max(med, 1e-4) if spanning else 0.0)
+    top = set(sorted(range(len(score)), key=score.__getitem__, reverse=True)[:count])
+    return [i in top for i in range(len(score))]
 
 
 def watch_removal(url: str, discovery_spec: str, etcd: str | None, victim: str, t0_box: list, result: dict,
@@ -271,8 +275,9 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
             fail = asyncio.run(run_load(url, args, kill))
             watcher.join(timeout=args.ttl + 10)
             stop.set()
-            migrated = classify(fail, args.gap_factor)
-            return summarize(kind, base, fail, removal, migrated, migrations_total(url))
+            counted = migrations_total(url)
+            migrated = classify(fail, int(counted))
+            return summarize(kind, base, fail, removal, migrated, counted)
         finally:
             stop_all(etcd, workers, frontend)
 
@@ -284,7 +289,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--kill-after", type=int, default=50, help="chunks every stream has before the kill")
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL (default: %(default)s)")
-    parser.add_argument("--gap-factor", type=float, default=5.0)
     args = parser.parse_args()
     rows = [run_kind(kind, args) for kind in args.discovery]
     keys = list(rows[0])

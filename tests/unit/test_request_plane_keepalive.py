@@ -57,7 +57,8 @@ class FreezableProxy:
         self._writers += [writer, up_writer]
         pipes = [asyncio.create_task(self._pipe(reader, up_writer)), asyncio.create_task(self._pipe(up_reader, writer))]
         self._tasks.update(pipes)
-        await asyncio.gather(*pipes, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pipes, return_exceptions=True)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while not self.frozen.is_set():
@@ -71,6 +72,7 @@ class FreezableProxy:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for writer in self._writers:
             writer.transport.abort()
         if self._server is not None:
@@ -79,14 +81,14 @@ class FreezableProxy:
 
 def slow_counter(log: list[str]):
     async def handler(payload: dict[str, Any], ctx: RequestContext) -> AsyncIterator[int]:
+        finished = False
         try:
             for index in range(payload["n"]):
                 await asyncio.sleep(payload["delay"])
                 yield index
-            log.append("finished")
-        except asyncio.CancelledError:
-            log.append("cancelled")
-            raise
+            finished = True
+        finally:  # stopped early: cancelled while sleeping, or closed while suspended at a yield
+            log.append("finished" if finished else "cancelled")
 
     return handler
 

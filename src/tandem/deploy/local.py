@@ -62,8 +62,10 @@ class LocalDeployment:
         return sum(group.count * int(group.flags.get("mocker-workers", 1)) for group in self.graph.workers)
 
     def _spawn(self, group: WorkerGroup) -> subprocess.Popen:
+        # The workers drain within this deployment's budget (a graph's own drain-timeout flag wins).
         argv = [sys.executable, "-m", "tandem", "worker", "--discovery", self.discovery_spec,
-                "--log-level", self.worker_log_level, *group.worker_argv()]
+                "--log-level", self.worker_log_level, "--drain-timeout", str(self.drain_timeout),
+                *group.worker_argv()]
         builtin_workers = sum(g.count for g in self.graph.workers if g.engine == "builtin")
         if group.engine == "builtin" and "threads" not in group.flags and builtin_workers > 1:
             # Several engines on one machine: split the cores instead of oversubscribing them.

@@ -5,13 +5,15 @@ Public API (import from here)::
     server = RequestPlaneServer("127.0.0.1", 0)
     server.register("generate", handler)      # async def handler(payload, ctx): yield item ...
     await server.start(); server.address      # "127.0.0.1:PORT"
-    await server.stop(drain_timeout=10)
+    await server.stop(drain_timeout=10)       # or step by step: start_draining(), wait_drained(t),
+                                              # end_streams("unavailable", msg), close()
 
     client = RequestPlaneClient()
     async for item in client.stream(address, "generate", payload): ...
     result = await client.call(address, "embed", payload)
     await client.close()
 
+Connections with open streams are kept alive by pings from both ends (`tandem.runtime.keepalive`).
 Wire format: `tandem.runtime.frames`. Errors: `WorkerUnavailableError` (the worker cannot be
 reached or went away; retry elsewhere), `RemoteError` (the handler failed; ``.code`` is
 ``bad_request``, ``not_found``, ``internal`` or one a handler chose by raising `EndpointError`).

@@ -12,13 +12,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.worker.service import WorkerService
-
-logger = logging.getLogger(__name__)
 
 EXIT_ENGINE_FAILED = 1
 """Exit code of a worker process whose engine died."""
