@@ -310,6 +310,32 @@ def test_default_limit_is_one_with_several_serving_workers_else_zero(tokenizer, 
     assert explicit.error is not None and explicit.error.code == "worker_lost"
 
 
+def test_default_limit_is_judged_again_when_the_worker_is_lost():
+    """A request that started while only one worker was visible (the other draining or marked
+    down) may still migrate if, by the time its worker is lost, another one serves the model."""
+
+    async def scenario():
+        discovery = MemoryDiscovery()
+        registrations = [await discovery.register(_card(wid, "agg"), 30.0) for wid in ("w-a", "w-b")]
+        pool = WorkerPool(discovery)
+        await pool.start()
+        client = MigratingClient(None, pool)  # type: ignore[arg-type] - only the limit is asked
+        try:
+            pool.mark_down("w-b")
+            assert client.limit_for(MODEL) == 0  # at the start: w-a alone
+            pool._down_until.clear()  # w-b is back
+            assert client.limit_for(MODEL, exclude={"w-a"}) == 1  # w-a lost, w-b can continue
+            pool.mark_down("w-b")
+            assert client.limit_for(MODEL, exclude={"w-a"}) == 0  # nobody left
+            assert MigratingClient(None, pool, limit=3).limit_for(MODEL, exclude={"w-a"}) == 3  # type: ignore[arg-type]
+        finally:
+            await pool.stop()
+            for registration in registrations:
+                await registration.withdraw()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
 def test_disaggregated_request_migrates_and_is_disaggregated_again(tokenizer, script):
     """Prefill on p, decode on d-a, which is lost; the migrated request (prompt + generated) is
     prefilled on p again and decoded on d-b."""

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tandem.engine.async_engine import AsyncEngine, EngineDeadError
+from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from tandem.engine.faults import ENV_VAR, EngineFault, parse_engine_fault
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.engine.sampling_params import SamplingParams
@@ -140,7 +140,7 @@ def test_steps_failing_in_a_row_kill_the_engine():
     async def scenario():
         engine = AsyncEngine(_BrokenMocker(MockerConfig(speedup_ratio=0)), max_step_failures=2)
         params = SamplingParams(max_tokens=3)
-        with pytest.raises(RuntimeError, match="engine step failed: device lost"):
+        with pytest.raises(EngineStepError, match="engine step failed: device lost"):
             _ = [o async for o in engine.generate(PROMPT, params)]
         assert engine.is_running
         with pytest.raises(EngineDeadError, match="2 steps failed in a row"):
@@ -152,6 +152,39 @@ def test_steps_failing_in_a_row_kill_the_engine():
         with pytest.raises(EngineDeadError):
             await engine.call(lambda core: core.stats())
         engine.shutdown()
+
+    run(scenario())
+
+
+class _OnceBrokenMocker(MockerEngine):
+    """Its third step raises (a transient device error); every other step works."""
+
+    def step(self):
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        if self.steps_taken == 3:
+            raise RuntimeError("transient device error")
+        return super().step()
+
+
+def test_a_failed_step_ends_its_streams_with_unavailable_so_the_frontend_migrates_them():
+    """A step that raises (not yet fatal) aborts the step's requests; the worker sends them as
+    ``unavailable`` (migrate), not as an internal error the client would see, and keeps serving."""
+
+    async def scenario():
+        discovery, client = MemoryDiscovery(), RequestPlaneClient()
+        core = _OnceBrokenMocker(MockerConfig(prefill_quadratic=0, prefill_linear=0, prefill_constant=STEP_MS,
+                                              decode_quadratic=0, decode_linear=0, decode_constant=STEP_MS))
+        service = WorkerService(AsyncEngine(core), discovery, model_name="m", tokenizer_source="m",
+                                engine_kind="mocker", ttl_s=30.0)
+        await service.start()
+        try:
+            with pytest.raises(WorkerUnavailableError, match="engine step failed: transient device error"):
+                await count_tokens(client, service.server.address, payload("a", 20))
+            assert await count_tokens(client, service.server.address, payload("b", 5)) == 5  # still serving
+            assert len(await discovery.list("m")) == 1
+        finally:
+            await client.close()
+            await service.drain(timeout=1)
 
     run(scenario())
 

@@ -115,13 +115,14 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop)
-    for service in services:
-        await service.start()
-        print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
-    shutdown = ShutdownConfig(grace_s=args.shutdown_grace, drain_timeout_s=args.drain_timeout)
-    code = await serve_until_stopped(services, stop, shutdown, announce=lambda line: print(line, flush=True))
-    await discovery.close()
-    return code
+    try:
+        for service in services:
+            await service.start()
+            print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
+        shutdown = ShutdownConfig(grace_s=args.shutdown_grace, drain_timeout_s=args.drain_timeout)
+        return await serve_until_stopped(services, stop, shutdown, announce=lambda line: print(line, flush=True))
+    finally:
+        await discovery.close()  # withdraws whatever is still registered, on every exit path
 
 
 def _serve_metrics(host: str, port: int) -> str:

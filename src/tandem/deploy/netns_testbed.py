@@ -102,7 +102,7 @@ class Testbed:
         self._processes: list[subprocess.Popen] = []
         self._threads: dict[str, NamespaceThreads] = {}
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by a signal handler's close()
 
     # --- building ------------------------------------------------------------------------------------
 

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class EngineStepError(RuntimeError):
+    """An engine step raised: its requests were aborted (the engine itself goes on, until
+    ``max_step_failures`` steps in a row fail). Another engine can serve them."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
 
@@ -217,7 +222,7 @@ class AsyncEngine:
             logger.exception("engine step failed; aborting its requests")
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
-                self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
+                self._deliver(request_id, EngineStepError(f"engine step failed: {exc}"))
             return
         self._num_steps += 1
         self._failed_steps = 0

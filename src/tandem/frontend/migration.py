@@ -111,11 +111,13 @@ class MigratingClient:
         self.on_limit = on_limit
         """Called with (model, effective limit) when a request starts."""
 
-    def limit_for(self, model: str) -> int:
-        """The model's effective migration limit now."""
+    def limit_for(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> int:
+        """The model's effective migration limit now (``exclude``: lost workers, which do not count
+        for the default; the lost one itself is counted as the worker the request started on)."""
         if self.limit is not None:
             return self.limit
-        return default_migration_limit(sum(card.role in SERVING_ROLES for card in self.pool.workers(model)))
+        others = sum(card.role in SERVING_ROLES and card.worker_id not in exclude for card in self.pool.workers(model))
+        return default_migration_limit(others + (1 if exclude else 0))
 
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """Deltas of the whole request, across migrations. Raises what the wrapped client raises,
@@ -142,6 +144,10 @@ class MigratingClient:
             finally:
                 await deltas.aclose()
             lost_workers.add(lost.worker_id)
+            if self.limit is None:
+                # The default is judged again at the loss: a worker that was draining or marked
+                # down when the request started may be back (a rolling restart).
+                limit = max(limit, self.limit_for(model, exclude=lost_workers))
             if carry.attempt >= limit:
                 self._report(model, "disabled" if limit == 0 else "exhausted")
                 raise _cannot_migrate(lost, carry, limit)

@@ -96,6 +96,8 @@ class WorkerClient:
                     if exc.code == "bad_request":
                         raise bad_request(exc.message, "messages") from None
                     raise OpenAIError(500, f"worker {card.worker_id} failed: {exc.message}", "server_error") from None
+                if finished:
+                    return  # the request already finished; only the stream's end marker was lost
                 self.pool.mark_down(card.worker_id)
                 if started:
                     raise StreamBrokenError(card.worker_id, str(exc)) from None

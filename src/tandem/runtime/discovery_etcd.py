@@ -481,7 +481,9 @@ class EtcdDiscovery(Discovery):
                         await self._resync_locked()
                     lease_id = self._lease_id
                 reply = await self._call(lambda c: c.refresh_lease(lease_id))
-                if reply is None or reply.TTL <= 0:
+                if reply is None:  # the keep-alive stream ended without an answer: try again
+                    raise _UnreachableError("etcd gave no keep-alive reply")
+                if reply.TTL <= 0:
                     raise _LeaseLostError(f"lease {lease_id:x} expired")
                 backoff.reset()
             except _LeaseLostError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -24,7 +25,9 @@ def make_kv_publisher(args: argparse.Namespace, index: int) -> Any:
                              "with nats the events go to the NATS server at --nats-url")
         from tandem.worker.kv_publisher_nats import NatsKvEventPublisher, NatsPublisherConfig
 
-        worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
+        # Unique per process start: a restarted container may reuse hostname and pid, and must
+        # neither collide with its predecessor's unexpired lease nor continue its event history.
+        worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}-{uuid.uuid4().hex[:6]}"
         return NatsKvEventPublisher(worker_id, NatsPublisherConfig(url=plane.nats_url, namespace=plane.namespace))
     ports = (args.kv_events_port, args.kv_replay_port) if index == 0 else (0, 0)
     return KvEventPublisher(PublisherConfig(host=args.host, port=ports[0], replay_port=ports[1]))

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import socket
+import uuid
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from tandem.engine.async_engine import AsyncEngine, EngineDeadError
+from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from tandem.runtime.discovery import Discovery, Registration
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
@@ -50,7 +51,7 @@ class WorkerService:
         self.discovery = discovery
         self.model_name, self.tokenizer_source = model_name, tokenizer_source
         self.role, self.engine_kind, self.ttl_s = role, engine_kind, ttl_s
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.server = RequestPlaneServer(host, port)
         self.server.register("generate", self.generate)
         for name, control in (("health", self.health), ("stats", self.stats), ("kv_dump", self.kv_dump),
@@ -206,7 +207,7 @@ class WorkerService:
                 yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None
-        except EngineDeadError as exc:  # another worker can serve it: the frontend migrates it
+        except (EngineDeadError, EngineStepError) as exc:  # another worker can serve it: the frontend migrates it
             raise EndpointError("unavailable", str(exc)) from None
         finally:
             await stream.aclose()  # aborts the engine request if the client went away early
