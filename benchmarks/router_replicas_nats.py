@@ -7,9 +7,11 @@ Both deployments, each started fresh (its own nats-server, workers and routers):
   one `tandem router --event-plane nats`, one `tandem frontend --router remote` on it;
 * **two replicas**: the same workers, two `tandem router --event-plane nats`, two frontends,
   each `--router remote` on its own router; requests alternate between the frontends, so every
-  turn of a conversation goes to the other replica than the turn before, and each replica only
-  sees the other's requests through the workers' KV events on NATS (and not their load: each
-  router books only its own requests).
+  turn of a conversation goes to the other replica than the turn before. Each replica indexes
+  the workers' KV events from NATS and books the other's requests from its shared bookings
+  (router/replica_sync.py);
+* **two replicas, no sync** (``--no-replica-sync``): each replica books only its own requests,
+  so it sees about half of every worker's load.
 
 The workload is the router issue's multi-turn one (benchmarks/kv_routing_quality.py:
 20 system prompts of 1,000 tokens, 8 users at a time, 4 turns, answers 100 ± 20 tokens, 320
@@ -97,7 +99,7 @@ def tandem(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def deployment(replicas: int, args: argparse.Namespace) -> Iterator[tuple[list[str], list[str]]]:
+def deployment(replicas: int, sync: bool, args: argparse.Namespace) -> Iterator[tuple[list[str], list[str]]]:
     """Start nats-server, the workers, ``replicas`` routers and as many frontends; yield
     (frontend URLs, router addresses)."""
     tmp = Path(tempfile.mkdtemp(prefix="tandem-replicas-"))
@@ -113,8 +115,9 @@ def deployment(replicas: int, args: argparse.Namespace) -> Iterator[tuple[list[s
                            str(args.max_num_batched_tokens), "--log-level", "WARNING", *plane), "serving")
         routers, urls = [], []
         for _ in range(replicas):
-            line = procs.start(tandem("router", *plane, "--kv-prefill-load-scale", str(args.kv_prefill_load_scale)),
-                               "listening on")
+            flags = ["--kv-prefill-load-scale", str(args.kv_prefill_load_scale)]
+            flags += [] if sync else ["--no-replica-sync"]
+            line = procs.start(tandem("router", *plane, *flags), "listening on")
             routers.append(line.rsplit(" ", 1)[1])
         for router in routers:
             line = procs.start(tandem("frontend", *plane, "--port", "0", "--router", "remote", "--router-address",
@@ -204,8 +207,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     results = {}
-    for name, replicas in (("one router", 1), ("two replicas", 2)):
-        with deployment(replicas, args) as (urls, routers):
+    for name, replicas, sync in (("one router", 1, True), ("two replicas", 2, True),
+                                 ("two, no sync", 2, False)):
+        with deployment(replicas, sync, args) as (urls, routers):
             results[name] = asyncio.run(run_workload(urls, routers, args))
     print(f"{args.workers} mocker workers (speedup {args.speedup_ratio}, {args.num_kv_blocks} KV blocks, "
           f"{args.max_num_seqs} seqs each), NATS event plane; multi-turn: 20 system prompts × 1000 tokens, "
@@ -216,8 +220,9 @@ def main() -> None:
         print(f"{name:13} | {r['ok']:>3}/{r['sent']:<3} | {100 * r['hit_rate']:>7.1f}% | "
               f"{100 * r['router_hit_rate']:>10.1f}% | {str(r['routed']):>17} | {r['gaps']:>4} | {r['dumps']:>5} | "
               f"{r['duration_s']:>5.0f}s")
-    gap = 100 * (results["one router"]["hit_rate"] - results["two replicas"]["hit_rate"])
-    print(f"hit rate, one router − two replicas: {gap:+.1f} points (goal: within 2)")
+    for name in ("two replicas", "two, no sync"):
+        gap = 100 * (results["one router"]["hit_rate"] - results[name]["hit_rate"])
+        print(f"hit rate, one router − {name}: {gap:+.1f} points" + (" (goal: within 2)" if name == "two replicas" else ""))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tandem.router.kv_indexer import KvIndexer
 from tandem.router.nats_router_plane import NatsRouterPlane
 from tandem.router.router_service import RouterService
 from tandem.runtime import nats_plane
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery_memory import MemoryDiscovery, MemoryStore
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneError, RequestPlaneServer
 from tandem.runtime.worker_card import WorkerCard, WorkerCardError
 from tandem.worker.kv_publisher_factory import make_kv_publisher
@@ -75,10 +75,11 @@ def _reference(batches: list[KVEventBatch], worker: str = "w") -> KvIndexer:
     return indexer
 
 
-async def _until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+async def _until(predicate, timeout: float = 10.0, what="condition") -> None:
+    """Wait for ``predicate()``; ``what`` (a string, or a callable for details at the time) names it."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         await asyncio.sleep(0.02)
 
 
@@ -338,35 +339,43 @@ def test_publisher_and_follower_ride_out_a_nats_restart(nats_server):
     _run(scenario, timeout=90)
 
 
-def test_the_router_follows_nats_workers_and_answers_overlap(nats_server):
+def test_router_replicas_follow_nats_workers_answer_overlap_and_share_bookings(nats_server):
     async def scenario() -> None:
         async with _worker(nats_server.url) as worker:
-            discovery = MemoryDiscovery()
-            router = RouterService(discovery, policy="kv")
+            store = MemoryStore()
+            routers = [RouterService(MemoryDiscovery(store), policy="kv") for _ in range(2)]
             client = RequestPlaneClient()
-            await router.start()
+            for router in routers:
+                await router.start()
             try:
-                await discovery.register(worker.card(), None)
+                await MemoryDiscovery(store).register(worker.card(), None)
                 worker.publish(_batches(4))
-                follower = None
 
                 def caught_up() -> bool:
-                    nonlocal follower
-                    follower = router.policy.followers.get("w")
-                    return follower is not None and follower.stats.last_seq == 3
+                    followers = [r.policy.followers.get("w") for r in routers]
+                    return all(f is not None and f.stats.last_seq == 3 for f in followers)
 
-                await _until(caught_up, what="the router's follower")
-                assert follower.transport == "nats"
-                overlap = await client.call(router.address, "overlap", {"token_ids": _prompt(0) + [1, 2, 3]})
-                assert overlap == {"w": 2}
-                assert await client.call(router.address, "overlap", {"token_ids": [5] * 40}) == {}
+                await _until(caught_up, what="both routers' followers")
+                a, b = (r.address for r in routers)
+                for address in (a, b):
+                    assert await client.call(address, "overlap", {"token_ids": _prompt(0) + [1, 2, 3]}) == {"w": 2}
+                    assert await client.call(address, "overlap", {"token_ids": [5] * 40}) == {}
                 with pytest.raises(RequestPlaneError, match="bad_request"):
-                    await client.call(router.address, "overlap", {"token_ids": "nope"})
-                status = await client.call(router.address, "status", None)
+                    await client.call(a, "overlap", {"token_ids": "nope"})
+                status = await client.call(a, "status", None)
                 assert status["workers"]["w"]["event_transport"] == "nats"
+                # A request routed by replica A is booked on replica B too, and released there.
+                await _until(lambda: all(r.policy.sync is not None and r.policy.sync._nc is not None for r in routers),
+                             what="replica sync")
+                await client.call(a, "route", {"model": "m", "token_ids": _prompt(7, blocks=4), "request_id": "q1"})
+                b_load = routers[1].policy.load
+                await _until(lambda: b_load.prefill_tokens("w") == 4 * BLOCK, what="A's booking on B")
+                await client.call(a, "finished", {"request_id": "q1"})
+                await _until(lambda: b_load.decode_blocks("w") == 0, what="A's release on B")
             finally:
                 await client.close()
-                await router.stop()
+                for router in routers:
+                    await router.stop()
 
     _run(scenario)
 
@@ -398,3 +407,37 @@ def test_zmq_ports_are_refused_with_nats():
                               kv_events_port=5557, kv_replay_port=0, host="127.0.0.1")
     with pytest.raises(SystemExit, match="zmq"):
         make_kv_publisher(args, 0)
+
+
+def test_router_replicas_share_their_load_bookings(nats_server):
+    async def scenario() -> None:
+        from tandem.router.active_load import ActiveLoad
+        from tandem.router.replica_sync import ReplicaSync, bookings_subject
+
+        planes = [NatsRouterPlane(nats_server.url) for _ in range(2)]
+        loads = [ActiveLoad(BLOCK) for _ in range(2)]
+        syncs = [ReplicaSync(plane, NAMESPACE, lambda load=load: load) for plane, load in zip(planes, loads)]
+        try:
+            for sync in syncs:
+                await sync.start()
+            hashes = block_hashes(_prompt(0), BLOCK)
+            loads[0].add_request("r1", "w", hashes, 40, 0)  # what KvRouter.route does on replica 0
+            syncs[0].add("r1", "w", hashes, 40, 0)
+            await _until(lambda: loads[1].loads(["w"])["w"] == (40, 3),
+                         what=lambda: f"the booking on replica 1 (load there: {loads[1].loads(['w'])})")
+            assert loads[0].loads(["w"])["w"] == (40, 3)  # replica 0 ignores its own echo
+            syncs[0].prefill_done("r1")
+            await _until(lambda: loads[1].loads(["w"])["w"] == (0, 3), what="prefill done")
+            syncs[0].free("r1")
+            await _until(lambda: loads[1].loads(["w"])["w"] == (0, 0), what="free")
+            nc = await planes[0].connection()
+            await nc.publish(bookings_subject(NAMESPACE), b"\xc1")
+            await nc.publish(bookings_subject(NAMESPACE), msgspec.msgpack.encode(["x", "drop", "r"]))
+            await _until(lambda: syncs[1].malformed == 2, what="2 malformed bookings")
+            assert syncs[1].applied == 3 and syncs[0].applied == 0
+        finally:
+            for sync, plane in zip(syncs, planes):
+                await sync.stop()
+                await plane.close()
+
+    _run(scenario)

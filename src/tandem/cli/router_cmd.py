@@ -34,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-temperature", type=float, default=d.temperature,
                         help="0 = cheapest worker; > 0 = softmax sampling (default: %(default)s)")
     parser.add_argument("--no-kv-events", action="store_true", help="index own decisions with a TTL instead")
+    parser.add_argument("--no-replica-sync", action="store_true",
+                        help="NATS workers: do not share load bookings with the namespace's other routers "
+                             "(each replica then sees only the requests it routed)")
     parser.set_defaults(func=run)
 
 
@@ -43,7 +46,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     config = KvRouterConfig(overlap_credit=args.kv_overlap_credit, prefill_load_scale=args.kv_prefill_load_scale,
                             temperature=args.kv_temperature, use_kv_events=not args.no_kv_events,
-                            nats_url=args.nats_url if args.event_plane == "nats" else None)
+                            nats_url=args.nats_url if args.event_plane == "nats" else None,
+                            replica_sync=not args.no_replica_sync)
     service = RouterService(discovery_from_args(args), policy=args.policy, config=config, host=args.host,
                             port=args.port)
     stop = stop_event()

@@ -6,9 +6,10 @@ Same semantics as the ZMQ follower, with the stream as the replay buffer:
   from the stream alone (a router that restarts replays what it missed). Otherwise the follower
   first subscribes from the stream's end, then takes a ``kv_dump`` over the request plane, and
   applies only batches with seq > the dump's seq.
-* **Live.** An ordered JetStream consumer on the worker's subject: nats-py re-creates it from
-  the last stream position it delivered when deliveries go missing (a slow consumer) or NATS
-  restarts, so a router that falls behind reads on from the stream.
+* **Live.** An ordered JetStream consumer on the worker's subject, with flow control: the
+  server never runs far ahead of a slow router, and nats-py re-creates the consumer from the
+  last stream position it delivered when NATS restarts or deliveries skip. A message the
+  client drops anyway (its pending limits) shows up as a gap in seq, closed from the stream.
 * **Gap** (a seq that skips ahead). The missing range is read again from the stream, scanning
   the worker's messages from just after the last one applied (a batch the worker re-sent after
   a lost ack can sit after later ones; a delivery the router lost is still there); when the stream no longer has

@@ -57,6 +57,9 @@ class KvRouterConfig:
     nats_url: str | None = None
     """NATS server(s) for workers that publish KV events on NATS (``--event-plane nats``); None:
     the server named in the first such worker's card."""
+    replica_sync: bool = True
+    """With NATS workers: share this router's load bookings with the other routers of their
+    namespace and book theirs here (router/replica_sync.py), so replicas cost workers alike."""
 
 
 class ApproxIndex:
@@ -103,6 +106,7 @@ class KvRouter:
         self.load = ActiveLoad(self.block_size)
         self.followers: dict[str, KvEventFollowerCore] = {}
         self.nats = None  # a NatsRouterPlane, made for the first worker that publishes on NATS
+        self.sync = None  # a ReplicaSync on that plane (KvRouterConfig.replica_sync)
         self.routed: dict[str, int] = {}  # worker → requests finished
         self._warned: set[str] = set()
         self.requests_routed = 0
@@ -132,7 +136,13 @@ class KvRouter:
         if self.nats is None:
             assert card.kv_events_address is not None  # the card's validation guarantees it
             self.nats = NatsRouterPlane(self.config.nats_url or card.kv_events_address)
-        return NatsKvEventFollower(card, self.indexer, self.client, self.nats)
+        follower = NatsKvEventFollower(card, self.indexer, self.client, self.nats)
+        if self.sync is None and self.config.replica_sync:
+            from tandem.router.replica_sync import ReplicaSync
+
+            self.sync = ReplicaSync(self.nats, follower.namespace, lambda: self.load)
+            asyncio.ensure_future(self.sync.start())
+        return follower
 
     def _on_removed(self, card: WorkerCard) -> None:
         if self.nats is not None:
@@ -148,6 +158,8 @@ class KvRouter:
         for follower in list(self.followers.values()):
             await follower.stop()
         self.followers.clear()
+        if self.sync is not None:
+            await self.sync.stop()
         if self.nats is not None:
             await self.nats.close()
 
@@ -169,6 +181,8 @@ class KvRouter:
         cached = matches.get(chosen, 0)
         if request_id is not None:
             self.load.add_request(request_id, chosen, hashes, len(token_ids), cached * self.block_size)
+            if self.sync is not None:
+                self.sync.add(request_id, chosen, hashes, len(token_ids), cached * self.block_size)
         if not self.config.use_kv_events:
             self.approx.record(chosen, hashes, now)
         self.requests_routed += 1
@@ -179,10 +193,14 @@ class KvRouter:
 
     def on_first_token(self, request_id: str) -> None:
         self.load.mark_prefill_done(request_id)
+        if self.sync is not None:
+            self.sync.prefill_done(request_id)
 
     def on_finished(self, request_id: str) -> None:
         worker = self.load.worker_of(request_id)
         self.load.free(request_id)
+        if self.sync is not None and worker is not None:
+            self.sync.free(request_id)
         if worker is None:
             return
         self.routed[worker] = self.routed.get(worker, 0) + 1
@@ -232,5 +250,14 @@ class KvRouter:
             "hit_rate": self.hit_rate, "prompt_blocks": self.prompt_blocks, "cached_blocks": self.cached_blocks,
             "overhead_ms_mean": 1e3 * self.overhead_s_total / self.requests_routed if self.requests_routed else 0.0,
             "workers": workers,
-            "nats": {"url": self.nats.url, "load_malformed": self.nats.load_malformed} if self.nats else None,
+            "nats": self._nats_status(),
         }
+
+    def _nats_status(self) -> dict[str, Any] | None:
+        if self.nats is None:
+            return None
+        status: dict[str, Any] = {"url": self.nats.url, "load_malformed": self.nats.load_malformed}
+        if self.sync is not None:
+            status.update(router_id=self.sync.router_id, bookings_applied=self.sync.applied,
+                          bookings_malformed=self.sync.malformed)
+        return status

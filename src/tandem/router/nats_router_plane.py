@@ -57,6 +57,7 @@ class NatsRouterPlane:
         async with self._namespace_lock:
             if namespace not in self._load_subs:
                 self._load_subs[namespace] = await nc.subscribe(nats_plane.load_wildcard(namespace), cb=self._on_load)
+                await nats_plane.confirm_subscriptions(nc)
             if namespace not in self._namespaces:
                 self._namespaces[namespace] = await nats_plane.ensure_stream(nc.jetstream(), namespace, self.limits)
         return self._namespaces[namespace]

@@ -112,6 +112,15 @@ async def connect_with_retry(url: str, name: str, *, max_backoff_s: float = 5.0)
             delay = min(max_backoff_s, delay * 2)
 
 
+async def confirm_subscriptions(nc: NatsClient) -> None:
+    """Return once the server has every subscription made so far on ``nc``. nats-py writes a
+    flush's PING straight to the socket, possibly ahead of a SUB still queued for its flusher
+    task, so one round trip proves nothing; during it the flusher writes the SUB, so the second
+    round trip does."""
+    await nc.flush()
+    await nc.flush()
+
+
 async def ensure_stream(js: JetStreamContext, namespace: str, limits: StreamLimits) -> str:
     """Create the namespace's KV stream unless it exists; tolerates a concurrent creator and an
     existing stream with other limits (the first creator's limits stay). Returns its name."""

@@ -1,0 +1,120 @@
+"""Router replicas share their load bookings over core NATS (``tandem.{ns}.router.bookings``).
+
+Every router following NATS workers sees the same KV events, but each books only the requests
+it routes itself (``ActiveLoad``): with two replicas, each sees about half of every worker's
+load and keeps sending conversations to workers the other replica already filled. So each
+router also publishes its bookings (``add`` at routing, ``prefill_done`` at the first token,
+``free`` at the end) and applies the other routers' bookings to its own ``ActiveLoad``, under
+ids prefixed with the booking router's id, as Dynamo's router replica sync does.
+
+Delivery is at most once: a lost ``free`` leaves a booking that ``ActiveLoad`` expires on its
+own (``expiry_s``); a lost ``add`` just makes that request invisible. Messages are msgpack
+arrays decoded into a typed struct; anything else is counted in ``malformed`` and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+
+import msgspec
+
+from tandem.router.active_load import ActiveLoad
+from tandem.router.nats_router_plane import NatsRouterPlane
+from tandem.runtime import nats_plane
+
+logger = logging.getLogger(__name__)
+
+OPS = ("add", "prefill_done", "free")
+
+
+class Booking(msgspec.Struct, array_like=True, frozen=True):
+    router: str
+    op: str
+    request_id: str
+    worker_id: str = ""
+    seq_hashes: list[int] = []
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Booking)
+
+
+def bookings_subject(namespace: str) -> str:
+    return f"tandem.{namespace}.router.bookings"
+
+
+class ReplicaSync:
+    def __init__(self, plane: NatsRouterPlane, namespace: str, load: Callable[[], ActiveLoad]) -> None:
+        self.plane, self.subject, self._load = plane, bookings_subject(namespace), load
+        self.router_id = secrets.token_hex(6)
+        self.applied = 0
+        """Other routers' bookings applied here."""
+        self.malformed = 0
+        self._nc = None
+        self._sub = None
+
+    async def start(self) -> None:
+        nc = await self.plane.connection()
+        self._sub = await nc.subscribe(self.subject, cb=self._on_message)
+        await nats_plane.confirm_subscriptions(nc)  # bookings from now on arrive
+        self._nc = nc
+        logger.info("router %s shares its load bookings on %s", self.router_id, self.subject)
+
+    async def stop(self) -> None:
+        sub, self._sub, self._nc = self._sub, None, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - closing anyway
+                logger.debug("unsubscribing %s: %r", self.subject, exc)
+
+    # --- this router's bookings ---
+
+    def add(self, request_id: str, worker_id: str, seq_hashes: list[int], prompt_tokens: int,
+            cached_tokens: int) -> None:
+        self._send(Booking(self.router_id, "add", request_id, worker_id, seq_hashes, prompt_tokens, cached_tokens))
+
+    def prefill_done(self, request_id: str) -> None:
+        self._send(Booking(self.router_id, "prefill_done", request_id))
+
+    def free(self, request_id: str) -> None:
+        self._send(Booking(self.router_id, "free", request_id))
+
+    def _send(self, booking: Booking) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            return  # not connected (yet): the others miss this one, as if it were lost
+        asyncio.ensure_future(self._publish(_encoder.encode(booking)))
+
+    async def _publish(self, data: bytes) -> None:
+        try:
+            await self._nc.publish(self.subject, data)
+        except Exception as exc:  # noqa: BLE001 - best effort, like the delivery
+            logger.debug("booking not shared: %r", exc)
+
+    # --- the other routers' bookings ---
+
+    async def _on_message(self, msg) -> None:  # noqa: ANN001 - a nats Msg
+        try:
+            booking = _decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self.malformed += 1
+            return
+        if booking.op not in OPS or not booking.router:
+            self.malformed += 1
+            return
+        if booking.router == self.router_id:
+            return
+        load, request_id = self._load(), f"{booking.router}/{booking.request_id}"
+        if booking.op == "add":
+            load.add_request(request_id, booking.worker_id, booking.seq_hashes, booking.prompt_tokens,
+                             booking.cached_tokens)
+        elif booking.op == "prefill_done":
+            load.mark_prefill_done(request_id)
+        else:
+            load.free(request_id)
+        self.applied += 1
