@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
+import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,54 +47,20 @@ from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.infra_servers import EtcdServer, free_port  # noqa: E402 - the same real etcd the tests run
+from tests.tandem_process import TandemProcess  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
 
-class Proc:
-    """A tandem child process whose output is drained; ``wait_for(pattern)`` returns the first match."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tandem", *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout_s: float = 60.0) -> re.Match:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"no {pattern!r} from {self.proc.args}: {''.join(self.lines[-20:])}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 def health(url: str) -> dict:
+    """The frontend's /health JSON (also sent with its 503); {} when it cannot be read."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            import json
-
-            return json.loads(r.read())
-    except Exception as exc:  # noqa: BLE001 - a 503 also carries JSON, but "nothing" is fine here
-        import json
-
-        body = getattr(exc, "read", lambda: b"{}")()
-        try:
-            return json.loads(body)
-        except ValueError:
-            return {}
+            return json.load(r)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+    except (OSError, ValueError):
+        return {}
 
 
 def live_worker_ids(url: str) -> set[str]:
@@ -201,11 +167,11 @@ def start_deployment(kind: str, tmp: Path, args: argparse.Namespace):  # noqa: A
     else:
         spec = f"file:{tmp / 'discovery'}"
         flags = ["--discovery", spec]
-    workers = [Proc(["worker", "--engine", "mocker", "--model", MODEL, "--speedup-ratio", "1",
-                     "--ttl", str(args.ttl), *flags]) for _ in range(2)]
+    workers = [TandemProcess("worker", "--engine", "mocker", "--model", MODEL, "--speedup-ratio", "1",
+                     "--ttl", str(args.ttl), *flags) for _ in range(2)]
     ids = [w.wait_for(r"worker (\S+) serving").group(1) for w in workers]
     port = free_port()
-    frontend = Proc(["frontend", "--port", str(port), "--router", "round-robin", "--migration-limit", "1", *flags])
+    frontend = TandemProcess("frontend", "--port", str(port), "--router", "round-robin", "--migration-limit", "1", *flags)
     url = frontend.wait_for(r"frontend listening on (http://\S+)/v1").group(1)
     deadline = time.monotonic() + 30
     while live_worker_ids(url) != set(ids) and time.monotonic() < deadline:
@@ -215,7 +181,7 @@ def start_deployment(kind: str, tmp: Path, args: argparse.Namespace):  # noqa: A
 
 def stop_all(etcd, workers, frontend) -> None:  # noqa: ANN001
     for p in [frontend, *workers]:
-        p.stop()
+        p.kill()
     if etcd is not None:
         etcd.kill()
 

@@ -9,9 +9,6 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,38 +16,11 @@ import urllib.request
 import openai
 
 from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery
+from tests.tandem_process import TandemProcess
 from tests.infra_servers import EtcdServer, free_port
 
 MODEL = "smollm2-135m-instruct"
 TTL_S = 3.0
-
-
-class Proc:
-    """A child process whose output a thread collects (shown when an assertion fails)."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tandem", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def health(base_url: str) -> dict:
@@ -83,7 +53,7 @@ def etcd_shows(endpoint: str, expected: set[str]) -> bool:
         return False
 
 
-def wait_until(predicate, timeout: float, what: str, *procs: Proc) -> float:  # noqa: ANN001
+def wait_until(predicate, timeout: float, what: str, *procs: TandemProcess) -> float:  # noqa: ANN001
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
@@ -99,9 +69,9 @@ def test_workers_and_frontend_on_etcd(etcd_server: EtcdServer) -> None:
                     *etcd_flags)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    victim, survivor = Proc(*worker_flags), Proc(*worker_flags)
+    victim, survivor = TandemProcess(*worker_flags), TandemProcess(*worker_flags)
     procs = [victim, survivor]
-    frontend = Proc("frontend", "--port", str(port), "--router", "round-robin", *etcd_flags)
+    frontend = TandemProcess("frontend", "--port", str(port), "--router", "round-robin", *etcd_flags)
     procs.append(frontend)
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=30)
 
@@ -156,7 +126,7 @@ def test_workers_and_frontend_on_etcd(etcd_server: EtcdServer) -> None:
         assert worker_ids(base_url) == {survivor_id}
 
         # The frontend follows the new etcd: a worker started now appears in /health.
-        procs.append(Proc(*worker_flags))
+        procs.append(TandemProcess(*worker_flags))
         wait_until(lambda: len(worker_ids(base_url)) == 2, 60, "new worker in /health", *procs)
         for _ in range(4):
             complete()

@@ -14,11 +14,8 @@ migrated requests with the survivors.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,6 +26,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from tests.tandem_process import TandemProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -43,55 +41,15 @@ PROMPTS = [f"Write a long, detailed story about {topic}." for topic in TOPICS]
 assert len(PROMPTS) == NUM_REQUESTS
 
 
-class Process:
-    """A `python -m tandem ...` child with its output read into ``lines`` by a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tandem", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if match := re.search(pattern, line):
-                    return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"no {pattern!r} from {self.proc.args}:\n{self.output}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-def start_worker(discovery: Path) -> Process:
-    worker = Process("worker", "--model", MODEL, "--discovery", f"file:{discovery}", "--ttl", "3", "--threads", "1",
+def start_worker(discovery: Path) -> TandemProcess:
+    worker = TandemProcess("worker", "--model", MODEL, "--discovery", f"file:{discovery}", "--ttl", "3", "--threads", "1",
                      "--num-kv-blocks", "512", "--no-kv-events", "--drain-timeout", "2")
     worker.wait_for(r"serving ", timeout=180)
     return worker
 
 
-def start_frontend(discovery: Path, *flags: str) -> tuple[Process, str]:
-    frontend = Process("frontend", "--port", "0", "--discovery", f"file:{discovery}", *flags)
+def start_frontend(discovery: Path, *flags: str) -> tuple[TandemProcess, str]:
+    frontend = TandemProcess("frontend", "--port", "0", "--discovery", f"file:{discovery}", *flags)
     url = frontend.wait_for(r"frontend listening on (http://\S+)/v1", timeout=60).group(1)
     return frontend, url
 
@@ -184,7 +142,7 @@ def stream_all(url: str, on_all_started: Callable[[], None] | None = None) -> li
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     discovery = tmp_path_factory.mktemp("discovery")
-    processes: list[Process] = []
+    processes: list[TandemProcess] = []
     try:
         workers = [start_worker(discovery) for _ in range(2)]
         processes += workers

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,6 +18,7 @@ import pytest
 from tandem.engine.faults import ENV_VAR
 from tandem.runtime.discovery_file import FileDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient, WorkerUnavailableError
+from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"  # the mocker serves it; the frontend loads its tokenizer
 STEP_MS = 30  # every mocker step takes this long: a 100-token request lasts ~3 s
@@ -30,51 +27,12 @@ MOCKER = ["--engine", "mocker", "--model", MODEL, "--speedup-ratio", "1", "--no-
 NUM_CLIENTS = 16
 
 
-class Proc:
-    """``python -m tandem ARGS`` with its output collected line by line (shown when a test fails)."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tandem", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                     env={**os.environ, **(env or {})})
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self._reader.start()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if match := re.search(pattern, line):
-                    return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r} (exit code {self.proc.poll()}):\n{self.output}")
-
-    def wait(self, timeout: float) -> int:
-        """The exit code, once the process exited and all its output was read."""
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(5)
-        return code
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-
-
 @pytest.fixture
 def procs():
-    started: list[Proc] = []
+    started: list[TandemProcess] = []
     yield started
     for proc in started:
-        proc.stop()
+        proc.kill()
 
 
 def cards(disco_dir) -> list:
@@ -88,15 +46,15 @@ def cards(disco_dir) -> list:
     return asyncio.run(read())
 
 
-def start_worker(procs: list[Proc], disco_dir, *flags: str, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+def start_worker(procs: list[TandemProcess], disco_dir, *flags: str, env: dict[str, str] | None = None) -> tuple[TandemProcess, str]:
     """A mocker worker; returns it and its worker id once it serves."""
-    worker = Proc("worker", *MOCKER, "--discovery", f"file:{disco_dir}", "--ttl", "30", *flags, env=env)
+    worker = TandemProcess("worker", *MOCKER, "--discovery", f"file:{disco_dir}", "--ttl", "30", *flags, env=env)
     procs.append(worker)
     return worker, worker.wait_for(r"^worker (\S+) serving ").group(1)
 
 
-def start_frontend(procs: list[Proc], disco_dir, num_workers: int) -> str:
-    frontend = Proc("frontend", "--port", "0", "--discovery", f"file:{disco_dir}")
+def start_frontend(procs: list[TandemProcess], disco_dir, num_workers: int) -> str:
+    frontend = TandemProcess("frontend", "--port", "0", "--discovery", f"file:{disco_dir}")
     procs.append(frontend)
     base_url = frontend.wait_for(r"frontend listening on (http://\S+)/v1").group(1)
     deadline = time.monotonic() + 60

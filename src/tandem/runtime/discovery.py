@@ -158,6 +158,16 @@ class Discovery(abc.ABC):
     async def close(self) -> None:
         """Withdraw this client's registrations and end its watchers. Idempotent."""
 
+    def _registration_ttl(self, ttl_s: float | None) -> float:
+        """The TTL a new registration gets (``ttl_s`` or the config's); refuses a closed client or a
+        TTL that is not positive. Implementations have ``_closed`` and ``config``."""
+        if self._closed:  # type: ignore[attr-defined]
+            raise DiscoveryClosedError("discovery is closed")
+        ttl = self.config.ttl_s if ttl_s is None else ttl_s  # type: ignore[attr-defined]
+        if ttl <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl}")
+        return ttl
+
     async def __aenter__(self) -> Discovery:
         return self
 
@@ -230,11 +240,7 @@ class SnapshotDiscovery(Discovery):
         self._waiters.discard(waiter)
 
     async def register(self, card: WorkerCard, ttl_s: float | None = None) -> Registration:
-        if self._closed:
-            raise DiscoveryClosedError("discovery is closed")
-        ttl = self.config.ttl_s if ttl_s is None else ttl_s
-        if ttl <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl}")
+        ttl = self._registration_ttl(ttl_s)
         lease = Lease(lease_id=uuid.uuid4().hex, ttl_s=ttl)
         await self._put(card, lease)
 

@@ -398,11 +398,7 @@ class EtcdDiscovery(Discovery):
         await client.transaction(compare=[_LeaseIs(key, lease_id)], success=[t.delete(key)], failure=[])
 
     async def register(self, card: WorkerCard, ttl_s: float | None = None) -> Registration:
-        if self._closed:
-            raise DiscoveryClosedError("discovery is closed")
-        ttl = self.config.ttl_s if ttl_s is None else ttl_s
-        if ttl <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl}")
+        ttl = self._registration_ttl(ttl_s)
         async with self._lease_lock:
             if card.worker_id in self._registrations:
                 raise WorkerAlreadyRegisteredError(f"worker_id {card.worker_id!r} is already registered by this client")
