@@ -88,6 +88,18 @@ class _Server:
         """SIGTERM, then SIGKILL after 5 s."""
         self._signal(signal.SIGTERM)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung or overloaded server)."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
+
     def _signal(self, sig: int) -> None:
         if not self.running:
             return

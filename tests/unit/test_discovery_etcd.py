@@ -133,6 +133,51 @@ def test_register_list_watch_withdraw(etcd_server: EtcdServer) -> None:
     run(main())
 
 
+def test_withdraw_cut_short_while_etcd_hangs_is_finished_when_etcd_answers(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        worker = EtcdDiscovery(etcd_server.endpoint, config=CONFIG)
+        watcher = EtcdDiscovery(etcd_server.endpoint, config=CONFIG)
+        try:
+            registration = await worker.register(card("w1"))
+            await worker.register(card("w2"))  # keeps the lease (and the keep-alive) busy after w1 goes
+            etcd_server.pause()
+            try:
+                with pytest.raises(TimeoutError):  # the caller's own deadline (the worker gives 5 s)
+                    await asyncio.wait_for(registration.withdraw(), 0.5)
+            finally:
+                etcd_server.resume()
+            # The lease lives on (w2), so only the keep-alive task can remove w1 now.
+            await eventually_ids(watcher, ["w2"], timeout=TTL_S + 5)
+        finally:
+            await worker.close()
+            await watcher.close()
+
+    run(main(), timeout=60)
+
+
+def test_card_changed_in_place_is_removed_then_added(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        watcher = EtcdDiscovery(etcd_server.endpoint, config=CONFIG)
+        host, port = etcd_server.endpoint.split(":")
+        raw = aetcd.Client(host, int(port))
+        recorder = Recorder(watcher)
+        try:
+            await raw.put(watcher.key("w1"), card("w1", model="old").to_json())
+            await recorder.wait_for(EventKind.ADDED, "w1")
+            await raw.put(watcher.key("w1"), card("w1", model="old").to_json())  # same card: no event
+            await raw.put(watcher.key("w1"), card("w1", model="new").to_json())
+            await recorder.wait_for(EventKind.REMOVED, "w1")
+            await asyncio.sleep(0.2)
+            assert [(e.kind, e.card.model) for _, e in recorder.events] == [
+                (EventKind.ADDED, "old"), (EventKind.REMOVED, "old"), (EventKind.ADDED, "new")]
+        finally:
+            await recorder.stop()
+            await watcher.close()
+            await raw.close()
+
+    run(main())
+
+
 def test_close_revokes_the_lease_and_is_idempotent(etcd_server: EtcdServer) -> None:
     async def main() -> None:
         a, b = EtcdDiscovery(etcd_server.endpoint, config=CONFIG), EtcdDiscovery(etcd_server.endpoint, config=CONFIG)

@@ -19,7 +19,9 @@ task, and every registration of the client hangs on it (``--mocker-workers`` reg
 cards from one process). ``register`` creates the key in a transaction that succeeds only when
 the key is absent or already carries this client's lease; otherwise another live process holds
 the worker_id and :class:`WorkerAlreadyRegisteredError` is raised. ``withdraw`` deletes the key
-(if it still carries our lease); ``close`` revokes the lease, which deletes every key on it.
+(if it still carries our lease; a delete that fails, or that its caller's timeout cuts short,
+is left to the keep-alive task, which finishes it once etcd answers); ``close`` revokes the
+lease, which deletes every key on it.
 A process that dies without closing disappears when etcd expires its lease: TTL (+ up to 0.5 s,
 etcd's expiry check period) after its last keep-alive.
 
@@ -35,7 +37,8 @@ about one backoff step.
 **Watch.** ``watch()`` lists the prefix (ADDED for each card), then follows an etcd watch from
 the listed revision + 1. When the watch breaks (etcd unreachable) it emits nothing and keeps
 the set it has announced: a frontend keeps serving the workers it knows while etcd is away. On
-reconnect it lists again and emits only real differences: ADDED for new or changed cards, and
+reconnect it lists again and emits only real differences: ADDED for new cards, REMOVED then
+ADDED for cards that changed in place (as live watch events do too), and
 REMOVED for keys that are gone and have not come back within ``config.ttl_s`` (an etcd that
 lost its data gives its live workers that long to re-register, the time a lease would have given
 them). A compacted start revision also leads to a new listing (without that grace).
@@ -239,11 +242,15 @@ class _View:
         return events
 
     def put(self, worker_id: str, card: WorkerCard) -> list[DiscoveryEvent]:
+        """ADDED for a new card; a card that changed in place is REMOVED, then ADDED (as the
+        file discovery reports it: listeners drop what they knew of the old one)."""
         self.missing.pop(worker_id, None)
-        if self.cards.get(worker_id) == card:
+        old = self.cards.get(worker_id)
+        if old == card:
             return []
         self.cards[worker_id] = card
-        return [DiscoveryEvent(EventKind.ADDED, card)]
+        removed = [] if old is None else [DiscoveryEvent(EventKind.REMOVED, old)]
+        return removed + [DiscoveryEvent(EventKind.ADDED, card)]
 
     def delete(self, worker_id: str) -> list[DiscoveryEvent]:
         self.missing.pop(worker_id, None)
@@ -510,12 +517,16 @@ class EtcdDiscovery(Discovery):
             if self._closed or self._lease_id is None:
                 return  # closing revokes the lease; a lost lease took the key with it
             lease_id = self._lease_id
+            # Marked stale before the call: if the call fails, or the caller's timeout cancels it
+            # while etcd is slow, the keep-alive task deletes the key once etcd answers.
+            self._stale.add(worker_id)
+            self._needs_resync = True
             try:
                 await self._call_any(lambda c: self._delete_if_ours(c, worker_id, lease_id))
             except DiscoveryUnavailableError as exc:
                 log.warning("cannot remove worker %s from etcd now (%s); will when etcd is back", worker_id, exc)
-                self._stale.add(worker_id)
-                self._needs_resync = True
+                return
+            self._stale.discard(worker_id)  # (the keep-alive's next resync re-puts the others: harmless)
 
     def _abandon(self, registration: _EtcdRegistration) -> None:
         """Forget a registration without deleting its key, so that it expires like a crashed worker's."""
