@@ -140,3 +140,44 @@ def test_workers_and_frontend_on_etcd(etcd_server: EtcdServer) -> None:
     for proc in (frontend, survivor):
         assert proc.output.count("etcd unreachable at") == 1, proc.output
         assert proc.output.count("etcd reachable again at") == 1, proc.output
+
+
+def test_processes_started_before_etcd_wait_for_it(tmp_path) -> None:  # noqa: ANN001
+    etcd = EtcdServer(tmp_path / "etcd")  # not running yet
+    etcd_flags = ("--discovery", "etcd", "--etcd-endpoints", etcd.endpoint)
+    worker_flags = ("worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL, *etcd_flags)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    worker = TandemProcess(*worker_flags, "--discovery-wait", "60")
+    impatient = TandemProcess(*worker_flags, "--discovery-wait", "1")
+    frontend = TandemProcess("frontend", "--port", str(port), *etcd_flags)
+    procs = [worker, impatient, frontend]
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=30)
+    try:
+        # Without etcd, a worker with a short --discovery-wait gives up with a clear error and exit 1.
+        assert impatient.wait(60) == 1, impatient.output
+        assert "could not register in discovery within 1s" in impatient.output, impatient.output
+        assert "Traceback" not in impatient.output, impatient.output
+        # The frontend is up and serves /health (no workers yet); the patient worker still waits.
+        wait_until(lambda: _answers(base_url), 120, "frontend /health", *procs)
+        assert worker_ids(base_url) == set() and worker.proc.poll() is None
+        etcd.start()
+        took = wait_until(lambda: len(worker_ids(base_url)) == 1, 30, "worker in /health once etcd is up", *procs)
+        print(f"worker in /health {took:.2f}s after etcd started")
+        r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+    finally:
+        client.close()
+        for proc in procs:
+            proc.stop()
+        etcd.kill()
+    assert "Traceback" not in frontend.output + worker.output
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        health(base_url)
+        return True
+    except OSError:
+        return False

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import aetcd
@@ -21,7 +22,9 @@ from tandem.runtime.discovery import (
     DiscoveryEvent,
     EventKind,
     WorkerAlreadyRegisteredError,
+    register_when_reachable,
 )
+from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery, parse_endpoints
 from tests.infra_servers import EtcdServer, free_port
 from tests.unit.test_discovery import card
@@ -174,6 +177,49 @@ def test_card_changed_in_place_is_removed_then_added(etcd_server: EtcdServer) ->
             await recorder.stop()
             await watcher.close()
             await raw.close()
+
+    run(main())
+
+
+def test_pool_and_worker_started_before_etcd_find_each_other(tmp_path: Path) -> None:
+    server = EtcdServer(tmp_path / "etcd")  # not running yet
+
+    async def main() -> None:
+        pool = WorkerPool(EtcdDiscovery(server.endpoint, config=CONFIG))
+        worker = EtcdDiscovery(server.endpoint, config=CONFIG)
+        try:
+            await pool.start()  # etcd is down: the pool starts empty instead of failing
+            assert pool.workers() == []
+            registering = asyncio.create_task(register_when_reachable(worker, card("w1"), wait_s=30))
+            await asyncio.sleep(1.0)
+            assert not registering.done()  # still retrying
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(registering, 15)
+            deadline = time.monotonic() + 10
+            while [c.worker_id for c in pool.workers()] != ["w1"]:
+                assert time.monotonic() < deadline, "the pool never saw the worker"
+                await asyncio.sleep(0.05)
+        finally:
+            await pool.stop()
+            await pool.discovery.close()
+            await worker.close()
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        server.kill()
+
+
+def test_register_gives_up_after_its_wait() -> None:
+    async def main() -> None:
+        client = EtcdDiscovery(f"127.0.0.1:{free_port()}", config=CONFIG)
+        started = time.monotonic()
+        try:
+            with pytest.raises(DiscoveryUnavailableError, match="etcd unreachable"):
+                await register_when_reachable(client, card("w1"), wait_s=1.0)
+            assert 1.0 <= time.monotonic() - started < 6.0
+        finally:
+            await client.close()
 
     run(main())
 

@@ -47,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "engine, port and card (scale runs; default: %(default)s)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model's name)")
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
+    parser.add_argument("--discovery-wait", type=float, default=60.0, metavar="SECONDS",
+                        help="at start, how long to keep retrying discovery that cannot be reached (etcd not up "
+                             "yet) before exiting with an error; 0 = fail at once (default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish on shutdown; those still running "
                              "then end with 'unavailable' and migrate (default: %(default)s)")
@@ -110,14 +113,22 @@ async def serve(args: argparse.Namespace) -> int:
         services.append(WorkerService(engine, discovery, model_name=name, tokenizer_source=tokenizer_source,
                                       role=args.role, engine_kind=args.engine, host=args.host, port=args.port,
                                       ttl_s=args.ttl, kv_publisher=publisher, metrics_address=metrics_address,
-                                      worker_id=getattr(publisher, "worker_id", None)))
+                                      worker_id=getattr(publisher, "worker_id", None),
+                                      discovery_wait_s=args.discovery_wait))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop)
     try:
-        for service in services:
-            await service.start()
+        for index, service in enumerate(services):
+            try:
+                await service.start()
+            except ConnectionError as exc:  # discovery still unreachable after --discovery-wait
+                print(f"error: worker {service.worker_id} could not register in discovery within "
+                      f"{args.discovery_wait:.0f}s: {exc}", file=sys.stderr, flush=True)
+                for started in services[:index + 1]:
+                    await started.drain(timeout=0.0)
+                return 1
             print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)
         shutdown = ShutdownConfig(grace_s=args.shutdown_grace, drain_timeout_s=args.drain_timeout)
         return await serve_until_stopped(services, stop, shutdown, announce=lambda line: print(line, flush=True))

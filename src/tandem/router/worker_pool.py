@@ -40,8 +40,15 @@ class WorkerPool:
             on_added(card)
 
     async def start(self) -> None:
-        """Load the current set and follow changes in the background."""
-        for card in await self.discovery.list():
+        """Load the current set and follow changes in the background. Discovery that cannot be
+        reached now (etcd not up yet) is not fatal: the pool starts empty and the watch fills it
+        once discovery answers."""
+        try:
+            cards = await self.discovery.list()
+        except ConnectionError as exc:
+            logger.warning("discovery unreachable at start (%s); no workers until it answers", exc)
+            cards = []
+        for card in cards:
             self._workers[card.worker_id] = card
             for on_added, _ in self._listeners:
                 on_added(card)

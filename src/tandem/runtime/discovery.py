@@ -16,6 +16,7 @@ import abc
 import asyncio
 import enum
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -173,6 +174,35 @@ class Discovery(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def register_when_reachable(discovery: Discovery, card: WorkerCard, ttl_s: float | None = None,
+                                  wait_s: float = 0.0) -> Registration:
+    """``discovery.register``, retried with backoff while discovery is unreachable (a
+    ``ConnectionError``, e.g. etcd not up yet) for up to ``wait_s`` seconds; then the last error
+    is raised. Other errors (a duplicate worker_id) are raised at once."""
+    from tandem.runtime.backoff import Backoff
+
+    deadline = time.monotonic() + wait_s
+    backoff = Backoff(cap=2.0)
+    waiting_since: float | None = None
+    while True:
+        try:
+            registration = await discovery.register(card, ttl_s)
+        except ConnectionError as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.warning("worker %s: discovery unreachable (%s); retrying for up to %.0fs", card.worker_id, exc,
+                            remaining)
+            await asyncio.sleep(min(backoff.next(), remaining))
+            continue
+        if waiting_since is not None:
+            log.info("worker %s: registered after waiting %.1fs for discovery", card.worker_id,
+                     time.monotonic() - waiting_since)
+        return registration
 
 
 # worker_id -> (lease_id, card): what a SnapshotDiscovery sees at one instant.

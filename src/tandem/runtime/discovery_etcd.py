@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -64,6 +63,7 @@ import aetcd.rpc
 import aetcd.transactions
 import grpc
 
+from tandem.runtime.backoff import BACKOFF_INITIAL_S, BACKOFF_MAX_S, Backoff
 from tandem.runtime.discovery import (
     Discovery,
     DiscoveryClosedError,
@@ -82,8 +82,6 @@ T = TypeVar("T")
 
 RPC_TIMEOUT_S = 3.0
 """Deadline of one etcd call (also of creating a watch): a blackholed endpoint fails within it."""
-BACKOFF_INITIAL_S = 0.1
-BACKOFF_MAX_S = 2.0
 
 _GRPC_OPTIONS: dict[str, Any] = {
     # A fresh channel connects at once; these bound gRPC's own reconnect backoff (default: up to
@@ -131,22 +129,6 @@ def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     if not parsed:
         raise ValueError(f"no etcd endpoint in {endpoints!r}")
     return parsed
-
-
-class Backoff:
-    """Jittered exponential delays: ``initial`` doubling up to ``cap``, each drawn in [d/2, d]."""
-
-    def __init__(self, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_MAX_S) -> None:
-        self.initial, self.cap = initial, cap
-        self._attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * 2**self._attempt)
-        self._attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class _Outage:

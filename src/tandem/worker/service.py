@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
-from tandem.runtime.discovery import Discovery, Registration
+from tandem.runtime.discovery import Discovery, Registration, register_when_reachable
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.runtime.worker_card import Role, WorkerCard
 from tandem.worker.disagg import PrefillExporter, export_on_finish, import_missing_blocks
@@ -46,7 +46,7 @@ class WorkerService:
                  role: Role = "agg", engine_kind: str = "builtin", host: str = "127.0.0.1", port: int = 0,
                  ttl_s: float | None = None, worker_id: str | None = None,
                  kv_publisher: KvEventPublisher | None = None, kv_hold_s: float = 60.0,
-                 metrics_address: str | None = None) -> None:
+                 metrics_address: str | None = None, discovery_wait_s: float = 0.0) -> None:
         self.engine = engine
         self.discovery = discovery
         self.model_name, self.tokenizer_source = model_name, tokenizer_source
@@ -65,6 +65,8 @@ class WorkerService:
         self.kv_blocks_imported = 0
         """Blocks pulled from prefill workers and imported (decode side), since start."""
         self.registration: Registration | None = None
+        self.discovery_wait_s = discovery_wait_s
+        """How long ``start`` waits for unreachable discovery (etcd not up yet) before failing."""
         self.engine_failed = asyncio.Event()
         """Set once the engine thread died and the card was withdrawn (the process should exit)."""
         self._draining = False
@@ -97,7 +99,8 @@ class WorkerService:
         await self.server.start()
         self._started_at = time.monotonic()
         self._engine_watch = asyncio.create_task(self._watch_engine(), name=f"engine watch {self.worker_id}")
-        self.registration = await self.discovery.register(self.card(), self.ttl_s)
+        self.registration = await register_when_reachable(self.discovery, self.card(), self.ttl_s,
+                                                          self.discovery_wait_s)
         logger.info("worker %s serving %s at %s", self.worker_id, self.model_name, self.server.address)
 
     async def drain(self, timeout: float = 30.0, grace: float = 0.0) -> None:
