@@ -149,9 +149,11 @@ LONG_PROMPT = list(range(10, 110))  # 6 full blocks + 4 tokens: above max_local_
 
 
 def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill: bool = False,
-                   router: str = "round-robin", prefills_already_in_flight: int = 0):
+                   router: str = "round-robin", prefills_already_in_flight: int = 0, warm_decode: bool = False):
     """Generate LONG_PROMPT through DisaggregatedClient over workers with ``roles``; returns
-    (tokens, the last delta, the client, the started services)."""
+    (tokens, the last delta, the client, the prefill workers' held exports). ``warm_decode``: the
+    decode worker has run the prompt before. The client also gets ``outcomes`` and ``imported``
+    (blocks each decode worker imported)."""
     from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
     from tandem.frontend.worker_client import WorkerClient
     from tandem.router.factory import build_policy
@@ -175,9 +177,14 @@ def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill
             if lose_prefill:  # a prefill worker that is registered but does not answer
                 prefill = next(s for s in services if s.role == "prefill")
                 await prefill.server.stop(drain_timeout=0)
+            if warm_decode:
+                decode = next(s for s in services if s.role == "decode")
+                await _collect(client, decode.server.address,
+                               {"request_id": "warm", "token_ids": LONG_PROMPT, "sampling": _sampling(1)})
             request = GenerateRequest("r", LONG_PROMPT, _sampling(max_tokens))
             deltas = [d async for d in flow.generate("tiny", request)]
             await asyncio.sleep(0.1)  # a best-effort kv_release runs in the background
+            flow.imported = [s.kv_blocks_imported for s in services if s.role == "decode"]
             held = [s.exporter.store.stats().held for s in services if s.exporter is not None and not lose_prefill]
             return [t for d in deltas for t in d.token_ids], deltas[-1], flow, held
         finally:
@@ -232,6 +239,22 @@ def test_a_one_token_request_ends_at_the_prefill_and_frees_its_blocks(tiny_loade
     tokens, last, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), 1)
     assert tokens == aggregated_long[:1] and last.finish_reason == "length"
     assert held == [0]  # released with kv_release, not left to expire
+
+
+def test_a_failed_kv_pull_prefills_locally_and_the_export_is_released(tiny_loaded, aggregated_long, monkeypatch):
+    monkeypatch.setenv("TANDEM_FAULT_TRANSFER", "corrupt")  # every pull fails its checksum
+    tokens, _, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS)
+    assert tokens == aggregated_long and flow.outcomes == ["disaggregated"]
+    assert flow.imported == [0]  # the pull failed: the decode worker prefilled the prompt itself
+    assert held == [0]  # released with kv_release, not left to expire
+
+
+def test_a_decode_worker_holding_the_whole_prompt_pulls_nothing_and_the_export_is_released(tiny_loaded,
+                                                                                            aggregated_long):
+    tokens, _, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS, warm_decode=True)
+    assert tokens == aggregated_long and flow.outcomes == ["disaggregated"]
+    assert flow.imported == [0]  # every block was cached already: nothing to pull
+    assert held == [0]
 
 
 # --- a client that leaves mid-flow leaves nothing behind on either worker ---

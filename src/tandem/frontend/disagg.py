@@ -14,9 +14,13 @@ Conditional disaggregation: a short prompt (at most ``max_local_prefill_length``
 prefill workers (this frontend already has ``max_prefill_queue_size`` prefill halves in flight per
 live prefill worker) → the whole request runs on a decode/agg worker, which prefills itself.
 Fallbacks, so disaggregation never fails a request: no live prefill worker, or a prefill worker
-that is lost or errs → the same. A failed KV pull is handled on the decode worker (local prefill). A request that
-ends before its decode half pulled the blocks (the client left, the first token ended it) frees
-them on the prefill worker with ``kv_release``.
+that is lost or errs → the same. A failed KV pull is handled on the decode worker (local prefill).
+
+Held blocks are never left to expire: once the request is over (finished, failed, the client left,
+the first token ended it), the frontend sends ``kv_release`` to the prefill worker, in the
+background. After a successful pull the export is already gone and the release is a no-op; it
+matters when the decode worker did not pull (a failed pull, or it held the whole prompt already)
+or the request ended before the decode half.
 
 Sampling notes: the decode half sees the first token as prompt, so ``min_tokens`` and
 ``max_tokens`` are shifted by one; ``presence_penalty``/``frequency_penalty`` do not count that
@@ -107,7 +111,7 @@ class DisaggregatedClient:
             return
         self.disaggregated_total += 1
         self._report(model, "disaggregated")
-        params, pulled = first.kv_transfer, False
+        params = first.kv_transfer
         first.kv_transfer = None
         try:
             if first.finish_reason == "stop" or request.sampling.get("max_tokens", _DEFAULT_MAX_TOKENS) <= 1:
@@ -115,10 +119,9 @@ class DisaggregatedClient:
                 return
             yield msgspec.structs.replace(first, finish_reason=None, stop_token_id=None)
             async for delta in self.workers.generate(model, _decode_request(request, first, params), exclude=exclude):
-                pulled = True
                 yield _as_whole_request(delta, first)
         finally:
-            if params is not None and not pulled:
+            if params is not None:  # a no-op when the decode worker pulled it (see the module docstring)
                 asyncio.ensure_future(self._release(params))
 
     def _run_locally(self, model: str, request: GenerateRequest) -> str | None:
