@@ -107,6 +107,37 @@ def test_sigterm_of_the_owner_tears_its_bed_down():
     assert [name for name in _ours() if run_id in name] == []
 
 
+_SLOW_TEARDOWN_OWNER = """
+import subprocess, sys
+from tandem.deploy.netns_testbed import Testbed, TestbedConfig
+bed = Testbed(TestbedConfig(hosts=("alpha", "beta"), prefix=sys.argv[1], stop_grace_s=2.0)).start()
+# Ignores SIGTERM, so the teardown waits out its 2 s grace before SIGKILL.
+child = bed.run("alpha", ["sh", "-c", "trap '' TERM; echo ready; exec sleep 60"], stdout=subprocess.PIPE)
+assert child.stdout.readline() == b"ready\\n"
+print(bed.run_id, child.pid, flush=True)
+sys.stdin.readline()
+print("closing", flush=True)
+bed.close()
+print("closed", flush=True)
+"""
+
+
+def test_sigterm_during_teardown_waits_for_it_to_finish():
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TEARDOWN_OWNER, PREFIX], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    run_id, child = proc.stdout.readline().split()
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "closing"
+    time.sleep(0.5)  # in _stop_processes, waiting out the child's grace
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == -signal.SIGTERM  # the signal still ends the process, after the teardown
+    assert proc.stdout.read() == ""  # it did not return to the script
+    assert not _alive(int(child))
+    assert [name for name in _ours() if run_id in name] == []
+
+
 def test_cleanup_removes_the_runs_of_a_sigkilled_owner_and_leaves_live_ones():
     with Testbed(_config()) as live:
         proc, run_id, child = _owner()

@@ -103,6 +103,8 @@ class Testbed:
         self._threads: dict[str, NamespaceThreads] = {}
         self._closed = False
         self._lock = threading.RLock()  # re-entered by a signal handler's close()
+        self._closer: threading.Thread | None = None  # the thread running the teardown
+        self._torn_down = threading.Event()  # the teardown finished (or failed)
 
     # --- building ------------------------------------------------------------------------------------
 
@@ -211,14 +213,20 @@ class Testbed:
         Idempotent; safe from atexit and signal handlers. Raises only if namespaces survive."""
         with self._lock:
             if self._closed:
+                closer = self._closer
+                if closer is not None and closer is not threading.current_thread():
+                    self._torn_down.wait(_TEARDOWN_WAIT_S)  # another thread is tearing down: wait for it
                 return
             self._closed = True
+            self._closer = threading.current_thread()
         try:
             self._stop_processes()
             self._close_threads()
             netns_runs.remove_namespaces(list(self._created), self.config.stop_grace_s)
         finally:
+            self._torn_down.set()
             _unregister(self)
+            _deliver_deferred_signal()
         left = [name for name in self._created if (NETNS_DIR / name).exists()]
         if left:
             raise RuntimeError(f"test bed {self.run_id}: namespaces left after teardown: {left}")
@@ -249,6 +257,10 @@ class Testbed:
 _live: set[Testbed] = set()
 _previous_handlers: dict[int, Any] = {}
 _TEARDOWN_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_TEARDOWN_WAIT_S = 60.0
+"""Longest wait for a teardown that another thread runs."""
+_deferred_signals: list[int] = []
+"""Signals that arrived while this thread was tearing a bed down: delivered once it is done."""
 
 
 def _register(bed: Testbed) -> None:
@@ -272,8 +284,27 @@ def _close_all() -> None:
             print(f"netns test bed {bed.run_id}: teardown failed: {exc}", file=sys.stderr)
 
 
+def _tearing_down_here() -> bool:
+    """Whether the current thread is in the middle of a bed's teardown."""
+    me = threading.current_thread()
+    return any(bed._closer is me and not bed._torn_down.is_set() for bed in list(_live))
+
+
+def _deliver_deferred_signal() -> None:
+    """After a teardown: act on a signal that interrupted it, once no teardown runs in this thread."""
+    if _deferred_signals and not _tearing_down_here():
+        signum = _deferred_signals.pop(0)
+        _deferred_signals.clear()
+        _on_signal(signum, None)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    """Tear every bed down, then do what the signal did before the bed was built."""
+    """Tear every bed down, then do what the signal did before the bed was built. A signal that
+    interrupts a teardown in this thread waits for it: re-raising at once would kill the process
+    half-way and leave namespaces behind."""
+    if _tearing_down_here():
+        _deferred_signals.append(signum)
+        return
     _close_all()
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(previous):
