@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -124,10 +125,18 @@ class EtcdServer(_Server):
     name = "etcd"
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", client_port: int | None = None,
-                 peer_port: int | None = None) -> None:
+                 peer_port: int | None = None, member: str = "tandem-test") -> None:
         super().__init__(data_dir, host)
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
+        self.member = member
+        self.initial_cluster = f"{member}={self.peer_url}"
+        """``--initial-cluster``: this member alone, unless an EtcdCluster sets it."""
+        self.extra_args: list[str] = []
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def port(self) -> int:
@@ -139,11 +148,37 @@ class EtcdServer(_Server):
 
     def _argv(self) -> list[str]:
         client = f"http://{self.host}:{self.client_port}"
-        peer = f"http://{self.host}:{self.peer_port}"
-        return [ETCD_BIN, "--name", "tandem-test", "--data-dir", str(self.data_dir / "data"),
+        return [ETCD_BIN, "--name", self.member, "--data-dir", str(self.data_dir / "data"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"tandem-test={peer}", "--log-level", "warn"]
+                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+                "--initial-cluster", self.initial_cluster, "--log-level", "warn", *self.extra_args]
+
+
+class EtcdCluster:
+    """``size`` etcd members on loopback forming one cluster, with fast elections (100 ms
+    heartbeats, 500 ms election timeout) so that losing a leader shows within seconds."""
+
+    def __init__(self, data_dir: Path, size: int = 3) -> None:
+        self.members = [EtcdServer(Path(data_dir) / f"m{i}", member=f"m{i}") for i in range(size)]
+        initial = ",".join(f"{m.member}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+            member.extra_args = ["--heartbeat-interval", "100", "--election-timeout", "500"]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start every member at once (each waits for a quorum before it serves)."""
+        threads = [threading.Thread(target=m.start, args=(timeout_s,)) for m in self.members]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for member in self.members:
+            if not member.running:
+                raise RuntimeError(f"etcd member {member.member} did not start:\n{member.log_tail()}")
+
+    def kill(self) -> None:
+        for member in self.members:
+            member.kill()
 
 
 class NatsServer(_Server):

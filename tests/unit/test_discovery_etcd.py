@@ -4,6 +4,7 @@ what happens when etcd goes away and comes back, with or without its data."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,8 @@ from tandem.runtime.discovery import (
     register_when_reachable,
 )
 from tandem.router.worker_pool import WorkerPool
-from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery, parse_endpoints
-from tests.infra_servers import EtcdServer, free_port
+from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery, _LeaderAwareClient, parse_endpoints
+from tests.infra_servers import EtcdCluster, EtcdServer, free_port
 from tests.unit.test_discovery import card
 
 TTL_S = 2.0
@@ -222,6 +223,49 @@ def test_register_gives_up_after_its_wait() -> None:
             await client.close()
 
     run(main())
+
+
+def test_watch_on_a_member_that_lost_its_leader_ends(tmp_path: Path) -> None:
+    """Require-leader watches: a member with no leader ends the stream ("no leader") instead of
+    staying silent, so the watcher lists again elsewhere; a plain aetcd watch stays open."""
+    cluster = EtcdCluster(tmp_path, size=3)
+    cluster.start()
+
+    async def first_item(watch: Any) -> Any:
+        try:
+            async for event in watch:
+                return event
+            return "ended"
+        except Exception as exc:  # noqa: BLE001 - what ended the stream is the point
+            return exc
+
+    async def main() -> None:
+        host, port = cluster.members[0].endpoint.split(":")
+        leader_aware, plain = _LeaderAwareClient(host, int(port)), aetcd.Client(host, int(port))
+        try:
+            watches = [await c.watch_prefix(b"/tandem/") for c in (leader_aware, plain)]
+            items = [asyncio.ensure_future(first_item(w)) for w in watches]
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(cluster.members[1].kill)
+            await asyncio.to_thread(cluster.members[2].kill)  # member 0 is alone: no quorum, no leader
+            killed_at = time.monotonic()
+            done, _ = await asyncio.wait([items[0]], timeout=15)
+            assert done, "the require-leader watch stayed open without a leader"
+            ended = items[0].result()
+            # A connection error to the discovery client: it moves to its next endpoint and lists again.
+            assert isinstance(ended, aetcd.ConnectionFailedError) and "no leader" in str(ended), ended
+            print(f"watch ended {time.monotonic() - killed_at:.1f}s after the leader was lost: {ended!r}")
+            assert not items[1].done()  # without the metadata etcd keeps the stream
+            items[1].cancel()
+        finally:
+            for client in (leader_aware, plain):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 3)
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        cluster.kill()
 
 
 def test_close_revokes_the_lease_and_is_idempotent(etcd_server: EtcdServer) -> None:

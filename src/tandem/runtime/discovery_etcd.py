@@ -98,6 +98,23 @@ _GRPC_OPTIONS: dict[str, Any] = {
 }
 
 
+class _LeaderAwareClient(aetcd.Client):
+    """aetcd's client, with watch streams that require a leader.
+
+    A member cut off from the rest of its cluster keeps serving the watches it has, silently:
+    events written on the majority side never reach them. etcd's ``hasleader`` gRPC metadata (the
+    Go client's ``WithRequireLeader``) makes the member cancel such a stream with "no leader"
+    once it has had no leader for about three election timeouts; the watcher then fails over to
+    the next endpoint like after any other watch error. (Reads, keep-alives and transactions need
+    the leader anyway.) aetcd has no option for it, so this sets its watcher's metadata."""
+
+    async def connect(self) -> None:
+        await super().connect()
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher._metadata = (*(self.metadata or ()), ("hasleader", "true"))
+
+
 class DiscoveryUnavailableError(ConnectionError):
     """No etcd endpoint answered."""
 
@@ -296,7 +313,7 @@ class EtcdDiscovery(Discovery):
             raise DiscoveryClosedError("discovery is closed")
         if self._client is None:
             host, port = self.endpoints[self._endpoint_index]
-            self._client = aetcd.Client(host, port, timeout=RPC_TIMEOUT_S, options=dict(_GRPC_OPTIONS))
+            self._client = _LeaderAwareClient(host, port, timeout=RPC_TIMEOUT_S, options=dict(_GRPC_OPTIONS))
         return self._client, self._generation
 
     def _failed(self, generation: int, exc: BaseException) -> None:
