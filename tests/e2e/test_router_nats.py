@@ -151,3 +151,42 @@ def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tm
         asyncio.run(asyncio.wait_for(scenario(), 150))
     finally:
         procs.stop_all()
+
+
+def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:  # noqa: ANN001
+    """`tandem serve GRAPH --event-plane nats`: the workers publish to NATS and the frontend's kv
+    router indexes their blocks from there, so a repeated prompt lands where it is cached."""
+    import json
+    import urllib.request
+
+    import openai
+
+    from tests.e2e.serve_process import ServeProcess
+
+    graph = tmp_path / "graph.yaml"
+    graph.write_text("frontend: {port: 0, router: kv}\n"
+                     "workers:\n  - {engine: mocker, count: 2, model: smollm2-135m-instruct, "
+                     "flags: {speedup-ratio: 0}}\n")
+    serve = ServeProcess(str(graph), "--event-plane", "nats", "--nats-url", nats_server.url)
+    try:
+        url = serve.wait_ready()
+
+        def status() -> dict:
+            return json.loads(urllib.request.urlopen(url + "/router/status", timeout=10).read())
+
+        workers = status()["workers"]
+        assert len(workers) == 2 and all(w["kv_events_address"].startswith("nats://") for w in workers.values())
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        prompt = _prompt(7, 160)
+        client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=2, temperature=0)
+        deadline = time.monotonic() + 10
+        while sum(w["blocks_indexed"] for w in status()["workers"].values()) < 10:
+            assert time.monotonic() < deadline, f"the router indexed nothing from NATS: {status()}"
+            time.sleep(0.1)
+        second = client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=2,
+                                           temperature=0)
+        assert second.usage.prompt_tokens_details.cached_tokens == 160 - 16
+        client.close()
+    finally:
+        serve.stop()
+    assert "Traceback" not in serve.output, serve.output

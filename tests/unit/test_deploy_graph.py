@@ -124,6 +124,11 @@ MALFORMED = [
     ("flag-value-a-nested-list", {"workers": [{"flags": {"dtype": [["a"], "b"]}}]}, ["workers[0].flags.dtype"]),
     ("flag-value-a-mapping", {"workers": [{"flags": {"x": {"y": 1}}}]}, ["workers[0].flags.x"]),
     ("discovery-not-a-string", {"discovery": 5}, ["discovery", "str"]),
+    ("bad-event-plane", {"event_plane": "kafka"}, ["event_plane", "kafka"]),
+    ("nats-url-not-a-string", {"event_plane": "nats", "nats_url": 4222}, ["nats_url", "str"]),
+    ("flag-sets-event-plane", {"workers": [{"flags": {"event-plane": "nats"}}]},
+     ["workers[0].flags.event-plane", "top of the graph"]),
+    ("flag-sets-nats-url", {"workers": [{"flags": {"nats-url": "nats://h:1"}}]}, ["workers[0].flags.nats-url"]),
     ("frontend-not-a-mapping", {"frontend": "127.0.0.1:8000"}, ["frontend", "dict"]),
     ("unknown-frontend-key", {"frontend": {"bind": "0.0.0.0"}}, ["frontend", "bind"]),
     ("frontend-bad-port", {"frontend": {"port": 70000}}, ["frontend", "port"]),
@@ -188,3 +193,34 @@ def test_serve_flags_given_override_the_graph():
     args = _serve_args("--kv-prefill-load-scale", "2", "--max-body-bytes", "5000", "--router", "round-robin")
     config = frontend_config_from_args(args, graph.frontend)
     assert (config.router, config.kv_prefill_load_scale, config.max_body_bytes) == ("round-robin", 2.0, 5000)
+
+
+def test_event_plane_defaults_to_zmq_and_nats_reaches_every_worker_and_the_frontend(tmp_path):
+    from tandem.deploy.local import LocalDeployment
+
+    assert parse_graph({}).event_plane_argv() == ["--event-plane", "zmq"]
+    graph = parse_graph({"event_plane": "nats", "nats_url": "nats://10.0.0.5:4222", "frontend": {"router": "kv"},
+                         "workers": [{"engine": "mocker"}, {"engine": "mocker", "role": "decode"}]})
+    assert graph.frontend.nats_url == "nats://10.0.0.5:4222"  # the embedded router follows the same server
+    deployment = LocalDeployment(graph, f"file:{tmp_path}")
+    for group in graph.workers:
+        argv = deployment._spawn_argv(group)
+        at = argv.index("--event-plane")
+        assert argv[at:at + 4] == ["--event-plane", "nats", "--nats-url", "nats://10.0.0.5:4222"]
+    # Without a URL the workers use their default and the frontend reads the server from their cards.
+    assert parse_graph({"event_plane": "nats"}).frontend.nats_url is None
+
+
+def test_serve_event_plane_flags_override_the_graph():
+    import argparse
+
+    from tandem.cli import serve_cmd
+
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    graph_args = ["serve", "--engine", "mocker"]
+    args = parser.parse_args([*graph_args, "--event-plane", "nats", "--nats-url", "nats://127.0.0.1:9"])
+    graph = serve_cmd.build_graph(args)
+    assert (graph.event_plane, graph.nats_url, graph.frontend.nats_url) == ("nats", "nats://127.0.0.1:9",
+                                                                            "nats://127.0.0.1:9")
+    assert serve_cmd.build_graph(parser.parse_args(graph_args)).event_plane == "zmq"

@@ -20,6 +20,7 @@ import time
 
 from tandem.cli.engine_args import add_engine_args
 from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args, run_event_loop
+from tandem.cli.runtime_args import DEFAULT_NATS_URL, EVENT_PLANES
 
 # Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
 _FORWARDED_FLAGS = ("dtype", "device", "threads", "kv_cache_gib", "num_kv_blocks", "block_size",
@@ -33,8 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=("builtin", "mocker"), help="engine of every worker (default: builtin)")
     parser.add_argument("--speedup-ratio", type=float, default=1.0,
                         help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
-    parser.add_argument("--discovery", help="memory-free discovery spec: file or file:/dir "
-                                            "(default: a private directory for this run)")
+    parser.add_argument("--discovery", help="discovery spec: file, file:/dir or etcd://host:port[,host:port] "
+                                            "(default: the graph's, else a private directory for this run)")
+    parser.add_argument("--event-plane", choices=EVENT_PLANES,
+                        help="how workers send KV events to the router: zmq or nats (default: the graph's, else zmq)")
+    parser.add_argument("--nats-url", help="nats: server URL(s) (default: the graph's, else $TANDEM_NATS_URL or "
+                                           f"{DEFAULT_NATS_URL})")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="seconds workers get to finish requests on shutdown (default: %(default)s)")
     parser.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -53,6 +58,8 @@ def build_graph(args: argparse.Namespace):  # -> Graph (import kept lazy for `ta
         if len(graph.workers) != 1:
             raise GraphError("--workers needs a graph with exactly one worker group")
         graph.workers[0].count = args.workers
+    if args.event_plane is not None or args.nats_url is not None:
+        graph.set_event_plane(args.event_plane or graph.event_plane, args.nats_url)
     for group in graph.workers:
         if args.engine is not None:
             group.engine = args.engine

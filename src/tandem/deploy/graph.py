@@ -7,6 +7,8 @@ A graph is a YAML file (``examples/graphs/*.yaml``)::
       port: 8000
       router: round-robin
     discovery: file      # optional; `tandem serve` uses a private directory when omitted
+    event_plane: zmq     # optional; zmq (the default) or nats, with nats_url
+    nats_url: nats://127.0.0.1:4222
     workers:
       - count: 1
         engine: builtin  # builtin | mocker
@@ -27,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from tandem.cli.runtime_args import EVENT_PLANES
 from tandem.frontend.config import FrontendConfig
 from tandem.router.policies import ROUTER_NAMES
 
@@ -67,6 +70,29 @@ class Graph:
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     workers: list[WorkerGroup] = field(default_factory=lambda: [WorkerGroup()])
     discovery: str | None = None
+    event_plane: str = "zmq"
+    """How workers send KV events to the frontend's router: ``zmq`` or ``nats``."""
+    nats_url: str | None = None
+    """``nats``: the NATS server(s); None: ``tandem worker``'s default (``$TANDEM_NATS_URL`` or
+    nats://127.0.0.1:4222), which the frontend then finds in the workers' cards."""
+
+    def set_event_plane(self, kind: str, nats_url: str | None = None) -> None:
+        """Use ``kind`` for every worker (and ``nats_url`` when given); with ``nats`` the
+        frontend's router follows the same server."""
+        if kind not in EVENT_PLANES:
+            raise GraphError(f"event_plane must be one of {EVENT_PLANES}, got {kind!r}")
+        self.event_plane = kind
+        if nats_url is not None:
+            self.nats_url = nats_url
+        if kind == "nats" and self.nats_url is not None:
+            self.frontend.nats_url = self.nats_url  # else it follows the server named in the workers' cards
+
+    def event_plane_argv(self) -> list[str]:
+        """The event-plane flags every worker of the graph gets."""
+        argv = ["--event-plane", self.event_plane]
+        if self.event_plane == "nats" and self.nats_url:
+            argv += ["--nats-url", self.nats_url]
+        return argv
 
     @property
     def models(self) -> list[str]:
@@ -124,6 +150,9 @@ def _group(data: Any, where: str) -> WorkerGroup:
     for name, value in group.flags.items():
         if name in ("discovery", "engine", "role", "model"):
             raise GraphError(f"{where}.flags.{name}: set it as a key of the worker group, not a flag")
+        if name in ("event-plane", "nats-url", "event_plane", "nats_url"):
+            raise GraphError(f"{where}.flags.{name}: set it at the top of the graph (event_plane, nats_url): "
+                             "every worker and the frontend must agree on it")
         for item in value if isinstance(value, list) else [value]:
             _expect(item, (str, int, float, bool), f"{where}.flags.{name}")
     return group
@@ -131,17 +160,23 @@ def _group(data: Any, where: str) -> WorkerGroup:
 
 def parse_graph(data: Any, source: str = "graph") -> Graph:
     data = _expect(data, dict, source)
-    unknown = set(data) - {"frontend", "workers", "discovery"}
+    known = {"frontend", "workers", "discovery", "event_plane", "nats_url"}
+    unknown = set(data) - known
     if unknown:
-        raise GraphError(f"{source}: unknown keys {sorted(unknown)} (known: frontend, workers, discovery)")
+        raise GraphError(f"{source}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(known))})")
     groups = _expect(data.get("workers", [{}]), list, "workers")
     if not groups:
         raise GraphError("workers: at least one worker group is needed")
     discovery = data.get("discovery")
     if discovery is not None:
         _expect(discovery, str, "discovery")
-    return Graph(frontend=_frontend(data.get("frontend")),
-                 workers=[_group(g, f"workers[{i}]") for i, g in enumerate(groups)], discovery=discovery)
+    nats_url = data.get("nats_url")
+    if nats_url is not None:
+        _expect(nats_url, str, "nats_url")
+    graph = Graph(frontend=_frontend(data.get("frontend")),
+                  workers=[_group(g, f"workers[{i}]") for i, g in enumerate(groups)], discovery=discovery)
+    graph.set_event_plane(_expect(data.get("event_plane", "zmq"), str, "event_plane"), nats_url)
+    return graph
 
 
 def load_graph(path: str | Path) -> Graph:

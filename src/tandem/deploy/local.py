@@ -62,16 +62,21 @@ class LocalDeployment:
         return sum(group.count * int(group.flags.get("mocker-workers", 1)) for group in self.graph.workers)
 
     def _spawn(self, group: WorkerGroup) -> subprocess.Popen:
+        argv = self._spawn_argv(group)
+        logger.info("starting worker: %s", " ".join(argv[3:]))
+        return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+
+    def _spawn_argv(self, group: WorkerGroup) -> list[str]:
+        """The command line of one worker of ``group``."""
         # The workers drain within this deployment's budget (a graph's own drain-timeout flag wins).
         argv = [sys.executable, "-m", "tandem", "worker", "--discovery", self.discovery_spec,
                 "--log-level", self.worker_log_level, "--drain-timeout", str(self.drain_timeout),
-                *group.worker_argv()]
+                *self.graph.event_plane_argv(), *group.worker_argv()]
         builtin_workers = sum(g.count for g in self.graph.workers if g.engine == "builtin")
         if group.engine == "builtin" and "threads" not in group.flags and builtin_workers > 1:
             # Several engines on one machine: split the cores instead of oversubscribing them.
             argv += ["--threads", str(max(1, (os.cpu_count() or 1) // builtin_workers))]
-        logger.info("starting worker: %s", " ".join(argv[3:]))
-        return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        return argv
 
     async def start(self, timeout: float = 600.0) -> None:
         """Start the workers and the frontend; return once every worker is registered and the

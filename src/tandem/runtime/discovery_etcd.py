@@ -35,7 +35,9 @@ grants a new lease first. So restarting etcd, even empty, re-registers every liv
 about one backoff step.
 
 **Watch.** ``watch()`` lists the prefix (ADDED for each card), then follows an etcd watch from
-the listed revision + 1. When the watch breaks (etcd unreachable) it emits nothing and keeps
+the listed revision + 1, on a stream that requires a leader (:class:`_LeaderAwareClient`: a
+member cut off from its cluster ends it rather than staying silent). When the watch breaks
+(etcd unreachable, no leader) it emits nothing and keeps
 the set it has announced: a frontend keeps serving the workers it knows while etcd is away. On
 reconnect it lists again and emits only real differences: ADDED for new cards, REMOVED then
 ADDED for cards that changed in place (as live watch events do too), and
