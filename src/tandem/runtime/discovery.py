@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from tandem.runtime.backoff import Backoff
 from tandem.runtime.worker_card import WorkerCard
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,6 @@ async def register_when_reachable(discovery: Discovery, card: WorkerCard, ttl_s:
     """``discovery.register``, retried with backoff while discovery is unreachable (a
     ``ConnectionError``, e.g. etcd not up yet) for up to ``wait_s`` seconds; then the last error
     is raised. Other errors (a duplicate worker_id) are raised at once."""
-    from tandem.runtime.backoff import Backoff
-
     deadline = time.monotonic() + wait_s
     backoff = Backoff(cap=2.0)
     waiting_since: float | None = None
