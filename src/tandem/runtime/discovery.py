@@ -183,7 +183,7 @@ async def register_when_reachable(discovery: Discovery, card: WorkerCard, ttl_s:
     ``ConnectionError``, e.g. etcd not up yet) for up to ``wait_s`` seconds; then the last error
     is raised. Other errors (a duplicate worker_id) are raised at once."""
     deadline = time.monotonic() + wait_s
-    backoff = Backoff(cap=2.0)
+    backoff = Backoff()
     waiting_since: float | None = None
     while True:
         try:
