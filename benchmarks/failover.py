@@ -112,6 +112,11 @@ def gaps(ts: list[float]) -> list[float]:
     return [b - a for a, b in zip(ts, ts[1:])]
 
 
+def gap_spanning(ts: list[float], t0: float) -> float | None:
+    """The gap between two tokens of ``ts`` that spans ``t0`` (None if none does)."""
+    return next((b - a for a, b in zip(ts, ts[1:]) if a <= t0 <= b), None)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -128,8 +133,8 @@ def classify(run: dict, count: int) -> list[bool]:
     for ts in run["times"]:
         g = gaps(ts)
         med = statistics.median(g) if g else 1e-4
-        spanning = [b - a for a, b in zip(ts, ts[1:]) if a <= t0 <= b]
-        score.append(spanning[0] / max(med, 1e-4) if spanning else 0.0)
+        spanning = gap_spanning(ts, t0)
+        score.append(spanning / max(med, 1e-4) if spanning is not None else 0.0)
     top = set(sorted(range(len(score)), key=score.__getitem__, reverse=True)[:count])
     return [i in top for i in range(len(score))]
 
@@ -193,7 +198,7 @@ def summarize(kind: str, base: dict, fail: dict, removal: dict, migrated: list[b
     last_done = max((fail["stamps"][i]["end"] for i in mig), default=float("nan")) - t0
     delays = [(fail["stamps"][i]["end"] - fail["stamps"][i]["start"]) - (base["stamps"][i]["end"] - base["stamps"][i]["start"])
               for i in mig]
-    mig_gap = [max(b - a for a, b in zip(fail["times"][i], fail["times"][i][1:]) if a <= t0 <= b) for i in mig]
+    mig_gap = [gap_spanning(fail["times"][i], t0) for i in mig]
 
     def itl(run: dict, idx: list[int], after: float | None = None) -> list[float]:
         return [b - a for i in idx for a, b in zip(run["times"][i], run["times"][i][1:]) if after is None or a >= after]
@@ -201,21 +206,22 @@ def summarize(kind: str, base: dict, fail: dict, removal: dict, migrated: list[b
     def ttft(run: dict, idx: list[int]) -> list[float]:
         return [run["times"][i][0] - run["stamps"][i]["start"] for i in idx if run["times"][i]]
 
+    everyone = list(range(len(migrated)))
+    itl_base, itl_survivors = itl(base, everyone), itl(fail, surv, t0)
+    itl_migrated = [g for i in mig for g in gaps([t for t in fail["times"][i] if t > t0])]
     row = {
         "kind": kind, "errors": len(fail["errors"]), "migrated": len(mig), "migrations_metric": counted,
         "routing_removal_s": removal.get("routing"), "discovery_removal_s": removal.get("discovery"),
         "last_migrated_done_s": last_done, "migrated_delay_p50_s": statistics.median(delays) if delays else None,
         "migration_gap_p50_ms": 1000 * statistics.median(mig_gap) if mig_gap else None,
         "migration_gap_max_ms": 1000 * max(mig_gap) if mig_gap else None,
-        "ttft_p50_ms_base": 1000 * statistics.median(ttft(base, list(range(len(migrated))))),
-        "itl_p50_ms_base": 1000 * pct(itl(base, list(range(len(migrated)))), 0.5),
-        "itl_p90_ms_base": 1000 * pct(itl(base, list(range(len(migrated)))), 0.9),
-        "itl_p50_ms_survivors_after_kill": 1000 * pct(itl(fail, surv, t0), 0.5),
-        "itl_p90_ms_survivors_after_kill": 1000 * pct(itl(fail, surv, t0), 0.9),
-        "itl_p50_ms_migrated_after_switch": 1000 * pct([g for i in mig for g in gaps(
-            [t for t in fail["times"][i] if t > t0])], 0.5),
-        "itl_p90_ms_migrated_after_switch": 1000 * pct([g for i in mig for g in gaps(
-            [t for t in fail["times"][i] if t > t0])], 0.9),
+        "ttft_p50_ms_base": 1000 * statistics.median(ttft(base, everyone)),
+        "itl_p50_ms_base": 1000 * pct(itl_base, 0.5),
+        "itl_p90_ms_base": 1000 * pct(itl_base, 0.9),
+        "itl_p50_ms_survivors_after_kill": 1000 * pct(itl_survivors, 0.5),
+        "itl_p90_ms_survivors_after_kill": 1000 * pct(itl_survivors, 0.9),
+        "itl_p50_ms_migrated_after_switch": 1000 * pct(itl_migrated, 0.5),
+        "itl_p90_ms_migrated_after_switch": 1000 * pct(itl_migrated, 0.9),
     }
     return row
 

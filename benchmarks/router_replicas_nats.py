@@ -28,11 +28,8 @@ import asyncio
 import contextlib
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,59 +40,14 @@ from tandem.bench.workload import BenchRequest
 from tandem.bench.workload_multi_turn import MultiTurnConfig, new_session, user_gap_s
 from tandem.runtime.request_plane import RequestPlaneClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.infra_servers import NatsServer  # noqa: E402 - the same real nats-server the tests run
+from tests.tandem_process import TandemProcess  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
-NATS_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
 READY_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 1800.0
 """Longest a deployment's workload may run (the request count bounds it first)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Child processes of one deployment; their output is drained; all are stopped at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], ready: str) -> str:
-        """Start ``argv``; return the first output line containing ``ready``."""
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.procs.append(proc)
-        found: list[str] = []
-        seen = threading.Event()
-
-        def drain() -> None:
-            for line in proc.stdout:
-                if ready in line and not found:
-                    found.append(line.strip())
-                    seen.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not seen.wait(0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(argv[:4])} did not become ready")
-        return found[0]
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(2)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-
-def tandem(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tandem", *args]
 
 
 @contextlib.contextmanager
@@ -103,29 +55,36 @@ def deployment(replicas: int, sync: bool, args: argparse.Namespace) -> Iterator[
     """Start nats-server, the workers, ``replicas`` routers and as many frontends; yield
     (frontend URLs, router addresses)."""
     tmp = Path(tempfile.mkdtemp(prefix="tandem-replicas-"))
-    procs = Processes()
+    nats_server = NatsServer(tmp / "nats")
+    procs: list[TandemProcess] = []
+
+    def start(*argv: str, ready: str) -> str:
+        """Start ``tandem ARGV``; return its first output line matching ``ready``."""
+        procs.append(TandemProcess(*argv))
+        return procs[-1].wait_for(ready, timeout=READY_TIMEOUT_S).string.strip()
+
     try:
-        port = free_port()
-        procs.start([NATS_BIN, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp / "js")], "Server is ready")
+        nats_server.start()
         plane = ["--discovery", f"file:{tmp / 'discovery'}", "--event-plane", "nats",
-                 "--nats-url", f"nats://127.0.0.1:{port}", "--namespace", "bench"]
-        procs.start(tandem("worker", "--engine", "mocker", "--mocker-workers", str(args.workers), "--model", MODEL,
-                           "--speedup-ratio", str(args.speedup_ratio), "--num-kv-blocks", str(args.num_kv_blocks),
-                           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
-                           str(args.max_num_batched_tokens), "--log-level", "WARNING", *plane), "serving")
+                 "--nats-url", nats_server.url, "--namespace", "bench"]
+        start("worker", "--engine", "mocker", "--mocker-workers", str(args.workers), "--model", MODEL,
+              "--speedup-ratio", str(args.speedup_ratio), "--num-kv-blocks", str(args.num_kv_blocks),
+              "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+              "--log-level", "WARNING", *plane, ready="serving")
         routers, urls = [], []
         for _ in range(replicas):
             flags = ["--kv-prefill-load-scale", str(args.kv_prefill_load_scale)]
             flags += [] if sync else ["--no-replica-sync"]
-            line = procs.start(tandem("router", *plane, *flags), "listening on")
-            routers.append(line.rsplit(" ", 1)[1])
+            routers.append(start("router", *plane, *flags, ready="listening on").rsplit(" ", 1)[1])
         for router in routers:
-            line = procs.start(tandem("frontend", *plane, "--port", "0", "--router", "remote", "--router-address",
-                                      router), "frontend listening on")
+            line = start("frontend", *plane, "--port", "0", "--router", "remote", "--router-address", router,
+                         ready="frontend listening on")
             urls.append(line.split(" on ")[1].split()[0].removesuffix("/v1"))
         yield urls, routers
     finally:
-        procs.stop()
+        for proc in reversed(procs):  # frontends first, workers last
+            proc.stop(timeout=30)
+        nats_server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -148,25 +107,30 @@ def answer_tokens(outcome: Outcome, request: BenchRequest) -> list[int]:
     return [rng.randrange(1000, 31000) for _ in range(outcome.output_tokens or 1)]
 
 
-async def wait_for_workers(urls: list[str], routers: list[str], workers: int) -> None:
-    """Until every router follows every worker (and so every frontend can route)."""
+async def router_statuses(routers: list[str]) -> list[dict]:
+    """Each router's ``status``."""
     client = RequestPlaneClient()
-    deadline = time.monotonic() + READY_TIMEOUT_S
     try:
-        while True:
-            statuses = [await client.call(r, "status", None, timeout=5) for r in routers]
-            if all(len(s["workers"]) == workers and all(w["last_seq"] is not None for w in s["workers"].values())
-                   for s in statuses):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("routers never saw every worker")
-            await asyncio.sleep(0.5)
+        return [await client.call(r, "status", None, timeout=5) for r in routers]
     finally:
         await client.close()
 
 
+async def wait_for_workers(routers: list[str], workers: int) -> None:
+    """Until every router follows every worker (and so every frontend can route)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        statuses = await router_statuses(routers)
+        if all(len(s["workers"]) == workers and all(w["last_seq"] is not None for w in s["workers"].values())
+               for s in statuses):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("routers never saw every worker")
+        await asyncio.sleep(0.5)
+
+
 async def run_workload(urls: list[str], routers: list[str], args: argparse.Namespace) -> dict:
-    await wait_for_workers(urls, routers, args.workers)
+    await wait_for_workers(routers, args.workers)
     config = MultiTurnConfig(num_users=8, num_rounds=4, system_prompt_len=1000, user_history_len=args.user_history_len,
                              answer_len=100, answer_len_stddev=20, qps=1000, question_len=20, seed=args.seed,
                              num_system_prompts=20)
@@ -179,11 +143,7 @@ async def run_workload(urls: list[str], routers: list[str], args: argparse.Names
         result = await runner.run_sessions(lambda i: new_session(config, i), config.num_users, user_gap_s(config),
                                            answer_tokens)
     ok = [r for r in result.records if r.ok]
-    status_client = RequestPlaneClient()
-    try:
-        statuses = [await status_client.call(r, "status", None, timeout=5) for r in routers]
-    finally:
-        await status_client.close()
+    statuses = await router_statuses(routers)
     input_tokens = sum(r.input_tokens or 0 for r in ok)
     return {"ok": len(ok), "sent": len(result.records), "duration_s": result.duration_s,
             "hit_rate": sum(r.cached_tokens for r in ok) / max(1, input_tokens),

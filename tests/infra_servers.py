@@ -8,6 +8,7 @@ directory, which is how tests take the infrastructure away and bring it back. Th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -202,25 +204,25 @@ class NatsServer(_Server):
         return [NATS_BIN, "-a", self.host, "-p", str(self._port), "-js", "-sd", str(self.data_dir / "js")]
 
 
-@pytest.fixture
-def etcd_server(tmp_path: Path):
-    if not os.path.exists(ETCD_BIN):
-        pytest.fail(f"etcd not found at {ETCD_BIN}: run scripts/setup.sh (Debian package etcd-server)")
-    server = EtcdServer(tmp_path / "etcd")
+@contextlib.contextmanager
+def running(server: _Server, binary: str, package: str) -> Iterator[_Server]:
+    """``server`` started (a clear failure when its Debian package is missing), killed afterwards."""
+    if not os.path.exists(binary):
+        pytest.fail(f"{binary} not found: run scripts/setup.sh (Debian package {package})")
     server.start()
     try:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path):
+    with running(EtcdServer(tmp_path / "etcd"), ETCD_BIN, "etcd-server") as server:
+        yield server
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path):
-    if not os.path.exists(NATS_BIN):
-        pytest.fail(f"nats-server not found at {NATS_BIN}: run scripts/setup.sh (Debian package nats-server)")
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    try:
+    with running(NatsServer(tmp_path / "nats"), NATS_BIN, "nats-server") as server:
         yield server
-    finally:
-        server.kill()

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
-import subprocess
-import sys
 import time
 
 from tandem.runtime.request_plane import RequestPlaneClient
+from tests.tandem_process import TandemProcess
 
 MODEL = "mock-model"
 NAMESPACE = "e2enats"
@@ -32,34 +30,11 @@ def _turn(conversation: int, turn: int) -> list[int]:
     return [t for k in range(turn + 1) for t in _prompt(10_000 * conversation + k, 48)]
 
 
-class Procs:
-    """Child processes, killed at the end whatever happens."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], ready: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
-        proc = subprocess.Popen([sys.executable, "-m", "tandem", *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        self.procs.append(proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if ready in line:
-                return proc, line
-            assert line or proc.poll() is None, f"{argv[0]} exited early ({proc.returncode})"
-        raise AssertionError(f"{argv[0]} not ready within {timeout}s")
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+def _start(procs: list[TandemProcess], *argv: str, ready: str) -> tuple[TandemProcess, str]:
+    """Start ``tandem ARGV`` (kept in ``procs``); return it and the last word of its ``ready`` line."""
+    proc = TandemProcess(*argv)
+    procs.append(proc)
+    return proc, proc.wait_for(ready, timeout=60).string.rsplit(" ", 1)[1].strip()
 
 
 async def _send(client: RequestPlaneClient, worker: str, prompt: list[int], request_id: str) -> None:
@@ -92,17 +67,14 @@ async def _wait_in_step(client: RequestPlaneClient, routers: list[str], workers:
 def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tmp_path, nats_server):
     disco = f"file:{tmp_path / 'discovery'}"
     plane = ["--event-plane", "nats", "--nats-url", nats_server.url, "--namespace", NAMESPACE, "--discovery", disco]
-    procs = Procs()
+    procs: list[TandemProcess] = []
     try:
         workers = []
         for _ in range(2):
-            _, line = procs.start(["worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL,
-                                   "--num-kv-blocks", "64", "--log-level", "WARNING", *plane], "serving")
-            workers.append(line.rsplit(" ", 1)[1].strip())
-        _, line = procs.start(["router", *plane], "listening on")
-        router_a = line.rsplit(" ", 1)[1].strip()
-        router_b_proc, line = procs.start(["router", *plane], "listening on")
-        router_b = line.rsplit(" ", 1)[1].strip()
+            workers.append(_start(procs, "worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL,
+                                  "--num-kv-blocks", "64", "--log-level", "WARNING", *plane, ready="serving")[1])
+        _, router_a = _start(procs, "router", *plane, ready="listening on")
+        router_b_proc, router_b = _start(procs, "router", *plane, ready="listening on")
 
         async def scenario() -> None:
             client = RequestPlaneClient()
@@ -121,12 +93,10 @@ def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tm
             try:
                 await send_turns(range(6), range(2))  # both routers watching
                 await _wait_in_step(client, [router_a, router_b], 2)
-                router_b_proc.send_signal(signal.SIGKILL)
-                router_b_proc.wait(timeout=10)
+                router_b_proc.kill()
                 await send_turns(range(6), range(2, 4))  # B misses these
                 await send_turns(range(6, 10), range(2))
-                _, line = await asyncio.to_thread(procs.start, ["router", *plane], "listening on")
-                router_b2 = line.rsplit(" ", 1)[1].strip()
+                _, router_b2 = await asyncio.to_thread(lambda: _start(procs, "router", *plane, ready="listening on"))
                 await send_turns(range(10, 12), range(2))  # and B is back for these
                 status_a, status_b = await _wait_in_step(client, [router_a, router_b2], 2)
                 probes = sent + [_prompt(99_000 + i, 96) for i in range(5)]
@@ -150,7 +120,8 @@ def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tm
 
         asyncio.run(asyncio.wait_for(scenario(), 150))
     finally:
-        procs.stop_all()
+        for proc in procs:
+            proc.stop()
 
 
 def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:  # noqa: ANN001

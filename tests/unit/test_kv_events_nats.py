@@ -14,7 +14,7 @@ import msgspec
 import nats
 import pytest
 
-from tandem.engine.kv_events import BlockRemoved, BlockStored, KVEventBatch, encode_batch, make_batch
+from tandem.engine.kv_events import BlockRemoved, KVEventBatch, encode_batch, make_batch
 from tandem.hashing import block_hashes
 from tandem.router.kv_event_follower_nats import NatsKvEventFollower
 from tandem.router.kv_indexer import KvIndexer
@@ -26,17 +26,9 @@ from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, Req
 from tandem.runtime.worker_card import WorkerCard, WorkerCardError
 from tandem.worker.kv_publisher_factory import make_kv_publisher
 from tandem.worker.kv_publisher_nats import NatsKvEventPublisher, NatsPublisherConfig
+from tests.unit.test_kv_event_follower import BLOCK, _stored
 
-BLOCK = 16
 NAMESPACE = "unit"
-
-
-def _stored(tokens: list[int], parent_tokens: list[int] | None = None) -> BlockStored:
-    prefix = parent_tokens or []
-    hashes = block_hashes(prefix + tokens, BLOCK)
-    parent = hashes[len(prefix) // BLOCK - 1] if prefix else None
-    return BlockStored(block_hashes=hashes[len(prefix) // BLOCK:], parent_block_hash=parent,
-                       token_ids=tokens, block_size=BLOCK)
 
 
 def _prompt(i: int, blocks: int = 2) -> list[int]:

@@ -15,12 +15,10 @@ import struct
 import zmq
 import zmq.asyncio
 
-from tandem.router.kv_follower_core import FollowerStats, KvEventFollowerCore
+from tandem.router.kv_follower_core import KvEventFollowerCore
 from tandem.runtime.request_plane import RequestPlaneClient
 from tandem.runtime.worker_card import WorkerCard
 from tandem.worker.kv_publisher import SEQ_FRAME, replay
-
-__all__ = ["FollowerStats", "KvEventFollower"]
 
 
 class KvEventFollower(KvEventFollowerCore):

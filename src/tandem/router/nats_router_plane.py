@@ -35,6 +35,7 @@ class NatsRouterPlane:
         """worker id → its latest load metrics, plus ``received_at`` (monotonic seconds)."""
         self.load_malformed = 0
         self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
         self._connect_lock = asyncio.Lock()
         self._namespace_lock = asyncio.Lock()
         self._namespaces: dict[str, str] = {}  # namespace → its stream, once ensured
@@ -45,11 +46,15 @@ class NatsRouterPlane:
         async with self._connect_lock:
             if self._nc is None:
                 self._nc = await nats_plane.connect_with_retry(self.url, "tandem router")
+                self._js = self._nc.jetstream()
                 logger.info("router connected to NATS at %s", self.url)
             return self._nc
 
     async def jetstream(self) -> JetStreamContext:
-        return (await self.connection()).jetstream()
+        """The connection's JetStream context (made once: followers ask for it per message)."""
+        await self.connection()
+        assert self._js is not None
+        return self._js
 
     async def stream_for(self, namespace: str) -> str:
         """The namespace's KV stream (created if missing); also starts following its load metrics."""
@@ -59,7 +64,7 @@ class NatsRouterPlane:
                 self._load_subs[namespace] = await nc.subscribe(nats_plane.load_wildcard(namespace), cb=self._on_load)
                 await nats_plane.confirm_subscriptions(nc)
             if namespace not in self._namespaces:
-                self._namespaces[namespace] = await nats_plane.ensure_stream(nc.jetstream(), namespace, self.limits)
+                self._namespaces[namespace] = await nats_plane.ensure_stream(await self.jetstream(), namespace, self.limits)
         return self._namespaces[namespace]
 
     async def _on_load(self, msg) -> None:  # noqa: ANN001 - a nats Msg
@@ -87,7 +92,7 @@ class NatsRouterPlane:
         self.loads.pop(worker_id, None)
 
     async def close(self) -> None:
-        nc, self._nc = self._nc, None
+        nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             try:
                 await asyncio.wait_for(nc.close(), 2.0)

@@ -437,12 +437,16 @@ class EtcdDiscovery(Discovery):
     def _lease(self) -> Lease:
         return Lease(lease_id=f"{self._lease_id:x}", ttl_s=float(self._lease_ttl))
 
+    def _requested_ttl_s(self) -> int:
+        """The TTL to ask etcd for: the first registration's (else the config's), in whole seconds."""
+        return max(1, math.ceil(self._ttl_s or self.config.ttl_s))
+
     def _interval(self) -> float:
         return max(0.1, self._lease_ttl * self.config.heartbeat_fraction)
 
     async def _grant_locked(self, any_endpoint: bool = False) -> None:
         """Grant the client's lease (caller holds _lease_lock); existing registrations must be re-put."""
-        ttl = max(1, math.ceil(self._ttl_s or self.config.ttl_s))
+        ttl = self._requested_ttl_s()
         call = self._call_any if any_endpoint else self._call
         lease = await call(lambda c: c.lease(ttl))
         self._lease_id, self._lease_ttl = lease.id, int(lease.ttl)
@@ -548,7 +552,7 @@ class EtcdDiscovery(Discovery):
             if lease_id is None:
                 return
             with contextlib.suppress(Exception):
-                orphan = await self._call(lambda c: c.lease(max(1, math.ceil(self._ttl_s or self.config.ttl_s))))
+                orphan = await self._call(lambda c: c.lease(self._requested_ttl_s()))
                 key = self.key(worker_id)
 
                 async def move(c: aetcd.Client) -> None:
@@ -595,36 +599,26 @@ class EtcdDiscovery(Discovery):
         backoff = Backoff()
         grace = False  # the next listing follows a broken watch
         while not self._closed:
+            step = "listing"
             try:
                 current, revision = await self._call(self._read)
-            except (_UnreachableError, DiscoveryClosedError):
-                grace = True
-                await self._sleep(backoff.next())
-                continue
-            except Exception as exc:  # not the connection (e.g. permissions): keep trying, loudly
-                log.warning("etcd discovery: listing %r failed: %s", self.prefix, _short(exc))
-                grace = True
-                await self._sleep(backoff.next())
-                continue
-            for event in view.relist(current, grace):
-                yield event
-            grace = False
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-            try:
+                for event in view.relist(current, grace):
+                    yield event
+                grace = False
+                step = "watching"
                 generation = self._generation
                 watch = await self._call(lambda c: c.watch_prefix(self.prefix, start_revision=revision + 1))
-            except aetcd.RevisionCompactedError:
-                continue
-            except (_UnreachableError, DiscoveryClosedError):
-                grace = True
-                await self._sleep(backoff.next())
+            except aetcd.RevisionCompactedError:  # (only the watch raises it): list again from now
                 continue
             except Exception as exc:
-                log.warning("etcd discovery: watching %r failed: %s", self.prefix, _short(exc))
+                if not isinstance(exc, (_UnreachableError, DiscoveryClosedError)):
+                    # not the connection (e.g. permissions): keep trying, loudly
+                    log.warning("etcd discovery: %s %r failed: %s", step, self.prefix, _short(exc))
                 grace = True
                 await self._sleep(backoff.next())
                 continue
             backoff.reset()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
             self._watch_queues.add(queue)
             pump = asyncio.get_running_loop().create_task(self._pump(watch, queue))
             try:

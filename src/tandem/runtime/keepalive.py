@@ -30,11 +30,8 @@ class Keepalive:
         self._task = asyncio.create_task(self._run(), name=f"keepalive {name}")
 
     def heard(self) -> None:
-        """The peer sent something: it is alive."""
-        self.last_heard = time.monotonic()
-
-    def streams_opened(self) -> None:
-        """The first stream of an idle connection opened: silence counts from now."""
+        """The peer sent something: it is alive. (Also called when the first stream of an idle
+        connection opens: silence counts from then.)"""
         self.last_heard = time.monotonic()
 
     def stop(self) -> None:

@@ -30,6 +30,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from tandem.runtime.backoff import Backoff
+
 logger = logging.getLogger(__name__)
 
 SEQ_HEADER = "Tandem-Seq"
@@ -81,10 +83,6 @@ def parse_kv_subject(subject: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def is_kv_subject(subject: str) -> bool:
-    return _KV_SUBJECT.match(subject) is not None
-
-
 def servers(url: str) -> list[str]:
     """``nats://a:4222,nats://b:4222`` → the list nats-py takes."""
     return [u.strip() for u in url.split(",") if u.strip()]
@@ -102,14 +100,14 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 2.0) -> Nat
 
 async def connect_with_retry(url: str, name: str, *, max_backoff_s: float = 5.0) -> NatsClient:
     """Connect, retrying with capped exponential backoff until it works (or the task is cancelled)."""
-    delay = 0.2
+    backoff = Backoff(0.2, max_backoff_s)
     while True:
         try:
             return await connect(url, name)
         except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            delay = backoff.next()
             logger.warning("nats %s unreachable (%s); retrying in %.1fs", url, exc, delay)
             await asyncio.sleep(delay)
-            delay = min(max_backoff_s, delay * 2)
 
 
 async def confirm_subscriptions(nc: NatsClient) -> None:

@@ -128,7 +128,7 @@ class _ClientConnection:
         """Allocate a stream id and its inbox."""
         stream_id = next(self._ids)
         if not self._inboxes and self._keepalive is not None:
-            self._keepalive.streams_opened()
+            self._keepalive.heard()  # silence counts from the first stream
         inbox = self._inboxes[stream_id] = _Inbox()
         return stream_id, inbox
 

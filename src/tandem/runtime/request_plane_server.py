@@ -49,6 +49,9 @@ from tandem.runtime.request_plane_config import (
 
 logger = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "worker is shutting down"
+"""Why a stopping server refuses, and ends, streams (code ``unavailable``)."""
+
 FLUSH_BYTES = 64 * 1024
 """Queued outgoing bytes that trigger an immediate write instead of one at the loop's next turn."""
 
@@ -129,15 +132,15 @@ class RequestPlaneServer:
         self._address = format_address(self.host, self._server.sockets[0].getsockname()[1])
         logger.info("request plane listening on %s", self.address)
 
-    async def stop(self, drain_timeout: float | None = None, message: str = "worker is shutting down") -> None:
+    async def stop(self, drain_timeout: float | None = None) -> None:
         """Refuse new requests, let in-flight streams finish for up to ``drain_timeout`` seconds
-        (default: config), end the rest with code ``unavailable`` and ``message``, then close."""
-        self.start_draining(message)
+        (default: config), end the rest with code ``unavailable``, then close."""
+        self.start_draining()
         if not await self.wait_drained(self.config.drain_timeout if drain_timeout is None else drain_timeout):
-            await self.end_streams("unavailable", message)
+            await self.end_streams("unavailable", SHUTTING_DOWN)
         await self.close()
 
-    def start_draining(self, reason: str = "worker is shutting down") -> None:
+    def start_draining(self, reason: str = SHUTTING_DOWN) -> None:
         """From now on new requests fail with code ``unavailable`` and ``reason`` (control
         endpoints excepted). Connections stay open and new ones are still accepted, so clients
         can ask a draining worker for its health."""
@@ -256,7 +259,7 @@ class _ServerConnection:
             self.write_nowait(Error(stream_id, "bad_request", f"stream {stream_id} is already open"))
         else:
             if not self.streams and self._keepalive is not None:
-                self._keepalive.streams_opened()
+                self._keepalive.heard()  # silence counts from the first stream
             task = asyncio.create_task(self._run_stream(request))
             self.streams[stream_id] = task
             self.endpoint_of[stream_id] = request.endpoint

@@ -75,8 +75,6 @@ class NatsKvEventPublisher:
         self.last_seq = -1
         self.batches_published = 0
         """Batches handed to ``publish``."""
-        self.batches_acked = 0
-        """Batches JetStream acknowledged (duplicates included)."""
         self.batches_dropped = 0
         """Batches dropped because the queue overflowed."""
         self.connected = threading.Event()
@@ -231,7 +229,6 @@ class NatsKvEventPublisher:
             if future.done() and not future.cancelled():
                 future.exception()
             future.cancel()
-        self.batches_acked += acked
         return acked, stream_missing
 
     async def _ensure_stream(self, js) -> str | None:  # noqa: ANN001
