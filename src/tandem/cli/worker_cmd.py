@@ -15,9 +15,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from tandem.cli.engine_args import add_engine_args, engine_config_from_args
 from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
+
+if TYPE_CHECKING:
+    from tandem.engine.engine_core import EngineCore
+    from tandem.worker.engine_host import MainThreadEngineHost
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -71,16 +76,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None,
+                host: MainThreadEngineHost | None = None) -> int:
+    """Serve the worker(s) until stopped. With ``host``, ``builtin_core`` (loaded by the main
+    thread) is stepped by the main thread, and signals come relayed from it."""
     from tandem.engine.async_engine import AsyncEngine
-    from tandem.engine.llm_engine import LLMEngine
     from tandem.worker.lifecycle import ShutdownConfig, serve_until_stopped
     from tandem.worker.service import WorkerService
 
-    if args.engine != "mocker" and args.mocker_workers != 1:
-        raise SystemExit("error: --mocker-workers needs --engine mocker")
-    if args.mocker_workers < 1 or (args.mocker_workers > 1 and args.port):
-        raise SystemExit("error: --mocker-workers must be >= 1, and several need --port 0 (each picks a free port)")
+    _check_worker_counts(args)
     if args.engine == "mocker":
         from tandem.engine.mocker import MockerConfig, MockerEngine
 
@@ -94,7 +98,11 @@ async def serve(args: argparse.Namespace) -> int:
             for index in range(args.mocker_workers)]
         name, tokenizer_source = args.served_model_name or args.model, args.model
     else:
-        cores = [await asyncio.to_thread(LLMEngine, engine_config_from_args(args))]
+        if builtin_core is None:
+            from tandem.engine.llm_engine import LLMEngine
+
+            builtin_core = await asyncio.to_thread(LLMEngine, engine_config_from_args(args))
+        cores = [builtin_core]
         name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
     discovery = discovery_from_args(args, ttl_s=args.ttl)
     metrics_address = _serve_metrics(args.host, args.metrics_port) if args.metrics_port is not None else None
@@ -105,7 +113,7 @@ async def serve(args: argparse.Namespace) -> int:
             from tandem.worker.kv_publisher_factory import make_kv_publisher
 
             publisher = make_kv_publisher(args, index)  # ZMQ or NATS (--event-plane)
-        engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None)
+        engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None, own_thread=host is None)
         if publisher is not None:
             from tandem.worker.kv_publisher_factory import attach_engine
 
@@ -116,9 +124,12 @@ async def serve(args: argparse.Namespace) -> int:
                                       worker_id=getattr(publisher, "worker_id", None),
                                       discovery_wait_s=args.discovery_wait))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop)
+    if host is not None:
+        host.hand_over(services[0].engine, lambda: _on_signal(stop))
+    else:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal, stop)
     try:
         for index, service in enumerate(services):
             try:
@@ -163,6 +174,21 @@ def _on_signal(stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _check_worker_counts(args: argparse.Namespace) -> None:
+    if args.engine != "mocker" and args.mocker_workers != 1:
+        raise SystemExit("error: --mocker-workers needs --engine mocker")
+    if args.mocker_workers < 1 or (args.mocker_workers > 1 and args.port):
+        raise SystemExit("error: --mocker-workers must be >= 1, and several need --port 0 (each picks a free port)")
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(args))
+    if args.engine == "mocker":
+        return asyncio.run(serve(args))
+    # The builtin engine loads and steps on this (main) thread: see tandem.worker.engine_host.
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.worker.engine_host import MainThreadEngineHost
+
+    _check_worker_counts(args)
+    core = LLMEngine(engine_config_from_args(args))
+    return MainThreadEngineHost(lambda host: serve(args, core, host)).run()

@@ -1,5 +1,9 @@
-"""Asyncio front of the builtin engine: a background thread steps the engine while callers
-stream outputs from per-request queues.
+"""Asyncio front of the builtin engine: one thread steps the engine while callers stream
+outputs from per-request queues.
+
+By default that thread is a background thread of its own. A worker process instead passes
+``own_thread=False`` and calls `AsyncEngine.run` on its main thread (the engine's OpenMP fast
+path needs that: see ``tandem.worker.engine_host``), its asyncio loop running on another thread.
 
 The engine thread owns the ``EngineCore`` outright: callers never touch it directly, they post
 commands (add, abort, or a function to run between steps) into a thread-safe inbox. PyTorch
@@ -47,7 +51,7 @@ class EngineFatalError(RuntimeError):
 class AsyncEngine:
     def __init__(self, engine: EngineCore,
                  kv_event_sink: Callable[[int, KVEventBatch], None] | None = None,
-                 max_step_failures: int = 3) -> None:
+                 max_step_failures: int = 3, own_thread: bool = True) -> None:
         self.engine = engine
         self.kv_event_sink = kv_event_sink
         """Called on the engine thread with (sequence number, batch) after each step that changed
@@ -66,8 +70,11 @@ class AsyncEngine:
         self._stopped = False
         self._ids = itertools.count()
         self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        """The thread that steps the engine; None until `run` starts on the caller's thread."""
+        if own_thread:
+            self._thread = threading.Thread(target=self.run, name="tandem-engine", daemon=True)
+            self._thread.start()
 
     # --- caller side (any thread with an event loop) ---
 
@@ -135,13 +142,20 @@ class AsyncEngine:
         """The snapshot taken after the latest step."""
         return self._stats
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """Stop stepping and, with ``wait``, wait (up to ``timeout``) until the engine thread has
+        left its loop."""
         self._post("stop", None)
-        self._thread.join(timeout)
+        if wait and self._thread is not threading.current_thread():
+            try:
+                self._exit.result(timeout)
+            except TimeoutError:
+                logger.warning("engine thread still busy %.1fs after shutdown was asked", timeout)
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        """True until the engine stops (also before `run` is entered on a caller's thread)."""
+        return not self._stopped and (self._thread is None or self._thread.is_alive())
 
     async def wait_stopped(self) -> BaseException | None:
         """Wait for the engine thread to end: None after `shutdown`, else what killed it."""
@@ -157,6 +171,16 @@ class AsyncEngine:
         self._wakeup.set()
 
     # --- engine thread ---
+
+    def run(self) -> None:
+        """Step the engine on the calling thread until `shutdown` or a fatal failure.
+
+        Called once: by the background thread (``own_thread=True``) or by the owner of an
+        ``own_thread=False`` engine, typically the process's main thread."""
+        if self._thread is not None and self._thread is not threading.current_thread():
+            raise RuntimeError("this engine is already stepped by another thread")
+        self._thread = threading.current_thread()
+        self._run()
 
     def _run(self) -> None:
         try:
