@@ -15,6 +15,7 @@ from tandem.engine.attention import AttentionMetadata, PrefillChunk, bottom_righ
 from tandem.engine.request import Request
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRequestState
 from tandem.engine.scheduler import ScheduledChunk
+from tandem.kernels import paged_attention as cpu_paged
 from tandem.models.config import ModelConfig
 from tandem.models.llama import LlamaForCausalLM
 
@@ -44,6 +45,9 @@ class ModelRunner:
                                     cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_hidden_layers)]
         self.sampler = Sampler(seed=seed, device=device)
+        self.decode_kernel = cpu_paged.supports(self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                cfg.head_dim, block_size)
+        """Decode attention runs in the C paged-attention kernel (CPU), else gather + SDPA."""
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], eos_token_ids: frozenset[int]) -> tuple[list[Request], SamplerOutput | None]:
@@ -120,13 +124,17 @@ class ModelRunner:
             t = tables[id(c)]
             table[row, : t.numel()] = t
         last = ctx_lens - 1
-        slots.append(table[torch.arange(n), last // bs] * bs + last % bs)
+        rows = torch.arange(n)
+        slots.append(table[rows, last // bs] * bs + last % bs)
+        meta.decode_block_ids = table.view(-1).to(self.device)
+        meta.decode_max_blocks = max_blocks
+        if self.decode_kernel:
+            meta.decode_ctx_lens, meta.decode_rows = ctx_lens, rows
+            return
         # Additive float mask: SDPA's CPU kernels are much slower with a bool mask here.
         padding = torch.arange(max_blocks * bs).unsqueeze(0) >= ctx_lens.unsqueeze(1)
         mask = torch.zeros(n, 1, 1, max_blocks * bs, dtype=self.dtype)
         mask.masked_fill_(padding.view(n, 1, 1, -1), float("-inf"))
-        meta.decode_block_ids = table.view(-1).to(self.device)
-        meta.decode_max_blocks = max_blocks
         meta.decode_mask = mask.to(self.device)
 
     # --- KV block export/import (raw bytes per block, for disaggregation) ---

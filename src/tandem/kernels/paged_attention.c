@@ -1,0 +1,276 @@
+/* Attention over the paged KV cache, reading K/V blocks in place through a block table.
+ *
+ * Each query row r (a decode token, or one token of a prefill chunk) attends to the first
+ * ctx_lens[r] tokens of the sequence whose block table is block_tables[row_table[r]]; token t
+ * of that sequence lives at slot table[t / block_size] * block_size + t % block_size of the
+ * caches [num_slots, num_kv_heads, head_dim]. No copy of the context is made.
+ *
+ * Work item = (row, kv head): the query heads sharing that KV head (GQA group) are handled
+ * together, so each K/V row is loaded once for the whole group. Per block of block_size tokens:
+ * the group's scores, then an online-softmax update (running max m and sum l per head, the
+ * accumulator rescaled when the max grows), then the weighted V rows are added. Math in float32;
+ * the caches are float32 or bfloat16. The exp of a block's scores is one vectorizable loop
+ * (-ffast-math lets the compiler call glibc's vector expf; it also rules out infinities, so the
+ * running max starts at -1e30, not -inf).
+ *
+ * With AVX-512 and a head size that is a multiple of 16 (32 for bfloat16), an intrinsics path
+ * keeps the group's queries and accumulators in registers; bfloat16 scores use vdpbf16ps
+ * (AVX512-BF16) straight from the cache, with the query rounded to bfloat16 (it is bfloat16 in a
+ * bfloat16 model). Other shapes take the portable loops.
+ *
+ * Built and loaded by paged_attention.py (cc -O3 -march=native -fopenmp -ffast-math).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_GROUP 32     /* query heads per KV head */
+#define MAX_HEAD_DIM 256
+#define MAX_BLOCK 64     /* tokens per KV block */
+#define NEG_BIG (-1e30f)
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Turns a block's raw scores s[g][0..n) into probabilities relative to the new running max;
+ * returns, per head, the factor the accumulator must be scaled by. */
+static inline void softmax_update(float s[][MAX_BLOCK], int64_t group, int64_t n, float *m, float *l,
+                                  float *correction) {
+    for (int64_t g = 0; g < group; ++g) {
+        float block_max = s[g][0];
+        for (int64_t t = 1; t < n; ++t) block_max = s[g][t] > block_max ? s[g][t] : block_max;
+        const float new_max = block_max > m[g] ? block_max : m[g];
+        correction[g] = expf(m[g] - new_max);
+        float sum = 0.f;
+        float *row = s[g];
+#pragma omp simd reduction(+:sum)
+        for (int64_t t = 0; t < n; ++t) { row[t] = expf(row[t] - new_max); sum += row[t]; }
+        l[g] = l[g] * correction[g] + sum;
+        m[g] = new_max;
+    }
+}
+
+/* ---- portable path ---- */
+
+#define LOAD_F32(p, i) ((p)[i])
+#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
+
+#define DEFINE_PORTABLE_ITEM(NAME, T, LOAD)                                                        \
+static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *table,         \
+                 int64_t ctx, float *out, int64_t group, int64_t head_dim, int64_t slot_stride,    \
+                 int64_t block_size, float scale) {                                                 \
+    float qs[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];                               \
+    float s[MAX_GROUP][MAX_BLOCK], m[MAX_GROUP], l[MAX_GROUP], correction[MAX_GROUP];              \
+    for (int64_t g = 0; g < group; ++g) {                                                          \
+        for (int64_t d = 0; d < head_dim; ++d) { qs[g][d] = q[g * head_dim + d] * scale; acc[g][d] = 0.f; } \
+        m[g] = NEG_BIG;                                                                            \
+        l[g] = 0.f;                                                                                \
+    }                                                                                              \
+    for (int64_t start = 0; start < ctx; start += block_size) {                                    \
+        const int64_t n = ctx - start < block_size ? ctx - start : block_size;                     \
+        const int64_t base = table[start / block_size] * block_size;                               \
+        for (int64_t t = 0; t < n; ++t) {                                                          \
+            const T *kr = k_cache + (base + t) * slot_stride;                                      \
+            for (int64_t g = 0; g < group; ++g) {                                                  \
+                float dot = 0.f;                                                                   \
+                _Pragma("omp simd reduction(+:dot)")                                               \
+                for (int64_t d = 0; d < head_dim; ++d) dot += qs[g][d] * LOAD(kr, d);              \
+                s[g][t] = dot;                                                                     \
+            }                                                                                      \
+        }                                                                                          \
+        softmax_update(s, group, n, m, l, correction);                                             \
+        for (int64_t g = 0; g < group; ++g)                                                        \
+            for (int64_t d = 0; d < head_dim; ++d) acc[g][d] *= correction[g];                     \
+        for (int64_t t = 0; t < n; ++t) {                                                          \
+            const T *vr = v_cache + (base + t) * slot_stride;                                      \
+            for (int64_t g = 0; g < group; ++g) {                                                  \
+                const float p = s[g][t];                                                           \
+                _Pragma("omp simd")                                                                \
+                for (int64_t d = 0; d < head_dim; ++d) acc[g][d] += p * LOAD(vr, d);               \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int64_t g = 0; g < group; ++g) {                                                          \
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                           \
+        for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = acc[g][d] * inv;            \
+    }                                                                                              \
+}
+
+DEFINE_PORTABLE_ITEM(item_portable_f32, float, LOAD_F32)
+DEFINE_PORTABLE_ITEM(item_portable_bf16, uint16_t, LOAD_BF16)
+
+/* ---- AVX-512 path ---- */
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MAX_VECS (MAX_HEAD_DIM / 16)
+
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* Ask for the next block's K and V rows of this head while this block is computed: a block's
+ * rows are strided by the other heads' data, and without the hint each row was a cache miss
+ * (decode attention read DRAM at ~8 GB/s on a 2-core machine). */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2  /* how many blocks ahead */
+#endif
+static inline void prefetch_block(const void *k, const void *v, int64_t tokens, int64_t row_stride_bytes,
+                                  int64_t row_bytes) {
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+            _mm_prefetch((const char *)k + t * row_stride_bytes + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)v + t * row_stride_bytes + b, _MM_HINT_T0);
+        }
+}
+
+/* BF16_DOT: 1 = bfloat16 scores with vdpbf16ps (T must be uint16_t). */
+#define DEFINE_AVX512_ITEM(NAME, T, LOAD16, BF16_DOT)                                              \
+static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *table,         \
+                 int64_t ctx, float *out, int64_t group, int64_t head_dim, int64_t slot_stride,    \
+                 int64_t block_size, float scale) {                                                 \
+    const int64_t vecs = head_dim / 16;                                                            \
+    __m512 qv[MAX_GROUP][MAX_VECS], acc[MAX_GROUP][MAX_VECS];                                      \
+    float s[MAX_GROUP][MAX_BLOCK] __attribute__((aligned(64)));                                    \
+    float m[MAX_GROUP], l[MAX_GROUP], correction[MAX_GROUP];                                       \
+    const __m512 sc = _mm512_set1_ps(scale);                                                       \
+    for (int64_t g = 0; g < group; ++g) {                                                          \
+        for (int64_t j = 0; j < vecs; ++j) {                                                       \
+            qv[g][j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * head_dim + 16 * j), sc);              \
+            acc[g][j] = _mm512_setzero_ps();                                                       \
+        }                                                                                          \
+        m[g] = NEG_BIG;                                                                            \
+        l[g] = 0.f;                                                                                \
+    }                                                                                              \
+    BF16_PREPARE_QUERY_##BF16_DOT                                                                  \
+    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * block_size < ctx; ++b)                          \
+        prefetch_block(k_cache + table[b] * block_size * slot_stride, v_cache + table[b] * block_size * slot_stride, \
+                       block_size, slot_stride * (int64_t)sizeof(T), head_dim * (int64_t)sizeof(T)); \
+    for (int64_t start = 0; start < ctx; start += block_size) {                                    \
+        const int64_t n = ctx - start < block_size ? ctx - start : block_size;                     \
+        const T *kb = k_cache + table[start / block_size] * block_size * slot_stride;              \
+        const T *vb = v_cache + table[start / block_size] * block_size * slot_stride;              \
+        if (start + PREFETCH_BLOCKS * block_size < ctx)                                            \
+            prefetch_block(k_cache + table[start / block_size + PREFETCH_BLOCKS] * block_size * slot_stride, \
+                           v_cache + table[start / block_size + PREFETCH_BLOCKS] * block_size * slot_stride, \
+                           block_size, slot_stride * (int64_t)sizeof(T), head_dim * (int64_t)sizeof(T)); \
+        for (int64_t t = 0; t < n; ++t) {                                                          \
+            const T *kr = kb + t * slot_stride;                                                    \
+            SCORES_##BF16_DOT(LOAD16)                                                              \
+        }                                                                                          \
+        softmax_update(s, group, n, m, l, correction);                                             \
+        for (int64_t g = 0; g < group; ++g) {                                                      \
+            if (correction[g] != 1.f) {                                                            \
+                const __m512 c = _mm512_set1_ps(correction[g]);                                    \
+                for (int64_t j = 0; j < vecs; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], c);        \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t t = 0; t < n; ++t) {                                                          \
+            const T *vr = vb + t * slot_stride;                                                    \
+            for (int64_t j = 0; j < vecs; ++j) {                                                   \
+                const __m512 v = LOAD16(vr + 16 * j);                                              \
+                for (int64_t g = 0; g < group; ++g)                                                \
+                    acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][t]), v, acc[g][j]);            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int64_t g = 0; g < group; ++g) {                                                          \
+        const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);                          \
+        for (int64_t j = 0; j < vecs; ++j)                                                         \
+            _mm512_storeu_ps(out + g * head_dim + 16 * j, _mm512_mul_ps(acc[g][j], inv));          \
+    }                                                                                              \
+}
+
+/* float32 scores: 16-lane multiply-adds over the head, one horizontal sum per (token, head). */
+#define BF16_PREPARE_QUERY_0
+#define SCORES_0(LOAD16)                                                                           \
+    __m512 k[MAX_VECS];                                                                            \
+    for (int64_t j = 0; j < vecs; ++j) k[j] = LOAD16(kr + 16 * j);                                 \
+    for (int64_t g = 0; g < group; ++g) {                                                          \
+        __m512 d = _mm512_mul_ps(qv[g][0], k[0]);                                                  \
+        for (int64_t j = 1; j < vecs; ++j) d = _mm512_fmadd_ps(qv[g][j], k[j], d);                 \
+        s[g][t] = _mm512_reduce_add_ps(d);                                                         \
+    }
+
+DEFINE_AVX512_ITEM(item_avx512_f32, float, load16_f32, 0)
+DEFINE_AVX512_ITEM(item_avx512_bf16_widen, uint16_t, load16_bf16, 0)
+
+#if defined(__AVX512BF16__)
+#define HAVE_BF16_DOT 1
+/* bfloat16 scores: 32 multiply-adds per vdpbf16ps, straight from the cache. */
+#define BF16_PREPARE_QUERY_1                                                                       \
+    __m512bh qb[MAX_GROUP][MAX_VECS / 2];                                                          \
+    for (int64_t g = 0; g < group; ++g)                                                            \
+        for (int64_t j = 0; j < vecs / 2; ++j)                                                     \
+            qb[g][j] = _mm512_cvtne2ps_pbh(qv[g][2 * j + 1], qv[g][2 * j]);
+#define SCORES_1(LOAD16)                                                                           \
+    for (int64_t g = 0; g < group; ++g) {                                                          \
+        __m512 d = _mm512_setzero_ps();                                                            \
+        for (int64_t j = 0; j < vecs / 2; ++j)                                                     \
+            d = _mm512_dpbf16_ps(d, qb[g][j], (__m512bh)_mm512_loadu_si512(kr + 32 * j));          \
+        s[g][t] = _mm512_reduce_add_ps(d);                                                         \
+    }
+
+DEFINE_AVX512_ITEM(item_avx512_bf16_dot, uint16_t, load16_bf16, 1)
+#endif
+#endif
+
+/* ---- entry points ---- */
+
+typedef void (*item_fn_f32)(const float *, const float *, const float *, const int64_t *, int64_t, float *,
+                            int64_t, int64_t, int64_t, int64_t, float);
+typedef void (*item_fn_bf16)(const float *, const uint16_t *, const uint16_t *, const int64_t *, int64_t,
+                             float *, int64_t, int64_t, int64_t, int64_t, float);
+
+#define DEFINE_ENTRY(NAME, T, ITEM_T, PICK)                                                        \
+int NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,          \
+         int64_t max_blocks, const int64_t *row_table, const int64_t *ctx_lens, float *out,          \
+         int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,                    \
+         int64_t block_size, float scale, int threads) {                                            \
+    const int64_t group = num_heads / num_kv_heads;                                                 \
+    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return -1;          \
+    const int64_t slot_stride = num_kv_heads * head_dim;                                            \
+    ITEM_T item = PICK;                                                                             \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)")              \
+    for (int64_t r = 0; r < rows; ++r)                                                              \
+        for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)                                            \
+            item(q + (r * num_heads + kvh * group) * head_dim, k_cache + kvh * head_dim,             \
+                 v_cache + kvh * head_dim, block_tables + row_table[r] * max_blocks, ctx_lens[r],      \
+                 out + (r * num_heads + kvh * group) * head_dim, group, head_dim, slot_stride,         \
+                 block_size, scale);                                                                 \
+    return 0;                                                                                       \
+}
+
+#if defined(__AVX512F__)
+#define PICK_F32 (head_dim % 16 == 0 ? item_avx512_f32 : item_portable_f32)
+#if defined(HAVE_BF16_DOT)
+#define PICK_BF16 (head_dim % 32 == 0 ? item_avx512_bf16_dot \
+                   : head_dim % 16 == 0 ? item_avx512_bf16_widen : item_portable_bf16)
+#else
+#define PICK_BF16 (head_dim % 16 == 0 ? item_avx512_bf16_widen : item_portable_bf16)
+#endif
+#else
+#define PICK_F32 item_portable_f32
+#define PICK_BF16 item_portable_bf16
+#endif
+
+DEFINE_ENTRY(tandem_paged_attention_f32, float, item_fn_f32, PICK_F32)
+DEFINE_ENTRY(tandem_paged_attention_bf16, uint16_t, item_fn_bf16, PICK_BF16)
+
+/* Which inner path the bf16 entry takes for this head size (for tests): 0 portable, 1 widen, 2 dot. */
+int tandem_paged_attention_bf16_path(int64_t head_dim) {
+#if defined(__AVX512F__) && defined(HAVE_BF16_DOT)
+    if (head_dim % 32 == 0) return 2;
+#endif
+#if defined(__AVX512F__)
+    if (head_dim % 16 == 0) return 1;
+#endif
+    (void)head_dim;
+    return 0;
+}
