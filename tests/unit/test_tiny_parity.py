@@ -35,7 +35,7 @@ def tiny(request, tmp_path_factory):
 
 def test_greedy_matches_hf_batched_and_cached(tiny):
     kind, path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, block_size=4, max_num_batched_tokens=32))
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_num_batched_tokens=32))
     ps = prompts(1)
     expected = [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps]
     assert engine.generate(ps, GREEDY) == expected, kind  # batched, chunked (budget 32)
@@ -46,7 +46,7 @@ def test_greedy_matches_hf_batched_and_cached(tiny):
 
 def test_logits_match_hf_prefill(tiny):
     kind, path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, block_size=4))
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4))
     prompt = prompts(2, lengths=(30,))[0]
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
@@ -65,6 +65,6 @@ def test_preemption_keeps_greedy_output(tmp_path):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     expected = [hf_greedy(hf, p, 24) for p in ps]
     # 4 requests x 47 tokens need 48 blocks of 4; 26 blocks force preemption.
-    engine = LLMEngine(EngineConfig(model=str(tmp_path), num_kv_blocks=26, block_size=4))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=26, block_size=4))
     assert engine.generate(ps, params) == expected
     assert engine.stats().num_preemptions > 0

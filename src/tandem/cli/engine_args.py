@@ -15,7 +15,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help="model-cache name, HF directory or .gguf file (default: %(default)s)")
-    group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="weights and KV cache dtype; auto = bfloat16 on a CPU with AVX512-BF16/AMX and on "
+                            "CUDA, float32 on other CPUs (default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget (default: %(default)s)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.hashing import DEFAULT_BLOCK_SIZE
+from tandem.models.dtype import DTYPE_CHOICES
 
 
 @dataclass
@@ -13,8 +14,9 @@ class EngineConfig:
 
     model: str = "smollm2-135m-instruct"
     """A model-cache name, an HF directory (config.json + safetensors) or a .gguf file."""
-    dtype: str = "float32"
-    """Weights and KV cache dtype: float32 or bfloat16 (float16 on CUDA too)."""
+    dtype: str = "auto"
+    """Weights and KV cache dtype: auto, float32, bfloat16 or float16. auto is bfloat16 on a CPU
+    with AVX512-BF16 or AMX and on CUDA (float16 on GPUs without bfloat16), else float32."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
     num_threads: int | None = None
@@ -39,8 +41,8 @@ class EngineConfig:
     """Seed of the sampler's generator for requests that bring no seed."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

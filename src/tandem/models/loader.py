@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from tandem.models.config import ModelConfig
+from tandem.models.dtype import resolve_dtype
 from tandem.models.errors import ModelLoadError
 from tandem.models.llama import LlamaForCausalLM
 from tandem.models.tokenizer import load_hf_tokenizer, load_tokenizer  # noqa: F401 - re-exported
@@ -95,12 +96,15 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | 
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
                max_model_len: int | None = None) -> LoadedModel:
-    """Resolve (pulling a known model into the cache on first use) and load a model."""
+    """Resolve (pulling a known model into the cache on first use) and load a model.
+
+    ``dtype`` may be ``auto`` (see `tandem.models.dtype.resolve_dtype`)."""
     from tandem.model_cache import resolve_model
 
     start = time.perf_counter()
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
     torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
     resolved = resolve_model(name_or_path)
     if resolved.hf_dir is not None:
