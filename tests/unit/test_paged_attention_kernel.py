@@ -104,3 +104,12 @@ def test_engine_decode_path_with_and_without_the_kernel(dtype):
     want = paged_attention(q, new_k, new_v, k_cache.clone(), v_cache.clone(), sdpa_meta, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_loading_the_fast_math_library_keeps_subnormals():
+    """Built with -ffast-math but linked without it: no flush-to-zero for the whole process."""
+    import ctypes
+
+    assert cpu_paged.load() is not None
+    tiny = ctypes.c_float(1e-40).value  # a float32 subnormal
+    assert tiny != 0.0 and torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() != 0.0

@@ -68,3 +68,13 @@ def test_preemption_keeps_greedy_output(tmp_path):
     engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", num_kv_blocks=26, block_size=4))
     assert engine.generate(ps, params) == expected
     assert engine.stats().num_preemptions > 0
+
+
+def test_single_stream_greedy_matches_hf_on_the_fused_decoder(tiny):
+    """One request decodes one row per step: the fused C decoder on CPU (kernels/decode_forward)."""
+    kind, path, hf = tiny
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4))
+    assert engine.runner.decode_kernel or not torch.backends.mkldnn.is_available()
+    for prompt in prompts(3, lengths=(7, 21)):
+        assert engine.generate([prompt], GREEDY) == [hf_greedy(hf, prompt, GREEDY.max_tokens)], kind
+    assert engine.loaded.model._fused is not None or engine.loaded.model._fused_off

@@ -31,12 +31,16 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def library_path(name: str, sources: list[Path], flags: list[str]) -> Path:
-    """Where the build of ``sources`` with ``flags`` lives in the cache."""
+BUILD_RECIPE = 2
+"""Bumped when `_build` changes how it builds (2: compile and link as separate steps)."""
+
+
+def library_path(name: str, sources: list[Path], flags: list[str], headers: list[Path] = ()) -> Path:
+    """Where the build of ``sources`` (including ``headers``) with ``flags`` lives in the cache."""
     from tandem.model_cache import cache_dir
 
-    digest = hashlib.sha256(" ".join(flags).encode() + _cpu_id().encode())
-    for source in sources:
+    digest = hashlib.sha256(f"{BUILD_RECIPE} {' '.join(flags)}".encode() + _cpu_id().encode())
+    for source in [*sources, *headers]:
         digest.update(source.read_bytes())
     return cache_dir() / "kernels" / f"{name}-{digest.hexdigest()[:16]}.so"
 
@@ -48,30 +52,47 @@ def _build(target: Path, sources: list[Path], flags: list[str]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *_compile_flags(flags), *map(str, sources), *_link_flags(flags), "-o", str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise NativeUnavailable(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-2000:]}")
+        objects = []
+        for index, source in enumerate(sources):
+            objects.append(str(Path(tmp) / f"{index}-{source.stem}.o"))
+            _run([compiler, "-c", *_compile_flags(flags), str(source), "-o", objects[-1]])
+        _run([compiler, *_link_flags(flags), *objects, *_libraries(flags), "-o", str(out)])
         os.replace(out, target)
 
 
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise NativeUnavailable(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-2000:]}")
+
+
+_LINK_ONLY = ("-shared",)
+_LINK_TOO = ("-fopenmp", "-fPIC", "-march=native")
+
+
 def _compile_flags(flags: list[str]) -> list[str]:
-    return [f for f in flags if not f.startswith("-l")]
+    return [f for f in flags if not f.startswith("-l") and f not in _LINK_ONLY]
 
 
 def _link_flags(flags: list[str]) -> list[str]:
-    # Libraries go after the sources, or the linker drops them as unused.
+    # Compile-only flags stay out of the link: linking with -ffast-math would add GCC's
+    # crtfastmath.o, whose constructor sets flush-to-zero for the whole process on load.
+    return [f for f in flags if f in _LINK_ONLY or f in _LINK_TOO]
+
+
+def _libraries(flags: list[str]) -> list[str]:
+    # Libraries go after the objects, or the linker drops them as unused.
     return [f for f in flags if f.startswith("-l")]
 
 
 def load_library(name: str, sources: list[Path], flags: list[str],
-                 signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL:
+                 signatures: dict[str, tuple[list, object]], headers: list[Path] = ()) -> ctypes.CDLL:
     """Build (once) and load a C library; ``signatures`` maps function → (argtypes, restype).
 
     Raises :class:`NativeUnavailable` when it cannot be built or loaded.
     """
     try:
-        path = library_path(name, sources, flags)
+        path = library_path(name, sources, flags, headers)
         if not path.is_file():
             _build(path, sources, flags)
         lib = ctypes.CDLL(str(path))

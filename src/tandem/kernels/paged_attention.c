@@ -24,6 +24,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "paged_attention.h"
+
 #define MAX_GROUP 32     /* query heads per KV head */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64     /* tokens per KV block */
@@ -223,10 +225,8 @@ DEFINE_AVX512_ITEM(item_avx512_bf16_dot, uint16_t, load16_bf16, 1)
 
 /* ---- entry points ---- */
 
-typedef void (*item_fn_f32)(const float *, const float *, const float *, const int64_t *, int64_t, float *,
-                            int64_t, int64_t, int64_t, int64_t, float);
-typedef void (*item_fn_bf16)(const float *, const uint16_t *, const uint16_t *, const int64_t *, int64_t,
-                             float *, int64_t, int64_t, int64_t, int64_t, float);
+typedef tandem_attention_item_f32 item_fn_f32;
+typedef tandem_attention_item_bf16 item_fn_bf16;
 
 #define DEFINE_ENTRY(NAME, T, ITEM_T, PICK)                                                        \
 int NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,          \
@@ -262,6 +262,11 @@ int NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *bloc
 
 DEFINE_ENTRY(tandem_paged_attention_f32, float, item_fn_f32, PICK_F32)
 DEFINE_ENTRY(tandem_paged_attention_bf16, uint16_t, item_fn_bf16, PICK_BF16)
+
+/* The per-(row, kv head) function the entries use, for other kernels of this library
+ * (decode_forward.c): see paged_attention.h. */
+tandem_attention_item_f32 tandem_attention_item_for_f32(int64_t head_dim) { return PICK_F32; }
+tandem_attention_item_bf16 tandem_attention_item_for_bf16(int64_t head_dim) { return PICK_BF16; }
 
 /* Which inner path the bf16 entry takes for this head size (for tests): 0 portable, 1 widen, 2 dot. */
 int tandem_paged_attention_bf16_path(int64_t head_dim) {

@@ -22,7 +22,9 @@ from tandem.kernels.native import NativeUnavailable, load_library
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("paged_attention.c")]
+SOURCES = [Path(__file__).with_name("paged_attention.c"), Path(__file__).with_name("decode_forward.c")]
+"""One library: the fused decode forward (tandem.kernels.decode_forward) calls the attention items."""
+HEADERS = [Path(__file__).with_name("paged_attention.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-lm"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 32, 256, 64
 """Shape limits of the C kernel (query heads per KV head, head size, tokens per block)."""
@@ -44,7 +46,7 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("TANDEM_DISABLE_CPU_ATTENTION") == "1":
         return None
     try:
-        _lib = load_library("tandem_attention", SOURCES, FLAGS, _SIGNATURES)
+        _lib = load_library("tandem_attention", SOURCES, FLAGS, _SIGNATURES, HEADERS)
     except NativeUnavailable as exc:
         logger.warning("CPU paged-attention kernel unavailable (%s); using gather + SDPA", exc)
     return _lib

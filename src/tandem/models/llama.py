@@ -7,6 +7,7 @@ time (fewer, larger matmuls); attention is delegated to ``tandem.engine.attentio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -14,9 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionMetadata, paged_attention
+from tandem.kernels import decode_forward
 from tandem.models.config import ModelConfig
 from tandem.models.linear import Linear
 from tandem.models.rope import RotaryEmbedding, apply_rotary
+
+
+FUSED_DECODE_MAX_ROWS = 2
+"""Decode steps of up to this many rows (and no prefill) run the fused C decoder on CPU
+(``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op."""
 
 
 class RMSNorm(nn.Module):
@@ -97,14 +104,37 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._fused: decode_forward.FusedDecoder | None = None
+        self._fused_off = os.environ.get("TANDEM_DISABLE_FUSED_DECODE") == "1"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        fused = self._fused_decoder(kv_caches, meta)
+        if fused is not None:
+            n = meta.num_decode_tokens
+            hidden = fused(x.float(), self.rotary.cos[positions], self.rotary.sin[positions], meta.slot_mapping,
+                           meta.decode_block_ids.view(n, meta.decode_max_blocks), meta.decode_ctx_lens)
+            return self.norm(hidden.to(x.dtype))
         rope = self.rotary.lookup(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(rope, x, kv_cache, meta)
         return self.norm(x)
+
+    def _fused_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       meta: AttentionMetadata) -> decode_forward.FusedDecoder | None:
+        """The fused C decode path (tandem.kernels.decode_forward) when this step can take it: only
+        decode rows, at most FUSED_DECODE_MAX_ROWS of them, on the C attention kernel's metadata."""
+        if (meta.prefills or meta.decode_ctx_lens is None or meta.num_decode_tokens > FUSED_DECODE_MAX_ROWS
+                or self._fused_off):
+            return None
+        if self._fused is None or self._fused.kv_caches is not kv_caches:
+            self._fused = None
+            if not decode_forward.supported(self, kv_caches, meta.block_size):
+                self._fused_off = True
+                return None
+            self._fused = decode_forward.FusedDecoder(self, kv_caches, meta.block_size, FUSED_DECODE_MAX_ROWS)
+        return self._fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

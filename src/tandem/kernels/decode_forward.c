@@ -1,0 +1,217 @@
+/* The whole decoder stack of a Llama-family model for a few decode rows, in one call.
+ *
+ * Why: at 1-2 rows a decode step streams every weight once (~10 ms for 270 MB at ~27 GB/s),
+ * but PyTorch spends longer than that dispatching the ~20 small ops of each layer (norms, RoPE,
+ * splits, dtype casts, residual adds). Here every layer is a fixed sequence of loops inside one
+ * OpenMP parallel region, so a step costs its memory traffic plus a barrier per phase.
+ *
+ * Per layer, for rows r < R (x is the float32 residual stream [R, hidden]):
+ *   1. xn = rmsnorm(x) * input_norm
+ *   2. qkv = xn @ W_qkv^T (+ bias)                      threads split the output features
+ *   3. per head: q/k rmsnorm (Qwen3), RoPE (rotate-half) on q and k; k, v stored to the cache
+ *      slot slots[r] (rounded to the cache dtype)
+ *   4. attention of each (row, kv head) over its blocks (paged_attention.c's item function)
+ *   5. x += attn @ W_o^T
+ *   6. xn = rmsnorm(x) * post_attention_norm
+ *   7. act = silu(xn @ W_gate^T) * (xn @ W_up^T)         gate and up rows of one feature together
+ *   8. x += act @ W_down^T
+ * Math in float32 (activations never round to bfloat16; weights and caches may be bfloat16).
+ * The embedding lookup, the final norm and the LM head stay in PyTorch (decode_forward.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "paged_attention.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
+    float eps, attn_scale;
+    int32_t bf16;     /* 1: weights, norms and caches are bfloat16; 0: float32 */
+    int32_t qk_norm;  /* 1: per-head q/k rmsnorm weights are given (Qwen3) */
+    /* Per layer: addresses (one int64 per layer) of the plain weights and caches. */
+    const int64_t *qkv_w, *qkv_b, *o_w, *gate_up_w, *down_w, *input_norm, *post_norm, *q_norm, *k_norm;
+    const int64_t *k_cache, *v_cache;
+} tandem_decode_model;
+
+static inline float bf16f(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f2bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float weight_at(const void *w, int bf16, int64_t i) {
+    return bf16 ? bf16f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+/* dot(w[0..n), x[0..n)) with w float32 or bfloat16. */
+static inline float dot_w(const void *w, int bf16, const float *x, int64_t n) {
+#if defined(__AVX512F__)
+    if ((n & 63) == 0) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        if (bf16) {
+            const uint16_t *p = (const uint16_t *)w;
+            for (int64_t i = 0; i < n; i += 64) {
+#define W16(off) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + i + off))), 16))
+                a0 = _mm512_fmadd_ps(W16(0), _mm512_loadu_ps(x + i), a0);
+                a1 = _mm512_fmadd_ps(W16(16), _mm512_loadu_ps(x + i + 16), a1);
+                a2 = _mm512_fmadd_ps(W16(32), _mm512_loadu_ps(x + i + 32), a2);
+                a3 = _mm512_fmadd_ps(W16(48), _mm512_loadu_ps(x + i + 48), a3);
+#undef W16
+            }
+        } else {
+            const float *p = (const float *)w;
+            for (int64_t i = 0; i < n; i += 64) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p + i), _mm512_loadu_ps(x + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+            }
+        }
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+#endif
+    float acc = 0.f;
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)w;
+#pragma omp simd reduction(+:acc)
+        for (int64_t i = 0; i < n; ++i) acc += bf16f(p[i]) * x[i];
+    } else {
+        const float *p = (const float *)w;
+#pragma omp simd reduction(+:acc)
+        for (int64_t i = 0; i < n; ++i) acc += p[i] * x[i];
+    }
+    return acc;
+}
+
+static inline void rmsnorm(const float *x, const void *w, int bf16, float eps, int64_t n, float *out) {
+    float ss = 0.f;
+#pragma omp simd reduction(+:ss)
+    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    const float inv = 1.f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * weight_at(w, bf16, i);
+}
+
+/* RoPE, rotate-half layout: out[d] = x[d] cos[d] - x[d + h] sin[d] (d < h), x[d] cos[d] + x[d - h] sin[d]. */
+static inline void rope(float *x, const float *cos, const float *sin, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; ++i) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+static inline void store_row(void *cache, int bf16, int64_t offset, const float *v, int64_t n) {
+    if (bf16) {
+        uint16_t *p = (uint16_t *)cache + offset;
+        for (int64_t i = 0; i < n; ++i) p[i] = f2bf16(v[i]);
+    } else {
+        memcpy((float *)cache + offset, v, (size_t)n * sizeof(float));
+    }
+}
+
+/* scratch: at least R * (2 * hidden + qkv + num_heads * head_dim + intermediate) floats. */
+int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *cos, const float *sin,
+                          const int64_t *slots, const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens,
+                          int64_t rows, float *scratch, int threads) {
+    const int64_t H = m->hidden, D = m->head_dim, Hq = m->num_heads, Hkv = m->num_kv_heads, I = m->intermediate;
+    const int64_t group = Hq / Hkv, qkv_dim = (Hq + 2 * Hkv) * D, slot_stride = Hkv * D;
+    const int bf16 = m->bf16;
+    float *xn = scratch, *qkv = xn + rows * H, *attn = qkv + rows * qkv_dim, *act = attn + rows * Hq * D;
+    tandem_attention_item_f32 item32 = bf16 ? 0 : tandem_attention_item_for_f32(D);
+    tandem_attention_item_bf16 item16 = bf16 ? tandem_attention_item_for_bf16(D) : 0;
+
+#pragma omp parallel num_threads(threads)
+    for (int64_t layer = 0; layer < m->num_layers; ++layer) {
+        const void *qkv_w = (const void *)m->qkv_w[layer], *o_w = (const void *)m->o_w[layer];
+        const void *gu_w = (const void *)m->gate_up_w[layer], *down_w = (const void *)m->down_w[layer];
+        const float *qkv_b = (const float *)m->qkv_b[layer];
+        void *k_cache = (void *)m->k_cache[layer], *v_cache = (void *)m->v_cache[layer];
+        const int64_t wsize = bf16 ? 2 : 4;
+
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) rmsnorm(x + r * H, (const void *)m->input_norm[layer], bf16, m->eps, H, xn + r * H);
+
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < qkv_dim; ++o) {
+            const char *w = (const char *)qkv_w + o * H * wsize;
+            const float b = qkv_b ? qkv_b[o] : 0.f;
+            for (int64_t r = 0; r < rows; ++r) qkv[r * qkv_dim + o] = dot_w(w, bf16, xn + r * H, H) + b;
+        }
+
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < rows * (Hq + 2 * Hkv); ++job) {
+            const int64_t r = job / (Hq + 2 * Hkv), head = job % (Hq + 2 * Hkv);
+            float *v = qkv + r * qkv_dim + head * D;
+            if (head < Hq + Hkv) {  /* q or k head */
+                if (m->qk_norm) {
+                    float tmp[512];
+                    rmsnorm(v, (const void *)(head < Hq ? m->q_norm[layer] : m->k_norm[layer]), bf16, m->eps, D, tmp);
+                    memcpy(v, tmp, (size_t)D * sizeof(float));
+                }
+                rope(v, cos + r * D, sin + r * D, D);
+                if (head >= Hq) store_row(k_cache, bf16, slots[r] * slot_stride + (head - Hq) * D, v, D);
+            } else {
+                store_row(v_cache, bf16, slots[r] * slot_stride + (head - Hq - Hkv) * D, v, D);
+            }
+        }
+
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+                const float *q = qkv + r * qkv_dim + kvh * group * D;
+                float *out = attn + (r * Hq + kvh * group) * D;
+                if (bf16)
+                    item16(q, (const uint16_t *)k_cache + kvh * D, (const uint16_t *)v_cache + kvh * D,
+                           tables + r * max_blocks, ctx_lens[r], out, group, D, slot_stride, m->block_size, m->attn_scale);
+                else
+                    item32(q, (const float *)k_cache + kvh * D, (const float *)v_cache + kvh * D,
+                           tables + r * max_blocks, ctx_lens[r], out, group, D, slot_stride, m->block_size, m->attn_scale);
+            }
+
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < H; ++o) {
+            const char *w = (const char *)o_w + o * Hq * D * wsize;
+            for (int64_t r = 0; r < rows; ++r) x[r * H + o] += dot_w(w, bf16, attn + r * Hq * D, Hq * D);
+        }
+
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) rmsnorm(x + r * H, (const void *)m->post_norm[layer], bf16, m->eps, H, xn + r * H);
+
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < I; ++o) {
+            const char *wg = (const char *)gu_w + o * H * wsize, *wu = (const char *)gu_w + (I + o) * H * wsize;
+            for (int64_t r = 0; r < rows; ++r) {
+                const float g = dot_w(wg, bf16, xn + r * H, H), u = dot_w(wu, bf16, xn + r * H, H);
+                act[r * I + o] = g / (1.f + expf(-g)) * u;
+            }
+        }
+
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < H; ++o) {
+            const char *w = (const char *)down_w + o * I * wsize;
+            for (int64_t r = 0; r < rows; ++r) x[r * H + o] += dot_w(w, bf16, act + r * I, I);
+        }
+    }
+    return 0;
+}
+
+/* Scratch floats tandem_decode_forward needs for this many rows. */
+int64_t tandem_decode_scratch_floats(const tandem_decode_model *m, int64_t rows) {
+    const int64_t qkv_dim = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
+    return rows * (m->hidden + qkv_dim + m->num_heads * m->head_dim + m->intermediate);
+}
