@@ -25,6 +25,7 @@ from tandem.kernels.native import NativeUnavailable, load_library
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("gemv.c")]
+HEADERS = [Path(__file__).with_name("dot.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _GEMV_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 _SIGNATURES = {"tandem_gemv_f32": _GEMV_ARGS, "tandem_gemv_bf16": _GEMV_ARGS}
@@ -42,7 +43,7 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         _lib = load_library("tandem_cpu", SOURCES, FLAGS + ["-lm"],
-                            {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()})
+                            {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()}, HEADERS)
     except NativeUnavailable as exc:
         logger.warning("CPU kernels unavailable (%s); falling back to oneDNN and SDPA", exc)
     return _lib
