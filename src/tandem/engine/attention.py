@@ -81,10 +81,14 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_stored: bool = False,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D]; caches [slots, Hkv, D]. Returns [T, Hq, D]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    """q [T, Hq, D], k/v [T, Hkv, D]; caches [slots, Hkv, D]. Returns [T, Hq, D].
+
+    The new k/v are written to their slots first, unless ``kv_stored`` says the caller did."""
+    if not kv_stored:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     out = torch.empty_like(q)
     n_dec = meta.num_decode_tokens

@@ -29,6 +29,7 @@
 #define MAX_GROUP 32     /* query heads per KV head */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64     /* tokens per KV block */
+#define CHUNK_TOKENS 256 /* AVX-512 path: tokens scored between two softmax updates */
 #define NEG_BIG (-1e30f)
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -132,6 +133,50 @@ static inline void prefetch_block(const void *k, const void *v, int64_t tokens, 
         }
 }
 
+/* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into 2^n (vscalefps)
+ * times a degree-6 polynomial of 2^f, |f| <= 1/2; relative error ~1e-7. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.535336188e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* softmax_update with 16-lane vectors over a chunk's scores (rows ``stride`` apart), masked at the end. */
+static inline void softmax_update_avx512(float *s, int64_t stride, int64_t group, int64_t n, float *m, float *l,
+                                         float *correction) {
+    for (int64_t g = 0; g < group; ++g) {
+        float *row = s + g * stride;
+        __m512 vmax = _mm512_set1_ps(NEG_BIG);
+        for (int64_t c = 0; c < n; c += 16) {
+            const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+            vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(NEG_BIG), mask, row + c));
+        }
+        const float block_max = _mm512_reduce_max_ps(vmax);
+        const float new_max = block_max > m[g] ? block_max : m[g];
+        const __m512 both = exp_nonpositive(_mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, m[g] - new_max));
+        correction[g] = _mm512_cvtss_f32(both);
+        const __m512 vnew = _mm512_set1_ps(new_max);
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < n; c += 16) {
+            const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+            const __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + c), vnew)));
+            _mm512_mask_storeu_ps(row + c, mask, p);
+            vsum = _mm512_add_ps(vsum, p);
+        }
+        l[g] = l[g] * correction[g] + _mm512_reduce_add_ps(vsum);
+        m[g] = new_max;
+    }
+}
+
 /* BF16_DOT: 1 = bfloat16 scores with vdpbf16ps (T must be uint16_t). */
 #define DEFINE_AVX512_ITEM(NAME, T, LOAD16, BF16_DOT)                                              \
 static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *table,         \
@@ -139,7 +184,7 @@ static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64
                  int64_t block_size, float scale) {                                                 \
     const int64_t vecs = head_dim / 16;                                                            \
     __m512 qv[MAX_GROUP][MAX_VECS], acc[MAX_GROUP][MAX_VECS];                                      \
-    float s[MAX_GROUP][MAX_BLOCK] __attribute__((aligned(64)));                                    \
+    float s[MAX_GROUP][CHUNK_TOKENS] __attribute__((aligned(64)));                                 \
     float m[MAX_GROUP], l[MAX_GROUP], correction[MAX_GROUP];                                       \
     const __m512 sc = _mm512_set1_ps(scale);                                                       \
     for (int64_t g = 0; g < group; ++g) {                                                          \
@@ -154,31 +199,41 @@ static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64
     for (int64_t b = 0; b < PREFETCH_BLOCKS && b * block_size < ctx; ++b)                          \
         prefetch_block(k_cache + table[b] * block_size * slot_stride, v_cache + table[b] * block_size * slot_stride, \
                        block_size, slot_stride * (int64_t)sizeof(T), head_dim * (int64_t)sizeof(T)); \
-    for (int64_t start = 0; start < ctx; start += block_size) {                                    \
-        const int64_t n = ctx - start < block_size ? ctx - start : block_size;                     \
-        const T *kb = k_cache + table[start / block_size] * block_size * slot_stride;              \
-        const T *vb = v_cache + table[start / block_size] * block_size * slot_stride;              \
-        if (start + PREFETCH_BLOCKS * block_size < ctx)                                            \
-            prefetch_block(k_cache + table[start / block_size + PREFETCH_BLOCKS] * block_size * slot_stride, \
-                           v_cache + table[start / block_size + PREFETCH_BLOCKS] * block_size * slot_stride, \
-                           block_size, slot_stride * (int64_t)sizeof(T), head_dim * (int64_t)sizeof(T)); \
-        for (int64_t t = 0; t < n; ++t) {                                                          \
-            const T *kr = kb + t * slot_stride;                                                    \
-            SCORES_##BF16_DOT(LOAD16)                                                              \
+    /* Chunks of whole blocks: scores of the chunk, one softmax update, then its V rows. */     \
+    const int64_t chunk = block_size * (CHUNK_TOKENS / block_size > 0 ? CHUNK_TOKENS / block_size : 1); \
+    for (int64_t start = 0; start < ctx; start += chunk) {                                         \
+        const int64_t cn = ctx - start < chunk ? ctx - start : chunk;                              \
+        for (int64_t off = 0; off < cn; off += block_size) {                                       \
+            const int64_t blk = (start + off) / block_size;                                        \
+            const int64_t n = cn - off < block_size ? cn - off : block_size;                       \
+            const T *kb = k_cache + table[blk] * block_size * slot_stride;                         \
+            if ((blk + PREFETCH_BLOCKS) * block_size < ctx)                                        \
+                prefetch_block(k_cache + table[blk + PREFETCH_BLOCKS] * block_size * slot_stride,  \
+                               v_cache + table[blk + PREFETCH_BLOCKS] * block_size * slot_stride,  \
+                               block_size, slot_stride * (int64_t)sizeof(T), head_dim * (int64_t)sizeof(T)); \
+            for (int64_t t = 0; t < n; ++t) {                                                      \
+                const T *kr = kb + t * slot_stride;                                                \
+                const int64_t st = off + t;                                                        \
+                SCORES_##BF16_DOT(LOAD16)                                                          \
+            }                                                                                      \
         }                                                                                          \
-        softmax_update(s, group, n, m, l, correction);                                             \
+        softmax_update_avx512(&s[0][0], CHUNK_TOKENS, group, cn, m, l, correction);                \
         for (int64_t g = 0; g < group; ++g) {                                                      \
             if (correction[g] != 1.f) {                                                            \
                 const __m512 c = _mm512_set1_ps(correction[g]);                                    \
                 for (int64_t j = 0; j < vecs; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], c);        \
             }                                                                                      \
         }                                                                                          \
-        for (int64_t t = 0; t < n; ++t) {                                                          \
-            const T *vr = vb + t * slot_stride;                                                    \
-            for (int64_t j = 0; j < vecs; ++j) {                                                   \
-                const __m512 v = LOAD16(vr + 16 * j);                                              \
-                for (int64_t g = 0; g < group; ++g)                                                \
-                    acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][t]), v, acc[g][j]);            \
+        for (int64_t off = 0; off < cn; off += block_size) {                                       \
+            const int64_t n = cn - off < block_size ? cn - off : block_size;                       \
+            const T *vb = v_cache + table[(start + off) / block_size] * block_size * slot_stride;   \
+            for (int64_t t = 0; t < n; ++t) {                                                      \
+                const T *vr = vb + t * slot_stride;                                                \
+                for (int64_t j = 0; j < vecs; ++j) {                                               \
+                    const __m512 v = LOAD16(vr + 16 * j);                                          \
+                    for (int64_t g = 0; g < group; ++g)                                            \
+                        acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][off + t]), v, acc[g][j]);  \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
@@ -197,7 +252,7 @@ static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64
     for (int64_t g = 0; g < group; ++g) {                                                          \
         __m512 d = _mm512_mul_ps(qv[g][0], k[0]);                                                  \
         for (int64_t j = 1; j < vecs; ++j) d = _mm512_fmadd_ps(qv[g][j], k[j], d);                 \
-        s[g][t] = _mm512_reduce_add_ps(d);                                                         \
+        s[g][st] = _mm512_reduce_add_ps(d);                                                        \
     }
 
 DEFINE_AVX512_ITEM(item_avx512_f32, float, load16_f32, 0)
@@ -216,7 +271,7 @@ DEFINE_AVX512_ITEM(item_avx512_bf16_widen, uint16_t, load16_bf16, 0)
         __m512 d = _mm512_setzero_ps();                                                            \
         for (int64_t j = 0; j < vecs / 2; ++j)                                                     \
             d = _mm512_dpbf16_ps(d, qb[g][j], (__m512bh)_mm512_loadu_si512(kr + 32 * j));          \
-        s[g][t] = _mm512_reduce_add_ps(d);                                                         \
+        s[g][st] = _mm512_reduce_add_ps(d);                                                        \
     }
 
 DEFINE_AVX512_ITEM(item_avx512_bf16_dot, uint16_t, load16_bf16, 1)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionMetadata, paged_attention
-from tandem.kernels import decode_forward
+from tandem.kernels import decode_forward, elementwise
 from tandem.models.config import ModelConfig
 from tandem.models.linear import Linear
 from tandem.models.rope import RotaryEmbedding, apply_rotary
@@ -26,13 +27,29 @@ FUSED_DECODE_MAX_ROWS = 2
 (``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op."""
 
 
+@dataclass
+class RopeTables:
+    """RoPE cos/sin of the step's positions, looked up once per forward for every layer: in the
+    model dtype ``[T, 1, D]`` for the PyTorch ops, or float32 ``[T, D]`` for the fused C kernel."""
+
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    cos32: torch.Tensor | None = None
+    sin32: torch.Tensor | None = None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    fused = False
+    """Use the fused C kernel (kernels/elementwise) for 2-D inputs; set by prepare_for_inference on CPU."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dim() == 2:
+            return elementwise.rmsnorm(x, self.weight, self.eps)
         # Same numerics as HF: normalise in float32, scale in the model dtype.
         if x.dtype == torch.float32:
             return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
@@ -50,17 +67,27 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
+        self.fused = False
+        """RoPE and the KV store in one C pass (kernels/elementwise); CPU, no q/k norm."""
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+    def forward(self, rope: RopeTables, x: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
+        if self.fused:
+            qkv = self.qkv_proj(x)
+            elementwise.rope_store(qkv, rope.cos32, rope.sin32, meta.slot_mapping, kv_cache[0], kv_cache[1],
+                                   self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k, v = (t.view(num_tokens, -1, self.head_dim)
+                       for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+            out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_stored=True)
+            return self.o_proj(out.view(num_tokens, self.q_size))
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = apply_rotary(q, k, rope.cos, rope.sin)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.view(num_tokens, self.q_size))
 
@@ -71,8 +98,12 @@ class MLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False
+        """SiLU-and-multiply in one C pass (kernels/elementwise); CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(elementwise.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -106,6 +137,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._fused: decode_forward.FusedDecoder | None = None
         self._fused_off = os.environ.get("TANDEM_DISABLE_FUSED_DECODE") == "1"
+        self._fused_ops = False
+        """The per-op path uses the C elementwise kernels (set by prepare_for_inference)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -116,7 +149,10 @@ class LlamaForCausalLM(nn.Module):
             hidden = fused(x.float(), self.rotary.cos[positions], self.rotary.sin[positions], meta.slot_mapping,
                            meta.decode_block_ids.view(n, meta.decode_max_blocks), meta.decode_ctx_lens)
             return self.norm(hidden.to(x.dtype))
-        rope = self.rotary.lookup(positions, x.dtype)
+        if self._fused_ops:
+            rope = RopeTables(cos32=self.rotary.cos[positions], sin32=self.rotary.sin[positions])
+        else:
+            rope = RopeTables(*self.rotary.lookup(positions, x.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(rope, x, kv_cache, meta)
         return self.norm(x)
@@ -170,6 +206,14 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare_for_cpu()
+        cfg = self.config
+        if elementwise.supports(self.norm.weight) and cfg.hidden_size <= elementwise.MAX_NORM_DIM:
+            self._fused_ops = not cfg.qk_norm  # RoPE tables in float32 for the fused RoPE + KV store
+            for module in self.modules():
+                if isinstance(module, RMSNorm | MLP):
+                    module.fused = True
+                elif isinstance(module, Attention):
+                    module.fused = not cfg.qk_norm
 
     def load_hf_state_dict(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named (name, tensor) pairs, fusing q/k/v and gate/up; raises on missing or unexpected names."""

@@ -1,0 +1,177 @@
+/* The per-token elementwise parts of a decoder layer, fused, for CPU steps of many tokens.
+ *
+ * PyTorch runs each of these as several ops over the step's tokens (dtype casts, a norm, a
+ * scale; split, cat, neg, mul, add for RoPE; two index_copy_ for the cache; silu then mul),
+ * each a pass over memory with its own dispatch; in bfloat16 most of them also widen and narrow
+ * every element. Here each is one pass, parallel over tokens, math in float32:
+ *   rmsnorm:     out = x * rsqrt(mean(x^2) + eps) * w
+ *   silu_mul:    out[:, i] = silu(gu[:, i]) * gu[:, I + i]
+ *   rope_store:  RoPE (rotate-half) on the q and k heads of each token's fused qkv row, in place,
+ *                then k and v copied to the token's cache slot
+ * Tensors are float32 or bfloat16 (one dtype per call, flag bf16). Built by elementwise.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float load(const void *p, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline void store(void *p, int bf16, int64_t i, float f) {
+    if (!bf16) {
+        ((float *)p)[i] = f;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        ((uint16_t *)p)[i] = (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest even, as torch does */
+    ((uint16_t *)p)[i] = (uint16_t)(bits >> 16);
+}
+
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAVE_VEC 1
+/* 16 lanes from i, the lanes at or past n masked off (loads give 0, stores skip them). */
+static inline __mmask16 tail(int64_t i, int64_t n) {
+    return n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+}
+static inline __m512 vload(const void *p, int bf16, int64_t i, __mmask16 m) {
+    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    const __m256i raw = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline void vstore(void *p, int bf16, int64_t i, __mmask16 m, __m512 v) {
+    if (!bf16) _mm512_mask_storeu_ps((float *)p + i, m, v);
+    else _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+static inline __m512 round_bf16(__m512 v) {  /* v rounded to bfloat16 and widened back */
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m512 vexp(__m512 x) {  /* 2^n * p(f), relative error ~1e-7 */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.535336188e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#define MAX_NORM_DIM 16384
+
+void tandem_rmsnorm(const void *x, const void *w, void *out, int64_t rows, int64_t n, float eps, int bf16,
+                    int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+#if defined(HAVE_VEC)
+        {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < n; i += 16) {
+                const __m512 v = vload(x, bf16, r * n + i, tail(i, n));
+                acc = _mm512_fmadd_ps(v, v, acc);
+            }
+            const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
+            for (int64_t i = 0; i < n; i += 16) {
+                const __mmask16 m = tail(i, n);
+                __m512 v = _mm512_mul_ps(vload(x, bf16, r * n + i, m), inv);
+                if (bf16) v = round_bf16(v);
+                vstore(out, bf16, r * n + i, m, _mm512_mul_ps(v, vload(w, bf16, i, m)));
+            }
+            continue;
+        }
+#endif
+        float ss = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = load(x, bf16, r * n + i);
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (int64_t i = 0; i < n; ++i) {
+            /* as HF: normalise in float32, round to the model dtype, then scale by the weight */
+            float v = load(x, bf16, r * n + i) * inv;
+            if (bf16) {
+                uint16_t h;
+                store(&h, 1, 0, v);
+                v = load(&h, 1, 0);
+            }
+            store(out, bf16, r * n + i, v * load(w, bf16, i));
+        }
+    }
+}
+
+void tandem_silu_mul(const void *gu, void *out, int64_t rows, int64_t inter, int bf16, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+#if defined(HAVE_VEC)
+        for (int64_t i = 0; i < inter; i += 16) {
+            const __mmask16 m = tail(i, inter);
+            const __m512 g = vload(gu, bf16, r * 2 * inter + i, m), u = vload(gu, bf16, r * 2 * inter + inter + i, m);
+            __m512 sl = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            if (bf16) sl = round_bf16(sl);
+            vstore(out, bf16, r * inter + i, m, _mm512_mul_ps(sl, u));
+        }
+        continue;
+#endif
+        for (int64_t i = 0; i < inter; ++i) {
+            const float g = load(gu, bf16, r * 2 * inter + i), u = load(gu, bf16, r * 2 * inter + inter + i);
+            float s = g / (1.f + expf(-g));
+            if (bf16) {  /* torch rounds silu's output before the multiply */
+                uint16_t h;
+                store(&h, 1, 0, s);
+                s = load(&h, 1, 0);
+            }
+            store(out, bf16, r * inter + i, s * u);
+        }
+    }
+}
+
+/* qkv [rows, (hq + 2 hkv) * d] (rotated in place); cos/sin float32 [rows, d];
+ * caches [slots, hkv, d]; slots int64 [rows]. */
+void tandem_rope_store(void *qkv, const float *cos, const float *sin, const int64_t *slots, void *k_cache,
+                       void *v_cache, int64_t rows, int64_t hq, int64_t hkv, int64_t d, int bf16, int threads) {
+    const int64_t width = (hq + 2 * hkv) * d, half = d / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *c = cos + r * d, *s = sin + r * d;
+        for (int64_t head = 0; head < hq + hkv; ++head) {
+            const int64_t base = r * width + head * d;
+#if defined(HAVE_VEC)
+            for (int64_t i = 0; i < half; i += 16) {
+                const __mmask16 m = tail(i, half);
+                const __m512 a = vload(qkv, bf16, base + i, m), b = vload(qkv, bf16, base + i + half, m);
+                const __m512 c0 = _mm512_maskz_loadu_ps(m, c + i), s0 = _mm512_maskz_loadu_ps(m, s + i);
+                const __m512 c1 = _mm512_maskz_loadu_ps(m, c + i + half), s1 = _mm512_maskz_loadu_ps(m, s + i + half);
+                vstore(qkv, bf16, base + i, m, _mm512_fmsub_ps(a, c0, _mm512_mul_ps(b, s0)));
+                vstore(qkv, bf16, base + i + half, m, _mm512_fmadd_ps(b, c1, _mm512_mul_ps(a, s1)));
+            }
+            continue;
+#endif
+            for (int64_t i = 0; i < half; ++i) {
+                const float a = load(qkv, bf16, base + i), b = load(qkv, bf16, base + i + half);
+                store(qkv, bf16, base + i, a * c[i] - b * s[i]);
+                store(qkv, bf16, base + i + half, b * c[i + half] + a * s[i + half]);
+            }
+        }
+        const int64_t elem = bf16 ? 2 : 4, kv_bytes = hkv * d * elem;
+        memcpy((char *)k_cache + slots[r] * kv_bytes, (const char *)qkv + (r * width + hq * d) * elem, (size_t)kv_bytes);
+        memcpy((char *)v_cache + slots[r] * kv_bytes, (const char *)qkv + (r * width + (hq + hkv) * d) * elem,
+               (size_t)kv_bytes);
+    }
+}

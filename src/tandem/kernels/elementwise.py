@@ -1,0 +1,83 @@
+"""Fused elementwise kernels for CPU steps of many tokens (``elementwise.c``): RMSNorm, SiLU-and-
+multiply, and RoPE with the KV-cache store, each one pass over the step's tokens.
+
+Why our own kernels: in a 2,048-token bfloat16 prefill step PyTorch spent ~40% of the step in
+these small ops (each a separate pass with dtype casts; figures in docs/benchmarks.md). Compiled
+on first use like the other kernels; ``load()`` returns None without a compiler (the model then
+keeps its PyTorch ops), and ``TANDEM_DISABLE_CPU_ELEMENTWISE=1`` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from tandem.kernels.native import NativeUnavailable, load_library
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("elementwise.c")]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
+MAX_NORM_DIM = 16384
+_P, _I, _F, _B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "tandem_rmsnorm": ([_P, _P, _P, _I, _I, _F, _B, _B], None),
+    "tandem_silu_mul": ([_P, _P, _I, _I, _B, _B], None),
+    "tandem_rope_store": ([_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _B, _B], None),
+}
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("TANDEM_DISABLE_CPU_ELEMENTWISE") == "1":
+        return None
+    try:
+        _lib = load_library("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES)
+    except NativeUnavailable as exc:
+        logger.warning("CPU elementwise kernels unavailable (%s); using PyTorch ops", exc)
+    return _lib
+
+
+def supports(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and load() is not None
+
+
+def _bf16(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of x [T, n] (float32 math, rounded to x's dtype before the weight)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    load().tandem_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, _bf16(x),
+                          torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [T, 2I] gate/up projection, as [T, I]."""
+    gate_up = gate_up.contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    load().tandem_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, _bf16(gate_up), torch.get_num_threads())
+    return out
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Rotate the q and k heads of ``qkv`` [T, (Hq + 2 Hkv) D] in place (cos/sin float32 [T, D]) and
+    store each token's k and v in the caches [slots, Hkv, D] at ``slots`` [T]."""
+    assert qkv.is_contiguous() and cos.dtype == torch.float32 and k_cache.dtype == qkv.dtype
+    load().tandem_rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
+                             v_cache.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, head_dim, _bf16(qkv),
+                             torch.get_num_threads())
