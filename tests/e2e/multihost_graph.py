@@ -160,7 +160,7 @@ def start_graph(cluster: Cluster, tmp_dir: Path, timeout_s: float = 300.0) -> Gr
     graph = Graph(cluster, discovery, event_plane)
     plane_args = _plane_args(cluster, discovery, event_plane, tmp_dir / "discovery")
     bed = cluster.bed
-    worker_common = ["worker", "--model", MODEL, "--threads", "1", "--kv-cache-gib", "0.25", "--ttl", str(WORKER_TTL_S),
+    worker_common = ["worker", "--model", MODEL, "--dtype", "float32", "--threads", "1", "--kv-cache-gib", "0.25", "--ttl", str(WORKER_TTL_S),
                      "--drain-timeout", "2", *plane_args]
     try:
         for host, role in ((PREFILL, "prefill"), *((h, "decode") for h in DECODE_HOSTS)):

@@ -38,6 +38,8 @@ from tests.e2e.serve_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 
+# float32 throughout: texts are compared token for token across engines, batchings and KV imports,
+# where bfloat16 rounding flips near-ties (tests/e2e/test_engine_bf16_vs_hf.py covers bfloat16).
 MODEL = "smollm2-135m-instruct"
 GRAPH = Path(__file__).resolve().parents[2] / "examples" / "graphs" / "disagg.yaml"
 MAX_TOKENS = 8
@@ -58,7 +60,7 @@ REFERENCE_PROMPTS = [*FAULT_PROMPTS.values(), *KILL_PROMPTS, AFTER_KILL_PROMPT]
 def _reference_texts() -> dict[tuple[int, ...], str]:
     """Greedy text of every prompt from an aggregated builtin engine in this process."""
     # One step for all prompts: unchunked prefill is the fastest way through them on a CPU.
-    engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=1024, max_num_batched_tokens=8192))
+    engine = LLMEngine(EngineConfig(model=MODEL, dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=8192))
     outputs = engine.generate(REFERENCE_PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     return {tuple(prompt): engine.loaded.tokenizer.decode(out, skip_special_tokens=True)
             for prompt, out in zip(REFERENCE_PROMPTS, outputs, strict=True)}
@@ -135,7 +137,7 @@ def holds_nothing(address: str) -> bool:
 def deployment(tmp_path_factory):
     fault_file = tmp_path_factory.mktemp("faults") / "transfer-fault"
     fault_file.write_text("")
-    server = ServeProcess(str(GRAPH), "--port", "0", "--kv-cache-gib", "0.5", "--drain-timeout", "5",
+    server = ServeProcess(str(GRAPH), "--port", "0", "--dtype", "float32", "--kv-cache-gib", "0.5", "--drain-timeout", "5",
                           env={"TANDEM_FAULT_TRANSFER": f"file:{fault_file}"})
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(_reference_texts)  # while the workers load

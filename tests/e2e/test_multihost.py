@@ -112,7 +112,7 @@ def test_hosts_reach_each_other_and_link_down_cuts_a_host_off(testbed):
 
 def _reference_texts() -> dict[tuple[int, ...], str]:
     """Greedy text of every prompt from an aggregated builtin engine in this process."""
-    engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=1024))
+    engine = LLMEngine(EngineConfig(model=MODEL, dtype="float32", num_kv_blocks=1024))
     texts = {}
     for prompts, max_tokens in ((SERVE_PROMPTS, MAX_TOKENS), (STREAM_PROMPTS, STREAM_MAX_TOKENS)):
         outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))

@@ -23,6 +23,8 @@ from tests.e2e.serve_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 
+# float32 throughout: texts are compared token for token across engines, batchings and KV imports,
+# where bfloat16 rounding flips near-ties (tests/e2e/test_engine_bf16_vs_hf.py covers bfloat16).
 MODEL = "smollm2-135m-instruct"
 GRAPHS = Path(__file__).resolve().parents[2] / "examples" / "graphs"
 MAX_TOKENS = 8
@@ -35,7 +37,7 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference():
-    return LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=512))
+    return LLMEngine(EngineConfig(model=MODEL, dtype="float32", num_kv_blocks=512))
 
 
 def _disaggregated(client: openai.OpenAI) -> float:
@@ -54,7 +56,7 @@ def _greedy(engine: LLMEngine, prompt: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module", params=["disagg.yaml", "disagg_router.yaml"])
 def client(request, reference):
-    server = ServeProcess(str(GRAPHS / request.param), "--port", "0", "--kv-cache-gib", "0.5",
+    server = ServeProcess(str(GRAPHS / request.param), "--port", "0", "--dtype", "float32", "--kv-cache-gib", "0.5",
                           "--drain-timeout", "5")
     try:
         url = server.wait_ready(timeout=180)

@@ -10,6 +10,7 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sampling_params import SamplingParams
+from tandem.models.linear import Linear
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -78,3 +79,27 @@ def test_single_stream_greedy_matches_hf_on_the_fused_decoder(tiny):
     for prompt in prompts(3, lengths=(7, 21)):
         assert engine.generate([prompt], GREEDY) == [hf_greedy(hf, prompt, GREEDY.max_tokens)], kind
     assert engine.loaded.model._fused is not None or engine.loaded.model._fused_off
+
+
+def use_portable_path(engine: LLMEngine) -> None:
+    """Turn off every C path of this engine: what runs on CUDA (PyTorch ops, gather + SDPA
+    decode attention, no fused decoder), exercised here on the CPU."""
+    model = engine.loaded.model
+    model._fused_off, model._fused_ops = True, False
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = False
+        if isinstance(module, Linear) and module.weight is not None:
+            module.gemv, module.packed_weight = None, None  # plain F.linear, as on CUDA
+    engine.runner.decode_kernel = False
+
+
+def test_portable_path_matches_hf(tiny):
+    kind, path, hf = tiny
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4,
+                                    max_num_batched_tokens=32))
+    use_portable_path(engine)
+    ps = prompts(4)
+    assert engine.generate(ps, GREEDY) == [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps], kind
+    assert engine.generate([ps[0]], GREEDY) == [hf_greedy(hf, ps[0], GREEDY.max_tokens)], kind
+    assert engine.loaded.model._fused is None

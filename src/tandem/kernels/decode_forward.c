@@ -15,7 +15,8 @@
  *   6. xn = rmsnorm(x) * post_attention_norm
  *   7. act = silu(xn @ W_gate^T) * (xn @ W_up^T)         gate and up rows of one feature together
  *   8. x += act @ W_down^T
- * Math in float32 (activations never round to bfloat16; weights and caches may be bfloat16).
+ * Math in float32; with bfloat16 weights every activation is rounded to bfloat16 where the
+ * per-op path rounds it (weights and caches may be bfloat16).
  * The embedding lookup, the final norm and the LM head stay in PyTorch (decode_forward.py).
  */
 #include <math.h>
@@ -35,21 +36,34 @@ typedef struct {
     const int64_t *k_cache, *v_cache;
 } tandem_decode_model;
 
+/* With bfloat16 weights, activations are rounded to bfloat16 wherever the per-op path (and HF)
+ * produces a bfloat16 tensor, so both compute the same function; the math between stays float32. */
+static inline float rb(float v, int bf16) {
+    if (!bf16) return v;
+    return bf16f(f2bf16(v));
+}
+
 static inline void rmsnorm(const float *x, const void *w, int bf16, float eps, int64_t n, float *out) {
     float ss = 0.f;
 #pragma omp simd reduction(+:ss)
     for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
     const float inv = 1.f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * weight_at(w, bf16, i);
+    for (int64_t i = 0; i < n; ++i) out[i] = rb(rb(x[i] * inv, bf16) * weight_at(w, bf16, i), bf16);
 }
 
 /* RoPE, rotate-half layout: out[d] = x[d] cos[d] - x[d + h] sin[d] (d < h), x[d] cos[d] + x[d - h] sin[d]. */
-static inline void rope(float *x, const float *cos, const float *sin, int64_t d) {
+static inline void rope(float *x, const float *cos, const float *sin, int64_t d, int bf16) {
     const int64_t h = d / 2;
     for (int64_t i = 0; i < h; ++i) {
         const float a = x[i], b = x[i + h];
-        x[i] = a * cos[i] - b * sin[i];
-        x[i + h] = b * cos[i + h] + a * sin[i + h];
+        if (bf16) {  /* as HF: cos/sin in bfloat16, each product and the sum rounded */
+            const float c0 = rb(cos[i], 1), s0 = rb(sin[i], 1), c1 = rb(cos[i + h], 1), s1 = rb(sin[i + h], 1);
+            x[i] = rb(rb(a * c0, 1) - rb(b * s0, 1), 1);
+            x[i + h] = rb(rb(b * c1, 1) + rb(a * s1, 1), 1);
+        } else {
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + h] = b * cos[i + h] + a * sin[i + h];
+        }
     }
 }
 
@@ -88,7 +102,7 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
         for (int64_t o = 0; o < qkv_dim; ++o) {
             const char *w = (const char *)qkv_w + o * H * wsize;
             const float b = qkv_b ? qkv_b[o] : 0.f;
-            for (int64_t r = 0; r < rows; ++r) qkv[r * qkv_dim + o] = dot_w(w, bf16, xn + r * H, H) + b;
+            for (int64_t r = 0; r < rows; ++r) qkv[r * qkv_dim + o] = rb(dot_w(w, bf16, xn + r * H, H) + b, bf16);
         }
 
 #pragma omp for schedule(static)
@@ -101,7 +115,7 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
                     rmsnorm(v, (const void *)(head < Hq ? m->q_norm[layer] : m->k_norm[layer]), bf16, m->eps, D, tmp);
                     memcpy(v, tmp, (size_t)D * sizeof(float));
                 }
-                rope(v, cos + r * D, sin + r * D, D);
+                rope(v, cos + r * D, sin + r * D, D, bf16);
                 if (head >= Hq) store_row(k_cache, bf16, slots[r] * slot_stride + (head - Hq) * D, v, D);
             } else {
                 store_row(v_cache, bf16, slots[r] * slot_stride + (head - Hq - Hkv) * D, v, D);
@@ -121,10 +135,16 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
                            tables + r * max_blocks, ctx_lens[r], out, group, D, slot_stride, m->block_size, m->attn_scale);
             }
 
+        if (bf16) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows * Hq * D; ++i) attn[i] = rb(attn[i], 1);
+        }
+
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < H; ++o) {
             const char *w = (const char *)o_w + o * Hq * D * wsize;
-            for (int64_t r = 0; r < rows; ++r) x[r * H + o] += dot_w(w, bf16, attn + r * Hq * D, Hq * D);
+            for (int64_t r = 0; r < rows; ++r)
+                x[r * H + o] = rb(x[r * H + o] + rb(dot_w(w, bf16, attn + r * Hq * D, Hq * D), bf16), bf16);
         }
 
 #pragma omp for schedule(static)
@@ -134,15 +154,16 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
         for (int64_t o = 0; o < I; ++o) {
             const char *wg = (const char *)gu_w + o * H * wsize, *wu = (const char *)gu_w + (I + o) * H * wsize;
             for (int64_t r = 0; r < rows; ++r) {
-                const float g = dot_w(wg, bf16, xn + r * H, H), u = dot_w(wu, bf16, xn + r * H, H);
-                act[r * I + o] = g / (1.f + expf(-g)) * u;
+                const float g = rb(dot_w(wg, bf16, xn + r * H, H), bf16), u = rb(dot_w(wu, bf16, xn + r * H, H), bf16);
+                act[r * I + o] = rb(rb(g / (1.f + expf(-g)), bf16) * u, bf16);
             }
         }
 
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < H; ++o) {
             const char *w = (const char *)down_w + o * I * wsize;
-            for (int64_t r = 0; r < rows; ++r) x[r * H + o] += dot_w(w, bf16, act + r * I, I);
+            for (int64_t r = 0; r < rows; ++r)
+                x[r * H + o] = rb(x[r * H + o] + rb(dot_w(w, bf16, act + r * I, I), bf16), bf16);
         }
     }
     return 0;

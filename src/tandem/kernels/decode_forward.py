@@ -4,8 +4,9 @@ for a few decode rows in one C call, for CPU single-stream and small-batch decod
 `FusedDecoder` is built once per model and KV cache: it collects the plain weights' and the
 caches' addresses per layer into the C struct; each call then passes the step's rows (float32
 hidden states after the embedding, RoPE cos/sin of their positions, their KV slots, block
-tables and context lengths). Numbers stay in float32 between the (bfloat16 or float32) weights,
-so the outputs are close to, not bit-equal with, the per-op PyTorch path.
+tables and context lengths). The math is float32; in a bfloat16 model each activation is rounded to
+bfloat16 where the per-op PyTorch path produces one, so the outputs are close to, not bit-equal
+with, that path (the summation order differs).
 """
 
 from __future__ import annotations

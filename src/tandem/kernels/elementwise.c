@@ -8,6 +8,8 @@
  *   silu_mul:    out[:, i] = silu(gu[:, i]) * gu[:, I + i]
  *   rope_store:  RoPE (rotate-half) on the q and k heads of each token's fused qkv row, in place,
  *                then k and v copied to the token's cache slot
+ * In bfloat16, every value PyTorch (and HF) would round to bfloat16 is rounded at the same point
+ * (RoPE: cos and sin, each product, the sum), so the fused kernels compute the same function.
  * Tensors are float32 or bfloat16 (one dtype per call, flag bf16). Built by elementwise.py.
  */
 #include <math.h>
@@ -73,6 +75,12 @@ static inline __m512 vexp(__m512 x) {  /* 2^n * p(f), relative error ~1e-7 */
     return _mm512_scalef_ps(p, n);
 }
 #endif
+
+static inline float rnd(float v) {  /* v rounded to bfloat16 */
+    uint16_t h;
+    store(&h, 1, 0, v);
+    return load(&h, 1, 0);
+}
 
 #define MAX_NORM_DIM 16384
 
@@ -156,8 +164,14 @@ void tandem_rope_store(void *qkv, const float *cos, const float *sin, const int6
             for (int64_t i = 0; i < half; i += 16) {
                 const __mmask16 m = tail(i, half);
                 const __m512 a = vload(qkv, bf16, base + i, m), b = vload(qkv, bf16, base + i + half, m);
-                const __m512 c0 = _mm512_maskz_loadu_ps(m, c + i), s0 = _mm512_maskz_loadu_ps(m, s + i);
-                const __m512 c1 = _mm512_maskz_loadu_ps(m, c + i + half), s1 = _mm512_maskz_loadu_ps(m, s + i + half);
+                __m512 c0 = _mm512_maskz_loadu_ps(m, c + i), s0 = _mm512_maskz_loadu_ps(m, s + i);
+                __m512 c1 = _mm512_maskz_loadu_ps(m, c + i + half), s1 = _mm512_maskz_loadu_ps(m, s + i + half);
+                if (bf16) {  /* HF: cos/sin in the model dtype, each product and the sum rounded */
+                    c0 = round_bf16(c0), s0 = round_bf16(s0), c1 = round_bf16(c1), s1 = round_bf16(s1);
+                    vstore(qkv, 1, base + i, m, _mm512_sub_ps(round_bf16(_mm512_mul_ps(a, c0)), round_bf16(_mm512_mul_ps(b, s0))));
+                    vstore(qkv, 1, base + i + half, m, _mm512_add_ps(round_bf16(_mm512_mul_ps(b, c1)), round_bf16(_mm512_mul_ps(a, s1))));
+                    continue;
+                }
                 vstore(qkv, bf16, base + i, m, _mm512_fmsub_ps(a, c0, _mm512_mul_ps(b, s0)));
                 vstore(qkv, bf16, base + i + half, m, _mm512_fmadd_ps(b, c1, _mm512_mul_ps(a, s1)));
             }
@@ -165,6 +179,12 @@ void tandem_rope_store(void *qkv, const float *cos, const float *sin, const int6
 #endif
             for (int64_t i = 0; i < half; ++i) {
                 const float a = load(qkv, bf16, base + i), b = load(qkv, bf16, base + i + half);
+                if (bf16) {  /* HF: cos/sin in the model dtype, each product and the sum rounded */
+                    const float c0 = rnd(c[i]), s0 = rnd(s[i]), c1 = rnd(c[i + half]), s1 = rnd(s[i + half]);
+                    store(qkv, 1, base + i, rnd(a * c0) - rnd(b * s0));
+                    store(qkv, 1, base + i + half, rnd(b * c1) + rnd(a * s1));
+                    continue;
+                }
                 store(qkv, bf16, base + i, a * c[i] - b * s[i]);
                 store(qkv, bf16, base + i + half, b * c[i + half] + a * s[i + half]);
             }
