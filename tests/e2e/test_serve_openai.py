@@ -43,7 +43,10 @@ COMPLETION_CASES = [
 
 @pytest.fixture(scope="module")
 def serve():
-    server = ServeProcess("--port", "0", "--max-body-bytes", str(MAX_BODY_BYTES), "--drain-timeout", "5")
+    # float32: greedy texts are compared token for token with a sequential reference engine, across
+    # batchings where bfloat16 rounding flips near-ties (tests/e2e/test_engine_bf16_vs_hf.py covers bf16).
+    server = ServeProcess("--port", "0", "--dtype", "float32", "--max-body-bytes", str(MAX_BODY_BYTES),
+                          "--drain-timeout", "5")
     yield server
     server.stop()
 
@@ -60,7 +63,7 @@ class Reference:
     """The builtin engine in this process: what the server must reproduce exactly."""
 
     def __init__(self) -> None:
-        self.engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=512))
+        self.engine = LLMEngine(EngineConfig(model=MODEL, dtype="float32", num_kv_blocks=512))
         self.tok = self.engine.loaded.tokenizer
         self.eos = set(getattr(self.engine.loaded, "eos_token_ids", None) or [self.tok.eos_token_id])
         self._cache: dict[tuple[tuple[int, ...], int], Greedy] = {}

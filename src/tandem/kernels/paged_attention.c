@@ -30,6 +30,9 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64     /* tokens per KV block */
 #define CHUNK_TOKENS 256 /* AVX-512 path: tokens scored between two softmax updates */
+#ifndef ROWS_OUTER_MIN
+#define ROWS_OUTER_MIN 1000000 /* rows per thread from which threads split rows, not (row, head) items */
+#endif
 #define NEG_BIG (-1e30f)
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -292,6 +295,17 @@ int NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *bloc
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return -1;          \
     const int64_t slot_stride = num_kv_heads * head_dim;                                            \
     ITEM_T item = PICK;                                                                             \
+    if (rows >= ROWS_OUTER_MIN * threads) {                                                         \
+        /* Many rows: a thread takes all KV heads of one row in turn (its K/V rows are adjacent). */ \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
+        for (int64_t r = 0; r < rows; ++r)                                                          \
+            for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)                                        \
+                item(q + (r * num_heads + kvh * group) * head_dim, k_cache + kvh * head_dim,         \
+                     v_cache + kvh * head_dim, block_tables + row_table[r] * max_blocks, ctx_lens[r],  \
+                     out + (r * num_heads + kvh * group) * head_dim, group, head_dim, slot_stride,     \
+                     block_size, scale);                                                             \
+        return 0;                                                                                   \
+    }                                                                                               \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)")              \
     for (int64_t r = 0; r < rows; ++r)                                                              \
         for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)                                            \
