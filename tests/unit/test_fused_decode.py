@@ -1,6 +1,6 @@
 """The fused C decoder (kernels/decode_forward) against the per-op PyTorch path of the same
 model and cache: hidden states after all layers and the K/V it writes, for every tiny
-architecture (GQA, q/k norm, qkv bias), float32 and bfloat16, one and two rows."""
+architecture (GQA, q/k norm, qkv bias), float32 and bfloat16, one to four rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sampling_params import SamplingParams
 from tandem.kernels import decode_forward
+from tandem.models.llama import FUSED_DECODE_MAX_ROWS
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
 
@@ -32,7 +33,7 @@ def decode_step_inputs(engine: LLMEngine, rows: int):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 4])
 def test_fused_decoder_matches_the_per_op_path(tiny_path, dtype, rows):
     engine = LLMEngine(EngineConfig(model=str(tiny_path), dtype=dtype, num_kv_blocks=64, block_size=4))
     model, runner = engine.loaded.model, engine.runner
@@ -59,6 +60,6 @@ def test_fused_decoder_matches_the_per_op_path(tiny_path, dtype, rows):
 
 def test_larger_batches_use_the_per_op_path(tiny_path):
     engine = LLMEngine(EngineConfig(model=str(tiny_path), dtype="float32", num_kv_blocks=64, block_size=4))
-    inputs = decode_step_inputs(engine, 3)
+    inputs = decode_step_inputs(engine, FUSED_DECODE_MAX_ROWS + 1)
     model = engine.loaded.model
-    assert model._fused_decoder(engine.runner.kv_caches, inputs.meta) is None  # 3 rows > FUSED_DECODE_MAX_ROWS
+    assert model._fused_decoder(engine.runner.kv_caches, inputs.meta) is None

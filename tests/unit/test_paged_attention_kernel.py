@@ -57,6 +57,15 @@ def test_kernel_matches_gather_and_sdpa(dtype, num_heads, num_kv_heads, head_dim
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_split_across_threads(dtype):
+    """Enough rows that threads take whole rows (all KV heads of a row in turn)."""
+    case = random_case(dtype, 9, 3, 64, 16, rows=4 * 2 * max(1, torch.get_num_threads()) + 3, max_ctx=90, seed=7)
+    got = cpu_paged.paged_attention(*case, 16, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), reference(*case, 16, 0.125), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 32, 64])
 def test_block_sizes_and_rows_sharing_one_table(block_size):
     case = random_case(torch.float32, 6, 2, 64, block_size, rows=5, max_ctx=97, shared_table=True, seed=3)

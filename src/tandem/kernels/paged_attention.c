@@ -31,7 +31,7 @@
 #define MAX_BLOCK 64     /* tokens per KV block */
 #define CHUNK_TOKENS 256 /* AVX-512 path: tokens scored between two softmax updates */
 #ifndef ROWS_OUTER_MIN
-#define ROWS_OUTER_MIN 1000000 /* rows per thread from which threads split rows, not (row, head) items */
+#define ROWS_OUTER_MIN 4 /* rows per thread from which threads split rows, not (row, head) items (~8% faster at batch 64) */
 #endif
 #define NEG_BIG (-1e30f)
 

@@ -22,9 +22,11 @@ from tandem.models.linear import Linear
 from tandem.models.rope import RotaryEmbedding, apply_rotary
 
 
-FUSED_DECODE_MAX_ROWS = 2
+FUSED_DECODE_MAX_ROWS = 4
 """Decode steps of up to this many rows (and no prefill) run the fused C decoder on CPU
-(``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op."""
+(``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op.
+Measured on SmolLM2-135M bf16, 2 cores, context ~260: fused 14.7 / 19.4 / 20.9 / 23.4 ms per step
+at 1 / 2 / 3 / 4 rows against 24.5 / 28.6 / 30.4 / 30.6 ms per op; a tie at 6, per op ahead from 8."""
 
 
 @dataclass
