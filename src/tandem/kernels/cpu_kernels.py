@@ -14,39 +14,21 @@ first so the kernel shares torch's OpenMP runtime (same libgomp soname). Without
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import NativeUnavailable, load_library
-
-logger = logging.getLogger(__name__)
+from tandem.kernels.native import LazyLibrary
 
 SOURCES = [Path(__file__).with_name("gemv.c")]
 HEADERS = [Path(__file__).with_name("dot.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _GEMV_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 _SIGNATURES = {"tandem_gemv_f32": _GEMV_ARGS, "tandem_gemv_bf16": _GEMV_ARGS}
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first use; None if that is impossible."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("TANDEM_DISABLE_CPU_GEMV") == "1":
-        return None
-    try:
-        _lib = load_library("tandem_cpu", SOURCES, FLAGS + ["-lm"],
-                            {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()}, HEADERS)
-    except NativeUnavailable as exc:
-        logger.warning("CPU kernels unavailable (%s); falling back to oneDNN and SDPA", exc)
-    return _lib
+load = LazyLibrary("tandem_cpu", SOURCES, FLAGS + ["-lm"],
+                   {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()}, HEADERS,
+                   disable_env="TANDEM_DISABLE_CPU_GEMV", fallback="falling back to oneDNN")
+"""The compiled kernel library (built on first use), or None if that is impossible."""
 
 
 def supports(weight: torch.Tensor) -> bool:

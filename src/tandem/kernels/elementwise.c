@@ -41,7 +41,7 @@ static inline void store(void *p, int bf16, int64_t i, float f) {
 
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#include "avx512_math.h"
 #define HAVE_VEC 1
 /* 16 lanes from i, the lanes at or past n masked off (loads give 0, stores skip them). */
 static inline __mmask16 tail(int64_t i, int64_t n) {
@@ -59,20 +59,6 @@ static inline void vstore(void *p, int bf16, int64_t i, __mmask16 m, __m512 v) {
 static inline __m512 round_bf16(__m512 v) {  /* v rounded to bfloat16 and widened back */
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-static inline __m512 vexp(__m512 x) {  /* 2^n * p(f), relative error ~1e-7 */
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 #endif
 
@@ -131,7 +117,7 @@ void tandem_silu_mul(const void *gu, void *out, int64_t rows, int64_t inter, int
         for (int64_t i = 0; i < inter; i += 16) {
             const __mmask16 m = tail(i, inter);
             const __m512 g = vload(gu, bf16, r * 2 * inter + i, m), u = vload(gu, bf16, r * 2 * inter + inter + i, m);
-            __m512 sl = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 sl = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
             if (bf16) sl = round_bf16(sl);
             vstore(out, bf16, r * inter + i, m, _mm512_mul_ps(sl, u));
         }

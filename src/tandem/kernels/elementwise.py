@@ -10,15 +10,11 @@ keeps its PyTorch ops), and ``TANDEM_DISABLE_CPU_ELEMENTWISE=1`` forces that.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import NativeUnavailable, load_library
-
-logger = logging.getLogger(__name__)
+from tandem.kernels.native import LazyLibrary
 
 SOURCES = [Path(__file__).with_name("elementwise.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
@@ -29,22 +25,9 @@ _SIGNATURES = {
     "tandem_silu_mul": ([_P, _P, _I, _I, _B, _B], None),
     "tandem_rope_store": ([_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _B, _B], None),
 }
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("TANDEM_DISABLE_CPU_ELEMENTWISE") == "1":
-        return None
-    try:
-        _lib = load_library("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES)
-    except NativeUnavailable as exc:
-        logger.warning("CPU elementwise kernels unavailable (%s); using PyTorch ops", exc)
-    return _lib
+load = LazyLibrary("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES, [Path(__file__).with_name("avx512_math.h")],
+                   disable_env="TANDEM_DISABLE_CPU_ELEMENTWISE", fallback="using PyTorch ops")
+"""The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 
 
 def supports(t: torch.Tensor) -> bool:

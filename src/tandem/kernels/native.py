@@ -10,6 +10,7 @@ Callers catch :class:`NativeUnavailable` and fall back to their pure-Python path
 from __future__ import annotations
 
 import ctypes
+import logging
 import hashlib
 import os
 import platform
@@ -102,3 +103,28 @@ def load_library(name: str, sources: list[Path], flags: list[str],
     except (OSError, AttributeError) as exc:
         raise NativeUnavailable(str(exc)) from exc
     return lib
+
+
+class LazyLibrary:
+    """A kernel library built and loaded on first use, once per process.
+
+    Calling it returns the library, or None when it cannot be built (logged once, with what the
+    caller falls back to) or when the environment variable ``disable_env`` is ``1``."""
+
+    def __init__(self, name: str, sources: list[Path], flags: list[str], signatures: dict[str, tuple[list, object]],
+                 headers: list[Path] = (), disable_env: str | None = None, fallback: str = "") -> None:
+        self.name, self.sources, self.flags, self.signatures = name, sources, flags, signatures
+        self.headers, self.disable_env, self.fallback = headers, disable_env, fallback
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    def __call__(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            self._tried = True
+            if self.disable_env and os.environ.get(self.disable_env) == "1":
+                return None
+            try:
+                self._lib = load_library(self.name, self.sources, self.flags, self.signatures, self.headers)
+            except NativeUnavailable as exc:
+                logging.getLogger(__name__).warning("%s unavailable (%s); %s", self.name, exc, self.fallback)
+        return self._lib

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "avx512_math.h"
 #include "paged_attention.h"
 
 #define MAX_GROUP 32     /* query heads per KV head */
@@ -136,23 +137,6 @@ static inline void prefetch_block(const void *k, const void *v, int64_t tokens, 
         }
 }
 
-/* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into 2^n (vscalefps)
- * times a degree-6 polynomial of 2^f, |f| <= 1/2; relative error ~1e-7. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* softmax_update with 16-lane vectors over a chunk's scores (rows ``stride`` apart), masked at the end. */
 static inline void softmax_update_avx512(float *s, int64_t stride, int64_t group, int64_t n, float *m, float *l,
                                          float *correction) {
@@ -165,13 +149,13 @@ static inline void softmax_update_avx512(float *s, int64_t stride, int64_t group
         }
         const float block_max = _mm512_reduce_max_ps(vmax);
         const float new_max = block_max > m[g] ? block_max : m[g];
-        const __m512 both = exp_nonpositive(_mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, m[g] - new_max));
+        const __m512 both = exp512(_mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, m[g] - new_max));
         correction[g] = _mm512_cvtss_f32(both);
         const __m512 vnew = _mm512_set1_ps(new_max);
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t c = 0; c < n; c += 16) {
             const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
-            const __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + c), vnew)));
+            const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + c), vnew)));
             _mm512_mask_storeu_ps(row + c, mask, p);
             vsum = _mm512_add_ps(vsum, p);
         }
@@ -286,6 +270,12 @@ DEFINE_AVX512_ITEM(item_avx512_bf16_dot, uint16_t, load16_bf16, 1)
 typedef tandem_attention_item_f32 item_fn_f32;
 typedef tandem_attention_item_bf16 item_fn_bf16;
 
+/* The (row r, kv head kvh) work item of an entry point. */
+#define CALL_ITEM                                                                                   \
+    item(q + (r * num_heads + kvh * group) * head_dim, k_cache + kvh * head_dim,                    \
+         v_cache + kvh * head_dim, block_tables + row_table[r] * max_blocks, ctx_lens[r],             \
+         out + (r * num_heads + kvh * group) * head_dim, group, head_dim, slot_stride, block_size, scale)
+
 #define DEFINE_ENTRY(NAME, T, ITEM_T, PICK)                                                        \
 int NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,          \
          int64_t max_blocks, const int64_t *row_table, const int64_t *ctx_lens, float *out,          \
@@ -300,19 +290,13 @@ int NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *bloc
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
         for (int64_t r = 0; r < rows; ++r)                                                          \
             for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)                                        \
-                item(q + (r * num_heads + kvh * group) * head_dim, k_cache + kvh * head_dim,         \
-                     v_cache + kvh * head_dim, block_tables + row_table[r] * max_blocks, ctx_lens[r],  \
-                     out + (r * num_heads + kvh * group) * head_dim, group, head_dim, slot_stride,     \
-                     block_size, scale);                                                             \
+                CALL_ITEM;                                                                               \
         return 0;                                                                                   \
     }                                                                                               \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)")              \
     for (int64_t r = 0; r < rows; ++r)                                                              \
         for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)                                            \
-            item(q + (r * num_heads + kvh * group) * head_dim, k_cache + kvh * head_dim,             \
-                 v_cache + kvh * head_dim, block_tables + row_table[r] * max_blocks, ctx_lens[r],      \
-                 out + (r * num_heads + kvh * group) * head_dim, group, head_dim, slot_stride,         \
-                 block_size, scale);                                                                 \
+            CALL_ITEM;                                                                                   \
     return 0;                                                                                       \
 }
 

@@ -12,19 +12,15 @@ Compiled on first use like the GEMV kernel (``tandem.kernels.native``); without 
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import NativeUnavailable, load_library
-
-logger = logging.getLogger(__name__)
+from tandem.kernels.native import LazyLibrary
 
 SOURCES = [Path(__file__).with_name("paged_attention.c"), Path(__file__).with_name("decode_forward.c")]
 """One library: the fused decode forward (tandem.kernels.decode_forward) calls the attention items."""
-HEADERS = [Path(__file__).with_name("paged_attention.h"), Path(__file__).with_name("dot.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention.h", "dot.h", "avx512_math.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-lm"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 32, 256, 64
 """Shape limits of the C kernel (query heads per KV head, head size, tokens per block)."""
@@ -33,23 +29,9 @@ _ARGS = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [cty
 _SIGNATURES = {"tandem_paged_attention_f32": (_ARGS, ctypes.c_int),
                "tandem_paged_attention_bf16": (_ARGS, ctypes.c_int),
                "tandem_paged_attention_bf16_path": ([ctypes.c_int64], ctypes.c_int)}
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first use; None if that is impossible or disabled."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("TANDEM_DISABLE_CPU_ATTENTION") == "1":
-        return None
-    try:
-        _lib = load_library("tandem_attention", SOURCES, FLAGS, _SIGNATURES, HEADERS)
-    except NativeUnavailable as exc:
-        logger.warning("CPU paged-attention kernel unavailable (%s); using gather + SDPA", exc)
-    return _lib
+load = LazyLibrary("tandem_attention", SOURCES, FLAGS, _SIGNATURES, HEADERS,
+                   disable_env="TANDEM_DISABLE_CPU_ATTENTION", fallback="using gather + SDPA")
+"""The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 
 
 def bf16_path(head_dim: int) -> str:
