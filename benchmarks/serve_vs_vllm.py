@@ -44,7 +44,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2) as response:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:  # 503 until a worker is up
                 if response.status == 200:
                     return
         except OSError:
