@@ -78,13 +78,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None,
                 host: MainThreadEngineHost | None = None) -> int:
-    """Serve the worker(s) until stopped. With ``host``, ``builtin_core`` (loaded by the main
-    thread) is stepped by the main thread, and signals come relayed from it."""
+    """Serve the worker(s) until stopped: mocker engines on their own threads, or ``builtin_core``
+    (loaded by the main thread) stepped by the main thread through ``host``, which also relays
+    signals."""
     from tandem.engine.async_engine import AsyncEngine
     from tandem.worker.lifecycle import ShutdownConfig, serve_until_stopped
     from tandem.worker.service import WorkerService
 
-    _check_worker_counts(args)
     if args.engine == "mocker":
         from tandem.engine.mocker import MockerConfig, MockerEngine
 
@@ -98,10 +98,7 @@ async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None
             for index in range(args.mocker_workers)]
         name, tokenizer_source = args.served_model_name or args.model, args.model
     else:
-        if builtin_core is None:
-            from tandem.engine.llm_engine import LLMEngine
-
-            builtin_core = await asyncio.to_thread(LLMEngine, engine_config_from_args(args))
+        assert builtin_core is not None and host is not None, "the builtin engine is loaded and stepped by run()"
         cores = [builtin_core]
         name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
     discovery = discovery_from_args(args, ttl_s=args.ttl)
@@ -183,12 +180,12 @@ def _check_worker_counts(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_worker_counts(args)
     if args.engine == "mocker":
         return asyncio.run(serve(args))
     # The builtin engine loads and steps on this (main) thread: see tandem.worker.engine_host.
     from tandem.engine.llm_engine import LLMEngine
     from tandem.worker.engine_host import MainThreadEngineHost
 
-    _check_worker_counts(args)
     core = LLMEngine(engine_config_from_args(args))
     return MainThreadEngineHost(lambda host: serve(args, core, host)).run()

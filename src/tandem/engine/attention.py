@@ -16,7 +16,7 @@ Each step's tokens arrive flattened, decode tokens first, then one chunk per pre
 * each prefill chunk attends to its cached prefix plus itself with a causal mask aligned to the
   bottom-right (query i sees keys ``0 .. num_cached + i``); a chunk with no cached prefix uses the
   new K/V directly with SDPA's own causal path. (The C kernel also serves such rows, but one
-  query row at a time it measured 2.4-6x slower than gather + SDPA's tiled kernel here, so
+  query row at a time it is ~5x slower than gather + SDPA (benchmarks/cpu_kernel_choices.py), so
   prefill keeps SDPA: the gather is O(context) against O(chunk x context) of attention work.)
 """
 
@@ -66,6 +66,11 @@ class AttentionMetadata:
     """[num_decode] row i reads block table i (``arange``); C kernel path only."""
     prefills: list[PrefillChunk] = field(default_factory=list)
 
+    @property
+    def decode_block_table(self) -> torch.Tensor:
+        """decode_block_ids as ``[num_decode, max_blocks]``."""
+        return self.decode_block_ids.view(self.num_decode_tokens, self.decode_max_blocks)
+
 
 def bottom_right_causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
     """Query i (the i-th of the last num_queries positions) may see keys 0 .. num_keys - num_queries + i."""
@@ -93,8 +98,7 @@ def paged_attention(
     out = torch.empty_like(q)
     n_dec = meta.num_decode_tokens
     if n_dec and meta.decode_ctx_lens is not None:
-        tables = meta.decode_block_ids.view(n_dec, meta.decode_max_blocks)
-        out[:n_dec] = cpu_paged.paged_attention(q[:n_dec], k_cache, v_cache, tables, meta.decode_rows,
+        out[:n_dec] = cpu_paged.paged_attention(q[:n_dec], k_cache, v_cache, meta.decode_block_table, meta.decode_rows,
                                                 meta.decode_ctx_lens, meta.block_size, scale)
     elif n_dec:
         group = num_heads // num_kv_heads

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.kernels import paged_attention
+from tandem.kernels.native import LazyLibrary
 
 if TYPE_CHECKING:
     from tandem.models.llama import LlamaForCausalLM
@@ -41,27 +42,21 @@ def supported(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch
     weight kept, and a shape the attention kernel serves."""
     cfg = model.config
     k0 = kv_caches[0][0]
-    layers = list(model.layers)
-    weights_ok = all(getattr(layer.self_attn.qkv_proj, "weight", None) is not None
-                     and layer.self_attn.o_proj.weight is not None and layer.mlp.gate_up_proj.weight is not None
-                     and layer.mlp.down_proj.weight is not None and layer.self_attn.o_proj.bias is None
-                     for layer in layers)
-    return (weights_ok and k0.device.type == "cpu" and k0.dtype in (torch.float32, torch.bfloat16)
-            and model.norm.weight.dtype == k0.dtype and cfg.head_dim <= 256
+    weights_ok = all(linear.weight is not None for layer in model.layers for linear in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+    return (weights_ok and all(layer.self_attn.o_proj.bias is None for layer in model.layers)
+            and model.norm.weight.dtype == k0.dtype
             and paged_attention.supports(k0, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, block_size)
             and _lib() is not None)
 
 
-def _lib() -> ctypes.CDLL | None:
-    lib = paged_attention.load()
-    if lib is not None and not hasattr(lib, "_decode_signatures"):
-        lib.tandem_decode_forward.argtypes = ([ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 5 + [ctypes.c_int64]
-                                              + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
-        lib.tandem_decode_forward.restype = ctypes.c_int
-        lib.tandem_decode_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
-        lib.tandem_decode_scratch_floats.restype = ctypes.c_int64
-        lib._decode_signatures = True
-    return lib
+_lib = LazyLibrary("tandem_attention", paged_attention.SOURCES, paged_attention.FLAGS, {
+    "tandem_decode_forward": ([ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 5
+                              + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int],
+                              ctypes.c_int),
+    "tandem_decode_scratch_floats": ([ctypes.POINTER(_Model), ctypes.c_int64], ctypes.c_int64),
+}, paged_attention.HEADERS, disable_env="TANDEM_DISABLE_CPU_ATTENTION", fallback="no fused decoder")
+"""The attention kernels' library (the same build), with the fused decoder's signatures."""
 
 
 class FusedDecoder:

@@ -16,29 +16,16 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "dot.h"
+
 static inline float load(const void *p, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)p)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+    return bf16 ? bf16f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, int bf16, int64_t i, float f) {
-    if (!bf16) {
-        ((float *)p)[i] = f;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        ((uint16_t *)p)[i] = (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest even, as torch does */
-    ((uint16_t *)p)[i] = (uint16_t)(bits >> 16);
+    if (bf16) ((uint16_t *)p)[i] = f2bf16(f);
+    else ((float *)p)[i] = f;
 }
-
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "avx512_math.h"
@@ -62,11 +49,7 @@ static inline __m512 round_bf16(__m512 v) {  /* v rounded to bfloat16 and widene
 }
 #endif
 
-static inline float rnd(float v) {  /* v rounded to bfloat16 */
-    uint16_t h;
-    store(&h, 1, 0, v);
-    return load(&h, 1, 0);
-}
+static inline float rnd(float v) { return bf16f(f2bf16(v)); } /* v rounded to bfloat16 */
 
 #define MAX_NORM_DIM 16384
 
@@ -100,11 +83,7 @@ void tandem_rmsnorm(const void *x, const void *w, void *out, int64_t rows, int64
         for (int64_t i = 0; i < n; ++i) {
             /* as HF: normalise in float32, round to the model dtype, then scale by the weight */
             float v = load(x, bf16, r * n + i) * inv;
-            if (bf16) {
-                uint16_t h;
-                store(&h, 1, 0, v);
-                v = load(&h, 1, 0);
-            }
+            if (bf16) v = rnd(v);
             store(out, bf16, r * n + i, v * load(w, bf16, i));
         }
     }
@@ -126,11 +105,7 @@ void tandem_silu_mul(const void *gu, void *out, int64_t rows, int64_t inter, int
         for (int64_t i = 0; i < inter; ++i) {
             const float g = load(gu, bf16, r * 2 * inter + i), u = load(gu, bf16, r * 2 * inter + inter + i);
             float s = g / (1.f + expf(-g));
-            if (bf16) {  /* torch rounds silu's output before the multiply */
-                uint16_t h;
-                store(&h, 1, 0, s);
-                s = load(&h, 1, 0);
-            }
+            if (bf16) s = rnd(s);  /* torch rounds silu's output before the multiply */
             store(out, bf16, r * inter + i, s * u);
         }
     }

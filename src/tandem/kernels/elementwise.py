@@ -25,7 +25,7 @@ _SIGNATURES = {
     "tandem_silu_mul": ([_P, _P, _I, _I, _B, _B], None),
     "tandem_rope_store": ([_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _B, _B], None),
 }
-load = LazyLibrary("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES, [Path(__file__).with_name("avx512_math.h")],
+load = LazyLibrary("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES, [Path(__file__).with_name(name) for name in ("avx512_math.h", "dot.h")],
                    disable_env="TANDEM_DISABLE_CPU_ELEMENTWISE", fallback="using PyTorch ops")
 """The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 

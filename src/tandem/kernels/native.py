@@ -10,8 +10,9 @@ Callers catch :class:`NativeUnavailable` and fall back to their pure-Python path
 from __future__ import annotations
 
 import ctypes
-import logging
+import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -24,12 +25,24 @@ class NativeUnavailable(RuntimeError):
     """The library could not be built or loaded (no compiler, missing system library, ...)."""
 
 
-def _cpu_id() -> str:
+@functools.cache
+def _cpuinfo_flags_line() -> str | None:
+    """The ``flags`` line of /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
+            return next((line for line in f if line.startswith("flags")), None)
     except OSError:
-        return platform.processor()
+        return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo does not exist)."""
+    line = _cpuinfo_flags_line()
+    return frozenset(line.split(":", 1)[1].split()) if line else frozenset()
+
+
+def _cpu_id() -> str:
+    return _cpuinfo_flags_line() or platform.processor()
 
 
 BUILD_RECIPE = 2

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "avx512_math.h"
+#include "dot.h"
 #include "paged_attention.h"
 
 #define MAX_GROUP 32     /* query heads per KV head */
@@ -35,13 +36,6 @@
 #define ROWS_OUTER_MIN 4 /* rows per thread from which threads split rows, not (row, head) items (~8% faster at batch 64) */
 #endif
 #define NEG_BIG (-1e30f)
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 /* Turns a block's raw scores s[g][0..n) into probabilities relative to the new running max;
  * returns, per head, the factor the accumulator must be scaled by. */
@@ -64,7 +58,7 @@ static inline void softmax_update(float s[][MAX_BLOCK], int64_t group, int64_t n
 /* ---- portable path ---- */
 
 #define LOAD_F32(p, i) ((p)[i])
-#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
+#define LOAD_BF16(p, i) bf16f((p)[i])
 
 #define DEFINE_PORTABLE_ITEM(NAME, T, LOAD)                                                        \
 static void NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *table,         \

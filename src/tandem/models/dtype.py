@@ -9,26 +9,13 @@ arithmetic and float32 is the faster choice. On CUDA, bfloat16 where the GPU sup
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from tandem.kernels.native import cpu_flags
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags, any of which makes ``auto`` pick bfloat16 on CPU."""
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:

@@ -25,8 +25,8 @@ from tandem.models.rope import RotaryEmbedding, apply_rotary
 FUSED_DECODE_MAX_ROWS = 4
 """Decode steps of up to this many rows (and no prefill) run the fused C decoder on CPU
 (``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op.
-Measured on SmolLM2-135M bf16, 2 cores, context ~260: fused 14.7 / 19.4 / 20.9 / 23.4 ms per step
-at 1 / 2 / 3 / 4 rows against 24.5 / 28.6 / 30.4 / 30.6 ms per op; a tie at 6, per op ahead from 8."""
+``python benchmarks/cpu_kernel_choices.py`` (SmolLM2-135M bf16, 2 cores, context ~260): fused 13.9 /
+17.6 / 21.8 ms per step at 1 / 2 / 4 rows against 20.3 / 24.9 / 23.3 ms per op; per op ahead from 6."""
 
 
 @dataclass
@@ -45,9 +45,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    fused = False
-    """Use the fused C kernel (kernels/elementwise) for 2-D inputs; set by prepare_for_inference on CPU."""
+        self.fused = False
+        """Use the fused C kernel (kernels/elementwise) for 2-D inputs; set by prepare_for_inference on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.dim() == 2:
@@ -139,19 +138,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._fused: decode_forward.FusedDecoder | None = None
         self._fused_off = os.environ.get("TANDEM_DISABLE_FUSED_DECODE") == "1"
-        self._fused_ops = False
-        """The per-op path uses the C elementwise kernels (set by prepare_for_inference)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         fused = self._fused_decoder(kv_caches, meta)
         if fused is not None:
-            n = meta.num_decode_tokens
             hidden = fused(x.float(), self.rotary.cos[positions], self.rotary.sin[positions], meta.slot_mapping,
-                           meta.decode_block_ids.view(n, meta.decode_max_blocks), meta.decode_ctx_lens)
+                           meta.decode_block_table, meta.decode_ctx_lens)
             return self.norm(hidden.to(x.dtype))
-        if self._fused_ops:
+        if self.layers[0].self_attn.fused:  # the C RoPE + KV store takes float32 tables
             rope = RopeTables(cos32=self.rotary.cos[positions], sin32=self.rotary.sin[positions])
         else:
             rope = RopeTables(*self.rotary.lookup(positions, x.dtype))
@@ -210,7 +206,6 @@ class LlamaForCausalLM(nn.Module):
                 module.prepare_for_cpu()
         cfg = self.config
         if elementwise.supports(self.norm.weight) and cfg.hidden_size <= elementwise.MAX_NORM_DIM:
-            self._fused_ops = not cfg.qk_norm  # RoPE tables in float32 for the fused RoPE + KV store
             for module in self.modules():
                 if isinstance(module, RMSNorm | MLP):
                     module.fused = True
