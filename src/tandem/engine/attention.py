@@ -14,10 +14,13 @@ Each step's tokens arrive flattened, decode tokens first, then one chunk per pre
   padding mask; the query heads that share a KV head are folded into the query-length axis, so
   GQA needs no K/V copy;
 * each prefill chunk attends to its cached prefix plus itself with a causal mask aligned to the
-  bottom-right (query i sees keys ``0 .. num_cached + i``); a chunk with no cached prefix uses the
-  new K/V directly with SDPA's own causal path. (The C kernel also serves such rows, but one
-  query row at a time it is ~5x slower than gather + SDPA (benchmarks/cpu_kernel_choices.py), so
-  prefill keeps SDPA: the gather is O(context) against O(chunk x context) of attention work.)
+  bottom-right (query i sees keys ``0 .. num_cached + i``). On a CPU with AMX and a bfloat16
+  cache, every chunk of the step goes to Tandem's AMX prefill kernel
+  (``tandem.kernels.prefill_attention``) in one call, reading cached prefix and new K/V in place
+  through the block tables. Elsewhere a chunk with no cached prefix uses the new K/V directly
+  with SDPA's own causal path, and one with a prefix gathers it and passes SDPA a mask. (The
+  decode kernel could serve prefill rows too, but one query row at a time it is ~5x slower than
+  gather + SDPA: benchmarks/cpu_kernel_choices.py.)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels import paged_attention as cpu_paged
+from tandem.kernels import prefill_attention as cpu_prefill
 
 
 @dataclass
@@ -65,6 +69,11 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None
     """[num_decode] row i reads block table i (``arange``); C kernel path only."""
     prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_block_table: torch.Tensor | None = None
+    """[num_prefills, max_blocks] block table of each prefill chunk's sequence; set (with
+    prefill_chunk_info) when the AMX prefill kernel serves the chunks."""
+    prefill_chunk_info: torch.Tensor | None = None
+    """[num_prefills, 3] int64: (token_start, num_tokens, context_len) of each chunk."""
 
     @property
     def decode_block_table(self) -> torch.Tensor:
@@ -112,6 +121,10 @@ def paged_attention(
             qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask, scale=scale
         )
         out[:n_dec] = od.reshape(n_dec, num_heads, head_dim)
+    if meta.prefill_chunk_info is not None:
+        cpu_prefill.prefill_attention(q, k_cache, v_cache, meta.prefill_block_table, meta.prefill_chunk_info,
+                                      meta.block_size, scale, out)
+        return out
     for chunk in meta.prefills:
         s, n = chunk.token_start, chunk.num_tokens
         qp = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]

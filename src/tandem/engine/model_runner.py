@@ -16,6 +16,7 @@ from tandem.engine.request import Request
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRequestState
 from tandem.engine.scheduler import ScheduledChunk
 from tandem.kernels import paged_attention as cpu_paged
+from tandem.kernels import prefill_attention as cpu_prefill
 from tandem.models.config import ModelConfig
 from tandem.models.llama import LlamaForCausalLM
 
@@ -48,6 +49,9 @@ class ModelRunner:
         self.decode_kernel = cpu_paged.supports(self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads,
                                                 cfg.head_dim, block_size)
         """Decode attention runs in the C paged-attention kernel (CPU), else gather + SDPA."""
+        self.prefill_kernel = cpu_prefill.supports(self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                   cfg.head_dim)
+        """Prefill attention runs in the AMX kernel (CPU with AMX, bfloat16 cache), else SDPA."""
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], eos_token_ids: frozenset[int]) -> tuple[list[Request], SamplerOutput | None]:
@@ -92,11 +96,11 @@ class ModelRunner:
             token_start = len(token_ids)
             token_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
-            pos = torch.arange(end)
+            pos = torch.arange(0 if start > 0 and not self.prefill_kernel else start, end)
             ctx_slots = tables[id(c)][pos // bs] * bs + pos % bs
-            slots.append(ctx_slots[start:])
+            slots.append(ctx_slots[-c.num_tokens:])
             chunk = PrefillChunk(token_start, c.num_tokens, end, None)
-            if start > 0:
+            if start > 0 and not self.prefill_kernel:
                 chunk.context_slots = ctx_slots.to(self.device)
                 chunk.causal_mask = bottom_right_causal_mask(c.num_tokens, end, self.device)
             meta.prefills.append(chunk)
@@ -104,6 +108,8 @@ class ModelRunner:
                 logits_indices.append(len(token_ids) - 1)
                 sampled.append(req)
 
+        if prefills and self.prefill_kernel:
+            self._prepare_prefill_kernel([tables[id(c)] for c in prefills], meta)
         meta.slot_mapping = torch.cat(slots).to(self.device)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(self.device),
@@ -112,6 +118,16 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(self.device),
             sampled_requests=sampled,
         )
+
+    @staticmethod
+    def _prepare_prefill_kernel(tables: list[torch.Tensor], meta: AttentionMetadata) -> None:
+        """Block tables and (start, tokens, context) of the prefill chunks, for the AMX kernel."""
+        table = torch.zeros(len(tables), max(t.numel() for t in tables), dtype=torch.long)
+        for row, t in enumerate(tables):
+            table[row, : t.numel()] = t
+        meta.prefill_block_table = table
+        meta.prefill_chunk_info = torch.tensor([(p.token_start, p.num_tokens, p.context_len) for p in meta.prefills],
+                                               dtype=torch.long)
 
     def _prepare_decode(self, decodes: list[ScheduledChunk], tables: dict[int, torch.Tensor],
                         meta: AttentionMetadata, slots: list[torch.Tensor]) -> None:
