@@ -92,14 +92,13 @@ static inline __mmask16 tail_mask(int64_t i, int64_t n) {
     return n - i >= 16 ? (__mmask16)0xFFFF : n - i <= 0 ? (__mmask16)0 : (__mmask16)((1u << (n - i)) - 1);
 }
 
-/* 2^x for x <= 0 (softmax arguments): 2^round(x) times a degree-5 Taylor polynomial of 2^f,
- * |f| <= 1/2 (relative error < 3e-6, far below the bf16 rounding of the probabilities);
+/* 2^x for x <= 0 (softmax arguments): 2^round(x) times a degree-4 Taylor polynomial of 2^f,
+ * |f| <= 1/2 (relative error < 5e-5, far below the bf16 rounding of the probabilities);
  * very negative x gives 0 through vscalefps. */
 static inline __m512 exp2_nonpositive(__m512 x) {
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    __m512 p = _mm512_set1_ps(9.6181291e-3f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
@@ -110,18 +109,39 @@ static inline __m512 exp2_nonpositive(__m512 x) {
 /* One query row: probabilities exp(scale (s - max)) of its first vis scores, rounded to bf16
  * into prow (zero up to width, a multiple of 16); returns 1 / their sum. */
 static inline float softmax_row(const float *srow, uint16_t *prow, int64_t vis, int64_t width, float scale) {
-    __m512 vmax = _mm512_set1_ps(NEG_BIG);
-    for (int64_t i = 0; i < vis; i += 16)
-        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(NEG_BIG), tail_mask(i, vis), srow + i));
+    const int64_t whole = vis / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (vis - whole)) - 1);
+    /* Four running maxima: one chain would wait on the max's latency every vector. */
+    __m512 mx[4] = {_mm512_mask_loadu_ps(_mm512_set1_ps(NEG_BIG), tail, srow + whole), _mm512_set1_ps(NEG_BIG),
+                    _mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG)};
+    int64_t j = 0;
+    for (; j + 64 <= whole; j += 64)
+        for (int u = 0; u < 4; ++u) mx[u] = _mm512_max_ps(mx[u], _mm512_loadu_ps(srow + j + 16 * u));
+    for (; j < whole; j += 16) mx[0] = _mm512_max_ps(mx[0], _mm512_loadu_ps(srow + j));
+    const __m512 vmax = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
     const float c = scale * 1.44269504089f;  /* exp(scale s) = 2^(c s) */
     const __m512 vc = _mm512_set1_ps(c), vshift = _mm512_set1_ps(-c * _mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
+    __m512 vsum = _mm512_setzero_ps(), vsum2 = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i < vis; i += 16) {
-        const __mmask16 m = tail_mask(i, vis);
-        const __m512 p = _mm512_maskz_mov_ps(m, exp2_nonpositive(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, srow + i), vc, vshift)));
+    for (; i + 32 <= whole; i += 32) {
+        const __m512 p = exp2_nonpositive(_mm512_fmadd_ps(_mm512_loadu_ps(srow + i), vc, vshift));
+        const __m512 p2 = exp2_nonpositive(_mm512_fmadd_ps(_mm512_loadu_ps(srow + i + 16), vc, vshift));
+        vsum = _mm512_add_ps(vsum, p);
+        vsum2 = _mm512_add_ps(vsum2, p2);
+        _mm512_storeu_si512(prow + i, (__m512i)_mm512_cvtne2ps_pbh(p2, p));
+    }
+    for (; i < whole; i += 16) {
+        const __m512 p = exp2_nonpositive(_mm512_fmadd_ps(_mm512_loadu_ps(srow + i), vc, vshift));
         vsum = _mm512_add_ps(vsum, p);
         _mm256_storeu_si256((__m256i *)(prow + i), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+    vsum = _mm512_add_ps(vsum, vsum2);
+    if (tail) {
+        const __m512 p = _mm512_maskz_mov_ps(
+            tail, exp2_nonpositive(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, srow + i), vc, vshift)));
+        vsum = _mm512_add_ps(vsum, p);
+        _mm256_storeu_si256((__m256i *)(prow + i), (__m256i)_mm512_cvtneps_pbh(p));
+        i += 16;
     }
     for (; i < width; i += 16) _mm256_storeu_si256((__m256i *)(prow + i), _mm256_setzero_si256());
     return 1.f / _mm512_reduce_add_ps(vsum);
@@ -216,8 +236,8 @@ int tandem_prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uin
 
         /* Phase 2: attention per (chunk, 16 queries, kv head), the group's query heads in turn
          * (they share the packed K/V, warm in cache); the last (longest) query tiles first. */
-        float *scores = aligned_alloc(64, sizeof(float) * 16 * (size_t)max_ctx_pad);
-        uint16_t *probs = aligned_alloc(64, sizeof(uint16_t) * 16 * (size_t)max_ctx_pad);
+        float *scores = aligned_alloc(64, sizeof(float) * 16 * (size_t)(max_ctx_pad + 16));
+        uint16_t *probs = aligned_alloc(64, sizeof(uint16_t) * 16 * (size_t)(max_ctx_pad + 32));
         uint16_t qbuf[16 * MAX_HEAD_DIM] __attribute__((aligned(64)));
         float obuf[16 * MAX_HEAD_DIM] __attribute__((aligned(64)));
         float inv_sum[16];
@@ -238,7 +258,10 @@ int tandem_prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uin
             const int64_t pos0 = ctx - n + 16 * qt;     /* position of the tile's first query */
             const int64_t visible = pos0 + rows;          /* keys the last row sees */
             const int64_t pairs = (visible + 31) / 32;
-            const int64_t sstride = pairs * 32;
+            const int64_t width = pairs * 32;
+            /* Row strides of the score and probability buffers, padded by 64 bytes: a power-of-two
+             * stride puts all 16 rows of a tile in one L1 set. */
+            const int64_t sstride = width + 16, pstride = width + 32;
             const uint32_t *kbase = kpack + pack_off[c] + kvh * ctx_pad * D / 2;
             const uint32_t *vbase = vpack + pack_off[c] + kvh * ctx_pad * D / 2;
             for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
@@ -261,9 +284,9 @@ int tandem_prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uin
                     _tile_stored(5, scores + 32 * kp + 16, sstride * 4);
                 }
                 for (int64_t r = 0; r < 16; ++r)
-                    inv_sum[r] = r < rows ? softmax_row(scores + r * sstride, probs + r * sstride, pos0 + r + 1,
-                                                        sstride, scale)
-                                          : (memset(probs + r * sstride, 0, (size_t)sstride * 2), 0.f);
+                    inv_sum[r] = r < rows ? softmax_row(scores + r * sstride, probs + r * pstride, pos0 + r + 1,
+                                                        width, scale)
+                                          : (memset(probs + r * pstride, 0, (size_t)width * 2), 0.f);
                 /* O = P·V, up to 4 tiles of 16 head dims at a time. */
                 for (int64_t dt0 = 0; dt0 < dtiles; dt0 += 4) {
                     const int64_t nd = dtiles - dt0 < 4 ? dtiles - dt0 : 4;  /* 2 or 4: D is a multiple of 32 */
@@ -273,7 +296,7 @@ int tandem_prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uin
                     _tile_zero(7);
                     for (int64_t kp = 0; kp < pairs; ++kp) {
                         const uint32_t *vt = vbase + (kp * dtiles + dt0) * 256;
-                        _tile_loadd(0, probs + 32 * kp, sstride * 2);
+                        _tile_loadd(0, probs + 32 * kp, pstride * 2);
                         _tile_loadd(1, vt, 64);
                         _tile_loadd(2, vt + 256, 64);
                         _tile_dpbf16ps(4, 0, 1);
