@@ -1,6 +1,7 @@
 """The fused C decoder (kernels/decode_forward) against the per-op PyTorch path of the same
 model and cache: hidden states after all layers and the K/V it writes, for every tiny
-architecture (GQA, q/k norm, qkv bias), float32 and bfloat16, one to four rows."""
+architecture (GQA, q/k norm, qkv bias), float32 and bfloat16, one to four rows (GEMV), and in
+bfloat16 on a CPU with AMX, batches of 5 and 17 rows (AMX tile multiplies)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sampling_params import SamplingParams
-from tandem.kernels import decode_forward
+from tandem.kernels import amx_linear, decode_forward
 from tandem.models.llama import FUSED_DECODE_MAX_ROWS
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
@@ -33,9 +34,11 @@ def decode_step_inputs(engine: LLMEngine, rows: int):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 17])
 def test_fused_decoder_matches_the_per_op_path(tiny_path, dtype, rows):
-    engine = LLMEngine(EngineConfig(model=str(tiny_path), dtype=dtype, num_kv_blocks=64, block_size=4))
+    if rows > FUSED_DECODE_MAX_ROWS and not (dtype == "bfloat16" and amx_linear.available()):
+        pytest.skip("batches above the GEMV rows run fused only in bfloat16 with AMX")
+    engine = LLMEngine(EngineConfig(model=str(tiny_path), dtype=dtype, num_kv_blocks=512, block_size=4))
     model, runner = engine.loaded.model, engine.runner
     inputs = decode_step_inputs(engine, rows)
     assert inputs.meta.num_decode_tokens == rows and not inputs.meta.prefills
@@ -49,7 +52,8 @@ def test_fused_decoder_matches_the_per_op_path(tiny_path, dtype, rows):
         runner.kv_cache.copy_(cache_before)
         model._fused_off = False
         got = model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta).float()
-    assert model._fused is not None
+    assert model._fused_decoder(runner.kv_caches, inputs.meta) is not None  # the fused path took this step
+    assert model._fused.uses_amx == (dtype == "bfloat16" and amx_linear.available())
     tol = 1e-4 if dtype == "float32" else 5e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     slots = inputs.meta.slot_mapping
@@ -58,7 +62,7 @@ def test_fused_decoder_matches_the_per_op_path(tiny_path, dtype, rows):
                                    atol=tol, rtol=tol)
 
 
-def test_larger_batches_use_the_per_op_path(tiny_path):
+def test_larger_float32_batches_use_the_per_op_path(tiny_path):
     engine = LLMEngine(EngineConfig(model=str(tiny_path), dtype="float32", num_kv_blocks=64, block_size=4))
     inputs = decode_step_inputs(engine, FUSED_DECODE_MAX_ROWS + 1)
     model = engine.loaded.model

@@ -18,13 +18,14 @@ import torch
 from tandem.kernels.native import LazyLibrary
 
 SOURCES = [Path(__file__).with_name("amx_linear.c")]
+HEADERS = [Path(__file__).with_name("amx_gemm.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "tandem_amx_linear_available": ([], ctypes.c_int),
     "tandem_amx_linear_bf16": ([_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], ctypes.c_int),
 }
-load = LazyLibrary("tandem_amx_linear", SOURCES, FLAGS, _SIGNATURES,
+load = LazyLibrary("tandem_amx_linear", SOURCES, FLAGS, _SIGNATURES, HEADERS,
                    disable_env="TANDEM_DISABLE_CPU_AMX_LINEAR", fallback="decode batches use oneDNN")
 """The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 

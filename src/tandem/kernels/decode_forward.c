@@ -18,11 +18,19 @@
  * Math in float32; with bfloat16 weights every activation is rounded to bfloat16 where the
  * per-op path rounds it (weights and caches may be bfloat16).
  * The embedding lookup, the final norm and the LM head stay in PyTorch (decode_forward.py).
+ *
+ * Steps 2, 5, 7 and 8 are per-row dot products (GEMV, dot.h) for up to GEMV_MAX_ROWS rows, where
+ * streaming the weights is all that counts. Above that, with bfloat16 weights on a CPU with AMX,
+ * they are tile multiplies (amx_gemm.h) into a float32 buffer, and the same rounding, bias,
+ * residual and SiLU follow in a pass over it: one C call then runs a whole batch-64 decode step,
+ * with none of the per-op dispatch of the PyTorch path.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "amx_gemm.h"
 #include "dot.h"
 #include "paged_attention.h"
 
@@ -76,6 +84,62 @@ static inline void store_row(void *cache, int bf16, int64_t offset, const float 
     }
 }
 
+/* bfloat16 models with AVX512-BF16: the same per-row math as rmsnorm / rope / store_row and the
+ * AMX path's epilogues, 16 lanes at a time (at batch 64 the scalar loops cost more than the
+ * tile multiplies). Each value is rounded to bfloat16 at the same points. */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HAVE_VEC_BF16 1
+#include "avx512_math.h"
+static inline __m512 vrb(__m512 v) { /* v rounded to bfloat16, widened back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+static inline __m512 vbf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+/* n a multiple of 16 */
+static inline void rmsnorm_vec(const float *x, const uint16_t *w, float eps, int64_t n, float *out) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_storeu_ps(out + i, vrb(_mm512_mul_ps(vrb(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)), vbf16(w + i))));
+}
+/* d / 2 a multiple of 16 */
+static inline void rope_vec(float *x, const float *cos, const float *sin, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i += 16) {
+        const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + h);
+        const __m512 c0 = vrb(_mm512_loadu_ps(cos + i)), s0 = vrb(_mm512_loadu_ps(sin + i));
+        const __m512 c1 = vrb(_mm512_loadu_ps(cos + i + h)), s1 = vrb(_mm512_loadu_ps(sin + i + h));
+        _mm512_storeu_ps(x + i, vrb(_mm512_sub_ps(vrb(_mm512_mul_ps(a, c0)), vrb(_mm512_mul_ps(b, s0)))));
+        _mm512_storeu_ps(x + i + h, vrb(_mm512_add_ps(vrb(_mm512_mul_ps(b, c1)), vrb(_mm512_mul_ps(a, s1)))));
+    }
+}
+/* n a multiple of 16 */
+static inline void store_row_vec(uint16_t *dst, const float *v, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + i)));
+}
+#endif
+
+#define GEMV_MAX_ROWS 4
+
+/* 1 when a call with this many rows multiplies on AMX tiles (bfloat16, AMX, tile-sized shapes). */
+int tandem_decode_uses_amx(const tandem_decode_model *m, int64_t rows) {
+#if defined(AMX_GEMM)
+    static int permitted = -1;
+    if (permitted < 0) permitted = amx_gemm_permitted();
+    const int64_t H = m->hidden, qd = m->num_heads * m->head_dim, I = m->intermediate;
+    const int64_t qkv_dim = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
+    return rows > GEMV_MAX_ROWS && m->bf16 && permitted && H % 32 == 0 && qd % 32 == 0 && I % 32 == 0
+           && qkv_dim % 16 == 0;
+#else
+    (void)m;
+    (void)rows;
+    return 0;
+#endif
+}
+
 /* scratch: at least R * (2 * hidden + qkv + num_heads * head_dim + intermediate) floats. */
 int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *cos, const float *sin,
                           const int64_t *slots, const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens,
@@ -86,8 +150,37 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
     float *xn = scratch, *qkv = xn + rows * H, *attn = qkv + rows * qkv_dim, *act = attn + rows * Hq * D;
     tandem_attention_item_f32 item32 = bf16 ? 0 : tandem_attention_item_for_f32(D);
     tandem_attention_item_bf16 item16 = bf16 ? tandem_attention_item_for_bf16(D) : 0;
+    const int use_amx = tandem_decode_uses_amx(m, rows);
+#if defined(HAVE_VEC_BF16)
+    /* vector loops for bf16 when every row length is a multiple of 16 (RoPE: half a head) */
+    const int vec = bf16 && H % 16 == 0 && D % 32 == 0;
+#endif
+#if defined(AMX_GEMM)
+    uint32_t *xp = 0;
+    float *y32 = 0;
+    if (use_amx) {
+        const int64_t kmax = H > Hq * D ? (H > I ? H : I) : (Hq * D > I ? Hq * D : I);
+        const int64_t nmax = qkv_dim > 2 * I ? (qkv_dim > H ? qkv_dim : H) : (2 * I > H ? 2 * I : H);
+        xp = aligned_alloc(64, (size_t)amx_pack_bytes(rows, kmax));
+        y32 = aligned_alloc(64, sizeof(float) * (size_t)(rows * nmax + 16));
+        if (!xp || !y32) {
+            free(xp);
+            free(y32);
+            return -3;
+        }
+    }
+/* y32 [rows, N] = X [rows, K] (float32, bf16-exact, row stride K) · W^T on AMX tiles. */
+#define AMX_LINEAR(X, K_, W, N_)                                                                     \
+    _Pragma("omp for schedule(static)")                                                              \
+    for (int64_t job = 0; job < amx_pack_jobs(rows, K_); ++job) amx_pack_job(0, X, K_, rows, K_, job, xp); \
+    amx_configure();                                                                                 \
+    _Pragma("omp for schedule(static)")                                                              \
+    for (int64_t np = 0; np < amx_gemm_items(N_); ++np)                                               \
+        amx_gemm_item(np, xp, rows, K_, (const uint16_t *)(W), N_, 0, 0, y32, N_);
+#endif
 
 #pragma omp parallel num_threads(threads)
+    {
     for (int64_t layer = 0; layer < m->num_layers; ++layer) {
         const void *qkv_w = (const void *)m->qkv_w[layer], *o_w = (const void *)m->o_w[layer];
         const void *gu_w = (const void *)m->gate_up_w[layer], *down_w = (const void *)m->down_w[layer];
@@ -96,13 +189,31 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
         const int64_t wsize = bf16 ? 2 : 4;
 
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) rmsnorm(x + r * H, (const void *)m->input_norm[layer], bf16, m->eps, H, xn + r * H);
+        for (int64_t r = 0; r < rows; ++r) {
+#if defined(HAVE_VEC_BF16)
+            if (vec) { rmsnorm_vec(x + r * H, (const uint16_t *)m->input_norm[layer], m->eps, H, xn + r * H); continue; }
+#endif
+            rmsnorm(x + r * H, (const void *)m->input_norm[layer], bf16, m->eps, H, xn + r * H);
+        }
 
+#if defined(AMX_GEMM)
+        if (use_amx) {
+            AMX_LINEAR(xn, H, qkv_w, qkv_dim)
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t o = 0; o < qkv_dim; o += 16) {
+                    const __m512 b = qkv_b ? _mm512_loadu_ps(qkv_b + o) : _mm512_setzero_ps();
+                    _mm512_storeu_ps(qkv + r * qkv_dim + o, vrb(_mm512_add_ps(_mm512_loadu_ps(y32 + r * qkv_dim + o), b)));
+                }
+        } else
+#endif
+        {
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < qkv_dim; ++o) {
             const char *w = (const char *)qkv_w + o * H * wsize;
             const float b = qkv_b ? qkv_b[o] : 0.f;
             for (int64_t r = 0; r < rows; ++r) qkv[r * qkv_dim + o] = rb(dot_w(w, bf16, xn + r * H, H) + b, bf16);
+        }
         }
 
 #pragma omp for schedule(static)
@@ -115,9 +226,22 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
                     rmsnorm(v, (const void *)(head < Hq ? m->q_norm[layer] : m->k_norm[layer]), bf16, m->eps, D, tmp);
                     memcpy(v, tmp, (size_t)D * sizeof(float));
                 }
+#if defined(HAVE_VEC_BF16)
+                if (vec) {
+                    rope_vec(v, cos + r * D, sin + r * D, D);
+                    if (head >= Hq) store_row_vec((uint16_t *)k_cache + slots[r] * slot_stride + (head - Hq) * D, v, D);
+                    continue;
+                }
+#endif
                 rope(v, cos + r * D, sin + r * D, D, bf16);
                 if (head >= Hq) store_row(k_cache, bf16, slots[r] * slot_stride + (head - Hq) * D, v, D);
             } else {
+#if defined(HAVE_VEC_BF16)
+                if (vec) {
+                    store_row_vec((uint16_t *)v_cache + slots[r] * slot_stride + (head - Hq - Hkv) * D, v, D);
+                    continue;
+                }
+#endif
                 store_row(v_cache, bf16, slots[r] * slot_stride + (head - Hq - Hkv) * D, v, D);
             }
         }
@@ -140,16 +264,49 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
             for (int64_t i = 0; i < rows * Hq * D; ++i) attn[i] = rb(attn[i], 1);
         }
 
+#if defined(AMX_GEMM)
+        if (use_amx) {
+            AMX_LINEAR(attn, Hq * D, o_w, H)
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows * H; i += 16)
+                _mm512_storeu_ps(x + i, vrb(_mm512_add_ps(_mm512_loadu_ps(x + i), vrb(_mm512_loadu_ps(y32 + i)))));
+        } else
+#endif
+        {
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < H; ++o) {
             const char *w = (const char *)o_w + o * Hq * D * wsize;
             for (int64_t r = 0; r < rows; ++r)
                 x[r * H + o] = rb(x[r * H + o] + rb(dot_w(w, bf16, attn + r * Hq * D, Hq * D), bf16), bf16);
         }
+        }
 
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) rmsnorm(x + r * H, (const void *)m->post_norm[layer], bf16, m->eps, H, xn + r * H);
+        for (int64_t r = 0; r < rows; ++r) {
+#if defined(HAVE_VEC_BF16)
+            if (vec) { rmsnorm_vec(x + r * H, (const uint16_t *)m->post_norm[layer], m->eps, H, xn + r * H); continue; }
+#endif
+            rmsnorm(x + r * H, (const void *)m->post_norm[layer], bf16, m->eps, H, xn + r * H);
+        }
 
+#if defined(AMX_GEMM)
+        if (use_amx) {
+            AMX_LINEAR(xn, H, gu_w, 2 * I)
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t o = 0; o < I; o += 16) {
+                    const __m512 g = vrb(_mm512_loadu_ps(y32 + r * 2 * I + o));
+                    const __m512 u = vrb(_mm512_loadu_ps(y32 + r * 2 * I + I + o));
+                    const __m512 sg = vrb(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+                    _mm512_storeu_ps(act + r * I + o, vrb(_mm512_mul_ps(sg, u)));
+                }
+            AMX_LINEAR(act, I, down_w, H)
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows * H; i += 16)
+                _mm512_storeu_ps(x + i, vrb(_mm512_add_ps(_mm512_loadu_ps(x + i), vrb(_mm512_loadu_ps(y32 + i)))));
+            continue;
+        }
+#endif
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < I; ++o) {
             const char *wg = (const char *)gu_w + o * H * wsize, *wu = (const char *)gu_w + (I + o) * H * wsize;
@@ -166,6 +323,14 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
                 x[r * H + o] = rb(x[r * H + o] + rb(dot_w(w, bf16, act + r * I, I), bf16), bf16);
         }
     }
+#if defined(AMX_GEMM)
+    if (use_amx) _tile_release();
+#endif
+    }
+#if defined(AMX_GEMM)
+    free(xp);
+    free(y32);
+#endif
     return 0;
 }
 

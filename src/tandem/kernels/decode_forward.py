@@ -1,5 +1,6 @@
 """The fused decode forward (``decode_forward.c``): every decoder layer of a Llama-family model
-for a few decode rows in one C call, for CPU single-stream and small-batch decode.
+for a batch of decode rows in one C call: GEMV for single-stream and a few rows, AMX tile
+multiplies for larger batches of a bfloat16 model on a CPU with AMX.
 
 `FusedDecoder` is built once per model and KV cache: it collects the plain weights' and the
 caches' addresses per layer into the C struct; each call then passes the step's rows (float32
@@ -55,19 +56,21 @@ _lib = LazyLibrary("tandem_attention", paged_attention.SOURCES, paged_attention.
                               + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int],
                               ctypes.c_int),
     "tandem_decode_scratch_floats": ([ctypes.POINTER(_Model), ctypes.c_int64], ctypes.c_int64),
+    "tandem_decode_uses_amx": ([ctypes.POINTER(_Model), ctypes.c_int64], ctypes.c_int),
 }, paged_attention.HEADERS, disable_env="TANDEM_DISABLE_CPU_ATTENTION", fallback="no fused decoder")
 """The attention kernels' library (the same build), with the fused decoder's signatures."""
 
 
 class FusedDecoder:
-    """The decoder layers of ``model`` over ``kv_caches``, for up to ``max_rows`` decode rows."""
+    """The decoder layers of ``model`` over ``kv_caches``, for up to ``max_rows`` decode rows:
+    ``gemv_max_rows``, or ``amx_max_rows`` where the batch path multiplies on AMX tiles."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, max_rows: int) -> None:
+                 block_size: int, gemv_max_rows: int, amx_max_rows: int = 0) -> None:
         lib = _lib()
         assert lib is not None and supported(model, kv_caches, block_size)
         cfg, layers = model.config, list(model.layers)
-        self.kv_caches, self.max_rows = kv_caches, max_rows
+        self.kv_caches = kv_caches
         attn = [layer.self_attn for layer in layers]
         self._keep = {  # address tables; the tensors they point into are the model's and the cache's own
             "qkv_w": _addresses([a.qkv_proj.weight for a in attn]),
@@ -89,7 +92,10 @@ class FusedDecoder:
             bf16=int(kv_caches[0][0].dtype == torch.bfloat16), qk_norm=int(cfg.qk_norm),
             **{name: table.data_ptr() for name, table in self._keep.items()})
         self._ref = ctypes.byref(self._struct)
-        self._scratch = torch.empty(lib.tandem_decode_scratch_floats(self._ref, max_rows), dtype=torch.float32)
+        self.uses_amx = amx_max_rows > gemv_max_rows and bool(lib.tandem_decode_uses_amx(self._ref, amx_max_rows))
+        """Whether batches above gemv_max_rows run here, on AMX tiles (else they take the per-op path)."""
+        self.max_rows = amx_max_rows if self.uses_amx else gemv_max_rows
+        self._scratch = torch.empty(lib.tandem_decode_scratch_floats(self._ref, self.max_rows), dtype=torch.float32)
         self._fn = lib.tandem_decode_forward
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,

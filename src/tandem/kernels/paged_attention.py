@@ -20,7 +20,7 @@ from tandem.kernels.native import LazyLibrary
 
 SOURCES = [Path(__file__).with_name("paged_attention.c"), Path(__file__).with_name("decode_forward.c")]
 """One library: the fused decode forward (tandem.kernels.decode_forward) calls the attention items."""
-HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention.h", "dot.h", "avx512_math.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention.h", "dot.h", "avx512_math.h", "amx_gemm.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-lm"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 32, 256, 64
 """Shape limits of the C kernel (query heads per KV head, head size, tokens per block)."""

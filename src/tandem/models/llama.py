@@ -27,6 +27,9 @@ FUSED_DECODE_MAX_ROWS = 4
 (``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op.
 ``python benchmarks/cpu_kernel_choices.py`` (SmolLM2-135M bf16, 2 cores, context ~260): fused 13.9 /
 17.6 / 21.8 ms per step at 1 / 2 / 4 rows against 20.3 / 24.9 / 23.3 ms per op; per op ahead from 6."""
+FUSED_DECODE_AMX_MAX_ROWS = 256
+"""With bfloat16 weights on a CPU with AMX, decode steps of up to this many rows run the fused C
+decoder too, its linear layers as AMX tile multiplies (the batch-64 step: see docs/benchmarks.md)."""
 
 
 @dataclass
@@ -158,17 +161,18 @@ class LlamaForCausalLM(nn.Module):
     def _fused_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                        meta: AttentionMetadata) -> decode_forward.FusedDecoder | None:
         """The fused C decode path (tandem.kernels.decode_forward) when this step can take it: only
-        decode rows, at most FUSED_DECODE_MAX_ROWS of them, on the C attention kernel's metadata."""
-        if (meta.prefills or meta.decode_ctx_lens is None or meta.num_decode_tokens > FUSED_DECODE_MAX_ROWS
-                or self._fused_off):
+        decode rows, at most FUSED_DECODE_MAX_ROWS of them (FUSED_DECODE_AMX_MAX_ROWS with AMX), on
+        the C attention kernel's metadata."""
+        if meta.prefills or meta.decode_ctx_lens is None or self._fused_off:
             return None
         if self._fused is None or self._fused.kv_caches is not kv_caches:
             self._fused = None
             if not decode_forward.supported(self, kv_caches, meta.block_size):
                 self._fused_off = True
                 return None
-            self._fused = decode_forward.FusedDecoder(self, kv_caches, meta.block_size, FUSED_DECODE_MAX_ROWS)
-        return self._fused
+            self._fused = decode_forward.FusedDecoder(self, kv_caches, meta.block_size, FUSED_DECODE_MAX_ROWS,
+                                                      FUSED_DECODE_AMX_MAX_ROWS)
+        return self._fused if meta.num_decode_tokens <= self._fused.max_rows else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
