@@ -6,7 +6,8 @@
  * adjacent inputs in one 32-bit lane, rows as columns), which is cheap since x is small. Each
  * result tile holds 16 features x 16 rows in float32 and is transposed with AVX-512 shuffles on
  * the way out. A work item is 32 features (2 weight tiles) against every row, 32 rows per pass:
- * 4 result tiles, each loaded operand used by two tile multiplies.
+ * 4 result tiles, each loaded operand used by two tile multiplies. The weights stream from
+ * memory (they are far larger than the caches), so each item prefetches the next one's.
  *
  * Use: amx_pack_job for every job < amx_pack_jobs (split across threads), a barrier, then on
  * every thread amx_configure() and amx_gemm_item for every item < amx_gemm_items. Callers
@@ -119,6 +120,13 @@ static inline void amx_gemm_item(int64_t np, const uint32_t *xp, int64_t M, int6
         _tile_zero(7);
         for (int64_t kc = 0; kc < kchunks; ++kc) {
             const uint32_t *b = xp + (kc * mtiles + m0) * 256;
+            /* Fetch the next item's weight rows into L2 while this one computes: one cache line
+             * per row per k step, so the whole 32 x K block arrives during the first pass. */
+            if (m0 == 0 && n0 + 2 < ntiles) {
+                const char *next = (const char *)(w0 + 32 * K) + 64 * kc;
+                const int64_t nrows = ntiles - n0 - 2 < 2 ? 16 : 32;
+                for (int64_t r = 0; r < nrows; ++r) _mm_prefetch(next + r * K * 2, _MM_HINT_T1);
+            }
             _tile_loadd(0, w0 + 32 * kc, K * 2);
             _tile_loadd(2, b, 64);
             _tile_dpbf16ps(4, 0, 2);

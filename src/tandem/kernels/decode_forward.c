@@ -151,6 +151,7 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
     tandem_attention_item_f32 item32 = bf16 ? 0 : tandem_attention_item_for_f32(D);
     tandem_attention_item_bf16 item16 = bf16 ? tandem_attention_item_for_bf16(D) : 0;
     const int use_amx = tandem_decode_uses_amx(m, rows);
+    const int rows_outer = rows >= 4 * threads;
 #if defined(HAVE_VEC_BF16)
     /* vector loops for bf16 when every row length is a multiple of 16 (RoPE: half a head) */
     const int vec = bf16 && H % 16 == 0 && D % 32 == 0;
@@ -246,9 +247,12 @@ int tandem_decode_forward(const tandem_decode_model *m, float *x, const float *c
             }
         }
 
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        /* Items (row, kv head); with many rows a thread takes all kv heads of a row in turn (its
+         * K/V rows are adjacent), as the standalone attention entry does. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t job = 0; job < (rows_outer ? rows : rows * Hkv); ++job)
+            for (int64_t kvh = rows_outer ? 0 : job % Hkv; kvh < (rows_outer ? Hkv : job % Hkv + 1); ++kvh) {
+                const int64_t r = rows_outer ? job : job / Hkv;
                 const float *q = qkv + r * qkv_dim + kvh * group * D;
                 float *out = attn + (r * Hq + kvh * group) * D;
                 if (bf16)
