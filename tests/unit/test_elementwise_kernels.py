@@ -58,3 +58,12 @@ def test_rope_store(dtype, num_heads, num_kv_heads, head_dim):
     untouched = torch.ones(num_slots, dtype=torch.bool)
     untouched[slots] = False
     assert k_cache[untouched].abs().sum() == 0 and v_cache[untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(64, 49152), (3, 17), (5, 15), (1, 1000)])
+def test_argmax_rows_matches_torch_first_index_on_ties(dtype, rows, n):
+    x = torch.randn(rows, n).to(dtype)
+    x[0, n // 3] = x[0].max() + 1
+    x[0, n - 1] = x[0, n // 3]  # a tie: the first index wins, as torch.argmax
+    assert torch.equal(elementwise.argmax_rows(x), torch.argmax(x, dim=1))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.sampling_params import SamplingParams
+from tandem.kernels import elementwise
 
 
 @dataclass
@@ -191,7 +192,10 @@ class Sampler:
         if all(p.greedy and p.logprobs is None and not p.needs_penalties for p in params) and not any(
                 len(r.output_token_ids) < r.params.min_tokens for r in rows):
             # Plain greedy batch: the argmax of the raw logits. Widening to float32 is exact and keeps
-            # the order, so it is skipped (at batch 64 the copy and argmax cost 6 ms; max() 1 ms).
+            # the order, so it is skipped (at batch 64 the copy and argmax cost 6 ms; max() 1.6 ms,
+            # the C kernel ~0.3 ms).
+            if elementwise.supports(logits) and logits.is_contiguous():
+                return SamplerOutput(token_ids=elementwise.argmax_rows(logits).tolist())
             return SamplerOutput(token_ids=logits.max(dim=1).indices.tolist())
         logits = logits.to(dtype=torch.float32, copy=True)
         want_logprobs = any(p.logprobs is not None for p in params)

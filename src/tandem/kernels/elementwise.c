@@ -156,3 +156,49 @@ void tandem_rope_store(void *qkv, const float *cos, const float *sin, const int6
                (size_t)kv_bytes);
     }
 }
+
+/* out[r] = index of the largest of x[r, 0..n) (the first one on ties, as torch.argmax), for a
+ * greedy batch's logits: PyTorch's max over dim 1 of a [64, 49152] bfloat16 tensor took ~1.6 ms
+ * on 2 cores, for 6 MB of reads. NaN is never chosen (logits are finite). */
+void tandem_argmax_rows(const void *x, int64_t rows, int64_t n, int bf16, int64_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t best = 0;
+        float best_v = load(x, bf16, r * n);
+        int64_t i = 0;
+#if defined(HAVE_VEC)
+        if (n >= 16) {
+            /* lane j keeps the first largest of the elements j, j + 16, ... */
+            __m512 vmax = vload(x, bf16, r * n, 0xFFFF);
+            __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            __m512i cur = _mm512_add_epi32(vidx, _mm512_set1_epi32(16));
+            for (i = 16; i + 16 <= n; i += 16) {
+                const __m512 v = vload(x, bf16, r * n + i, 0xFFFF);
+                const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+                vmax = _mm512_mask_mov_ps(vmax, gt, v);
+                vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+                cur = _mm512_add_epi32(cur, _mm512_set1_epi32(16));
+            }
+            float vals[16];
+            int32_t idxs[16];
+            _mm512_storeu_ps(vals, vmax);
+            _mm512_storeu_si512(idxs, vidx);
+            best_v = vals[0];
+            best = idxs[0];
+            for (int j = 1; j < 16; ++j)
+                if (vals[j] > best_v || (vals[j] == best_v && idxs[j] < best)) {
+                    best_v = vals[j];
+                    best = idxs[j];
+                }
+        }
+#endif
+        for (; i < n; ++i) {
+            const float v = load(x, bf16, r * n + i);
+            if (v > best_v) {
+                best_v = v;
+                best = i;
+            }
+        }
+        out[r] = best;
+    }
+}

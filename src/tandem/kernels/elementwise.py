@@ -24,6 +24,7 @@ _SIGNATURES = {
     "tandem_rmsnorm": ([_P, _P, _P, _I, _I, _F, _B, _B], None),
     "tandem_silu_mul": ([_P, _P, _I, _I, _B, _B], None),
     "tandem_rope_store": ([_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _B, _B], None),
+    "tandem_argmax_rows": ([_P, _I, _I, _B, _P, _B], None),
 }
 load = LazyLibrary("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES, [Path(__file__).with_name(name) for name in ("avx512_math.h", "dot.h")],
                    disable_env="TANDEM_DISABLE_CPU_ELEMENTWISE", fallback="using PyTorch ops")
@@ -64,3 +65,12 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
     load().tandem_rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
                              v_cache.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, head_dim, _bf16(qkv),
                              torch.get_num_threads())
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest value (the first on ties), int64 ``[rows]``; x float32 or
+    bfloat16 ``[rows, n]`` on CPU, contiguous."""
+    assert x.dim() == 2 and x.is_contiguous() and supports(x)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    load().tandem_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], _bf16(x), out.data_ptr(), torch.get_num_threads())
+    return out
