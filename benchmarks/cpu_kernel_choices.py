@@ -2,10 +2,10 @@
 
 1. Decode attention at batch 64 (context 330, SmolLM2's 9/3 heads): the C paged-attention kernel
    vs gather + SDPA, one layer, float32 and bfloat16.
-2. A prefill chunk with a cached prefix (512 queries over 1,024 keys, bf16): the same kernel one
-   query row at a time vs gather + SDPA (why prefill keeps SDPA).
-3. Decode steps of 1-8 rows on the real model (bf16): the fused C decoder vs the per-op path
-   (why FUSED_DECODE_MAX_ROWS is 4).
+2. A prefill chunk with a cached prefix (512 queries over 1,024 keys, bf16): gather + SDPA, the
+   decode kernel one query row at a time, and the AMX prefill kernel (where the CPU has AMX).
+3. Decode steps of 1-64 rows on the real model (bf16): the fused C decoder (GEMV up to 4 rows,
+   AMX tile multiplies above where the CPU has AMX) vs the per-op path.
 4. oneDNN's packed bf16 weights at M = 64 and M = 2,048 for different packing hints (the model's
    120 layer matrices, LM head excluded).
 5. The engine stepped on the main thread vs on a second thread after the main thread loaded the
@@ -29,6 +29,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sampling_params import SamplingParams
 from tandem.kernels import paged_attention as pa
+from tandem.kernels import prefill_attention as pf
 
 HQ, HKV, D, BS = 9, 3, 64, 16
 
@@ -80,14 +81,19 @@ def prefill_attention() -> None:
 
     tables, rows, lens = table.view(1, -1).contiguous(), torch.zeros(n, dtype=torch.long), torch.arange(cached + 1, ctx + 1)
     kernel = lambda: pa.paged_attention(q, k, v, tables, rows, lens, BS, D**-0.5)  # noqa: E731
+    amx = "n/a (no AMX)"
+    if pf.available():
+        info, out = torch.tensor([[0, n, ctx]]), torch.empty_like(q)
+        amx = f"{timed_ms(lambda: pf.prefill_attention(q, k, v, tables, info, BS, D**-0.5, out), 5):6.2f} ms"
     print(f"  {n} queries over {ctx} keys, bf16: gather + SDPA {timed_ms(sdpa, 5):6.2f} ms | "
-          f"C kernel per row {timed_ms(kernel, 5):6.2f} ms")
+          f"decode kernel per row {timed_ms(kernel, 5):6.2f} ms | AMX prefill kernel {amx}")
 
 
 def fused_by_rows(engine: LLMEngine) -> None:
-    llama.FUSED_DECODE_MAX_ROWS = 16  # let the fused path take every size measured here
+    llama.FUSED_DECODE_MAX_ROWS = 64  # without AMX, let the GEMV fused path take every size measured here
     model, rng = engine.loaded.model, random.Random(0)
-    for batch in (1, 2, 4, 6, 8):
+    model._fused = None
+    for batch in (1, 2, 4, 8, 16, 64):
         for i in range(batch):
             engine.add_request(f"{batch}-{i}", [rng.randrange(100, 40000) for _ in range(256)],
                                SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0))
@@ -131,7 +137,7 @@ def main() -> None:
     print("2. prefill chunk with a cached prefix")
     prefill_attention()
     engine = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_gib=0.5))
-    print("3. fused decoder vs per-op path (bf16, context ~260)")
+    print("3. fused decoder (GEMV to 4 rows, AMX above where available) vs per-op path (bf16, context ~260)")
     fused_by_rows(engine)
     print("4. oneDNN packing hint (bf16, 120 matrices)")
     packing_hints()

@@ -27,40 +27,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__)
-#define HAVE_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_gemm.h" /* tile configuration and the AMX permission */
 
+#if defined(AMX_GEMM)
+#define HAVE_AMX 1
 #endif
 
 #define MAX_HEAD_DIM 256
 #define NEG_BIG (-1e30f)
 
 #if defined(HAVE_AMX)
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-struct tile_config {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-/* Every tile 16 rows x 64 bytes. Tiles: 0 = left operand, 1-3 = right operands, 4-7 = results. */
-static void configure_tiles(void) {
-    struct tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
+/* Tiles (all 16 rows x 64 bytes, amx_configure): 0 = left operand, 1-3 = right operands, 4-7 = results. */
 
 /* 16 keys of one kv head (rows of 32 head dims starting at dim 32*dc) as the right operand of
  * Q·K^T: dword (i, n) = key n's dims 2i and 2i+1. */
@@ -151,7 +128,7 @@ static inline float softmax_row(const float *srow, uint16_t *prow, int64_t vis, 
 /* 1 when this build and CPU can run the kernel (AMX compiled in and the OS grants tile state). */
 int tandem_prefill_attention_available(void) {
 #if defined(HAVE_AMX)
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+    return amx_gemm_permitted();
 #else
     return 0;
 #endif
@@ -204,7 +181,7 @@ int tandem_prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uin
 
 #pragma omp parallel num_threads(threads)
     {
-        configure_tiles();
+        amx_configure();
         /* Phase 1: pack K and V, 32 keys of one (chunk, kv head) per work item. */
 #pragma omp for schedule(dynamic, 4)
         for (int64_t w = 0; w < pair_off[chunks]; ++w) {

@@ -20,7 +20,7 @@ import torch
 from tandem.kernels.native import LazyLibrary
 
 SOURCES = [Path(__file__).with_name("prefill_attention.c")]
-HEADERS: list[Path] = []
+HEADERS = [Path(__file__).with_name("amx_gemm.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
 MAX_HEAD_DIM = 256
 _P, _I = ctypes.c_void_p, ctypes.c_int64
