@@ -1,6 +1,6 @@
 """The fused decode forward (``decode_forward.c``): every decoder layer of a Llama-family model
-for a batch of decode rows in one C call: GEMV for single-stream and a few rows, AMX tile
-multiplies for larger batches of a bfloat16 model on a CPU with AMX.
+for a batch of decode rows in one C call: AMX tile multiplies for a bfloat16 model on a CPU with
+AMX (any number of rows), GEMV otherwise (a few rows).
 
 `FusedDecoder` is built once per model and KV cache: it collects the plain weights' and the
 caches' addresses per layer into the C struct; each call then passes the step's rows (float32
@@ -93,7 +93,8 @@ class FusedDecoder:
             **{name: table.data_ptr() for name, table in self._keep.items()})
         self._ref = ctypes.byref(self._struct)
         self.uses_amx = amx_max_rows > gemv_max_rows and bool(lib.tandem_decode_uses_amx(self._ref, amx_max_rows))
-        """Whether batches above gemv_max_rows run here, on AMX tiles (else they take the per-op path)."""
+        """Whether steps run on AMX tiles, so batches up to amx_max_rows can come here (else only
+        gemv_max_rows rows; larger batches take the per-op path)."""
         self.max_rows = amx_max_rows if self.uses_amx else gemv_max_rows
         self._scratch = torch.empty(lib.tandem_decode_scratch_floats(self._ref, self.max_rows), dtype=torch.float32)
         self._fn = lib.tandem_decode_forward

@@ -29,7 +29,8 @@ FUSED_DECODE_MAX_ROWS = 4
 17.6 / 21.8 ms per step at 1 / 2 / 4 rows against 20.3 / 24.9 / 23.3 ms per op; per op ahead from 6."""
 FUSED_DECODE_AMX_MAX_ROWS = 256
 """With bfloat16 weights on a CPU with AMX, decode steps of up to this many rows run the fused C
-decoder too, its linear layers as AMX tile multiplies (the batch-64 step: see docs/benchmarks.md)."""
+decoder, its linear layers as AMX tile multiplies at every row count (faster than the GEMVs from 1
+row on: docs/benchmarks.md)."""
 
 
 @dataclass
