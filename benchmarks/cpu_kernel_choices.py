@@ -27,9 +27,9 @@ import tandem.models.llama as llama
 from tandem.engine.attention import bottom_right_causal_mask
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.kernels import paged_attention as pa
 from tandem.kernels import prefill_attention as pf
+from tandem.protocols.sampling_params import SamplingParams
 
 HQ, HKV, D, BS = 9, 3, 64, 16
 

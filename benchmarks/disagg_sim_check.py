@@ -25,7 +25,6 @@ from pathlib import Path
 
 from disagg_vs_agg import ISL, OSL, make_requests, percentile
 from serve_util import serving
-
 from tandem.bench.simulate import SimConfig, Simulation
 from tandem.engine.mocker import MockerConfig
 

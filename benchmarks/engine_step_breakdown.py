@@ -19,8 +19,8 @@ from torch.profiler import profile
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.model_cache import DEFAULT_MODEL, resolve_model
+from tandem.protocols.sampling_params import SamplingParams
 
 # Profiler op names (self CPU time) that belong to each part of a step, matched by substring.
 LINEAR_OPS = ("_linear_pointwise", "aten::mm", "aten::addmm")

@@ -24,8 +24,8 @@ import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.model_cache import DEFAULT_MODEL, resolve_model
+from tandem.protocols.sampling_params import SamplingParams
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -60,7 +60,7 @@ def run_tandem(cfg: dict) -> dict:
 
     from tandem.engine.config import EngineConfig
     from tandem.engine.llm_engine import LLMEngine
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.protocols.sampling_params import SamplingParams
 
     w = cfg["workloads"]
     engine = LLMEngine(EngineConfig(model=cfg["model"], dtype=cfg["dtype"], kv_cache_memory_gib=2.0))
@@ -90,8 +90,9 @@ def run_tandem(cfg: dict) -> dict:
 
 
 def run_vllm(cfg: dict) -> dict:
-    from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from vllm import LLM, SamplingParams
 
     w = cfg["workloads"]
     llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=2048, seed=0)

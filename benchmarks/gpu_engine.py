@@ -85,7 +85,7 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def tandem_figures(model_dir: Path, offline: list[list[int]], single: list[int]) -> dict:
     from tandem.engine.config import EngineConfig
     from tandem.engine.llm_engine import LLMEngine
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.protocols.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory_gib=8,
                                     max_num_seqs=256, max_num_batched_tokens=8192))

@@ -8,13 +8,13 @@ Workload (as in the routing-quality benchmark): 20 shared system prompts of 1,00
 random system prompt and a unique tail. Each worker runs a prefix cache like Tandem's engine: a
 prompt's blocks already cached on that worker are not reported again, the new ones go out as
 ``BlockStored`` events of ``--blocks-per-event`` blocks, chained by ``parent_block_hash``, with
-the engine's block hashes (``tandem.hashing.block_hashes``, what Tandem's engine reports). Events
+the engine's block hashes (``tandem.protocols.block_hash.block_hashes``, what Tandem's engine reports). Events
 from the 64 workers are interleaved prompt by prompt until ``--blocks`` blocks (default 1M) are
 stored (no evictions: 15,625 blocks per worker fit a 16,384-block pool).
 
 1. **Indexing**: events/s and blocks/s of ``KvIndexer.apply`` (one call per event, as the
    event follower does). Baseline, measured in the same run on the same token lists: the router's
-   re-hashing alone, ``tandem.hashing.block_hashes(event.token_ids, 16, seed, parent)`` per
+   re-hashing alone, ``tandem.kernels.block_hash.block_hashes(event.token_ids, 16, seed, parent)`` per
    event (the C loop when it is built, as in serving), and the same call in the pure-Python
    loop. The ratio indexing/hashing shows how much of an event's cost is the hashing (per event:
    one numpy conversion and one C call); the rest is Python dict updates (per block: engine hash → seq
@@ -52,9 +52,10 @@ import random
 import statistics
 import time
 
-from tandem.engine.kv_events import BlockStored
-from tandem import hashing
-from tandem.hashing import BLOCK_HASH_SEED, block_hashes
+from tandem.kernels import block_hash as hashing
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.block_hash import BLOCK_HASH_SEED
+from tandem.protocols.kv_events import BlockStored
 from tandem.router.kv_indexer import KvIndexer
 
 BLOCK_SIZE = 16
@@ -230,11 +231,11 @@ def bench_find_matches(idx: KvIndexer, prompts: list[tuple[str, list[int]]], n: 
 
 def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str, list[int]]],
                  args: argparse.Namespace, idx: KvIndexer | None) -> None:
+    from tandem.protocols.worker_card import WorkerCard
     from tandem.router.kv_router import KvRouter, KvRouterConfig
     from tandem.router.worker_pool import WorkerPool
     from tandem.runtime.discovery_memory import MemoryDiscovery
     from tandem.runtime.request_plane_client import RequestPlaneClient
-    from tandem.runtime.worker_card import WorkerCard
 
     logging.getLogger("tandem.router.kv_router").setLevel(logging.ERROR)  # no followers here: no warning
     router = KvRouter(WorkerPool(MemoryDiscovery()), RequestPlaneClient(),

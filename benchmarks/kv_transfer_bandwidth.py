@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from tandem.engine.kv_transfer import tensor_to_export
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
 from tandem.transfer import KvTransferServer, KvTransferServerConfig, TransferStore, TransferStoreConfig, pull_blocks
 from tandem.transfer.protocol import block_nbytes
 

@@ -36,7 +36,7 @@ import time, sys
 start = float(sys.argv[1])
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 engine = LLMEngine(EngineConfig(model={MODEL!r}))
 tok = engine.loaded.tokenizer
 ids = tok.encode(tok.apply_chat_template({BODY["messages"]!r}, tokenize=False, add_generation_prompt=True),

@@ -33,7 +33,7 @@ OFFLINE = r"""
 import json, sys, time
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 cfg = json.loads(sys.argv[1])
 engine = LLMEngine(EngineConfig(dtype=cfg["dtype"], num_threads=cfg["threads"], kv_cache_memory_gib=0.5))
 params = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0, ignore_eos=True)

@@ -32,8 +32,8 @@ import tandem.models.llama as llama_mod
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.model_runner import ModelRunner
-from tandem.engine.sampling_params import SamplingParams
 from tandem.models.linear import Linear
+from tandem.protocols.sampling_params import SamplingParams
 
 TIMES: dict[str, float] = defaultdict(float)
 ENABLED = [False]

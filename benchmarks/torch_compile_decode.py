@@ -33,7 +33,7 @@ def child(mode: str) -> dict:
 
     from tandem.engine.config import EngineConfig
     from tandem.engine.llm_engine import LLMEngine
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.protocols.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_gib=1.0))
     compile_s = 0.0

@@ -21,8 +21,8 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.frontend.config import FrontendConfig
 from tandem.frontend.server import FrontendServer
+from tandem.protocols.worker_card import WorkerCard
 from tandem.runtime.discovery import Discovery, Registration, make_discovery
-from tandem.runtime.worker_card import WorkerCard
 from tandem.worker.service import WorkerService
 
 TOKENIZER = "smollm2-135m-instruct"

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.infra_servers import ETCD_BIN, NATS_BIN, EtcdServer, NatsServer, wait_for_port
 
 from tandem.deploy import netns_runs
 from tandem.deploy.netns import ip_binary, probe_support
 from tandem.deploy.netns_testbed import Testbed, TestbedConfig
-from tests.infra_servers import ETCD_BIN, NATS_BIN, EtcdServer, NatsServer, wait_for_port
 
 INFRA = "infra"
 PREFILL = "prefill"

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx2 as httpx
-
 from tests.netns_fixtures import DECODE_HOSTS, FRONTEND, PREFILL, Cluster
 
 MODEL = "smollm2-135m-instruct"

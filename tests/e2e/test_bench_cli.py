@@ -19,10 +19,10 @@ import httpx2 as httpx
 import numpy as np
 import pytest
 import yaml
+from tests.e2e.serve_process import ServeProcess
 
 from tandem.bench.run_files import load_run
 from tandem.bench.workload_trace import load_trace
-from tests.e2e.serve_process import ServeProcess
 
 MODEL = "smollm2-135m-instruct"
 PREFILL_MS, DECODE_MS = 50.0, 10.0

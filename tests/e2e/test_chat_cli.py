@@ -6,9 +6,8 @@ import os
 import re
 import sys
 
-import pytest
-
 import pexpect  # a test dependency (pyproject [test])
+import pytest
 
 PROMPT = ">>> "
 ANSWER_END = re.compile(r"tok/s[^\n]*\n")

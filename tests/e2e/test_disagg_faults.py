@@ -29,12 +29,12 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from tests.e2e.serve_process import ServeProcess
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.request_plane import RequestPlaneClient
-from tests.e2e.serve_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 

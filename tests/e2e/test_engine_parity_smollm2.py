@@ -7,9 +7,9 @@ import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.model_cache import DEFAULT_MODEL, resolve_model
 from tandem.models.loader import load_model
+from tandem.protocols.sampling_params import SamplingParams
 
 NEW_TOKENS = 48
 QUESTIONS = [

@@ -14,10 +14,10 @@ import urllib.error
 import urllib.request
 
 import openai
+from tests.infra_servers import EtcdServer, free_port
+from tests.tandem_process import TandemProcess
 
 from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery
-from tests.tandem_process import TandemProcess
-from tests.infra_servers import EtcdServer, free_port
 
 MODEL = "smollm2-135m-instruct"
 TTL_S = 3.0

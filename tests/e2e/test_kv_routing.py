@@ -13,7 +13,6 @@ import urllib.request
 
 import openai
 import pytest
-
 from tests.e2e.serve_process import ServeProcess
 
 MODEL = "smollm2-135m-instruct"

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import httpx2 as httpx
 import openai
 import pytest
+from tests.e2e.multihost_graph import MODEL, WORKER_TTL_S, Graph, planes, start_graph
+from tests.netns_fixtures import DECODE_HOSTS, FRONTEND, PREFILL, testbed  # noqa: F401 - fixture
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.request_plane import RequestPlaneClient
-from tests.e2e.multihost_graph import MODEL, WORKER_TTL_S, Graph, planes, start_graph
-from tests.netns_fixtures import DECODE_HOSTS, FRONTEND, PREFILL, testbed  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,9 @@ import asyncio
 import random
 import time
 
-from tandem.runtime.request_plane import RequestPlaneClient
 from tests.tandem_process import TandemProcess
+
+from tandem.runtime.request_plane import RequestPlaneClient
 
 MODEL = "mock-model"
 NAMESPACE = "e2enats"
@@ -131,7 +132,6 @@ def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:  #
     import urllib.request
 
     import openai
-
     from tests.e2e.serve_process import ServeProcess
 
     graph = tmp_path / "graph.yaml"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import openai
 import pytest
+from tests.e2e.serve_process import ServeProcess
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
-from tests.e2e.serve_process import ServeProcess
+from tandem.protocols.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,6 @@ import openai
 import psutil
 import pytest
 import yaml
-
 from tests.e2e.serve_process import ServeProcess
 
 MODEL = "smollm2-135m-instruct"

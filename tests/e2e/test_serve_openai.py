@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import httpx2 as httpx
 import openai
 import pytest
+from tests.e2e.serve_process import ServeProcess
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.request_plane import RequestPlaneClient
-from tests.e2e.serve_process import ServeProcess
 
 MODEL = "smollm2-135m-instruct"
 MAX_BODY_BYTES = 100_000

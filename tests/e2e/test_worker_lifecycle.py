@@ -14,11 +14,11 @@ import urllib.request
 
 import openai
 import pytest
+from tests.tandem_process import TandemProcess
 
 from tandem.engine.faults import ENV_VAR
 from tandem.runtime.discovery_file import FileDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient, WorkerUnavailableError
-from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"  # the mocker serves it; the frontend loads its tokenizer
 STEP_MS = 30  # every mocker step takes this long: a 100-token request lasts ~3 s

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 
+from tests.tiny_models import make_tiny_model
+
 from tandem.runtime.discovery_file import FileDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient
-from tests.tiny_models import make_tiny_model
 
 PROMPT = list(range(10, 40))
 

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.active_load import ActiveLoad
 from tandem.router.policy_least_loaded import LeastLoadedPolicy
-from tandem.runtime.worker_card import WorkerCard
 
 BS = 4
 

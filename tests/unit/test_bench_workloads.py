@@ -27,7 +27,7 @@ from tandem.bench.workload_trace import (
     trace_requests,
     write_trace,
 )
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
 
 HASH_BLOCK = 16
 

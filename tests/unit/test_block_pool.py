@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.engine import kv_events
 from tandem.engine.block_pool import BlockPool, KVBlock, NoFreeBlocksError
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from tandem.hashing import block_hashes
+from tandem.protocols import kv_events
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 

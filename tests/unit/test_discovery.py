@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.runtime import discovery_file
 from tandem.runtime.discovery import (
     Discovery,
@@ -33,7 +34,6 @@ from tandem.runtime.discovery_file import (
     file_name_for,
 )
 from tandem.runtime.discovery_memory import MemoryDiscovery, MemoryStore, shared_store
-from tandem.runtime.worker_card import WorkerCard, WorkerCardError
 
 FAST = DiscoveryConfig(ttl_s=5.0, poll_interval_s=0.05)
 
@@ -401,7 +401,7 @@ def test_file_heartbeat_rewrites_never_hide_the_worker(tmp_path: Path) -> None:
 SUBPROCESS_WORKER = """
 import asyncio, sys
 from tandem.runtime.discovery_file import FileDiscovery
-from tandem.runtime.worker_card import WorkerCard
+from tandem.protocols.worker_card import WorkerCard
 
 async def main():
     client = FileDiscovery(sys.argv[1])

@@ -16,7 +16,10 @@ from typing import Any
 
 import aetcd
 import pytest
+from tests.infra_servers import EtcdCluster, EtcdServer, free_port
+from tests.unit.test_discovery import card
 
+from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery import (
     DiscoveryClosedError,
     DiscoveryConfig,
@@ -25,10 +28,7 @@ from tandem.runtime.discovery import (
     WorkerAlreadyRegisteredError,
     register_when_reachable,
 )
-from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery, _LeaderAwareClient, parse_endpoints
-from tests.infra_servers import EtcdCluster, EtcdServer, free_port
-from tests.unit.test_discovery import card
 
 TTL_S = 2.0
 CONFIG = DiscoveryConfig(ttl_s=TTL_S)

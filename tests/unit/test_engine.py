@@ -6,16 +6,16 @@ import asyncio
 
 import pytest
 import torch
+from tests.tiny_models import make_tiny_model
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from tandem.engine.kv_transfer import KVBlockExport
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
-from tandem.hashing import block_hashes
 from tandem.models.loader import load_model
-from tests.tiny_models import make_tiny_model
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from tandem.protocols.kv_export import KVBlockExport
+from tandem.protocols.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPT = list(range(10, 50))  # 40 tokens: 2 full blocks of 16 and a partial one

@@ -15,7 +15,7 @@ import torch
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.mocker import MockerConfig, MockerEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.worker.engine_host import MainThreadEngineHost
 
 

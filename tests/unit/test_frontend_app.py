@@ -12,10 +12,10 @@ import socket
 import openai
 import pytest
 import requests
+from tests.frontend_harness import Deployment, assert_openai_error, raw_request, wait_until
 
 from tandem.frontend.config import FrontendConfig
 from tandem.runtime.discovery import make_discovery
-from tests.frontend_harness import Deployment, assert_openai_error, raw_request, wait_until
 
 MODEL = "mock"
 CONTEXT = 512

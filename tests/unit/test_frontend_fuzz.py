@@ -17,9 +17,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from tests.frontend_harness import Deployment, assert_openai_error
 
 from tandem.frontend.config import FrontendConfig
-from tests.frontend_harness import Deployment, assert_openai_error
 
 MODEL = "mock"
 CHAT = "/v1/chat/completions"

@@ -11,7 +11,7 @@ import pytest
 from tandem.engine.outputs import RequestOutput, TokenLogprob
 from tandem.frontend.preprocess import INLINE_TOKENIZE_CHARS, Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
-from tandem.worker.protocol import GenerateDelta, TokenLogprobPayload
+from tandem.protocols.endpoints import GenerateDelta, TokenLogprobPayload
 
 
 @pytest.fixture(scope="module")

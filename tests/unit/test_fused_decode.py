@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.kernels import amx_linear, decode_forward
 from tandem.models.llama import FUSED_DECODE_MAX_ROWS
-from tests.tiny_models import ARCHITECTURES, make_tiny_model
+from tandem.protocols.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from tandem import hashing
-from tandem.hashing import BLOCK_HASH_SEED, block_hashes, chain_block_hash, local_block_hash, seed_for_salt
+from tandem.kernels import block_hash as hashing
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols import block_hash as reference
+from tandem.protocols.block_hash import BLOCK_HASH_SEED, chain_block_hash, local_block_hash, seed_for_salt
 
 
 @pytest.fixture

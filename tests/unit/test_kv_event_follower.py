@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from tandem.engine.kv_events import BlockStored, encode_batch, make_batch
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import BlockStored, encode_batch, make_batch
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_event_follower import KvEventFollower
 from tandem.router.kv_indexer import KvIndexer
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
-from tandem.runtime.worker_card import WorkerCard
 from tandem.worker.kv_publisher import KvEventPublisher, PublisherConfig
 
 BLOCK = 16

@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 import msgspec
 import nats
 import pytest
+from tests.unit.test_kv_event_follower import BLOCK, _stored
 
-from tandem.engine.kv_events import BlockRemoved, KVEventBatch, encode_batch, make_batch
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import BlockRemoved, KVEventBatch, encode_batch, make_batch
+from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.router.kv_event_follower_nats import NatsKvEventFollower
 from tandem.router.kv_indexer import KvIndexer
 from tandem.router.nats_router_plane import NatsRouterPlane
@@ -23,10 +25,8 @@ from tandem.router.router_service import RouterService
 from tandem.runtime import nats_plane
 from tandem.runtime.discovery_memory import MemoryDiscovery, MemoryStore
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneError, RequestPlaneServer
-from tandem.runtime.worker_card import WorkerCard, WorkerCardError
 from tandem.worker.kv_publisher_factory import make_kv_publisher
 from tandem.worker.kv_publisher_nats import NatsKvEventPublisher, NatsPublisherConfig
-from tests.unit.test_kv_event_follower import BLOCK, _stored
 
 NAMESPACE = "unit"
 

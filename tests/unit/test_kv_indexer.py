@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, make_batch
-from tandem.hashing import block_hashes, seed_for_salt
+from tandem.protocols.block_hash import block_hashes, seed_for_salt
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, make_batch
 from tandem.router.kv_indexer import KvIndexer
 
 BS = 4

@@ -10,10 +10,10 @@ import msgspec
 import zmq
 
 from tandem.engine.async_engine import AsyncEngine
-from tandem.engine.kv_events import BlockStored, decode_batch
 from tandem.engine.mocker import MockerConfig, MockerEngine
-from tandem.engine.sampling_params import SamplingParams
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import BlockStored, decode_batch
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.discovery_memory import MemoryDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient
 from tandem.worker.kv_publisher import KvEventPublisher, replay

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import random
 
-from tandem.engine.kv_events import BlockStored
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import BlockStored
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_router import KvRouter, KvRouterConfig
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery_memory import MemoryDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient
-from tandem.runtime.worker_card import WorkerCard
 
 CARDS = [WorkerCard(worker_id=f"w{i}", model="m", tokenizer="m", chat_template="m", context_length=8192,
                     block_size=16, total_kv_blocks=1024, request_plane_address=f"127.0.0.1:{1000 + i}")

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from tests.tiny_models import make_tiny_model
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.models.errors import ModelLoadError
 from tandem.models.loader import load_model
-from tests.tiny_models import make_tiny_model
+from tandem.protocols.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

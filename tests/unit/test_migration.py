@@ -16,18 +16,18 @@ from typing import Any
 
 import pytest
 
-from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.generation import GenerationSpec, OutputChunk, generate_chunks
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.migration import MigratingClient, default_migration_limit
 from tandem.frontend.worker_client import WorkerClient
+from tandem.protocols.sampling_params import SamplingParams
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.policies import RoundRobinPolicy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery_memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, WorkerUnavailableError
-from tandem.runtime.worker_card import WorkerCard
 
 MODEL = "m"
 TEXT = (" The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest,"

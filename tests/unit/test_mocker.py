@@ -8,10 +8,10 @@ import time
 import pytest
 
 from tandem.engine.async_engine import AsyncEngine
-from tandem.engine.kv_events import BlockRemoved, BlockStored
 from tandem.engine.mocker import MockerConfig, MockerEngine
-from tandem.engine.sampling_params import SamplingParams
-from tandem.hashing import block_hashes
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_events import BlockRemoved, BlockStored
+from tandem.protocols.sampling_params import SamplingParams
 
 PROMPT = list(range(10, 50))  # 40 tokens: 2 full blocks of 16 and a partial one
 

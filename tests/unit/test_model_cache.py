@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.tiny_gguf import CHATML_TEMPLATE, TinyModelSpec, write_tiny_gguf
 
 from tandem.model_cache import (
     REGISTRY,
@@ -29,7 +30,6 @@ from tandem.model_cache import (
 from tandem.model_cache.fetch import WheelFetcher
 from tandem.models.errors import ModelLoadError
 from tandem.models.gguf_loader import load_gguf
-from tests.tiny_gguf import CHATML_TEMPLATE, TinyModelSpec, write_tiny_gguf
 
 NAME = "tiny-test"
 MEMBER = "tiny_pkg/tiny-llama.Q8_0.gguf"

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.errors import (
     OpenAIError,
     bad_request,
@@ -42,6 +41,7 @@ from tandem.frontend.protocol_responses import (
     Usage,
 )
 from tandem.frontend.sampling import stop_strings, to_sampling_params
+from tandem.protocols.sampling_params import SamplingParams
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.policies import RandomPolicy, RoundRobinPolicy, make_policy
 from tandem.router.worker_pool import NoWorkerError, WorkerPool
 from tandem.runtime.discovery_memory import MemoryDiscovery
-from tandem.runtime.worker_card import WorkerCard
 
 
 def card(worker_id: str, model: str = "m") -> WorkerCard:

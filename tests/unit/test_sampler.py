@@ -16,7 +16,7 @@ from tandem.engine.sampler import (
     apply_top_k,
     apply_top_p,
 )
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NEG_INF = float("-inf")

@@ -7,8 +7,8 @@ import pytest
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request, RequestStatus
-from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
+from tandem.protocols.sampling_params import SamplingParams
 
 BS = 4
 

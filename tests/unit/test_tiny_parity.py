@@ -6,13 +6,13 @@ import random
 
 import pytest
 import torch
+from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.kernels import decode_forward
 from tandem.models.linear import Linear
-from tests.tiny_models import ARCHITECTURES, make_tiny_model
+from tandem.protocols.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

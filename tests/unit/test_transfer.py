@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tandem.engine.kv_transfer import KVBlockExport, export_to_tensor, tensor_to_export, verify_block_hashes
-from tandem.hashing import block_hashes
+from tandem.engine.kv_transfer import export_to_tensor, tensor_to_export
+from tandem.protocols.block_hash import block_hashes
+from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
 from tandem.transfer import (
     KvTransferServer,
     KvTransferServerConfig,
@@ -34,10 +35,10 @@ from tandem.transfer import (
     TransferStore,
     TransferStoreConfig,
     host_id,
+    protocol,
     pull_blocks,
 )
 from tandem.transfer import client as client_module
-from tandem.transfer import protocol
 from tandem.transfer import server as server_module
 from tandem.transfer.protocol import HEADER, HEADER_SIZE, decode_client_message, encode_message, payload_checksum
 from tandem.transfer.shm import attach_cache, list_segments

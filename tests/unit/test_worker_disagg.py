@@ -12,16 +12,16 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from tests.tiny_models import make_tiny_model
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.models.loader import load_model
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.discovery_memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient
 from tandem.worker.service import WorkerService
-from tests.tiny_models import make_tiny_model
 
 PROMPT = list(range(10, 60))  # 3 full blocks + 2 tokens
 MAX_TOKENS = 6
@@ -156,9 +156,9 @@ def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill
     (blocks each decode worker imported)."""
     from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
     from tandem.frontend.worker_client import WorkerClient
+    from tandem.protocols.endpoints import GenerateRequest
     from tandem.router.factory import build_policy
     from tandem.router.worker_pool import WorkerPool
-    from tandem.worker.protocol import GenerateRequest
 
     async def scenario():
         discovery, client = MemoryDiscovery(), RequestPlaneClient()
@@ -306,10 +306,10 @@ def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
     worker's engine is importing the pulled blocks, and then the frontend's connection drops too)."""
     from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
     from tandem.frontend.worker_client import WorkerClient
+    from tandem.protocols.endpoints import GenerateRequest
     from tandem.router.factory import build_policy
     from tandem.router.worker_pool import WorkerPool
     from tandem.worker import disagg as worker_disagg
-    from tandem.worker.protocol import GenerateRequest
 
     if stage == "transfer":
         monkeypatch.setenv("TANDEM_FAULT_TRANSFER", "delay:5")  # read by the prefill worker's transfer server
@@ -493,8 +493,8 @@ def test_an_engine_call_cancelled_before_it_ran_is_skipped_and_the_engine_lives_
 
 
 def test_a_pull_cancelled_twice_is_not_released_under_the_engines_import(tiny_loaded, monkeypatch):
+    from tandem.protocols.endpoints import KvTransferParams
     from tandem.worker import disagg as worker_disagg
-    from tandem.worker.protocol import KvTransferParams
 
     async def scenario():
         discovery, client = MemoryDiscovery(), RequestPlaneClient()

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from tests.tiny_models import make_tiny_model
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.models.loader import load_model
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.discovery_memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient, WorkerUnavailableError
 from tandem.worker.service import WorkerService
-from tests.tiny_models import make_tiny_model
 
 PROMPT = list(range(10, 50))
 

@@ -36,10 +36,10 @@ from typing import Any, Literal
 
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.engine.outputs import RequestOutput
-from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.disagg import DisaggConfig, local_prefill_reason
+from tandem.protocols.sampling_params import SamplingParams
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.policies import RoundRobinPolicy
-from tandem.runtime.worker_card import WorkerCard
 
 Router = Literal["round-robin", "kv"]
 

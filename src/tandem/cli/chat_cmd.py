@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # keep `tandem --help` from importing torch
 
     from tandem.detokenizer import IncrementalDetokenizer
     from tandem.engine.llm_engine import LLMEngine
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.protocols.sampling_params import SamplingParams
 
 PROMPT = ">>> "
 HELP = "/reset clears the history, /stats shows engine stats, /exit or Ctrl-D quits, Ctrl-C stops an answer"
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input() on a terminal)
     from rich.console import Console
 
-    from tandem.engine.sampling_params import SamplingParams
+    from tandem.protocols.sampling_params import SamplingParams
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -45,8 +45,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from tandem.deploy import netns_runs
-from tandem.deploy.netns import (NETNS_DIR, NamespaceThreads, NetnsUnavailableError, ip, ip_binary,
-                                 require_support)
+from tandem.deploy.netns import NETNS_DIR, NamespaceThreads, NetnsUnavailableError, ip, ip_binary, require_support
 from tandem.deploy.netns_runs import BRIDGE, DEFAULT_PREFIX, SWITCH
 
 DEFAULT_HOSTS = ("infra", "worker1", "worker2", "frontend")

@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 from tandem.engine.engine_core import EngineCore, EngineStats
 from tandem.engine.faults import engine_fault_from_env
-from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.outputs import RequestOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.kv_events import KVEventBatch
+from tandem.protocols.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -4,7 +4,7 @@ Every KV block is either in use (``ref_count > 0``) or free. Free blocks sit in 
 a free block may still carry the sequence hash of the tokens it holds, so a later request with
 the same prefix can reuse it (a cache hit takes it back out of the queue). A cached block loses
 its hash only when it is popped for reuse (lazy eviction), and that is when ``BlockRemoved`` is
-reported. Hashes are the contract's sequence hashes from ``tandem.hashing``.
+reported. Hashes are the contract's sequence hashes from ``tandem.protocols.block_hash``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.hashing import DEFAULT_BLOCK_SIZE
 from tandem.models.dtype import DTYPE_CHOICES
+from tandem.protocols.block_hash import DEFAULT_BLOCK_SIZE
 
 
 @dataclass

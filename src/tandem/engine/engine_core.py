@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from tandem.engine.block_pool import BlockPool, KVBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
-from tandem.engine.kv_events import KVEvent, KVEventBatch, make_batch
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.request import Request, RequestStatus
-from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
-from tandem.hashing import block_hashes, seed_for_salt
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.block_hash import seed_for_salt
+from tandem.protocols.kv_events import KVEvent, KVEventBatch, make_batch
+from tandem.protocols.sampling_params import SamplingParams
 
 
 @dataclass

@@ -1,36 +1,18 @@
-"""Export and import of KV blocks (block hashes + raw bytes), the unit of P/D transfer.
+"""KV block exports (``tandem.protocols.kv_export``) to and from this engine's tensors.
 
-An export carries the contract hashes of a run of full prompt blocks, their tokens, and their
-KV bytes (a run may start past block 0: ``parent_hash`` then names the block before it, so a
-decode worker can pull and import only the blocks it lacks) laid out ``[num_blocks, layers, 2 (k, v), block_size, kv_heads, head_dim]``. Import
-checks the hashes against the tokens (never trusting the sender), writes the bytes into fresh
-blocks and publishes them to the prefix cache, so the request that follows simply hits them.
+Import checks the hashes against the tokens (never trusting the sender), and the engine then
+writes the bytes into fresh blocks and publishes them to the prefix cache, so the request that
+follows simply hits them.
 """
 
 from __future__ import annotations
 
 import warnings
 
-import msgspec
 import torch
 
-from tandem.hashing import block_hashes
-
-
-class KVBlockExport(msgspec.Struct):
-    block_size: int
-    dtype: str
-    """torch dtype name of the bytes, e.g. 'float32'."""
-    block_shape: list[int]
-    """[layers, 2, block_size, kv_heads, head_dim] of one block."""
-    hash_seed: int
-    block_hashes: list[int]
-    token_ids: list[int]
-    """All tokens of the exported blocks, concatenated."""
-    data: bytes
-    """The KV bytes; an importer also accepts any buffer (e.g. a pulled payload's memoryview)."""
-    parent_hash: int | None = None
-    """Sequence hash of the block before the first exported one; None when the run starts at block 0."""
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
 
 
 def tensor_to_export(data: torch.Tensor, hashes: list[int], token_ids: list[int], block_size: int,
@@ -41,14 +23,6 @@ def tensor_to_export(data: torch.Tensor, hashes: list[int], token_ids: list[int]
                          hashes, token_ids, raw)
 
 
-def verify_block_hashes(export: KVBlockExport) -> None:
-    """Check that the export's tokens cover its blocks and hash to its block hashes."""
-    if len(export.token_ids) != len(export.block_hashes) * export.block_size:
-        raise ValueError("token_ids do not cover the exported blocks")
-    if block_hashes(export.token_ids, export.block_size, export.hash_seed, export.parent_hash) != list(export.block_hashes):
-        raise ValueError("block hashes do not match their tokens")
-
-
 def export_to_tensor(export: KVBlockExport, expected_block_shape: list[int], expected_dtype: torch.dtype) -> torch.Tensor:
     """Validate an export against this engine's layout and return its blocks as a tensor."""
     dtype = getattr(torch, export.dtype, None)
@@ -56,7 +30,7 @@ def export_to_tensor(export: KVBlockExport, expected_block_shape: list[int], exp
         raise ValueError(f"unknown KV dtype {export.dtype!r}")
     if list(export.block_shape) != list(expected_block_shape):
         raise ValueError(f"KV block shape {export.block_shape} does not match this engine's {expected_block_shape}")
-    verify_block_hashes(export)
+    verify_block_hashes(export, block_hashes)
     n = len(export.block_hashes)
     numel = n
     for dim in export.block_shape:

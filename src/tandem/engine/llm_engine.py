@@ -13,11 +13,12 @@ import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine_core import EngineCore
-from tandem.engine.kv_transfer import KVBlockExport, export_to_tensor, tensor_to_export
+from tandem.engine.kv_transfer import export_to_tensor, tensor_to_export
 from tandem.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tandem.engine.outputs import RequestOutput, TokenLogprob
 from tandem.engine.request import Request
 from tandem.models.loader import LoadedModel, load_model
+from tandem.protocols.kv_export import KVBlockExport
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,12 @@ import time
 from dataclasses import dataclass
 
 from tandem.engine.engine_core import EngineCore
-from tandem.engine.kv_transfer import KVBlockExport, verify_block_hashes
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
-from tandem.hashing import DEFAULT_BLOCK_SIZE
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.block_hash import DEFAULT_BLOCK_SIZE
+from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,6 @@ class MockerEngine(EngineCore):
     def import_kv(self, export: KVBlockExport) -> int:
         """Publish an export's blocks to this prefix cache (hashes checked, bytes ignored); returns how many were new."""
         self._check_import_block_size(export.block_size)
-        verify_block_hashes(export)
+        verify_block_hashes(export, block_hashes)
         return self._import_blocks(list(export.block_hashes), list(export.token_ids), lambda block_ids, first: None,
                                    export.parent_hash)

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tandem.engine.sampling_params import SamplingParams
-from tandem.hashing import block_hashes, seed_for_salt
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.block_hash import seed_for_salt
+from tandem.protocols.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from tandem.engine.block_pool import KVBlock

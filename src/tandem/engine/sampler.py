@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.sampling_params import SamplingParams
 from tandem.kernels import elementwise
+from tandem.protocols.sampling_params import SamplingParams
 
 
 @dataclass

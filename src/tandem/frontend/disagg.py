@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import msgspec
 
-from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
-from tandem.worker.protocol import GenerateDelta, GenerateRequest, KvTransferParams
+from tandem.protocols.endpoints import Endpoint, GenerateDelta, GenerateRequest, KvReleaseRequest, KvTransferParams
+from tandem.protocols.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ class DisaggregatedClient:
     async def _release(self, params: KvTransferParams) -> None:
         """Free the held blocks on the prefill worker (best effort; they expire anyway)."""
         try:
-            await self.workers.client.call(params.worker_address, "kv_release",
-                                           {"transfer_id": params.transfer_id},
+            await self.workers.client.call(params.worker_address, Endpoint.KV_RELEASE,
+                                           msgspec.to_builtins(KvReleaseRequest(params.transfer_id)),
                                            timeout=self.config.release_timeout_s)
         except Exception as exc:  # noqa: BLE001 - best effort: the export expires on its own
             logger.debug("kv_release of %s failed: %s", params.transfer_id, exc)

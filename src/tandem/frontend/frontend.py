@@ -15,20 +15,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.frontend.config import FrontendConfig
+from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
 from tandem.frontend.errors import no_worker, not_found_model
 from tandem.frontend.generation import GenerationSpec
 from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.migration import MigratingClient
 from tandem.frontend.preprocess import Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.sampling import stop_strings, to_sampling_params
-from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
-from tandem.frontend.migration import MigratingClient
 from tandem.frontend.worker_client import WorkerClient
+from tandem.protocols.endpoints import Endpoint
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.factory import build_policy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery import Discovery
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
-from tandem.runtime.worker_card import WorkerCard
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Frontend:
 
     async def _stats_of(self, card: WorkerCard) -> dict[str, Any] | None:
         try:
-            return await self.client.call(card.request_plane_address, "stats", None, timeout=2.0)
+            return await self.client.call(card.request_plane_address, Endpoint.STATS, None, timeout=2.0)
         except (RequestPlaneError, OSError) as exc:
             logger.debug("stats of %s unavailable: %s", card.worker_id, exc)
             return None

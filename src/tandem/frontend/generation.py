@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.frontend.disagg import DisaggregatedClient
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.metrics import FrontendMetrics
-from tandem.frontend.text_stream import TextStream
-from tandem.frontend.disagg import DisaggregatedClient
 from tandem.frontend.migration import MigratingClient
+from tandem.frontend.text_stream import TextStream
 from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
-from tandem.worker.protocol import GenerateDelta, GenerateRequest, TokenLogprobPayload
+from tandem.protocols.endpoints import GenerateDelta, GenerateRequest, TokenLogprobPayload
+from tandem.protocols.sampling_params import SamplingParams
 
 
 @dataclass

@@ -32,12 +32,12 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
-from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.disagg import DisaggregatedClient
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.worker_client import SERVING_ROLES, StreamBrokenError, WorkerClient
+from tandem.protocols.endpoints import GenerateDelta, GenerateRequest
+from tandem.protocols.sampling_params import SamplingParams
 from tandem.router.worker_pool import WorkerPool
-from tandem.worker.protocol import GenerateDelta, GenerateRequest
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 
-from tandem.engine.sampling_params import SamplingParams
 from tandem.frontend.errors import OpenAIError, bad_request, context_too_long
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from tandem.protocols.sampling_params import SamplingParams
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import msgspec
 
 from tandem.frontend.errors import OpenAIError, bad_request, no_worker
+from tandem.protocols.endpoints import Endpoint, GenerateDelta, GenerateRequest
 from tandem.router.policies import RoutingPolicy
 from tandem.router.worker_pool import NoWorkerError, WorkerPool
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient, WorkerUnavailableError
-from tandem.worker.protocol import GenerateDelta, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class WorkerClient:
                 card = self.policy.select(candidates, request.token_ids)
             tried.add(card.worker_id)
             started = finished = False
-            items = self.client.stream_batches(card.request_plane_address, "generate", payload)
+            items = self.client.stream_batches(card.request_plane_address, Endpoint.GENERATE, payload)
             try:
                 async for batch in items:
                     if not started:

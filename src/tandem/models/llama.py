@@ -21,7 +21,6 @@ from tandem.models.config import ModelConfig
 from tandem.models.linear import Linear
 from tandem.models.rope import RotaryEmbedding, apply_rotary
 
-
 FUSED_DECODE_MAX_ROWS = 4
 """Decode steps of up to this many rows (and no prefill) run the fused C decoder on CPU
 (``TANDEM_DISABLE_FUSED_DECODE=1`` turns it off); larger batches use oneDNN GEMMs per op.

@@ -15,9 +15,9 @@ import struct
 import zmq
 import zmq.asyncio
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_follower_core import KvEventFollowerCore
 from tandem.runtime.request_plane import RequestPlaneClient
-from tandem.runtime.worker_card import WorkerCard
 from tandem.worker.kv_publisher import SEQ_FRAME, replay
 
 

@@ -29,11 +29,11 @@ import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_follower_core import KvEventFollowerCore
 from tandem.router.nats_router_plane import NatsRouterPlane
 from tandem.runtime import nats_plane
 from tandem.runtime.request_plane import RequestPlaneClient
-from tandem.runtime.worker_card import WorkerCard
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, decode_batch
+from tandem.protocols.endpoints import Endpoint, KvDumpReply
+from tandem.protocols.kv_events import AllBlocksCleared, KVEventBatch, decode_batch
+from tandem.protocols.worker_card import WorkerCard
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
-from tandem.runtime.worker_card import WorkerCard
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,9 @@ class KvEventFollowerCore:
 
     async def _dump(self) -> None:
         try:
-            dump = await self.client.call(self.card.request_plane_address, "kv_dump", None, timeout=10.0)
-            events = msgspec.convert(dump["events"], list[BlockStored])
-            dump_seq = int(dump["seq"])
+            reply = await self.client.call(self.card.request_plane_address, Endpoint.KV_DUMP, None, timeout=10.0)
+            dump = msgspec.convert(reply, KvDumpReply)
+            events, dump_seq = dump.events, dump.seq
         except RequestPlaneError as exc:
             self.stats.error(f"dump failed: {exc}")
             logger.warning("worker %s: KV dump failed: %s", self.card.worker_id, exc)

@@ -1,6 +1,6 @@
 """Which worker holds which KV block: the KV-aware router's index (DESIGN.md §4, issue 5).
 
-The index is keyed by the router's *own* sequence hashes (``tandem.hashing``) of each
+The index is keyed by the router's *own* sequence hashes (``tandem.protocols.block_hash``) of each
 ``BlockStored`` event's ``token_ids``; the engine's block hashes are opaque ids, kept per worker
 only to resolve a later ``parent_block_hash`` or ``BlockRemoved``. So the router indexes any
 engine that speaks vLLM's event format, whatever hash function the engine uses.
@@ -18,7 +18,7 @@ Limits, on purpose:
 * Events carry no ``cache_salt`` (vLLM's ``BlockStored`` has none), so blocks are indexed with
   the default seed. A salted request (``sequence_hashes(..., cache_salt=...)``) then matches
   nothing: no false hits across tenants, no hits at all for salted tenants.
-* ``lora_id`` is not mixed into the hash (``tandem.hashing`` has no LoRA seed yet).
+* ``lora_id`` is not mixed into the hash (``tandem.protocols.block_hash`` has no LoRA seed yet).
 * Only the engine's own pool is indexed (``medium`` ``None`` or ``"GPU"``); events for other
   tiers (``"CPU"``, ``"DISK"``) are skipped and counted until tiered credit exists.
 * Not thread-safe; the router applies events and matches on one event loop.
@@ -29,7 +29,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tandem.engine.kv_events import (
+from tandem.kernels.block_hash import block_hashes, native_hashing
+from tandem.protocols.block_hash import BLOCK_HASH_SEED, seed_for_salt
+from tandem.protocols.kv_events import (
     MEDIUM_GPU,
     AllBlocksCleared,
     BlockRemoved,
@@ -37,7 +39,6 @@ from tandem.engine.kv_events import (
     KVEvent,
     KVEventBatch,
 )
-from tandem.hashing import BLOCK_HASH_SEED, block_hashes, native_hashing, seed_for_salt
 
 __all__ = ["IndexerStats", "KvIndexer"]
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.active_load import ActiveLoad
 from tandem.router.kv_cost import DEFAULT_PREFILL_LOAD_SCALE, KvCostConfig, select_worker, worker_costs
 from tandem.router.kv_event_follower import KvEventFollower
@@ -31,7 +32,6 @@ from tandem.router.kv_follower_core import KvEventFollowerCore
 from tandem.router.kv_indexer import KvIndexer
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.request_plane import RequestPlaneClient
-from tandem.runtime.worker_card import WorkerCard
 
 logger = logging.getLogger(__name__)
 

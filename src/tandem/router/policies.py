@@ -10,7 +10,7 @@ import itertools
 import random
 from typing import Protocol
 
-from tandem.runtime.worker_card import WorkerCard
+from tandem.protocols.worker_card import WorkerCard
 
 
 class RoutingPolicy(Protocol):

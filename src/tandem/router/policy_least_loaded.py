@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import random
 
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.block_hash import seed_for_salt
+from tandem.protocols.worker_card import WorkerCard
 from tandem.router.active_load import ActiveLoad
 from tandem.router.kv_cost import select_worker
-from tandem.hashing import block_hashes, seed_for_salt
-from tandem.runtime.worker_card import WorkerCard
 
 
 class LeastLoadedPolicy:

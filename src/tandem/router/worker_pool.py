@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.runtime.discovery import Discovery, EventKind
-from tandem.runtime.worker_card import WorkerCard
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.runtime.backoff import Backoff
-from tandem.runtime.worker_card import WorkerCard
 
 log = logging.getLogger(__name__)
 

@@ -65,6 +65,7 @@ import aetcd.rpc
 import aetcd.transactions
 import grpc
 
+from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.runtime.backoff import BACKOFF_INITIAL_S, BACKOFF_MAX_S, Backoff
 from tandem.runtime.discovery import (
     Discovery,
@@ -76,7 +77,6 @@ from tandem.runtime.discovery import (
     Registration,
     WorkerAlreadyRegisteredError,
 )
-from tandem.runtime.worker_card import WorkerCard, WorkerCardError
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import msgspec
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.runtime.discovery import (
     DiscoveryConfig,
     Lease,
@@ -39,7 +40,6 @@ from tandem.runtime.discovery import (
     SnapshotDiscovery,
     WorkerAlreadyRegisteredError,
 )
-from tandem.runtime.worker_card import WorkerCard
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from tandem.protocols.worker_card import WorkerCard
 from tandem.runtime.discovery import (
     ChangeWaiter,
     DiscoveryConfig,
@@ -20,7 +21,6 @@ from tandem.runtime.discovery import (
     SnapshotDiscovery,
     WorkerAlreadyRegisteredError,
 )
-from tandem.runtime.worker_card import WorkerCard
 
 
 @dataclass

@@ -24,8 +24,8 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import xxhash
 
-from tandem.engine.kv_transfer import KVBlockExport, verify_block_hashes
-from tandem.hashing import block_hashes
+from tandem.kernels.block_hash import block_hashes
+from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
 from tandem.runtime.request_plane_config import parse_address
 from tandem.transfer.metrics import TransferMetrics, default_metrics
 from tandem.transfer.protocol import (
@@ -268,7 +268,7 @@ def _check_hashes(header: PullResponse) -> None:
     try:
         if indices == list(range(len(indices))):
             verify_block_hashes(KVBlockExport(size, header.dtype, header.block_shape, seed, header.block_hashes,
-                                              header.token_ids, b""))
+                                              header.token_ids, b""), block_hashes)
             return
         start = 0
         for pos in range(1, len(indices) + 1):

@@ -37,7 +37,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import xxhash
 
-from tandem.engine.kv_transfer import KVBlockExport
+from tandem.protocols.kv_export import KVBlockExport
 from tandem.runtime.request_plane_config import format_address
 from tandem.transfer.faults import TransferFault, corrupt_runs, faults_from_env, truncate_runs
 from tandem.transfer.metrics import TransferMetrics, default_metrics

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tandem.engine.kv_transfer import KVBlockExport
+from tandem.protocols.kv_export import KVBlockExport
 from tandem.transfer.metrics import TransferMetrics
 from tandem.transfer.protocol import block_nbytes
 

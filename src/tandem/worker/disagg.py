@@ -22,14 +22,20 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tandem.transfer import (KvTransferServer, TransferError, TransferStore, TransferStoreConfig, default_metrics,
-                             pull_blocks)
-from tandem.worker.protocol import KvTransferParams
+from tandem.protocols.endpoints import KvTransferParams
+from tandem.transfer import (
+    KvTransferServer,
+    TransferError,
+    TransferStore,
+    TransferStoreConfig,
+    default_metrics,
+    pull_blocks,
+)
 
 if TYPE_CHECKING:
     from tandem.engine.async_engine import AsyncEngine
     from tandem.engine.engine_core import EngineCore
-    from tandem.engine.kv_transfer import KVBlockExport
+    from tandem.protocols.kv_export import KVBlockExport
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
 
 logger = logging.getLogger(__name__)
 

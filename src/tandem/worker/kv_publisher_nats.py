@@ -30,7 +30,7 @@ import nats.errors
 from nats.js.errors import NoStreamResponseError
 
 from tandem.cli.runtime_args import DEFAULT_NAMESPACE, DEFAULT_NATS_URL
-from tandem.engine.kv_events import BlockStored, KVEventBatch, encode_batch
+from tandem.protocols.kv_events import BlockStored, KVEventBatch, encode_batch
 from tandem.runtime import nats_plane
 from tandem.worker.kv_publisher import BlockTable
 

@@ -17,8 +17,8 @@ import asyncio
 import logging
 import os
 import socket
-import uuid
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -26,12 +26,24 @@ from typing import Any
 import msgspec
 
 from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
+from tandem.engine.outputs import RequestOutput
+from tandem.protocols.endpoints import (
+    Endpoint,
+    GenerateDelta,
+    GenerateRequest,
+    HealthReply,
+    KvDumpReply,
+    KvReleaseReply,
+    KvReleaseRequest,
+    StatsReply,
+    TokenLogprobPayload,
+    sampling_params_from_payload,
+)
+from tandem.protocols.worker_card import Role, WorkerCard
 from tandem.runtime.discovery import Discovery, Registration, register_when_reachable
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
-from tandem.runtime.worker_card import Role, WorkerCard
 from tandem.worker.disagg import PrefillExporter, export_on_finish, import_missing_blocks
 from tandem.worker.kv_publisher import KvEventPublisher
-from tandem.worker.protocol import GenerateDelta, GenerateRequest, sampling_params_from_payload
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +65,9 @@ class WorkerService:
         self.role, self.engine_kind, self.ttl_s = role, engine_kind, ttl_s
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.server = RequestPlaneServer(host, port)
-        self.server.register("generate", self.generate)
-        for name, control in (("health", self.health), ("stats", self.stats), ("kv_dump", self.kv_dump),
-                              ("kv_release", self.kv_release)):
+        self.server.register(Endpoint.GENERATE, self.generate)
+        for name, control in ((Endpoint.HEALTH, self.health), (Endpoint.STATS, self.stats),
+                              (Endpoint.KV_DUMP, self.kv_dump), (Endpoint.KV_RELEASE, self.kv_release)):
             self.server.register(name, control, while_draining=True)
         self.kv_publisher = kv_publisher
         self.metrics_address = metrics_address
@@ -175,9 +187,10 @@ class WorkerService:
         """``{status, worker_id, model, role, engine_alive, num_running, num_waiting, uptime_s}``;
         status is ``ok``, ``draining`` or ``failed``. Answered while draining too."""
         stats = self.engine.stats()
-        return {"status": self.status, "worker_id": self.worker_id, "model": self.model_name, "role": self.role,
-                "engine_alive": self.engine.is_running, "num_running": stats.num_running,
-                "num_waiting": stats.num_waiting, "uptime_s": round(time.monotonic() - self._started_at, 3)}
+        return msgspec.to_builtins(HealthReply(
+            status=self.status, worker_id=self.worker_id, model=self.model_name, role=self.role,
+            engine_alive=self.engine.is_running, num_running=stats.num_running, num_waiting=stats.num_waiting,
+            uptime_s=round(time.monotonic() - self._started_at, 3)))
 
     async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
         try:
@@ -203,7 +216,7 @@ class WorkerService:
                                       cache_salt=request.cache_salt, on_finish=on_finish)
         try:
             async for out in stream:
-                delta = GenerateDelta.from_output(out)
+                delta = delta_from_output(out)
                 if request.export_kv and out.finish_reason is not None:
                     delta.kv_transfer = self.exporter.hold(request.request_id, out.on_finish_result,
                                                            self.server.address)
@@ -217,23 +230,34 @@ class WorkerService:
 
     async def kv_release(self, payload: Any, ctx: RequestContext) -> dict:
         """Free a held prefill export nobody will pull (``{"transfer_id": ...}``)."""
-        transfer_id = payload.get("transfer_id") if isinstance(payload, dict) else None
-        if not isinstance(transfer_id, str):
-            raise EndpointError("bad_request", "kv_release needs {'transfer_id': str}")
-        return {"released": self.exporter.release(transfer_id) if self.exporter else False}
+        try:
+            request = msgspec.convert(payload, KvReleaseRequest)
+        except msgspec.ValidationError:
+            raise EndpointError("bad_request", "kv_release needs {'transfer_id': str}") from None
+        released = self.exporter.release(request.transfer_id) if self.exporter else False
+        return msgspec.to_builtins(KvReleaseReply(released))
 
     async def stats(self, payload: Any, ctx: RequestContext) -> dict:
         """The engine's EngineStats, plus this worker's disaggregation figures:
         ``kv_exports_held`` (prefill exports waiting for a pull; 0 on other roles) and
         ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
-        stats = asdict(self.engine.stats())
-        stats["kv_exports_held"] = len(self.exporter.store) if self.exporter is not None else 0
-        stats["kv_blocks_imported"] = self.kv_blocks_imported
-        return stats
+        held = len(self.exporter.store) if self.exporter is not None else 0
+        reply = StatsReply(**asdict(self.engine.stats()), kv_exports_held=held,
+                           kv_blocks_imported=self.kv_blocks_imported)
+        return msgspec.to_builtins(reply)
 
     async def kv_dump(self, payload: Any, ctx: RequestContext) -> dict:
         """Every block this worker holds, as BlockStored events, and the seq they are current as of."""
         if self.kv_publisher is None:
             raise EndpointError("not_found", "this worker publishes no KV events")
         seq, events = self.kv_publisher.dump()
-        return {"seq": seq, "events": msgspec.to_builtins(events)}
+        return msgspec.to_builtins(KvDumpReply(seq, events))
+
+
+def delta_from_output(out: RequestOutput) -> GenerateDelta:
+    """The wire form of one engine output."""
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = [TokenLogprobPayload(lp.token_id, lp.logprob, list(lp.top_logprobs)) for lp in out.logprobs]
+    return GenerateDelta(out.new_token_ids, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens,
+                         out.finish_reason, out.stop_token_id, logprobs)

@@ -4,7 +4,7 @@ An engine reports what its block pool stores and evicts so a KV-aware router can
 The structs mirror vLLM's ``EventBatch``/``BlockStored``/``BlockRemoved``/``AllBlocksCleared``
 (msgspec, array-like, tagged union) so the router can index Tandem and vLLM workers alike.
 On the wire a batch travels as ZMQ frames ``[topic, seq (8-byte big-endian), msgpack(batch)]``.
-Block hashes are the contract's sequence hashes (``tandem.hashing``), which fit in uint64.
+Block hashes are the contract's sequence hashes (``tandem.protocols.block_hash``), which fit in uint64.
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
-"""Payloads of the worker's ``generate`` endpoint (plain msgpack data on the request plane).
+"""The worker's request-plane endpoints: their names and a typed payload for each.
 
-The frontend sends a ``GenerateRequest``; the worker streams ``GenerateDelta`` items, one per
-engine step that produced tokens, the last one with ``finish_reason`` set.
+Payloads travel as plain msgpack data (``msgspec.to_builtins`` of these structs) and are read
+back with ``msgspec.convert``:
+
+* ``generate``: a ``GenerateRequest`` in; a stream of ``GenerateDelta`` out, one per engine step
+  that produced tokens, the last one with ``finish_reason`` set;
+* ``health``: no payload; a ``HealthReply``;
+* ``stats``: no payload; a ``StatsReply`` (the frontend's load view, polled);
+* ``kv_dump``: no payload; a ``KvDumpReply``, every cached block as ``BlockStored`` events;
+* ``kv_release``: a ``KvReleaseRequest``; a ``KvReleaseReply`` (a held prefill export dropped).
 """
 
 from __future__ import annotations
@@ -11,8 +18,19 @@ from typing import Any
 
 import msgspec
 
-from tandem.engine.outputs import RequestOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.protocols.kv_events import BlockStored
+from tandem.protocols.sampling_params import SamplingParams
+
+
+class Endpoint:
+    """Endpoint names on a worker's request plane."""
+
+    GENERATE = "generate"
+    HEALTH = "health"
+    STATS = "stats"
+    KV_DUMP = "kv_dump"
+    KV_RELEASE = "kv_release"
+
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -72,14 +90,6 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
     kv_transfer: KvTransferParams | None = None
     """On the last delta of an ``export_kv`` request: where its KV blocks wait to be pulled."""
 
-    @classmethod
-    def from_output(cls, out: RequestOutput) -> "GenerateDelta":
-        logprobs = None
-        if out.logprobs is not None:
-            logprobs = [TokenLogprobPayload(lp.token_id, lp.logprob, list(lp.top_logprobs)) for lp in out.logprobs]
-        return cls(out.new_token_ids, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens,
-                   out.finish_reason, out.stop_token_id, logprobs)
-
     def merge(self, later: "GenerateDelta") -> "GenerateDelta":
         """This delta followed by ``later`` (of the same request), as one delta."""
         logprobs = None
@@ -88,3 +98,51 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
         return GenerateDelta(self.token_ids + later.token_ids, later.num_prompt_tokens, later.num_cached_tokens,
                              later.num_output_tokens, later.finish_reason, later.stop_token_id, logprobs,
                              later.kv_transfer or self.kv_transfer)
+
+
+class HealthReply(msgspec.Struct):
+    status: str
+    """``ok``, ``draining`` (shutting down) or ``failed`` (the engine died)."""
+    worker_id: str
+    model: str
+    role: str
+    engine_alive: bool
+    num_running: int
+    num_waiting: int
+    uptime_s: float
+
+
+class StatsReply(msgspec.Struct):
+    """An engine's load and counters, plus the worker's disaggregation figures."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    """Fraction of KV blocks referenced by requests (0-1)."""
+    num_total_blocks: int
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    """Cached blocks found ÷ blocks looked up, since start."""
+    num_preemptions: int
+    prompt_tokens_total: int
+    cached_prompt_tokens_total: int
+    generation_tokens_total: int
+    steps_total: int
+    kv_exports_held: int = 0
+    """Prefill exports waiting for a pull (0 on other roles)."""
+    kv_blocks_imported: int = 0
+    """Blocks pulled from prefill workers since start (decode side)."""
+
+
+class KvDumpReply(msgspec.Struct):
+    seq: int
+    """The KV event sequence number the dump is current as of."""
+    events: list[BlockStored]
+
+
+class KvReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
+    transfer_id: str
+
+
+class KvReleaseReply(msgspec.Struct):
+    released: bool
