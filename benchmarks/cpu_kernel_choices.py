@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import tandem.models.llama as llama
-from tandem.engine.attention import bottom_right_causal_mask
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.kernels import paged_attention as pa
 from tandem.kernels import prefill_attention as pf
+from tandem.models.layers.attention import bottom_right_causal_mask
 from tandem.protocols.sampling_params import SamplingParams
 
 HQ, HKV, D, BS = 9, 3, 64, 16

@@ -3,7 +3,7 @@
 For 1-64 activation rows, times one pass over all 121 weight matrices of SmolLM2-135M (30
 layers × qkv/o/gate_up/down, plus the LM head; random weights of the same shapes) with:
 - ``F.linear`` (MKL; what HF transformers uses),
-- oneDNN with weights prepacked once (``tandem.models.linear``'s path above 2 rows),
+- oneDNN with weights prepacked once (``tandem.models.layers.linear``'s path above 2 rows),
 - Tandem's C GEMV kernel (``tandem.kernels``, used for 1-2 rows).
 Prints ms per pass and the weight-streaming rate, and each path's ratio to ``F.linear``.
 

@@ -27,12 +27,12 @@ from contextlib import contextmanager
 
 import torch
 
-import tandem.engine.attention as attention_mod
+import tandem.models.layers.attention as attention_mod
 import tandem.models.llama as llama_mod
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.model_runner import ModelRunner
-from tandem.models.linear import Linear
+from tandem.models.layers.linear import Linear
 from tandem.protocols.sampling_params import SamplingParams
 
 TIMES: dict[str, float] = defaultdict(float)

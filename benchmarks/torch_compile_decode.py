@@ -38,7 +38,7 @@ def child(mode: str) -> dict:
     engine = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_gib=1.0))
     compile_s = 0.0
     if mode == "compile":
-        from tandem.models.linear import Linear
+        from tandem.models.layers.linear import Linear
 
         model = engine.runner.model
         for module in model.modules():

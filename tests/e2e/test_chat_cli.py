@@ -7,7 +7,6 @@ import re
 import sys
 
 import pexpect  # a test dependency (pyproject [test])
-import pytest
 
 PROMPT = ">>> "
 ANSWER_END = re.compile(r"tok/s[^\n]*\n")

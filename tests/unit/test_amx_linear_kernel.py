@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tandem.kernels import amx_linear
-from tandem.models.linear import Linear
+from tandem.models.layers.linear import Linear
 
 pytestmark = pytest.mark.skipif(not amx_linear.available(), reason="no AMX-BF16 (or no C compiler) here")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tandem.kernels import cpu_kernels
-from tandem.models.linear import GEMV_MAX_ROWS, Linear
+from tandem.models.layers.linear import GEMV_MAX_ROWS, Linear
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler on this machine")
 

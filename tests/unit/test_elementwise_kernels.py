@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels import elementwise
-from tandem.models.rope import apply_rotary
+from tandem.models.layers.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(elementwise.load() is None, reason="no C compiler for the kernels")
 DTYPES = [torch.float32, torch.bfloat16]

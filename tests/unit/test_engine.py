@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from tests.tiny_models import make_tiny_model
 
 from tandem.engine.async_engine import AsyncEngine

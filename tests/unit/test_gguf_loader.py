@@ -10,9 +10,9 @@ import pytest
 import torch
 from tests.tiny_gguf import CHATML_TEMPLATE, TinyModelSpec, llama_cpp_permute, write_tiny_gguf
 
-from tandem.models.errors import ModelLoadError
-from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer, read_gguf_config, unpermute_llama_qk
-from tandem.models.gguf_names import expected_shapes
+from tandem.model_cache.errors import ModelLoadError
+from tandem.model_cache.gguf_loader import load_gguf, load_gguf_tokenizer, read_gguf_config, unpermute_llama_qk
+from tandem.model_cache.gguf_names import expected_shapes
 
 LLAMA = TinyModelSpec(arch="llama", num_heads=4, num_kv_heads=2)
 QWEN3 = TinyModelSpec(arch="qwen3", head_dim=32, tie_word_embeddings=False)  # head_dim != hidden/heads

@@ -11,7 +11,6 @@ import xxhash
 
 from tandem.kernels import block_hash as hashing
 from tandem.kernels.block_hash import block_hashes
-from tandem.protocols import block_hash as reference
 from tandem.protocols.block_hash import BLOCK_HASH_SEED, chain_block_hash, local_block_hash, seed_for_salt
 
 

@@ -14,8 +14,8 @@ from tandem.protocols.kv_events import BlockStored, encode_batch, make_batch
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_event_follower import KvEventFollower
 from tandem.router.kv_indexer import KvIndexer
+from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, PublisherConfig
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
-from tandem.worker.kv_publisher import KvEventPublisher, PublisherConfig
 
 BLOCK = 16
 

@@ -4,7 +4,6 @@ metrics, malformed messages, and a NATS restart mid-run."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import time
@@ -20,13 +19,14 @@ from tandem.protocols.kv_events import BlockRemoved, KVEventBatch, encode_batch,
 from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.router.kv_event_follower_nats import NatsKvEventFollower
 from tandem.router.kv_indexer import KvIndexer
-from tandem.router.nats_router_plane import NatsRouterPlane
 from tandem.router.router_service import RouterService
-from tandem.runtime import nats_plane
 from tandem.runtime.discovery_memory import MemoryDiscovery, MemoryStore
+from tandem.runtime.event_plane import nats_layout
+from tandem.runtime.event_plane.config import EventPlaneConfig
+from tandem.runtime.event_plane.factory import make_kv_publisher
+from tandem.runtime.event_plane.nats_publisher import NatsKvEventPublisher, NatsPublisherConfig
+from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneError, RequestPlaneServer
-from tandem.worker.kv_publisher_factory import make_kv_publisher
-from tandem.worker.kv_publisher_nats import NatsKvEventPublisher, NatsPublisherConfig
 
 NAMESPACE = "unit"
 
@@ -158,11 +158,11 @@ def test_published_batches_reach_the_stream_with_headers_and_the_follower_index_
             # On the wire: the ZMQ plane's msgpack batch, with seq, worker and dedupe id headers.
             nc = await nats.connect(nats_server.url)
             try:
-                stream = nats_plane.stream_name(NAMESPACE)
+                stream = nats_layout.stream_name(NAMESPACE)
                 msg = await nc.jetstream().get_msg(stream, seq=1, subject=worker.publisher.subject, next=True)
-                assert msg.headers[nats_plane.SEQ_HEADER] == "0"
-                assert msg.headers[nats_plane.WORKER_HEADER] == "w"
-                assert msg.headers[nats_plane.MSG_ID_HEADER] == f"{worker.publisher.token}:0"
+                assert msg.headers[nats_layout.SEQ_HEADER] == "0"
+                assert msg.headers[nats_layout.WORKER_HEADER] == "w"
+                assert msg.headers[nats_layout.MSG_ID_HEADER] == f"{worker.publisher.token}:0"
                 info = await nc.jetstream().stream_info(stream)
                 assert info.config.max_age == 3600 and info.config.max_msgs_per_subject == 100_000
             finally:
@@ -189,7 +189,7 @@ def test_a_router_started_late_rebuilds_from_the_stream_alone(nats_server):
 
 def test_a_history_that_no_longer_starts_at_seq_0_means_a_dump(nats_server):
     async def scenario() -> None:
-        limits = nats_plane.StreamLimits(max_msgs_per_subject=5)
+        limits = nats_layout.StreamLimits(max_msgs_per_subject=5)
         async with _worker(nats_server.url, limits=limits) as worker:
             worker.publish(_batches(12))
             await worker.flushed()
@@ -238,7 +238,7 @@ def test_a_batch_stored_after_later_ones_is_found_in_the_stream(nats_server):
             try:
                 for seq in (5, 4, 6):
                     await nc.jetstream().publish(worker.publisher.subject, encode_batch(batches[seq]),
-                                                 headers={nats_plane.SEQ_HEADER: str(seq)})
+                                                 headers={nats_layout.SEQ_HEADER: str(seq)})
             finally:
                 await nc.close()
             worker.published.extend(batches[4:])
@@ -278,11 +278,11 @@ def test_malformed_messages_are_counted_and_dropped(nats_server):
             try:
                 js, subject = nc.jetstream(), worker.publisher.subject
                 await js.publish(subject, b"no header")
-                await js.publish(subject, b"x", headers={nats_plane.SEQ_HEADER: "not a number"})
-                await js.publish(subject, b"x", headers={nats_plane.SEQ_HEADER: "-3"})
-                await js.publish(subject, b"\xc1 not msgpack", headers={nats_plane.SEQ_HEADER: "2"})
-                await js.publish(subject, b"\x93\x01\x02", headers={nats_plane.SEQ_HEADER: "999"})
-                load = nats_plane.load_subject(NAMESPACE, worker.publisher.token)
+                await js.publish(subject, b"x", headers={nats_layout.SEQ_HEADER: "not a number"})
+                await js.publish(subject, b"x", headers={nats_layout.SEQ_HEADER: "-3"})
+                await js.publish(subject, b"\xc1 not msgpack", headers={nats_layout.SEQ_HEADER: "2"})
+                await js.publish(subject, b"\x93\x01\x02", headers={nats_layout.SEQ_HEADER: "999"})
+                load = nats_layout.load_subject(NAMESPACE, worker.publisher.token)
                 await nc.publish(load, b"\xc1")
                 await nc.publish(load, msgspec.msgpack.encode({"worker_id": 7}))
                 await nc.flush()
@@ -388,23 +388,22 @@ def test_cards_name_a_nats_subject_and_old_cards_still_decode():
 
 
 def test_subject_tokens_are_safe_and_unique_per_publisher():
-    a, b = nats_plane.subject_token("host.x-1 2*>"), nats_plane.subject_token("host.x-1 2*>")
+    a, b = nats_layout.subject_token("host.x-1 2*>"), nats_layout.subject_token("host.x-1 2*>")
     assert a != b and a.startswith("host_x-1_2__-")
-    namespace, token = nats_plane.parse_kv_subject(nats_plane.kv_subject("ns", a))
+    namespace, token = nats_layout.parse_kv_subject(nats_layout.kv_subject("ns", a))
     assert (namespace, token) == ("ns", a)
 
 
 def test_zmq_ports_are_refused_with_nats():
-    args = argparse.Namespace(event_plane="nats", nats_url="nats://127.0.0.1:1", namespace="ns",
-                              kv_events_port=5557, kv_replay_port=0, host="127.0.0.1")
-    with pytest.raises(SystemExit, match="zmq"):
-        make_kv_publisher(args, 0)
+    plane = EventPlaneConfig(kind="nats", nats_url="nats://127.0.0.1:1", namespace="ns")
+    with pytest.raises(ValueError, match="zmq"):
+        make_kv_publisher(plane, 0, events_port=5557)
 
 
 def test_router_replicas_share_their_load_bookings(nats_server):
     async def scenario() -> None:
         from tandem.router.active_load import ActiveLoad
-        from tandem.router.replica_sync import ReplicaSync, bookings_subject
+        from tandem.runtime.event_plane.replica_sync import ReplicaSync, bookings_subject
 
         planes = [NatsRouterPlane(nats_server.url) for _ in range(2)]
         loads = [ActiveLoad(BLOCK) for _ in range(2)]

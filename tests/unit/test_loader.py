@@ -10,7 +10,7 @@ from tests.tiny_models import make_tiny_model
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.models.errors import ModelLoadError
+from tandem.model_cache.errors import ModelLoadError
 from tandem.models.loader import load_model
 from tandem.protocols.sampling_params import SamplingParams
 

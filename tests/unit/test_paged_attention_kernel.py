@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tandem.engine.attention import AttentionMetadata, paged_attention
 from tandem.kernels import paged_attention as cpu_paged
+from tandem.models.layers.attention import AttentionMetadata, paged_attention
 
 pytestmark = pytest.mark.skipif(cpu_paged.load() is None, reason="no C compiler for the kernel")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tandem.engine.attention import AttentionMetadata, PrefillChunk, bottom_right_causal_mask, paged_attention
 from tandem.kernels import prefill_attention as cpu_prefill
+from tandem.models.layers.attention import AttentionMetadata, PrefillChunk, bottom_right_causal_mask, paged_attention
 
 pytestmark = pytest.mark.skipif(not cpu_prefill.available(), reason="no AMX-BF16 (or no C compiler) here")
 

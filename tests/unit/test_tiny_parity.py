@@ -11,7 +11,7 @@ from tests.tiny_models import ARCHITECTURES, make_tiny_model
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.kernels import decode_forward
-from tandem.models.linear import Linear
+from tandem.models.layers.linear import Linear
 from tandem.protocols.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

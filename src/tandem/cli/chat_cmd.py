@@ -132,7 +132,7 @@ def handle_line(chat: Chat, text: str) -> None:
 def load_engine(args: argparse.Namespace, console: Console) -> LLMEngine | None:
     """Build the engine (pulling the model into the cache on first use) under a spinner."""
     from tandem.engine.llm_engine import LLMEngine
-    from tandem.models.errors import ModelLoadError
+    from tandem.model_cache.errors import ModelLoadError
 
     try:
         config = engine_config_from_args(args)

@@ -43,7 +43,7 @@ def _human_size(num_bytes: int) -> str:
 
 def _pull(args: argparse.Namespace) -> int:
     from tandem.model_cache import pull
-    from tandem.models.errors import ModelLoadError
+    from tandem.model_cache.errors import ModelLoadError
 
     started = time.monotonic()
     try:
@@ -76,7 +76,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     from tandem.model_cache import remove
-    from tandem.models.errors import ModelLoadError
+    from tandem.model_cache.errors import ModelLoadError
 
     try:
         path = remove(args.name)

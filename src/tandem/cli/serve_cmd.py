@@ -20,7 +20,7 @@ import time
 
 from tandem.cli.engine_args import add_engine_args
 from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args, run_event_loop
-from tandem.cli.runtime_args import DEFAULT_NATS_URL, EVENT_PLANES
+from tandem.runtime.event_plane.config import DEFAULT_NATS_URL, EVENT_PLANES
 
 # Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
 _FORWARDED_FLAGS = ("dtype", "device", "threads", "kv_cache_gib", "num_kv_blocks", "block_size",
@@ -85,7 +85,7 @@ def _pull_models(graph) -> None:
 
 
 async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
-    from tandem.deploy.local import LocalDeployment, StartupError
+    from tandem.deploy.local import LocalDeployment
 
     deployment = LocalDeployment(graph, discovery, drain_timeout=args.drain_timeout,
                                  worker_log_level=args.worker_log_level)
@@ -141,7 +141,7 @@ async def _watch(deployment, stop: asyncio.Event) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tandem.deploy.graph import GraphError
-    from tandem.models.errors import ModelLoadError
+    from tandem.model_cache.errors import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -18,7 +18,12 @@ import sys
 from typing import TYPE_CHECKING
 
 from tandem.cli.engine_args import add_engine_args, engine_config_from_args
-from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
+from tandem.cli.runtime_args import (
+    add_discovery_args,
+    add_event_plane_args,
+    discovery_from_args,
+    event_plane_from_args,
+)
 
 if TYPE_CHECKING:
     from tandem.engine.engine_core import EngineCore
@@ -107,14 +112,18 @@ async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None
     for index, core in enumerate(cores):
         publisher = None
         if not args.no_kv_events:
-            from tandem.worker.kv_publisher_factory import make_kv_publisher
+            from tandem.runtime.event_plane.factory import make_kv_publisher
 
-            publisher = make_kv_publisher(args, index)  # ZMQ or NATS (--event-plane)
+            try:  # ZMQ or NATS (--event-plane)
+                publisher = make_kv_publisher(event_plane_from_args(args), index, host=args.host,
+                                              events_port=args.kv_events_port, replay_port=args.kv_replay_port)
+            except ValueError as exc:
+                raise SystemExit(f"error: {exc}") from None
         engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None, own_thread=host is None)
         if publisher is not None:
-            from tandem.worker.kv_publisher_factory import attach_engine
+            from tandem.runtime.event_plane.factory import attach_load_source
 
-            attach_engine(publisher, engine)  # NATS: load metrics
+            attach_load_source(publisher, engine.stats)  # NATS: load metrics
         services.append(WorkerService(engine, discovery, model_name=name, tokenizer_source=tokenizer_source,
                                       role=args.role, engine_kind=args.engine, host=args.host, port=args.port,
                                       ttl_s=args.ttl, kv_publisher=publisher, metrics_address=metrics_address,

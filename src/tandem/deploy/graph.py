@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from tandem.cli.runtime_args import EVENT_PLANES
 from tandem.frontend.config import FrontendConfig
 from tandem.router.policies import ROUTER_NAMES
+from tandem.runtime.event_plane.config import EVENT_PLANES
 
 ENGINES = ("builtin", "mocker")
 ROLES = ("agg", "prefill", "decode")

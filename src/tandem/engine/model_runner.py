@@ -1,7 +1,7 @@
 """Turns a scheduled step into tensors, runs the model, and samples the due requests.
 
 Owns the KV cache: one tensor ``[layers, 2, num_blocks * block_size, kv_heads, head_dim]`` whose
-per-layer K and V views are flat slot arrays (see ``tandem.engine.attention``). Inputs are built
+per-layer K and V views are flat slot arrays (see ``tandem.models.layers.attention``). Inputs are built
 on the CPU and moved to the device once per step; the same code runs on CPU and CUDA.
 """
 
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.attention import AttentionMetadata, PrefillChunk, bottom_right_causal_mask
 from tandem.engine.request import Request
 from tandem.engine.sampler import Sampler, SamplerOutput, SamplingRequestState
 from tandem.engine.scheduler import ScheduledChunk
 from tandem.kernels import paged_attention as cpu_paged
 from tandem.kernels import prefill_attention as cpu_prefill
 from tandem.models.config import ModelConfig
+from tandem.models.layers.attention import AttentionMetadata, PrefillChunk, bottom_right_causal_mask
 from tandem.models.llama import LlamaForCausalLM
 
 

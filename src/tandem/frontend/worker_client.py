@@ -62,7 +62,7 @@ class WorkerClient:
         for _ in range(self.max_attempts):
             try:
                 candidates = [c for c in self.pool.candidates(model, roles) if c.worker_id not in tried]
-            except NoWorkerError as exc:
+            except NoWorkerError:
                 raise no_worker(model) from None
             if not candidates:
                 break

@@ -23,7 +23,7 @@ def convert_gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     """
     from safetensors.torch import save_file
 
-    from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer
+    from tandem.model_cache.gguf_loader import load_gguf, load_gguf_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_gguf(gguf_path)

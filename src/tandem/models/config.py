@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.models.errors import ModelLoadError
+from tandem.model_cache.errors import ModelLoadError
 
 # model_type -> whether q/k get an RMSNorm per head (Qwen3) and whether q/k/v carry a bias (Qwen2).
 SUPPORTED_MODEL_TYPES: dict[str, dict[str, bool]] = {

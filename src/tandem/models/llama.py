@@ -2,7 +2,7 @@
 
 Tokens of all requests in a step are flattened into one ``[num_tokens, hidden]`` batch, so
 every linear layer is a single matmul per step. q/k/v and gate/up projections are fused at load
-time (fewer, larger matmuls); attention is delegated to ``tandem.engine.attention``.
+time (fewer, larger matmuls); attention is delegated to ``tandem.models.layers.attention``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.engine.attention import AttentionMetadata, paged_attention
 from tandem.kernels import decode_forward, elementwise
 from tandem.models.config import ModelConfig
-from tandem.models.linear import Linear
-from tandem.models.rope import RotaryEmbedding, apply_rotary
+from tandem.models.layers.attention import AttentionMetadata, paged_attention
+from tandem.models.layers.linear import Linear
+from tandem.models.layers.rope import RotaryEmbedding, apply_rotary
 
 FUSED_DECODE_MAX_ROWS = 4
 """Decode steps of up to this many rows (and no prefill) run the fused C decoder on CPU

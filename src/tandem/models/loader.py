@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tandem.model_cache.errors import ModelLoadError
 from tandem.models.config import ModelConfig
 from tandem.models.dtype import resolve_dtype
-from tandem.models.errors import ModelLoadError
 from tandem.models.llama import LlamaForCausalLM
 from tandem.models.tokenizer import load_hf_tokenizer, load_tokenizer  # noqa: F401 - re-exported
 
@@ -111,7 +111,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
         hf_config, weights = read_hf_dir(resolved.hf_dir)
         tokenizer = load_hf_tokenizer(resolved.hf_dir)
     else:
-        from tandem.models.gguf_loader import load_gguf, load_gguf_tokenizer
+        from tandem.model_cache.gguf_loader import load_gguf, load_gguf_tokenizer
 
         gguf = load_gguf(resolved.gguf_path)
         hf_config, weights = gguf.config, gguf.state_dict.items()

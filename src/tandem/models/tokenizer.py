@@ -32,7 +32,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     resolved = resolve_model(name_or_path, progress=False)
     if resolved.hf_dir is not None:
         return load_hf_tokenizer(resolved.hf_dir)
-    from tandem.models.gguf_loader import load_gguf_tokenizer
+    from tandem.model_cache.gguf_loader import load_gguf_tokenizer
 
     return load_gguf_tokenizer(resolved.gguf_path)
 

@@ -9,9 +9,15 @@ Block hashes are the contract's sequence hashes (``tandem.protocols.block_hash``
 
 from __future__ import annotations
 
+import struct
 import time
 
 import msgspec
+
+SEQ_FRAME = struct.Struct(">q")
+"""The frame after the topic: the batch's sequence number, 8-byte big-endian signed."""
+END_OF_REPLAY = -1
+"""The sequence number of the replay socket's end marker (with an empty payload)."""
 
 MEDIUM_GPU = "GPU"  # vLLM's name for the engine's own pool, used on CPU devices too
 MEDIUM_CPU = "CPU"

@@ -1,4 +1,4 @@
-"""Follow one worker's KV events from its NATS JetStream subject (runtime/nats_plane.py).
+"""Follow one worker's KV events from its NATS JetStream subject (runtime/nats_layout.py).
 
 Same semantics as the ZMQ follower, with the stream as the replay buffer:
 
@@ -31,8 +31,8 @@ from nats.js.errors import NotFoundError
 
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_follower_core import KvEventFollowerCore
-from tandem.router.nats_router_plane import NatsRouterPlane
-from tandem.runtime import nats_plane
+from tandem.runtime.event_plane import nats_layout
+from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 from tandem.runtime.request_plane import RequestPlaneClient
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
             raise ValueError(f"worker {card.worker_id} publishes no NATS subject")
         self.plane, self.config = plane, config or NatsFollowerConfig()
         self.subject = card.kv_events_subject
-        self.namespace, _ = nats_plane.parse_kv_subject(self.subject)
+        self.namespace, _ = nats_layout.parse_kv_subject(self.subject)
         self.stream: str | None = None
         self._position = 0
         """Stream sequence up to which every message of the worker is accounted for (applied, or
@@ -171,7 +171,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
 
 def _seq_of(headers: dict | None) -> int | None:
     """The ``Tandem-Seq`` header as a non-negative int, or None."""
-    value = (headers or {}).get(nats_plane.SEQ_HEADER)
+    value = (headers or {}).get(nats_layout.SEQ_HEADER)
     try:
         seq = int(value) if value is not None else None
     except ValueError:

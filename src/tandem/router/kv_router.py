@@ -131,14 +131,14 @@ class KvRouter:
         if card.kv_events_subject is None:
             return KvEventFollower(card, self.indexer, self.client)
         from tandem.router.kv_event_follower_nats import NatsKvEventFollower
-        from tandem.router.nats_router_plane import NatsRouterPlane
+        from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 
         if self.nats is None:
             assert card.kv_events_address is not None  # the card's validation guarantees it
             self.nats = NatsRouterPlane(self.config.nats_url or card.kv_events_address)
         follower = NatsKvEventFollower(card, self.indexer, self.client, self.nats)
         if self.sync is None and self.config.replica_sync:
-            from tandem.router.replica_sync import ReplicaSync
+            from tandem.runtime.event_plane.replica_sync import ReplicaSync
 
             self.sync = ReplicaSync(self.nats, follower.namespace, lambda: self.load)
             asyncio.ensure_future(self.sync.start())

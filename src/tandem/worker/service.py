@@ -41,9 +41,9 @@ from tandem.protocols.endpoints import (
 )
 from tandem.protocols.worker_card import Role, WorkerCard
 from tandem.runtime.discovery import Discovery, Registration, register_when_reachable
+from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.worker.disagg import PrefillExporter, export_on_finish, import_missing_blocks
-from tandem.worker.kv_publisher import KvEventPublisher
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The worker's KV event publisher on the NATS event plane (runtime/nats_plane.py).
+"""The worker's KV event publisher on the NATS event plane (runtime/nats_layout.py).
 
 Same interface as the ZMQ ``KvEventPublisher``: ``publish(seq, batch)`` on the engine thread,
 ``dump()`` for ``kv_dump`` (the shared ``BlockTable``), ``close()``. Each batch goes to the
@@ -29,10 +29,10 @@ import msgspec
 import nats.errors
 from nats.js.errors import NoStreamResponseError
 
-from tandem.cli.runtime_args import DEFAULT_NAMESPACE, DEFAULT_NATS_URL
 from tandem.protocols.kv_events import BlockStored, KVEventBatch, encode_batch
-from tandem.runtime import nats_plane
-from tandem.worker.kv_publisher import BlockTable
+from tandem.runtime.event_plane import nats_layout
+from tandem.runtime.event_plane.config import DEFAULT_NAMESPACE, DEFAULT_NATS_URL
+from tandem.runtime.event_plane.zmq_publisher import BlockTable
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class NatsPublisherConfig:
     """NATS server(s), comma-separated."""
     namespace: str = DEFAULT_NAMESPACE
     """Subjects and the stream name are scoped by this."""
-    limits: nats_plane.StreamLimits = field(default_factory=nats_plane.StreamLimits)
+    limits: nats_layout.StreamLimits = field(default_factory=nats_layout.StreamLimits)
     """Retention of the KV stream when this worker creates it (max age 1 h, 100,000 batches per worker)."""
     load_interval_s: float = 1.0
     """Seconds between load-metric messages (0: none)."""
@@ -61,9 +61,9 @@ class NatsKvEventPublisher:
     def __init__(self, worker_id: str, config: NatsPublisherConfig | None = None) -> None:
         self.config = config or NatsPublisherConfig()
         self.worker_id = worker_id
-        self.token = nats_plane.subject_token(worker_id)
-        self.subject = nats_plane.kv_subject(self.config.namespace, self.token)
-        self.load_subject = nats_plane.load_subject(self.config.namespace, self.token)
+        self.token = nats_layout.subject_token(worker_id)
+        self.subject = nats_layout.kv_subject(self.config.namespace, self.token)
+        self.load_subject = nats_layout.load_subject(self.config.namespace, self.token)
         self.address = self.config.url
         """For the worker card: where the events are (the subject is ``subject``)."""
         self.replay_address: str | None = None  # JetStream is the replay buffer
@@ -153,7 +153,7 @@ class NatsKvEventPublisher:
                 pass
 
     async def _connect(self):  # noqa: ANN202 - a nats Client or None when closed before connecting
-        connecting = asyncio.ensure_future(nats_plane.connect_with_retry(self.config.url, f"worker {self.worker_id}"))
+        connecting = asyncio.ensure_future(nats_layout.connect_with_retry(self.config.url, f"worker {self.worker_id}"))
         while not connecting.done():
             if self._stopping:
                 connecting.cancel()
@@ -209,8 +209,8 @@ class NatsKvEventPublisher:
         futures = []
         try:
             for seq, payload in window:
-                headers = {nats_plane.MSG_ID_HEADER: f"{self.token}:{seq}", nats_plane.SEQ_HEADER: str(seq),
-                           nats_plane.WORKER_HEADER: self.worker_id}
+                headers = {nats_layout.MSG_ID_HEADER: f"{self.token}:{seq}", nats_layout.SEQ_HEADER: str(seq),
+                           nats_layout.WORKER_HEADER: self.worker_id}
                 futures.append(await js.publish_async(self.subject, payload, headers=headers, wait_stall=1.0))
         except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
             logger.debug("KV batch send failed: %r", exc)
@@ -233,7 +233,7 @@ class NatsKvEventPublisher:
 
     async def _ensure_stream(self, js) -> str | None:  # noqa: ANN001
         try:
-            return await nats_plane.ensure_stream(js, self.config.namespace, self.config.limits)
+            return await nats_layout.ensure_stream(js, self.config.namespace, self.config.limits)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             logger.debug("could not create the KV stream yet: %r", exc)
             return None

@@ -19,19 +19,24 @@ the ROUTER socket; the shared buffer and table are guarded by one lock.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import zmq
 
-from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
+from tandem.protocols.kv_events import (
+    END_OF_REPLAY,
+    SEQ_FRAME,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    encode_batch,
+)
 
 logger = logging.getLogger(__name__)
 
-END_OF_REPLAY = -1
-SEQ_FRAME = struct.Struct(">q")
 """The sequence-number frame: a signed 64-bit big-endian integer (vLLM's format)."""
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tandem.models.errors import ModelLoadError
-from tandem.models.gguf_names import expected_shapes, hf_parameter_name
+from tandem.model_cache.errors import ModelLoadError
+from tandem.model_cache.gguf_names import expected_shapes, hf_parameter_name
 
 # general.architecture -> (HF architectures entry, HF model_type)
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {

@@ -1,5 +1,5 @@
 """A router process's one NATS connection, shared by its KV event followers, and the workers'
-latest load metrics (core-NATS ``tandem.{ns}.load.*``, runtime/nats_plane.py).
+latest load metrics (core-NATS ``tandem.{ns}.load.*``, runtime/nats_layout.py).
 
 Connecting happens on first use and is retried until it works; afterwards nats-py reconnects
 by itself. Load messages are msgpack maps (never unpickled); one that does not decode into a
@@ -17,7 +17,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from tandem.runtime import nats_plane
+from tandem.runtime.event_plane import nats_layout
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "num_free_blocks", "num
 
 
 class NatsRouterPlane:
-    def __init__(self, url: str, limits: nats_plane.StreamLimits | None = None) -> None:
+    def __init__(self, url: str, limits: nats_layout.StreamLimits | None = None) -> None:
         self.url = url
-        self.limits = limits or nats_plane.StreamLimits()
+        self.limits = limits or nats_layout.StreamLimits()
         """Used only if this router is the first to need a namespace's stream (workers create it)."""
         self.loads: dict[str, dict[str, Any]] = {}
         """worker id → its latest load metrics, plus ``received_at`` (monotonic seconds)."""
@@ -45,7 +45,7 @@ class NatsRouterPlane:
         """The shared connection (connecting on first use, retrying until it works)."""
         async with self._connect_lock:
             if self._nc is None:
-                self._nc = await nats_plane.connect_with_retry(self.url, "tandem router")
+                self._nc = await nats_layout.connect_with_retry(self.url, "tandem router")
                 self._js = self._nc.jetstream()
                 logger.info("router connected to NATS at %s", self.url)
             return self._nc
@@ -61,10 +61,10 @@ class NatsRouterPlane:
         nc = await self.connection()
         async with self._namespace_lock:
             if namespace not in self._load_subs:
-                self._load_subs[namespace] = await nc.subscribe(nats_plane.load_wildcard(namespace), cb=self._on_load)
-                await nats_plane.confirm_subscriptions(nc)
+                self._load_subs[namespace] = await nc.subscribe(nats_layout.load_wildcard(namespace), cb=self._on_load)
+                await nats_layout.confirm_subscriptions(nc)
             if namespace not in self._namespaces:
-                self._namespaces[namespace] = await nats_plane.ensure_stream(await self.jetstream(), namespace, self.limits)
+                self._namespaces[namespace] = await nats_layout.ensure_stream(await self.jetstream(), namespace, self.limits)
         return self._namespaces[namespace]
 
     async def _on_load(self, msg) -> None:  # noqa: ANN001 - a nats Msg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tandem.models.errors import ModelLoadError
+from tandem.model_cache.errors import ModelLoadError
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",

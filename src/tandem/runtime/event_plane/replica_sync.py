@@ -18,16 +18,27 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
-from tandem.router.active_load import ActiveLoad
-from tandem.router.nats_router_plane import NatsRouterPlane
-from tandem.runtime import nats_plane
+from tandem.runtime.event_plane import nats_layout
+from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 
 logger = logging.getLogger(__name__)
 
 OPS = ("add", "prefill_done", "free")
+
+
+class BookingSink(Protocol):
+    """Where another router's bookings land: the router's ``ActiveLoad``."""
+
+    def add_request(self, request_id: str, worker_id: str, seq_hashes: list[int], num_prompt_tokens: int,
+                    num_cached_tokens: int = 0) -> None: ...
+
+    def mark_prefill_done(self, request_id: str) -> None: ...
+
+    def free(self, request_id: str) -> None: ...
 
 
 class Booking(msgspec.Struct, array_like=True, frozen=True):
@@ -49,7 +60,7 @@ def bookings_subject(namespace: str) -> str:
 
 
 class ReplicaSync:
-    def __init__(self, plane: NatsRouterPlane, namespace: str, load: Callable[[], ActiveLoad]) -> None:
+    def __init__(self, plane: NatsRouterPlane, namespace: str, load: Callable[[], BookingSink]) -> None:
         self.plane, self.subject, self._load = plane, bookings_subject(namespace), load
         self.router_id = secrets.token_hex(6)
         self.applied = 0
@@ -61,7 +72,7 @@ class ReplicaSync:
     async def start(self) -> None:
         nc = await self.plane.connection()
         self._sub = await nc.subscribe(self.subject, cb=self._on_message)
-        await nats_plane.confirm_subscriptions(nc)  # bookings from now on arrive
+        await nats_layout.confirm_subscriptions(nc)  # bookings from now on arrive
         self._nc = nc
         logger.info("router %s shares its load bookings on %s", self.router_id, self.subject)
 
