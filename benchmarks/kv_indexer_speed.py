@@ -234,8 +234,8 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
     from tandem.protocols.worker_card import WorkerCard
     from tandem.router.kv_router import KvRouter, KvRouterConfig
     from tandem.router.worker_pool import WorkerPool
-    from tandem.runtime.discovery_memory import MemoryDiscovery
-    from tandem.runtime.request_plane_client import RequestPlaneClient
+    from tandem.runtime.discovery.memory import MemoryDiscovery
+    from tandem.runtime.request_plane.client import RequestPlaneClient
 
     logging.getLogger("tandem.router.kv_router").setLevel(logging.ERROR)  # no followers here: no warning
     router = KvRouter(WorkerPool(MemoryDiscovery()), RequestPlaneClient(),

@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Any
 
-from tandem.runtime.frames import Data, FrameDecoder, FrameEncoder
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
+from tandem.runtime.request_plane.frames import Data, FrameDecoder, FrameEncoder
 
 ITEM = {"token_ids": [12345], "finish_reason": None}  # one decode step's delta
 

@@ -22,7 +22,8 @@ from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.frontend.config import FrontendConfig
 from tandem.frontend.server import FrontendServer
 from tandem.protocols.worker_card import WorkerCard
-from tandem.runtime.discovery import Discovery, Registration, make_discovery
+from tandem.runtime.discovery import make_discovery
+from tandem.runtime.discovery.base import Discovery, Registration
 from tandem.worker.service import WorkerService
 
 TOKENIZER = "smollm2-135m-instruct"

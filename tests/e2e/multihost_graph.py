@@ -44,7 +44,7 @@ def planes() -> tuple[str, str]:
     if forced:
         discovery, _, events = forced.partition("+")
         return discovery, events
-    etcd = importlib.util.find_spec("tandem.runtime.discovery_etcd") is not None
+    etcd = importlib.util.find_spec("tandem.runtime.discovery.etcd") is not None
     nats = importlib.util.find_spec("tandem.runtime.event_plane.nats_publisher") is not None
     return ("etcd" if etcd else "file"), ("nats" if nats else "zmq")
 

@@ -17,7 +17,7 @@ import openai
 from tests.infra_servers import EtcdServer, free_port
 from tests.tandem_process import TandemProcess
 
-from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery
+from tandem.runtime.discovery.etcd import DiscoveryUnavailableError, EtcdDiscovery
 
 MODEL = "smollm2-135m-instruct"
 TTL_S = 3.0

@@ -17,7 +17,7 @@ import pytest
 from tests.tandem_process import TandemProcess
 
 from tandem.engine.faults import ENV_VAR
-from tandem.runtime.discovery_file import FileDiscovery
+from tandem.runtime.discovery.file import FileDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient, WorkerUnavailableError
 
 MODEL = "smollm2-135m-instruct"  # the mocker serves it; the frontend loads its tokenizer

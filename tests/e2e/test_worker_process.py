@@ -10,7 +10,7 @@ import time
 
 from tests.tiny_models import make_tiny_model
 
-from tandem.runtime.discovery_file import FileDiscovery
+from tandem.runtime.discovery.file import FileDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient
 
 PROMPT = list(range(10, 40))

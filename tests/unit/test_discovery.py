@@ -17,23 +17,23 @@ import msgspec
 import pytest
 
 from tandem.protocols.worker_card import WorkerCard, WorkerCardError
-from tandem.runtime import discovery_file
-from tandem.runtime.discovery import (
+from tandem.runtime.discovery import file as discovery_file
+from tandem.runtime.discovery import make_discovery
+from tandem.runtime.discovery.base import (
     Discovery,
     DiscoveryClosedError,
     DiscoveryConfig,
     DiscoveryEvent,
     EventKind,
     WorkerAlreadyRegisteredError,
-    make_discovery,
 )
-from tandem.runtime.discovery_file import (
+from tandem.runtime.discovery.file import (
     FileDiscovery,
     FileRecord,
     atomic_write_bytes,
     file_name_for,
 )
-from tandem.runtime.discovery_memory import MemoryDiscovery, MemoryStore, shared_store
+from tandem.runtime.discovery.memory import MemoryDiscovery, MemoryStore, shared_store
 
 FAST = DiscoveryConfig(ttl_s=5.0, poll_interval_s=0.05)
 
@@ -400,7 +400,7 @@ def test_file_heartbeat_rewrites_never_hide_the_worker(tmp_path: Path) -> None:
 
 SUBPROCESS_WORKER = """
 import asyncio, sys
-from tandem.runtime.discovery_file import FileDiscovery
+from tandem.runtime.discovery.file import FileDiscovery
 from tandem.protocols.worker_card import WorkerCard
 
 async def main():
@@ -460,7 +460,7 @@ def test_make_discovery_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_make_discovery_etcd_specs() -> None:
-    from tandem.runtime.discovery_etcd import EtcdDiscovery
+    from tandem.runtime.discovery.etcd import EtcdDiscovery
 
     # Constructing connects to nothing (no etcd listens on these ports).
     by_url = make_discovery("etcd://127.0.0.1:2379")

@@ -20,7 +20,7 @@ from tests.infra_servers import EtcdCluster, EtcdServer, free_port
 from tests.unit.test_discovery import card
 
 from tandem.router.worker_pool import WorkerPool
-from tandem.runtime.discovery import (
+from tandem.runtime.discovery.base import (
     DiscoveryClosedError,
     DiscoveryConfig,
     DiscoveryEvent,
@@ -28,7 +28,7 @@ from tandem.runtime.discovery import (
     WorkerAlreadyRegisteredError,
     register_when_reachable,
 )
-from tandem.runtime.discovery_etcd import DiscoveryUnavailableError, EtcdDiscovery, _LeaderAwareClient, parse_endpoints
+from tandem.runtime.discovery.etcd import DiscoveryUnavailableError, EtcdDiscovery, _LeaderAwareClient, parse_endpoints
 
 TTL_S = 2.0
 CONFIG = DiscoveryConfig(ttl_s=TTL_S)
@@ -302,7 +302,7 @@ def test_close_revokes_the_lease_and_is_idempotent(etcd_server: EtcdServer) -> N
 
 CHILD = """
 import asyncio, sys
-from tandem.runtime.discovery_etcd import EtcdDiscovery
+from tandem.runtime.discovery.etcd import EtcdDiscovery
 from tests.unit.test_discovery import card
 
 async def main():

@@ -20,7 +20,7 @@ from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.router.kv_event_follower_nats import NatsKvEventFollower
 from tandem.router.kv_indexer import KvIndexer
 from tandem.router.router_service import RouterService
-from tandem.runtime.discovery_memory import MemoryDiscovery, MemoryStore
+from tandem.runtime.discovery.memory import MemoryDiscovery, MemoryStore
 from tandem.runtime.event_plane import nats_layout
 from tandem.runtime.event_plane.config import EventPlaneConfig
 from tandem.runtime.event_plane.factory import make_kv_publisher

@@ -14,7 +14,7 @@ from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.protocols.block_hash import block_hashes
 from tandem.protocols.kv_events import BlockStored, decode_batch
 from tandem.protocols.sampling_params import SamplingParams
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, replay
 from tandem.runtime.request_plane import RequestPlaneClient
 from tandem.worker.service import WorkerService

@@ -10,7 +10,7 @@ from tandem.protocols.kv_events import BlockStored
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv_router import KvRouter, KvRouterConfig
 from tandem.router.worker_pool import WorkerPool
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient
 
 CARDS = [WorkerCard(worker_id=f"w{i}", model="m", tokenizer="m", chat_template="m", context_length=8192,

@@ -26,7 +26,7 @@ from tandem.protocols.sampling_params import SamplingParams
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.policies import RoundRobinPolicy
 from tandem.router.worker_pool import WorkerPool
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, WorkerUnavailableError
 
 MODEL = "m"

@@ -14,15 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tandem.runtime.frames import (
-    HEADER,
-    Data,
-    End,
-    FrameDecoder,
-    FrameEncoder,
-    FrameError,
-    Request,
-)
 from tandem.runtime.request_plane import (
     EndpointError,
     FrameTooLargeError,
@@ -32,6 +23,15 @@ from tandem.runtime.request_plane import (
     RequestPlaneConfig,
     RequestPlaneServer,
     WorkerUnavailableError,
+)
+from tandem.runtime.request_plane.frames import (
+    HEADER,
+    Data,
+    End,
+    FrameDecoder,
+    FrameEncoder,
+    FrameError,
+    Request,
 )
 
 TEST_DEADLINE_S = 10.0

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from tandem.runtime.frames import Data, FrameDecoder, FrameEncoder
 from tandem.runtime.request_plane import (
     RequestContext,
     RequestPlaneClient,
@@ -20,6 +19,7 @@ from tandem.runtime.request_plane import (
     RequestPlaneServer,
     WorkerUnavailableError,
 )
+from tandem.runtime.request_plane.frames import Data, FrameDecoder, FrameEncoder
 
 FAST = RequestPlaneConfig(keepalive_interval=0.1, keepalive_timeout=0.5, read_timeout=None)
 """Keepalive in tenths of a second; no read timeout, so only the keepalive can notice silence."""

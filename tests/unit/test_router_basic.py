@@ -10,7 +10,7 @@ import pytest
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.policies import RandomPolicy, RoundRobinPolicy, make_policy
 from tandem.router.worker_pool import NoWorkerError, WorkerPool
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery.memory import MemoryDiscovery
 
 
 def card(worker_id: str, model: str = "m") -> WorkerCard:

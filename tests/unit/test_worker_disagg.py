@@ -19,7 +19,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.models.loader import load_model
 from tandem.protocols.sampling_params import SamplingParams
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient
 from tandem.worker.service import WorkerService
 

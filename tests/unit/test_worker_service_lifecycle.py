@@ -14,7 +14,7 @@ from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepE
 from tandem.engine.faults import ENV_VAR, EngineFault, parse_engine_fault
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.protocols.sampling_params import SamplingParams
-from tandem.runtime.discovery_memory import MemoryDiscovery
+from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient, WorkerUnavailableError
 from tandem.worker.lifecycle import EXIT_ENGINE_FAILED, ShutdownConfig, serve_until_stopped
 from tandem.worker.service import WorkerService

@@ -28,7 +28,7 @@ from tandem.protocols.endpoints import Endpoint
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.factory import build_policy
 from tandem.router.worker_pool import WorkerPool
-from tandem.runtime.discovery import Discovery
+from tandem.runtime.discovery.base import Discovery
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import uvicorn
 from tandem.frontend.app import create_app
 from tandem.frontend.config import FrontendConfig
 from tandem.frontend.frontend import Frontend
-from tandem.runtime.discovery import Discovery
+from tandem.runtime.discovery.base import Discovery
 
 
 class _Server(uvicorn.Server):

@@ -25,7 +25,7 @@ from typing import Any
 from tandem.router.factory import build_policy
 from tandem.router.kv_router import KvRouterConfig
 from tandem.router.worker_pool import WorkerPool
-from tandem.runtime.discovery import Discovery
+from tandem.runtime.discovery.base import Discovery
 from tandem.runtime.request_plane import (
     EndpointError,
     RequestContext,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.runtime.discovery import Discovery, EventKind
+from tandem.runtime.discovery.base import Discovery, EventKind
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import xxhash
 
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
-from tandem.runtime.request_plane_config import parse_address
+from tandem.runtime.request_plane.config import parse_address
 from tandem.transfer.metrics import TransferMetrics, default_metrics
 from tandem.transfer.protocol import (
     HEADER_SIZE,

@@ -1,7 +1,7 @@
 """Wire format of the KV block transfer service: msgspec messages in length-prefixed frames.
 
 One pull is one TCP connection. Each message is a frame ``[u32 big-endian body length][msgpack
-body]`` (the request plane's header, `tandem.runtime.frames.HEADER`), the body a tagged msgspec
+body]`` (the request plane's header, `tandem.runtime.request_plane.frames.HEADER`), the body a tagged msgspec
 struct; nothing is ever unpickled. The exchange:
 
     client → server   PullRequest
@@ -27,7 +27,7 @@ import msgspec
 import torch
 import xxhash
 
-from tandem.runtime.frames import HEADER, HEADER_SIZE
+from tandem.runtime.request_plane.frames import HEADER, HEADER_SIZE
 
 PathChoice = Literal["auto", "tcp", "shm"]
 """Path a client accepts: "auto" (shm on the same host, else tcp), or a forced one."""

@@ -38,7 +38,7 @@ import numpy as np
 import xxhash
 
 from tandem.protocols.kv_export import KVBlockExport
-from tandem.runtime.request_plane_config import format_address
+from tandem.runtime.request_plane.config import format_address
 from tandem.transfer.faults import TransferFault, corrupt_runs, faults_from_env, truncate_runs
 from tandem.transfer.metrics import TransferMetrics, default_metrics
 from tandem.transfer.protocol import (

@@ -40,7 +40,7 @@ from tandem.protocols.endpoints import (
     sampling_params_from_payload,
 )
 from tandem.protocols.worker_card import Role, WorkerCard
-from tandem.runtime.discovery import Discovery, Registration, register_when_reachable
+from tandem.runtime.discovery.base import Discovery, Registration, register_when_reachable
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
 from tandem.worker.disagg import PrefillExporter, export_on_finish, import_missing_blocks

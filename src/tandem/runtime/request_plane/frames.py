@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import msgspec
 
-from tandem.runtime.request_plane_config import DEFAULT_MAX_FRAME_SIZE, RequestPlaneError
+from tandem.runtime.request_plane.config import DEFAULT_MAX_FRAME_SIZE, RequestPlaneError
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size

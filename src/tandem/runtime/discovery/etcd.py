@@ -67,7 +67,7 @@ import grpc
 
 from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.runtime.backoff import BACKOFF_INITIAL_S, BACKOFF_MAX_S, Backoff
-from tandem.runtime.discovery import (
+from tandem.runtime.discovery.base import (
     Discovery,
     DiscoveryClosedError,
     DiscoveryConfig,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.runtime.discovery import (
+from tandem.runtime.discovery.base import (
     ChangeWaiter,
     DiscoveryConfig,
     Lease,

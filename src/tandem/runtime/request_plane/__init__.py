@@ -13,15 +13,14 @@ Public API (import from here)::
     result = await client.call(address, "embed", payload)
     await client.close()
 
-Connections with open streams are kept alive by pings from both ends (`tandem.runtime.keepalive`).
-Wire format: `tandem.runtime.frames`. Errors: `WorkerUnavailableError` (the worker cannot be
+Connections with open streams are kept alive by pings from both ends (`tandem.runtime.request_plane.keepalive`).
+Wire format: `tandem.runtime.request_plane.frames`. Errors: `WorkerUnavailableError` (the worker cannot be
 reached or went away; retry elsewhere), `RemoteError` (the handler failed; ``.code`` is
 ``bad_request``, ``not_found``, ``internal`` or one a handler chose by raising `EndpointError`).
 """
 
-from tandem.runtime.frames import FrameError, FrameTooLargeError
-from tandem.runtime.request_plane_client import FROM_CONFIG, RequestPlaneClient
-from tandem.runtime.request_plane_config import (
+from tandem.runtime.request_plane.client import FROM_CONFIG, RequestPlaneClient
+from tandem.runtime.request_plane.config import (
     DEFAULT_MAX_FRAME_SIZE,
     EndpointError,
     RemoteError,
@@ -31,7 +30,8 @@ from tandem.runtime.request_plane_config import (
     format_address,
     parse_address,
 )
-from tandem.runtime.request_plane_server import Handler, RequestContext, RequestPlaneServer
+from tandem.runtime.request_plane.frames import FrameError, FrameTooLargeError
+from tandem.runtime.request_plane.server import Handler, RequestContext, RequestPlaneServer
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

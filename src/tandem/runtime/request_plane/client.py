@@ -19,7 +19,14 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from tandem.runtime.frames import (
+from tandem.runtime.request_plane.config import (
+    RemoteError,
+    RequestPlaneConfig,
+    RequestPlaneError,
+    WorkerUnavailableError,
+    parse_address,
+)
+from tandem.runtime.request_plane.frames import (
     Cancel,
     Data,
     End,
@@ -32,14 +39,7 @@ from tandem.runtime.frames import (
     Pong,
     Request,
 )
-from tandem.runtime.keepalive import Keepalive
-from tandem.runtime.request_plane_config import (
-    RemoteError,
-    RequestPlaneConfig,
-    RequestPlaneError,
-    WorkerUnavailableError,
-    parse_address,
-)
+from tandem.runtime.request_plane.keepalive import Keepalive
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ lease alive until the worker withdraws. A worker that dies without withdrawing (
 loss) disappears once its TTL runs out. Routers and frontends ``list()`` the live cards or
 ``watch()`` a stream of Added/Removed events.
 
-Implementations: ``memory`` (:mod:`tandem.runtime.discovery_memory`, tests and single-process
-graphs), ``file`` (:mod:`tandem.runtime.discovery_file`, the default on one machine) and ``etcd``
-(:mod:`tandem.runtime.discovery_etcd`, clusters). :func:`make_discovery` builds one from a spec string.
+Implementations: ``memory`` (:mod:`tandem.runtime.discovery.memory`, tests and single-process
+graphs), ``file`` (:mod:`tandem.runtime.discovery.file`, the default on one machine) and ``etcd``
+(:mod:`tandem.runtime.discovery.etcd`, clusters). :func:`make_discovery` builds one from a spec string.
 """
 
 from __future__ import annotations
@@ -322,30 +322,3 @@ def diff_snapshots(old: Snapshot, new: Snapshot) -> list[DiscoveryEvent]:
         if old.get(worker_id) != (lease_id, card):
             events.append(DiscoveryEvent(EventKind.ADDED, card))
     return events
-
-
-def make_discovery(spec: str, config: DiscoveryConfig | None = None, *, etcd_endpoints: str | None = None,
-                   namespace: str = "tandem") -> Discovery:
-    """Build a discovery client from a spec.
-
-    ``memory`` (the process-wide in-memory store), ``memory:NAME`` (a named one), ``file``
-    (``$TANDEM_CACHE_DIR/discovery``, else ``~/.cache/tandem/discovery``), ``file:/some/dir``,
-    ``etcd`` (at ``etcd_endpoints``, a comma-separated ``host:port`` list) or
-    ``etcd://host:port[,host:port]``. ``namespace`` scopes etcd keys.
-    """
-    kind, _, arg = spec.partition(":")
-    if kind == "memory":
-        from tandem.runtime.discovery_memory import MemoryDiscovery, shared_store
-
-        return MemoryDiscovery(shared_store(arg or "default"), config)
-    if kind == "file":
-        from tandem.runtime.discovery_file import FileDiscovery
-
-        return FileDiscovery(arg or None, config)
-    if kind == "etcd":
-        endpoints = arg.removeprefix("//") or etcd_endpoints or "127.0.0.1:2379"
-        from tandem.runtime.discovery_etcd import EtcdDiscovery
-
-        return EtcdDiscovery(endpoints, namespace=namespace, config=config)
-    raise ValueError(f"unknown discovery spec {spec!r}: expected 'memory', 'file', 'file:/dir', 'etcd' "
-                     "or 'etcd://host:port'")

@@ -33,7 +33,7 @@ from pathlib import Path
 import msgspec
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.runtime.discovery import (
+from tandem.runtime.discovery.base import (
     DiscoveryConfig,
     Lease,
     Snapshot,

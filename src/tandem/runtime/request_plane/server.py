@@ -5,7 +5,7 @@ generator (``async def h(payload, ctx): yield ...``; each item becomes a `Data` 
 coroutine function whose return value becomes the only `Data` frame. `End` or `Error` closes the
 stream. A `Cancel` frame, or the connection dropping, cancels the task, so the handler's
 ``finally`` runs (a worker aborts the engine request there). A client that goes silent while it
-has streams open (see `tandem.runtime.keepalive`) counts as dropped.
+has streams open (see `tandem.runtime.request_plane.keepalive`) counts as dropped.
 
 Shutting down is three steps a worker can space out (`stop` does them back to back):
 `start_draining` refuses new requests with code ``unavailable`` (control endpoints such as
@@ -26,7 +26,13 @@ from typing import Any
 
 import msgspec
 
-from tandem.runtime.frames import (
+from tandem.runtime.request_plane.config import (
+    EndpointError,
+    RemoteError,
+    RequestPlaneConfig,
+    format_address,
+)
+from tandem.runtime.request_plane.frames import (
     Cancel,
     Data,
     End,
@@ -39,13 +45,7 @@ from tandem.runtime.frames import (
     Pong,
     Request,
 )
-from tandem.runtime.keepalive import Keepalive
-from tandem.runtime.request_plane_config import (
-    EndpointError,
-    RemoteError,
-    RequestPlaneConfig,
-    format_address,
-)
+from tandem.runtime.request_plane.keepalive import Keepalive
 
 logger = logging.getLogger(__name__)
 
