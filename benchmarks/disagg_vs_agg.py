@@ -165,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     # The simulation feeds the kv router's indexer directly, not through event followers, so the
     # router's "this worker publishes no KV events" warning would be wrong here.
-    logging.getLogger("tandem.router.kv_router").setLevel(logging.ERROR)
+    logging.getLogger("tandem.router.policies.kv").setLevel(logging.ERROR)
     if args.workload in ("random", "both"):
         sweep("random", ["round-robin"], args)
     if args.workload in ("shared-prefix", "both"):

@@ -1,7 +1,7 @@
 """KV indexer speed and router overhead: events/s while indexing, find_matches and route() latency.
 
-Everything runs in this process on ``tandem.router.kv_indexer.KvIndexer`` (block size 16) and
-``tandem.router.kv_router.KvRouter``; no sockets, no msgpack (decoding is not counted).
+Everything runs in this process on ``tandem.router.kv.indexer.KvIndexer`` (block size 16) and
+``tandem.router.policies.kv.KvRouter``; no sockets, no msgpack (decoding is not counted).
 
 Workload (as in the routing-quality benchmark): 20 shared system prompts of 1,000 tokens; each of
 64 workers serves 1,000-token prompts (62 full blocks) made of the first ``--shared-tokens`` of a
@@ -56,7 +56,7 @@ from tandem.kernels import block_hash as hashing
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.block_hash import BLOCK_HASH_SEED
 from tandem.protocols.kv_events import BlockStored
-from tandem.router.kv_indexer import KvIndexer
+from tandem.router.kv.indexer import KvIndexer
 
 BLOCK_SIZE = 16
 PROMPT_TOKENS = 1000
@@ -232,12 +232,12 @@ def bench_find_matches(idx: KvIndexer, prompts: list[tuple[str, list[int]]], n: 
 def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str, list[int]]],
                  args: argparse.Namespace, idx: KvIndexer | None) -> None:
     from tandem.protocols.worker_card import WorkerCard
-    from tandem.router.kv_router import KvRouter, KvRouterConfig
+    from tandem.router.policies.kv import KvRouter, KvRouterConfig
     from tandem.router.worker_pool import WorkerPool
     from tandem.runtime.discovery.memory import MemoryDiscovery
     from tandem.runtime.request_plane.client import RequestPlaneClient
 
-    logging.getLogger("tandem.router.kv_router").setLevel(logging.ERROR)  # no followers here: no warning
+    logging.getLogger("tandem.router.policies.kv").setLevel(logging.ERROR)  # no followers here: no warning
     router = KvRouter(WorkerPool(MemoryDiscovery()), RequestPlaneClient(),
                       KvRouterConfig(use_kv_events=True, seed=args.seed))
     if idx is not None and args.router_blocks >= args.blocks:
@@ -315,7 +315,7 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
     print(f"   router hit rate {router.hit_rate:.2f}, mean overhead (router's own figure) "
           f"{router.status([])['overhead_ms_mean']:.3f} ms")
     # What bounds route(): its parts, timed separately on the same prompts and the same load.
-    from tandem.router.kv_cost import worker_costs
+    from tandem.router.kv.cost import worker_costs
 
     sample = queries[: min(len(queries), 500)]
     load, cost, bsz = router.load, router.cost, router.block_size

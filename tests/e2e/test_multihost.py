@@ -180,7 +180,7 @@ def test_the_disagg_router_graph_serves_across_hosts(deployment, testbed):
 _NEEDS = {
     "etcd discovery (a cut-off worker's lease must expire)": lambda: planes()[0] == "etcd",
     "request-plane keepalive": lambda: importlib.util.find_spec("tandem.runtime.request_plane.keepalive") is not None,
-    "request migration": lambda: importlib.util.find_spec("tandem.frontend.migration") is not None,
+    "request migration": lambda: importlib.util.find_spec("tandem.router.dispatch.migration") is not None,
 }
 _MISSING = [what for what, present in _NEEDS.items() if not present()]
 

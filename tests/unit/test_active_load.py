@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.active_load import ActiveLoad
-from tandem.router.policy_least_loaded import LeastLoadedPolicy
+from tandem.router.kv.active_load import ActiveLoad
+from tandem.router.policies.least_loaded import LeastLoadedPolicy
 
 BS = 4
 

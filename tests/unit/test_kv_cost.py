@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tandem.router.kv_cost import (
+from tandem.router.kv.cost import (
     DEFAULT_PREFILL_LOAD_SCALE,
     KvCostConfig,
     select_worker,

@@ -12,8 +12,8 @@ import msgspec
 from tandem.protocols.block_hash import block_hashes
 from tandem.protocols.kv_events import BlockStored, encode_batch, make_batch
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.kv_event_follower import KvEventFollower
-from tandem.router.kv_indexer import KvIndexer
+from tandem.router.kv.indexer import KvIndexer
+from tandem.router.kv.zmq_follower import KvEventFollower
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, PublisherConfig
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
 

@@ -17,8 +17,8 @@ from tests.unit.test_kv_event_follower import BLOCK, _stored
 from tandem.protocols.block_hash import block_hashes
 from tandem.protocols.kv_events import BlockRemoved, KVEventBatch, encode_batch, make_batch
 from tandem.protocols.worker_card import WorkerCard, WorkerCardError
-from tandem.router.kv_event_follower_nats import NatsKvEventFollower
-from tandem.router.kv_indexer import KvIndexer
+from tandem.router.kv.indexer import KvIndexer
+from tandem.router.kv.nats_follower import NatsKvEventFollower
 from tandem.router.router_service import RouterService
 from tandem.runtime.discovery.memory import MemoryDiscovery, MemoryStore
 from tandem.runtime.event_plane import nats_layout
@@ -402,7 +402,7 @@ def test_zmq_ports_are_refused_with_nats():
 
 def test_router_replicas_share_their_load_bookings(nats_server):
     async def scenario() -> None:
-        from tandem.router.active_load import ActiveLoad
+        from tandem.router.kv.active_load import ActiveLoad
         from tandem.runtime.event_plane.replica_sync import ReplicaSync, bookings_subject
 
         planes = [NatsRouterPlane(nats_server.url) for _ in range(2)]

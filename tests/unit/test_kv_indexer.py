@@ -1,4 +1,4 @@
-"""Tests for tandem.router.kv_indexer: exact matches, removals, clears, a model-based property."""
+"""Tests for tandem.router.kv.indexer: exact matches, removals, clears, a model-based property."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tandem.protocols.block_hash import block_hashes, seed_for_salt
 from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, make_batch
-from tandem.router.kv_indexer import KvIndexer
+from tandem.router.kv.indexer import KvIndexer
 
 BS = 4
 

@@ -8,7 +8,7 @@ import random
 from tandem.protocols.block_hash import block_hashes
 from tandem.protocols.kv_events import BlockStored
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.kv_router import KvRouter, KvRouterConfig
+from tandem.router.policies.kv import KvRouter, KvRouterConfig
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient

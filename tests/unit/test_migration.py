@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
-from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.generation import GenerationSpec, OutputChunk, generate_chunks
 from tandem.frontend.metrics import FrontendMetrics
-from tandem.frontend.migration import MigratingClient, default_migration_limit
-from tandem.frontend.worker_client import WorkerClient
 from tandem.protocols.sampling_params import SamplingParams
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.policies import RoundRobinPolicy
+from tandem.router.dispatch.migration import MigratingClient, default_migration_limit
+from tandem.router.dispatch.prefill_router import DisaggConfig, DisaggregatedClient
+from tandem.router.dispatch.worker_client import WorkerClient
+from tandem.router.policies.round_robin import RoundRobinPolicy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, WorkerUnavailableError

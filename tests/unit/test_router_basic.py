@@ -8,8 +8,11 @@ from collections import Counter
 import pytest
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.policies import RandomPolicy, RoundRobinPolicy, make_policy
-from tandem.router.worker_pool import NoWorkerError, WorkerPool
+from tandem.router.errors import NoWorkerError
+from tandem.router.policies.random_choice import RandomPolicy
+from tandem.router.policies.round_robin import RoundRobinPolicy
+from tandem.router.registry import POLICIES, ROUTER_NAMES, build_policy
+from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.memory import MemoryDiscovery
 
 
@@ -47,7 +50,15 @@ def test_random_is_roughly_uniform_and_seedable():
 
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="round-robin"):
-        make_policy("fastest")
+        build_policy("fastest", None, None)  # type: ignore[arg-type]
+
+
+def test_every_registered_policy_builds_and_has_its_name():
+    assert set(POLICIES) | {"remote"} == set(ROUTER_NAMES)
+    for name in ("round-robin", "random"):
+        policy = build_policy(name, None, None)  # type: ignore[arg-type]
+        assert policy.name == name
+        assert policy.status([]) == {"policy": name}
 
 
 def test_worker_pool_follows_discovery_and_blacklists_failures():

@@ -154,10 +154,10 @@ def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill
     (tokens, the last delta, the client, the prefill workers' held exports). ``warm_decode``: the
     decode worker has run the prompt before. The client also gets ``outcomes`` and ``imported``
     (blocks each decode worker imported)."""
-    from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
-    from tandem.frontend.worker_client import WorkerClient
     from tandem.protocols.endpoints import GenerateRequest
-    from tandem.router.factory import build_policy
+    from tandem.router.dispatch.prefill_router import DisaggConfig, DisaggregatedClient
+    from tandem.router.dispatch.worker_client import WorkerClient
+    from tandem.router.registry import build_policy
     from tandem.router.worker_pool import WorkerPool
 
     async def scenario():
@@ -304,10 +304,10 @@ def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
     (the decode worker is pulling the blocks; the transfer server delays the pull), "export" (the
     prefill worker's engine is exporting the finished prompt's blocks) or "import" (the decode
     worker's engine is importing the pulled blocks, and then the frontend's connection drops too)."""
-    from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
-    from tandem.frontend.worker_client import WorkerClient
     from tandem.protocols.endpoints import GenerateRequest
-    from tandem.router.factory import build_policy
+    from tandem.router.dispatch.prefill_router import DisaggConfig, DisaggregatedClient
+    from tandem.router.dispatch.worker_client import WorkerClient
+    from tandem.router.registry import build_policy
     from tandem.router.worker_pool import WorkerPool
     from tandem.worker import disagg as worker_disagg
 

@@ -36,10 +36,10 @@ from typing import Any, Literal
 
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.engine.outputs import RequestOutput
-from tandem.frontend.disagg import DisaggConfig, local_prefill_reason
 from tandem.protocols.sampling_params import SamplingParams
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.policies import RoundRobinPolicy
+from tandem.router.dispatch.prefill_router import DisaggConfig, local_prefill_reason
+from tandem.router.policies.round_robin import RoundRobinPolicy
 
 Router = Literal["round-robin", "kv"]
 
@@ -123,7 +123,7 @@ class Simulation:
         self.workers = {w.card.worker_id: w for role, n in roles for w in (_Worker(i, role, config.mocker)
                                                                             for i in range(n))}
         if config.router == "kv":
-            from tandem.router.kv_router import KvRouter, KvRouterConfig
+            from tandem.router.policies.kv import KvRouter, KvRouterConfig
 
             self.policy: Any = KvRouter(_StaticPool(), None, KvRouterConfig(
                 block_size=config.mocker.block_size, **{"seed": 0, **config.kv_router}))

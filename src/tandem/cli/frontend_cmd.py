@@ -13,7 +13,7 @@ import logging
 from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
 from tandem.cli.signals import stop_event
 from tandem.frontend.config import FrontendConfig
-from tandem.router.policies import ROUTER_NAMES
+from tandem.router.registry import ROUTER_NAMES
 
 
 def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:

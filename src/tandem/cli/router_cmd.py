@@ -18,7 +18,7 @@ from tandem.cli.signals import stop_event
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from tandem.router.kv_cost import KvCostConfig
+    from tandem.router.kv.cost import KvCostConfig
 
     parser = subparsers.add_parser("router", help="a standalone KV-aware router shared by frontends")
     add_discovery_args(parser)
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from tandem.router.kv_router import KvRouterConfig
+    from tandem.router.policies.kv import KvRouterConfig
     from tandem.router.router_service import RouterService
 
     config = KvRouterConfig(overlap_credit=args.kv_overlap_credit, prefill_load_scale=args.kv_prefill_load_scale,

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from tandem.frontend.config import FrontendConfig
-from tandem.router.policies import ROUTER_NAMES
+from tandem.router.registry import ROUTER_NAMES
 from tandem.runtime.event_plane.config import EVENT_PLANES
 
 ENGINES = ("builtin", "mocker")

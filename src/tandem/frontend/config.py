@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.router.kv_cost import DEFAULT_PREFILL_LOAD_SCALE
+from tandem.router.kv.cost import DEFAULT_PREFILL_LOAD_SCALE
 
 
 @dataclass
@@ -22,7 +22,7 @@ class FrontendConfig:
     """kv: weight of a cached block against a prefill block."""
     kv_prefill_load_scale: float = DEFAULT_PREFILL_LOAD_SCALE
     """kv: weight of prefill work against decode blocks (Dynamo's default: 1.0; see
-    :data:`tandem.router.kv_cost.DEFAULT_PREFILL_LOAD_SCALE` for why Tandem's is higher)."""
+    :data:`tandem.router.kv.cost.DEFAULT_PREFILL_LOAD_SCALE` for why Tandem's is higher)."""
     kv_temperature: float = 0.0
     """kv: 0 picks the cheapest worker; > 0 samples from a softmax over costs."""
     kv_events: bool = True
@@ -38,7 +38,7 @@ class FrontendConfig:
     """Workers tried for one request when the chosen one cannot be reached."""
     migration_limit: int | None = None
     """Times one request may move to another worker when its worker is lost mid-stream (the
-    new worker continues from the tokens generated so far; see tandem.frontend.migration).
+    new worker continues from the tokens generated so far; see tandem.router.dispatch.migration).
     None: 1 when more than one worker serves the model, else 0; 0 turns migration off."""
     worker_down_s: float = 5.0
     """How long a worker that did not answer is skipped before it is tried again."""

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tandem.router.errors import NoWorkerError, RequestLostError, RouterError, WorkerRejectedError
+
 INVALID_REQUEST = "invalid_request_error"
 NOT_FOUND = "not_found_error"
 SERVICE_UNAVAILABLE = "service_unavailable_error"
@@ -167,3 +169,14 @@ def from_validation_error(exc: ValidationError) -> OpenAIError:
         msg = f"Invalid value for '{param}': {msg}"
     code = ctx.get("code") if isinstance(ctx.get("code"), str) else None
     return bad_request(msg, param, code)
+
+
+def from_router_error(exc: RouterError) -> OpenAIError:
+    """The HTTP face of a dispatch failure (tandem.router.errors)."""
+    if isinstance(exc, NoWorkerError):
+        return no_worker(exc.model)
+    if isinstance(exc, WorkerRejectedError):
+        return bad_request(exc.message, "messages")
+    if isinstance(exc, RequestLostError):
+        return OpenAIError(502, exc.message, "server_error", None, exc.code)
+    return OpenAIError(500, exc.message, "server_error")

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.frontend.config import FrontendConfig
-from tandem.frontend.disagg import DisaggConfig, DisaggregatedClient
 from tandem.frontend.errors import no_worker, not_found_model
 from tandem.frontend.generation import GenerationSpec
 from tandem.frontend.metrics import FrontendMetrics
-from tandem.frontend.migration import MigratingClient
 from tandem.frontend.preprocess import Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.sampling import stop_strings, to_sampling_params
-from tandem.frontend.worker_client import WorkerClient
 from tandem.protocols.endpoints import Endpoint
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.factory import build_policy
+from tandem.router.dispatch.migration import MigratingClient
+from tandem.router.dispatch.prefill_router import DisaggConfig, DisaggregatedClient
+from tandem.router.dispatch.worker_client import WorkerClient
+from tandem.router.policy import RoutingPolicy
+from tandem.router.registry import build_policy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.base import Discovery
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
@@ -65,12 +66,12 @@ class Frontend:
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self._poll_task: asyncio.Task | None = None
 
-    def _make_policy(self, config: FrontendConfig) -> Any:
+    def _make_policy(self, config: FrontendConfig) -> RoutingPolicy:
         if config.router == "remote":
-            from tandem.router.router_service import RemoteRouter
+            from tandem.router.policies.remote import RemoteRouter
 
             return RemoteRouter(self.client, config.router_address)
-        from tandem.router.kv_router import KvRouterConfig
+        from tandem.router.policies.kv import KvRouterConfig
 
         kv_config = KvRouterConfig(overlap_credit=config.kv_overlap_credit,
                                    prefill_load_scale=config.kv_prefill_load_scale,
@@ -79,10 +80,7 @@ class Frontend:
         return build_policy(config.router, self.pool, self.client, kv_config)
 
     def router_status(self) -> dict[str, Any]:
-        status = getattr(self.policy, "status", None)
-        if status is None:
-            return {"policy": self.policy.name}
-        return status(self.pool.workers())
+        return self.policy.status(self.pool.workers())
 
     async def start(self) -> None:
         await self.pool.start()
@@ -90,9 +88,7 @@ class Frontend:
             self._poll_task = asyncio.create_task(self._poll_worker_stats())
 
     async def stop(self) -> None:
-        stop_policy = getattr(self.policy, "stop", None)
-        if stop_policy is not None:
-            await stop_policy()
+        await self.policy.stop()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -141,9 +137,7 @@ class Frontend:
             await asyncio.sleep(self.config.worker_stats_interval_s)
 
     async def refresh_worker_stats(self) -> None:
-        refresh = getattr(self.policy, "refresh", None)  # a standalone router's status
-        if refresh is not None:
-            await refresh()
+        await self.policy.refresh()  # a standalone router's status
         cards = self.pool.workers()
         for card in cards:
             self.tokenizers.preload(card.tokenizer)

@@ -5,7 +5,7 @@
 chunk's logprobs, and on the last one the finish reason and usage. Leaving the iterator early
 (a client disconnect, a stop string) cancels the request on the worker. Timing metrics (TTFT,
 inter-token latency, duration) are recorded here, once for every endpoint. A request migrated
-to another worker (:mod:`tandem.frontend.migration`) arrives here as one continuous stream of
+to another worker (:mod:`tandem.router.dispatch.migration`) arrives here as one continuous stream of
 deltas, so text, stop strings, logprobs and usage carry across the switch.
 """
 
@@ -17,14 +17,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.frontend.disagg import DisaggregatedClient
-from tandem.frontend.errors import OpenAIError
+from tandem.frontend.errors import OpenAIError, from_router_error
 from tandem.frontend.metrics import FrontendMetrics
-from tandem.frontend.migration import MigratingClient
 from tandem.frontend.text_stream import TextStream
-from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
 from tandem.protocols.endpoints import GenerateDelta, GenerateRequest, TokenLogprobPayload
 from tandem.protocols.sampling_params import SamplingParams
+from tandem.router.dispatch.migration import MigratingClient
+from tandem.router.dispatch.prefill_router import DisaggregatedClient
+from tandem.router.dispatch.worker_client import StreamBrokenError, WorkerClient
+from tandem.router.errors import RouterError
 
 
 @dataclass
@@ -137,6 +138,8 @@ async def generate_chunks(spec: GenerationSpec, workers: MigratingClient | Disag
                 yield chunk
     except StreamBrokenError as exc:  # ``workers`` does not migrate
         raise OpenAIError(502, str(exc), "server_error", None, "worker_lost") from None
+    except RouterError as exc:
+        raise from_router_error(exc) from None
     finally:
         await deltas.aclose()
     raise OpenAIError(502, "the worker ended the stream without finishing the request", "server_error",

@@ -14,13 +14,10 @@ import time
 from collections.abc import Callable
 
 from tandem.protocols.worker_card import WorkerCard
+from tandem.router.errors import NoWorkerError
 from tandem.runtime.discovery.base import Discovery, EventKind
 
 logger = logging.getLogger(__name__)
-
-
-class NoWorkerError(LookupError):
-    """No live worker serves the requested model."""
 
 
 class WorkerPool:
@@ -88,7 +85,7 @@ class WorkerPool:
         found = [card for card in self.workers(model) if roles is None or card.role in roles]
         if not found:
             what = f"{'/'.join(roles)} worker" if roles else "worker"
-            raise NoWorkerError(f"no {what} serves model {model!r}")
+            raise NoWorkerError(model, f"no {what} serves model {model!r}")
         return found
 
     def has_role(self, model: str, role: str) -> bool:

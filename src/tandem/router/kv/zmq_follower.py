@@ -17,7 +17,7 @@ import zmq.asyncio
 
 from tandem.protocols.kv_events import SEQ_FRAME
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.kv_follower_core import KvEventFollowerCore
+from tandem.router.kv.follower_core import KvEventFollowerCore
 from tandem.runtime.event_plane.zmq_publisher import replay
 from tandem.runtime.request_plane import RequestPlaneClient
 

@@ -30,7 +30,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.kv_follower_core import KvEventFollowerCore
+from tandem.router.kv.follower_core import KvEventFollowerCore
 from tandem.runtime.event_plane import nats_layout
 from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 from tandem.runtime.request_plane import RequestPlaneClient

@@ -1,7 +1,7 @@
 """The ``least-loaded`` policy: the worker with the least active work, ignoring KV caches.
 
 Load is measured in KV blocks, in the units of the KV cost (DESIGN.md §4) with no cache credit:
-``prefill_tokens / block_size + decode_blocks`` from :class:`~tandem.router.active_load.ActiveLoad`
+``prefill_tokens / block_size + decode_blocks`` from :class:`~tandem.router.kv.active_load.ActiveLoad`
 (Dynamo's ``--load-aware`` mode). Ties are broken uniformly at random (seedable).
 
 The policy only reads the load: whoever routes the request books it on the chosen worker
@@ -16,11 +16,12 @@ import random
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.block_hash import seed_for_salt
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.active_load import ActiveLoad
-from tandem.router.kv_cost import select_worker
+from tandem.router.kv.active_load import ActiveLoad
+from tandem.router.kv.cost import select_worker
+from tandem.router.policy import RoutingPolicy
 
 
-class LeastLoadedPolicy:
+class LeastLoadedPolicy(RoutingPolicy):
     """Picks the candidate with the fewest active prefill blocks + decode blocks."""
 
     name = "least-loaded"

@@ -6,7 +6,7 @@ For each candidate worker::
     cost = prefill_load_scale * max(0, prefill_blocks - overlap_credit * cached_blocks)
            + active_decode_blocks
 
-``active_prefill_tokens`` and ``active_decode_blocks`` come from :class:`~tandem.router.active_load.ActiveLoad`
+``active_prefill_tokens`` and ``active_decode_blocks`` come from :class:`~tandem.router.kv.active_load.ActiveLoad`
 (requests already routed there), ``cached_blocks`` from the KV indexer (how many leading blocks of
 the new prompt the worker already holds). Lower is better.
 

@@ -3,23 +3,22 @@
 A worker that cannot be reached (or goes away before sending anything) is marked down in the
 pool and the request goes to the next candidate, up to ``max_attempts`` workers. Once tokens
 have flowed, a lost worker (connection lost or timed out, the worker shutting down, the stream
-ending unfinished) raises :class:`StreamBrokenError`; :mod:`tandem.frontend.migration` moves the
-request to another worker from there.
+ending unfinished) raises :class:`StreamBrokenError`; :mod:`tandem.router.dispatch.migration` moves the
+request to another worker from there. Other failures are :mod:`tandem.router.errors`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
 
-from tandem.frontend.errors import OpenAIError, bad_request, no_worker
 from tandem.protocols.endpoints import Endpoint, GenerateDelta, GenerateRequest
-from tandem.router.policies import RoutingPolicy
-from tandem.router.worker_pool import NoWorkerError, WorkerPool
+from tandem.router.errors import NoWorkerError, WorkerFailedError, WorkerRejectedError
+from tandem.router.policy import RoutingPolicy
+from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient, WorkerUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -52,8 +51,8 @@ class WorkerClient:
     async def generate(self, model: str, request: GenerateRequest, roles: tuple[str, ...] = SERVING_ROLES,
                        exclude: frozenset[str] = frozenset()) -> AsyncIterator[GenerateDelta]:
         """Stream the request's deltas from a worker with one of ``roles`` (never one in
-        ``exclude``). Raises OpenAIError (503 when no worker is left, 400 when the worker refused
-        the request) or StreamBrokenError mid-stream.
+        ``exclude``). Raises NoWorkerError when no worker is left, WorkerRejectedError when the
+        worker refused the request, WorkerFailedError, or StreamBrokenError mid-stream.
 
         Closing the iterator early cancels the request on the worker (its KV blocks are freed).
         """
@@ -63,23 +62,17 @@ class WorkerClient:
             try:
                 candidates = [c for c in self.pool.candidates(model, roles) if c.worker_id not in tried]
             except NoWorkerError:
-                raise no_worker(model) from None
+                raise NoWorkerError(model) from None
             if not candidates:
                 break
-            route = getattr(self.policy, "route", None)  # load-aware policies book the request
-            if route is not None:
-                card = route(candidates, request.token_ids, request.request_id, request.cache_salt)
-                if inspect.isawaitable(card):  # a standalone router answers over the network
-                    card = await card
-            else:
-                card = self.policy.select(candidates, request.token_ids)
+            card = await self.policy.choose(candidates, request.token_ids, request.request_id, request.cache_salt)
             tried.add(card.worker_id)
             started = finished = False
             items = self.client.stream_batches(card.request_plane_address, Endpoint.GENERATE, payload)
             try:
                 async for batch in items:
                     if not started:
-                        _hook(self.policy, "on_first_token", request.request_id)
+                        self.policy.on_first_token(request.request_id)
                     started = True
                     # Deltas that queued up while this stream waited are handed out as one.
                     delta = msgspec.convert(batch[0], GenerateDelta)
@@ -94,8 +87,8 @@ class WorkerClient:
                 lost = isinstance(exc, WorkerUnavailableError) or exc.code == "unavailable"
                 if not lost:
                     if exc.code == "bad_request":
-                        raise bad_request(exc.message, "messages") from None
-                    raise OpenAIError(500, f"worker {card.worker_id} failed: {exc.message}", "server_error") from None
+                        raise WorkerRejectedError(exc.message) from None
+                    raise WorkerFailedError(f"worker {card.worker_id} failed: {exc.message}") from None
                 if finished:
                     return  # the request already finished; only the stream's end marker was lost
                 self.pool.mark_down(card.worker_id)
@@ -104,13 +97,6 @@ class WorkerClient:
                 logger.warning("worker %s unavailable (%s); trying another", card.worker_id, exc)
             finally:
                 await items.aclose()
-                _hook(self.policy, "on_finished", request.request_id)
+                self.policy.on_finished(request.request_id)
         logger.warning("no worker serving %s answered (tried %d)", model, len(tried))
-        raise no_worker(model)
-
-
-def _hook(policy: RoutingPolicy, name: str, request_id: str) -> None:
-    """Tell a load-tracking policy about a request's progress (plain policies have no hooks)."""
-    hook = getattr(policy, name, None)
-    if hook is not None:
-        hook(request_id)
+        raise NoWorkerError(model)

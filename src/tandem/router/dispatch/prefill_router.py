@@ -1,8 +1,8 @@
-"""Disaggregated flow in the frontend: prefill on a prefill worker, decode on a decode worker.
+"""The prefill router: prefill on a prefill worker, decode on a decode worker, when it pays.
 
 When the model has live ``prefill`` workers and the prompt is longer than
 ``max_local_prefill_length``, a request runs in two halves (DESIGN.md §2, Dynamo's
-frontend-orchestrated flow):
+dispatcher-orchestrated flow, run in the frontend process):
 
 1. **Prefill**: the prompt goes to a prefill worker (picked by the routing policy, so the kv
    router finds prefix hits) with ``max_tokens=1`` and ``export_kv``. Its one token is the first
@@ -17,7 +17,7 @@ Fallbacks, so disaggregation never fails a request: no live prefill worker, or a
 that is lost or errs → the same. A failed KV pull is handled on the decode worker (local prefill).
 
 Held blocks are never left to expire: once the request is over (finished, failed, the client left,
-the first token ended it), the frontend sends ``kv_release`` to the prefill worker, in the
+the first token ended it), the dispatcher sends ``kv_release`` to the prefill worker, in the
 background. After a successful pull the export is already gone and the release is a no-op; it
 matters when the decode worker did not pull (a failed pull, or it held the whole prompt already)
 or the request ended before the decode half.
@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import msgspec
 
-from tandem.frontend.errors import OpenAIError
-from tandem.frontend.worker_client import StreamBrokenError, WorkerClient
 from tandem.protocols.endpoints import Endpoint, GenerateDelta, GenerateRequest, KvReleaseRequest, KvTransferParams
 from tandem.protocols.sampling_params import SamplingParams
+from tandem.router.dispatch.worker_client import StreamBrokenError, WorkerClient
+from tandem.router.errors import RouterError, WorkerRejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ class DisaggregatedClient:
         except StreamBrokenError as exc:
             logger.warning("prefill of %s lost (%s); decoding it whole", request.request_id, exc)
             return None
-        except OpenAIError as exc:
-            if exc.status == 400:
-                raise  # the request itself is bad: a decode worker would refuse it too
+        except WorkerRejectedError:
+            raise  # the request itself is bad: a decode worker would refuse it too
+        except RouterError as exc:
             logger.warning("prefill of %s failed (%s); decoding it whole", request.request_id, exc.message)
             return None
         except BaseException:  # cancelled (the client left): free blocks the prefill already exported

@@ -32,11 +32,11 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
-from tandem.frontend.disagg import DisaggregatedClient
-from tandem.frontend.errors import OpenAIError
-from tandem.frontend.worker_client import SERVING_ROLES, StreamBrokenError, WorkerClient
 from tandem.protocols.endpoints import GenerateDelta, GenerateRequest
 from tandem.protocols.sampling_params import SamplingParams
+from tandem.router.dispatch.prefill_router import DisaggregatedClient
+from tandem.router.dispatch.worker_client import SERVING_ROLES, StreamBrokenError, WorkerClient
+from tandem.router.errors import NoWorkerError, RequestLostError
 from tandem.router.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class MigratingClient:
 
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """Deltas of the whole request, across migrations. Raises what the wrapped client raises,
-        or OpenAIError 502 when a lost stream cannot migrate."""
+        or RequestLostError when a lost stream cannot migrate."""
         limit = self.limit_for(model)  # decided up front: the lost worker leaves the pool when it fails
         if self.on_limit is not None:
             self.on_limit(model, limit)
@@ -134,13 +134,12 @@ class MigratingClient:
                 return
             except StreamBrokenError as exc:
                 lost = exc
-            except OpenAIError as exc:
-                if carry.attempt == 0 or exc.status != 503:
+            except NoWorkerError as exc:
+                if carry.attempt == 0:
                     raise
                 self._report(model, "no_worker")  # every other worker is gone or failed to answer
-                raise OpenAIError(502, f"{_lost_message(lost, carry)}; migration {carry.attempt} of {limit} found "
-                                  f"no worker to continue it ({exc.message})", "server_error", None,
-                                  "worker_lost") from None
+                raise RequestLostError(f"{_lost_message(lost, carry)}; migration {carry.attempt} of {limit} found "
+                                       f"no worker to continue it ({exc.message})") from None
             finally:
                 await deltas.aclose()
             lost_workers.add(lost.worker_id)
@@ -169,9 +168,9 @@ def _lost_message(lost: StreamBrokenError, carry: _Carry) -> str:
     return f"worker {lost.worker_id} was lost after {len(carry.token_ids)} generated tokens ({lost.reason})"
 
 
-def _cannot_migrate(lost: StreamBrokenError, carry: _Carry, limit: int) -> OpenAIError:
+def _cannot_migrate(lost: StreamBrokenError, carry: _Carry, limit: int) -> RequestLostError:
     if limit == 0:
-        return OpenAIError(502, f"{_lost_message(lost, carry)}; request migration is off (--migration-limit 0, "
-                           "or only one worker served the model)", "server_error", None, "worker_lost")
-    return OpenAIError(502, f"{_lost_message(lost, carry)}; gave up after {carry.attempt} migration(s) "
-                       f"(--migration-limit {limit})", "server_error", None, "migration_exhausted")
+        return RequestLostError(f"{_lost_message(lost, carry)}; request migration is off (--migration-limit 0, "
+                                "or only one worker served the model)")
+    return RequestLostError(f"{_lost_message(lost, carry)}; gave up after {carry.attempt} migration(s) "
+                            f"(--migration-limit {limit})", "migration_exhausted")

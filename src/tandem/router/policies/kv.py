@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.protocols.worker_card import WorkerCard
-from tandem.router.active_load import ActiveLoad
-from tandem.router.kv_cost import DEFAULT_PREFILL_LOAD_SCALE, KvCostConfig, select_worker, worker_costs
-from tandem.router.kv_event_follower import KvEventFollower
-from tandem.router.kv_follower_core import KvEventFollowerCore
-from tandem.router.kv_indexer import KvIndexer
+from tandem.router.kv.active_load import ActiveLoad
+from tandem.router.kv.approx_index import ApproxIndex
+from tandem.router.kv.cost import DEFAULT_PREFILL_LOAD_SCALE, KvCostConfig, select_worker, worker_costs
+from tandem.router.kv.follower_core import KvEventFollowerCore
+from tandem.router.kv.indexer import KvIndexer
+from tandem.router.kv.zmq_follower import KvEventFollower
+from tandem.router.policy import RoutingPolicy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.request_plane import RequestPlaneClient
 
@@ -62,35 +64,7 @@ class KvRouterConfig:
     namespace and book theirs here (router/replica_sync.py), so replicas cost workers alike."""
 
 
-class ApproxIndex:
-    """Without KV events: the router's own routing decisions, each block expiring after a TTL."""
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._holders: dict[int, dict[str, float]] = {}
-
-    def record(self, worker_id: str, seq_hashes: list[int], now: float) -> None:
-        for h in seq_hashes:
-            self._holders.setdefault(h, {})[worker_id] = now + self.ttl_s
-
-    def find_matches(self, seq_hashes: list[int], now: float) -> dict[str, int]:
-        matches: dict[str, int] = {}
-        alive: set[str] | None = None
-        for depth, h in enumerate(seq_hashes):
-            holders = {w for w, until in self._holders.get(h, {}).items() if until > now}
-            alive = holders if alive is None else alive & holders
-            if not alive:
-                break
-            for w in alive:
-                matches[w] = depth + 1
-        return matches
-
-    def remove_worker(self, worker_id: str) -> None:
-        for holders in self._holders.values():
-            holders.pop(worker_id, None)
-
-
-class KvRouter:
+class KvRouter(RoutingPolicy):
     name = "kv"
 
     def __init__(self, pool: WorkerPool, client: RequestPlaneClient, config: KvRouterConfig | None = None) -> None:
@@ -130,7 +104,7 @@ class KvRouter:
     def _make_follower(self, card: WorkerCard) -> KvEventFollowerCore:
         if card.kv_events_subject is None:
             return KvEventFollower(card, self.indexer, self.client)
-        from tandem.router.kv_event_follower_nats import NatsKvEventFollower
+        from tandem.router.kv.nats_follower import NatsKvEventFollower
         from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 
         if self.nats is None:

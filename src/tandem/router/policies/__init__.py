@@ -1,0 +1,1 @@
+"""One module per routing policy (``tandem.router.registry`` maps ``--router`` names to them)."""
