@@ -364,7 +364,7 @@ def test_frontend_wires_the_limit_from_its_config():
 
     for limit, expected in ((3, 3), (None, 0)):  # None: 0 while no worker serves the model
         frontend = Frontend(FrontendConfig(migration_limit=limit), MemoryDiscovery())
-        assert isinstance(frontend.workers, MigratingClient) and frontend.workers.limit_for(MODEL) == expected
+        assert isinstance(frontend.dispatcher, MigratingClient) and frontend.dispatcher.limit_for(MODEL) == expected
         frontend.tokenizers.shutdown()
     with pytest.raises(ValueError, match="migration_limit"):
         FrontendConfig(migration_limit=-1)

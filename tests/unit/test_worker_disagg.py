@@ -263,7 +263,7 @@ def test_a_decode_worker_holding_the_whole_prompt_pulls_nothing_and_the_export_i
 async def _leftovers(client: RequestPlaneClient, service: WorkerService) -> dict:
     """What the worker still holds for requests, from its ``stats`` endpoint and its engine."""
     stats = await client.call(service.server.address, "stats", {})
-    return {"engine_requests": len(service.engine.engine.requests), "running": stats["num_running"],
+    return {"engine_requests": len(service.engine.core.requests), "running": stats["num_running"],
             "waiting": stats["num_waiting"], "kv_usage": stats["kv_usage"],
             "exports_held": stats["kv_exports_held"]}
 
@@ -328,8 +328,8 @@ def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
         # 16-token steps: LONG_PROMPT's prefill takes 7 steps, slowed so the client can leave mid-way.
         prefill = _service(loaded, discovery, "prefill", max_num_batched_tokens=16)
         decode = _service(loaded, discovery, "decode")
-        core, real_step, steps = prefill.engine.engine, prefill.engine.engine.step, []
-        real_export, real_import = core.export_kv, decode.engine.engine.import_kv
+        core, real_step, steps = prefill.engine.core, prefill.engine.core.step, []
+        real_export, real_import = core.export_kv, decode.engine.core.import_kv
 
         def slow_step():
             outputs = real_step()
@@ -351,7 +351,7 @@ def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
                 import_errors.append(repr(exc))
                 raise
 
-        core.step, core.export_kv, decode.engine.engine.import_kv = slow_step, slow_export, slow_import
+        core.step, core.export_kv, decode.engine.core.import_kv = slow_step, slow_export, slow_import
         for service in (prefill, decode):
             await service.start()
         pool = WorkerPool(discovery)
@@ -499,7 +499,7 @@ def test_a_pull_cancelled_twice_is_not_released_under_the_engines_import(tiny_lo
     async def scenario():
         discovery, client = MemoryDiscovery(), RequestPlaneClient()
         prefill, decode = _service(tiny_loaded, discovery, "prefill"), _service(tiny_loaded, discovery, "decode")
-        core = decode.engine.engine
+        core = decode.engine.core
         real_import, real_pull = core.import_kv, worker_disagg.pull_blocks
         importing, imported, outcome, pulls = threading.Event(), threading.Event(), [], []
 

@@ -52,7 +52,7 @@ class AsyncEngine:
     def __init__(self, engine: EngineCore,
                  kv_event_sink: Callable[[int, KVEventBatch], None] | None = None,
                  max_step_failures: int = 3, own_thread: bool = True) -> None:
-        self.engine = engine
+        self.core = engine
         self.kv_event_sink = kv_event_sink
         """Called on the engine thread with (sequence number, batch) after each step that changed
         the prefix cache (e.g. a ZMQ publisher)."""
@@ -90,7 +90,7 @@ class AsyncEngine:
         if self._stopped:
             raise self._dead_error()
         request_id = request_id or f"req-{next(self._ids)}"
-        self.engine.validate_prompt(prompt_token_ids)
+        self.core.validate_prompt(prompt_token_ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if self._stopped:  # the thread ended after the check above: it may not have seen this stream
@@ -188,8 +188,8 @@ class AsyncEngine:
                 self._drain_inbox()
                 if self._stopped:
                     break
-                if not self.engine.has_unfinished_requests:
-                    self._stats = self.engine.stats()
+                if not self.core.has_unfinished_requests:
+                    self._stats = self.core.stats()
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
@@ -215,17 +215,17 @@ class AsyncEngine:
             if kind == "add":
                 request_id, prompt, params, salt = payload
                 try:
-                    self.engine.add_request(request_id, prompt, params, cache_salt=salt)
+                    self.core.add_request(request_id, prompt, params, cache_salt=salt)
                 except Exception as exc:  # a bad request fails alone
                     self._deliver(request_id, exc)
             elif kind == "abort":
-                self.engine.abort_request(payload)
+                self.core.abort_request(payload)
             elif kind == "call":
                 fn, future = payload
                 if not future.set_running_or_notify_cancel():
                     continue  # the caller gave up (was cancelled) before it ran
                 try:
-                    future.set_result(fn(self.engine))
+                    future.set_result(fn(self.core))
                 except Exception as exc:
                     future.set_exception(exc)
             elif kind == "stop":
@@ -236,7 +236,7 @@ class AsyncEngine:
         try:
             if self._fault is not None and self._fault.fails_at(self._num_steps):
                 raise EngineFatalError(f"injected fault ({self._fault}) after {self._num_steps} steps")
-            outputs = self.engine.step()
+            outputs = self.core.step()
         except EngineFatalError:
             raise
         except Exception as exc:
@@ -244,8 +244,8 @@ class AsyncEngine:
             if self._failed_steps >= self.max_step_failures:
                 raise EngineFatalError(f"{self._failed_steps} steps failed in a row; the last: {exc}") from exc
             logger.exception("engine step failed; aborting its requests")
-            for request_id in list(self.engine.requests):
-                self.engine.abort_request(request_id)
+            for request_id in list(self.core.requests):
+                self.core.abort_request(request_id)
                 self._deliver(request_id, EngineStepError(f"engine step failed: {exc}"))
             return
         self._num_steps += 1
@@ -255,14 +255,14 @@ class AsyncEngine:
                 hook = self._on_finish.pop(out.request_id, None)
                 if hook is not None:
                     try:
-                        out.on_finish_result = hook(self.engine)
+                        out.on_finish_result = hook(self.core)
                     except Exception:
                         logger.exception("on_finish hook of %s failed", out.request_id)
             self._deliver(out.request_id, out)
-        batch = self.engine.take_kv_event_batch()  # always drained, so events never pile up
+        batch = self.core.take_kv_event_batch()  # always drained, so events never pile up
         if batch is not None and self.kv_event_sink is not None:
             self.kv_event_sink(*batch)
-        self._stats = self.engine.stats()
+        self._stats = self.core.stats()
 
     def _deliver(self, request_id: str, item: Any) -> None:
         target = self._streams.get(request_id)
@@ -272,7 +272,7 @@ class AsyncEngine:
         try:
             loop.call_soon_threadsafe(stream.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed
-            self.engine.abort_request(request_id)
+            self.core.abort_request(request_id)
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._streams):

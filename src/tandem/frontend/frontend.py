@@ -51,7 +51,7 @@ class Frontend:
         self.client = RequestPlaneClient()
         self.policy = self._make_policy(config)
         self.metrics = FrontendMetrics()
-        self.workers = MigratingClient(
+        self.dispatcher = MigratingClient(
             DisaggregatedClient(
                 WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
                 DisaggConfig(max_local_prefill_length=config.max_local_prefill_length,
@@ -148,7 +148,7 @@ class Frontend:
                                             if (wid := card.worker_id) in fresh}
         for model in self.known_models | {c.model for c in cards}:
             self.metrics.workers.labels(model).set(sum(c.model == model for c in cards))
-            self.metrics.migration_limit.labels(model).set(self.workers.limit_for(model))
+            self.metrics.migration_limit.labels(model).set(self.dispatcher.limit_for(model))
 
     async def _stats_of(self, card: WorkerCard) -> dict[str, Any] | None:
         try:

@@ -89,7 +89,7 @@ async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_sa
         pulled = await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
                                    timeout_s=timeout_s)
         try:
-            modeled_s = engine.engine.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
+            modeled_s = engine.core.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
             if modeled_s > 0:
                 await asyncio.sleep(modeled_s)
             # Imported straight from the pulled payload (no copy).

@@ -93,7 +93,7 @@ class WorkerService:
         return "draining" if self._draining else "ok"
 
     def card(self) -> WorkerCard:
-        core = self.engine.engine
+        core = self.engine.core
         return WorkerCard(
             worker_id=self.worker_id, model=self.model_name, tokenizer=self.tokenizer_source,
             chat_template=self.tokenizer_source, context_length=core.max_model_len, block_size=core.block_size,
@@ -199,7 +199,7 @@ class WorkerService:
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise EndpointError("bad_request", str(exc)) from None
         try:
-            self.engine.engine.validate_prompt(request.token_ids)
+            self.engine.core.validate_prompt(request.token_ids)
         except ValueError as exc:
             raise EndpointError("bad_request", str(exc)) from None
         if request.export_kv and self.exporter is None:
