@@ -116,3 +116,43 @@ def test_drained_worker_is_unavailable(tiny_loaded):
         await client.close()
 
     run(scenario())
+
+
+def test_a_request_validates_its_prompt_once(tiny_loaded, monkeypatch):
+    calls = []
+    original = LLMEngine.validate_prompt
+
+    def counted(self, prompt_token_ids):
+        calls.append(len(prompt_token_ids))
+        return original(self, prompt_token_ids)
+
+    monkeypatch.setattr(LLMEngine, "validate_prompt", counted)
+
+    async def scenario():
+        service, discovery, client = await started(tiny_loaded)
+        try:
+            payload = {"request_id": "once", "token_ids": PROMPT,
+                       "sampling": {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True}}
+            deltas = [d async for d in client.stream(service.server.address, "generate", payload)]
+            assert deltas[-1]["finish_reason"] == "length"
+            bad = {"request_id": "bad", "token_ids": [10**9], "sampling": {"max_tokens": 2}}
+            with pytest.raises(RemoteError, match="token ids must be in"):
+                [d async for d in client.stream(service.server.address, "generate", bad)]
+        finally:
+            await client.close()
+            await service.drain(timeout=1)
+
+    run(scenario())
+    assert calls == [len(PROMPT), 1]  # the worker checks once; the engine thread trusts it
+
+
+def test_the_engine_alone_validates_on_its_own_thread(tiny_loaded):
+    async def scenario():
+        engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), loaded=tiny_loaded))
+        try:
+            with pytest.raises(ValueError, match="at least one token"):
+                [out async for out in engine.generate([], SamplingParams(max_tokens=2))]
+        finally:
+            engine.shutdown()
+
+    run(scenario())

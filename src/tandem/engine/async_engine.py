@@ -79,9 +79,12 @@ class AsyncEngine:
     # --- caller side (any thread with an event loop) ---
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       cache_salt: str | None = None,
-                       on_finish: Callable[[EngineCore], Any] | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, on_finish: Callable[[EngineCore], Any] | None = None,
+                       prompt_validated: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early aborts the request.
+
+        The prompt is validated once, on the engine thread (a bad one raises ValueError from the
+        iterator), unless ``prompt_validated`` says the caller already ran ``validate_prompt``.
 
         ``on_finish(engine)`` runs on the engine thread right after the step that finished the
         request, before the next step (so its prompt's cached blocks are still there, and nothing
@@ -90,7 +93,6 @@ class AsyncEngine:
         if self._stopped:
             raise self._dead_error()
         request_id = request_id or f"req-{next(self._ids)}"
-        self.core.validate_prompt(prompt_token_ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if self._stopped:  # the thread ended after the check above: it may not have seen this stream
@@ -98,7 +100,7 @@ class AsyncEngine:
             raise self._dead_error()
         if on_finish is not None:
             self._on_finish[request_id] = on_finish
-        self._post("add", (request_id, prompt_token_ids, params, cache_salt))
+        self._post("add", (request_id, prompt_token_ids, params, cache_salt, prompt_validated))
         finished = False
         held: Any = None  # an item taken from the queue but not yet handed out
         try:
@@ -213,9 +215,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt, params, salt = payload
+                request_id, prompt, params, salt, validated = payload
                 try:
-                    self.core.add_request(request_id, prompt, params, cache_salt=salt)
+                    self.core.add_request(request_id, prompt, params, cache_salt=salt, prompt_validated=validated)
                 except Exception as exc:  # a bad request fails alone
                     self._deliver(request_id, exc)
             elif kind == "abort":

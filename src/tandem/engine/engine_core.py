@@ -79,11 +79,14 @@ class EngineCore:
     # --- requests ---
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None) -> None:
-        """Queue a request; raises ValueError for a bad prompt or a duplicate id."""
+                    cache_salt: str | None = None, prompt_validated: bool = False) -> None:
+        """Queue a request; raises ValueError for a bad prompt or a duplicate id.
+
+        ``prompt_validated``: the caller already ran ``validate_prompt`` on this prompt."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.validate_prompt(prompt_token_ids)
+        if not prompt_validated:
+            self.validate_prompt(prompt_token_ids)
         request = Request(request_id, list(prompt_token_ids), params, self.block_size, cache_salt=cache_salt,
                           eos_token_ids=self.eos_token_ids)
         self._on_added(request)

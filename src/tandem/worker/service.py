@@ -213,7 +213,7 @@ class WorkerService:
                 raise EndpointError("unavailable", str(exc)) from None
         on_finish = export_on_finish(request.token_ids, request.cache_salt) if request.export_kv else None
         stream = self.engine.generate(request.token_ids, params, request_id=request.request_id,
-                                      cache_salt=request.cache_salt, on_finish=on_finish)
+                                      cache_salt=request.cache_salt, on_finish=on_finish, prompt_validated=True)
         try:
             async for out in stream:
                 delta = delta_from_output(out)
