@@ -5,8 +5,8 @@
 #   scripts/testbed.sh list
 #   scripts/testbed.sh down RUNID
 #   scripts/testbed.sh cleanup            # runs whose owner process died; --all: detached ones too
-# See src/tandem/deploy/netns_testbed.py.
+# See tests/testbed/bed.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-exec "$PYTHON" -m tandem.deploy.netns_testbed "$@"
+exec "$PYTHON" -m tests.testbed.bed "$@"

@@ -1,4 +1,4 @@
-"""pytest fixtures for the multi-host test bed (src/tandem/deploy/netns_testbed.py).
+"""pytest fixtures for the multi-host test bed (tests/testbed/bed.py).
 
 ``testbed`` (module scope) builds one host per part of a disaggregated graph, each its own
 network namespace on a private bridge, starts etcd and ``nats-server -js`` on the ``infra``
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 from tests.infra_servers import ETCD_BIN, NATS_BIN, EtcdServer, NatsServer, wait_for_port
-
-from tandem.deploy import netns_runs
-from tandem.deploy.netns import ip_binary, probe_support
-from tandem.deploy.netns_testbed import Testbed, TestbedConfig
+from tests.testbed import runs as netns_runs
+from tests.testbed.bed import Testbed, TestbedConfig
+from tests.testbed.netns import ip_binary, probe_support
 
 INFRA = "infra"
 PREFILL = "prefill"

@@ -1,4 +1,4 @@
-"""The multi-host test bed (tandem.deploy.netns_testbed) builds hosts that reach each other, adds
+"""The multi-host test bed (tests.testbed.bed) builds hosts that reach each other, adds
 nothing to the root namespace, and leaves nothing behind: on exit of the ``with`` block, on an
 exception inside it, on SIGTERM of its owner, and (via ``cleanup``) after its owner was SIGKILLed.
 
@@ -13,10 +13,9 @@ import sys
 import time
 
 import pytest
-
-from tandem.deploy import netns_runs
-from tandem.deploy.netns import NETNS_DIR, ip, list_namespaces, namespace_pids, probe_support
-from tandem.deploy.netns_testbed import Testbed, TestbedConfig, main
+from tests.testbed import runs as netns_runs
+from tests.testbed.bed import Testbed, TestbedConfig, main
+from tests.testbed.netns import NETNS_DIR, ip, list_namespaces, namespace_pids, probe_support
 
 _unsupported = probe_support()
 pytestmark = pytest.mark.skipif(_unsupported is not None, reason=f"needs network namespaces: {_unsupported}")
@@ -83,7 +82,7 @@ def test_link_down_and_up():
 
 _OWNER = """
 import sys, time
-from tandem.deploy.netns_testbed import Testbed, TestbedConfig
+from tests.testbed.bed import Testbed, TestbedConfig
 bed = Testbed(TestbedConfig(hosts=("alpha", "beta"), prefix=sys.argv[1], stop_grace_s=2.0)).start()
 child = bed.run("alpha", ["sleep", "60"])
 print(bed.run_id, child.pid, flush=True)
@@ -109,7 +108,7 @@ def test_sigterm_of_the_owner_tears_its_bed_down():
 
 _SLOW_TEARDOWN_OWNER = """
 import subprocess, sys
-from tandem.deploy.netns_testbed import Testbed, TestbedConfig
+from tests.testbed.bed import Testbed, TestbedConfig
 bed = Testbed(TestbedConfig(hosts=("alpha", "beta"), prefix=sys.argv[1], stop_grace_s=2.0)).start()
 # Ignores SIGTERM, so the teardown waits out its 2 s grace before SIGKILL.
 child = bed.run("alpha", ["sh", "-c", "trap '' TERM; echo ready; exec sleep 60"], stdout=subprocess.PIPE)
@@ -158,7 +157,7 @@ def test_cli_up_exec_list_down(capsys):
     try:
         [run] = [r for r in netns_runs.list_runs(PREFIX) if r.run_id == run_id]
         assert run.state == "detached" and netns_runs.cleanup(PREFIX) == []  # detached runs stay
-        out = subprocess.run([sys.executable, "-m", "tandem.deploy.netns_testbed", "--prefix", PREFIX, "exec",
+        out = subprocess.run([sys.executable, "-m", "tests.testbed.bed", "--prefix", PREFIX, "exec",
                               run_id, "two", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
                              capture_output=True, text=True, timeout=30)
         assert "10.99.7.2/29" in out.stdout, out.stderr

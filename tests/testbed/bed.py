@@ -17,15 +17,15 @@ Teardown happens on every path: leaving the ``with`` block, ``close()``, interpr
 before). It stops the processes started with :meth:`Testbed.run`, kills whatever else still
 runs in the namespaces (``ip netns pids``), and deletes the namespaces (veths and bridge go with
 them). A run whose owner was SIGKILLed is removed by ``cleanup`` (see
-:mod:`tandem.deploy.netns_runs`).
+:mod:`tests.testbed.runs`).
 
 CLI (root)::
 
-    python -m tandem.deploy.netns_testbed up [--hosts infra,worker1,worker2,frontend] [--subnet 10.213.0.0/24]
-    python -m tandem.deploy.netns_testbed exec RUNID HOST -- CMD ...
-    python -m tandem.deploy.netns_testbed list
-    python -m tandem.deploy.netns_testbed down RUNID
-    python -m tandem.deploy.netns_testbed cleanup [--all]
+    python -m tests.testbed.bed up [--hosts infra,worker1,worker2,frontend] [--subnet 10.213.0.0/24]
+    python -m tests.testbed.bed exec RUNID HOST -- CMD ...
+    python -m tests.testbed.bed list
+    python -m tests.testbed.bed down RUNID
+    python -m tests.testbed.bed cleanup [--all]
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
 
-from tandem.deploy import netns_runs
-from tandem.deploy.netns import NETNS_DIR, NamespaceThreads, NetnsUnavailableError, ip, ip_binary, require_support
-from tandem.deploy.netns_runs import BRIDGE, DEFAULT_PREFIX, SWITCH
+from tests.testbed import runs as netns_runs
+from tests.testbed.netns import NETNS_DIR, NamespaceThreads, NetnsUnavailableError, ip, ip_binary, require_support
+from tests.testbed.runs import BRIDGE, DEFAULT_PREFIX, SWITCH
 
 DEFAULT_HOSTS = ("infra", "worker1", "worker2", "frontend")
 DEFAULT_SUBNET = "10.213.0.0/24"
@@ -317,7 +317,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tandem.deploy.netns_testbed",
+    parser = argparse.ArgumentParser(prog="python -m tests.testbed.bed",
                                      description="Multi-host test bed on network namespaces (needs root).")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)

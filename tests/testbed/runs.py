@@ -20,7 +20,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from tandem.deploy.netns import delete_namespace, ip, kill_namespace_processes, list_namespaces
+from tests.testbed.netns import delete_namespace, ip, kill_namespace_processes, list_namespaces
 
 DEFAULT_PREFIX = "tandem-tb"
 """Namespace names of every run start with this (and a dash)."""
