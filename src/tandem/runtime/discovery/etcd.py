@@ -1,52 +1,10 @@
-"""etcd discovery: worker cards under leases in an etcd cluster (DESIGN §3 runtime).
+"""etcd discovery: worker cards as JSON under ``/tandem/{namespace}/workers/{id}``, on one lease per process.
 
-**Client.** `aetcd <https://github.com/martyanov/aetcd>`_: asyncio-native, so a watch is a
-stream on the event loop rather than a thread per watch; maintained (1.0 released in 2026,
-requiring grpcio >1.66,<2 and protobuf >4,<8); it speaks etcd's native v3 gRPC API, leases, keep-alive and
-watch included. The alternatives: ``etcd3`` (python-etcd3) has had no release since 0.12.0 in
-2020 and its generated protobuf modules fail to import with protobuf >= 4 ("Descriptors cannot
-be created directly"); ``etcd3gw`` (OpenStack, maintained) is synchronous ``requests`` over
-etcd's JSON gateway, so every watch would need a thread of its own.
-
-**Layout.** Key ``/tandem/{namespace}/workers/{worker_id}``, value the card as JSON
-(:meth:`WorkerCard.to_json`). A value that does not decode is not a worker: it is skipped (debug
-log), and a known worker whose value turns bad counts as removed.
-
-**Leases.** One lease per client (per process): granted by the first ``register`` with its
-``ttl_s`` (else ``config.ttl_s``; etcd rounds up to whole seconds and to its minimum, 2 s with
-default election settings), refreshed every ``ttl * config.heartbeat_fraction`` by one keep-alive
-task, and every registration of the client hangs on it (``--mocker-workers`` registers several
-cards from one process). ``register`` creates the key in a transaction that succeeds only when
-the key is absent or already carries this client's lease; otherwise another live process holds
-the worker_id and :class:`WorkerAlreadyRegisteredError` is raised. ``withdraw`` deletes the key
-(if it still carries our lease; a delete that fails, or that its caller's timeout cuts short,
-is left to the keep-alive task, which finishes it once etcd answers); ``close`` revokes the
-lease, which deletes every key on it.
-A process that dies without closing disappears when etcd expires its lease: TTL (+ up to 0.5 s,
-etcd's expiry check period) after its last keep-alive.
-
-**Outages.** Every call goes to one endpoint; a connection failure moves the client to the next
-endpoint of the list on a fresh gRPC channel (this is also the failover: aetcd connects to one
-address). The keep-alive task and watchers retry with jittered exponential backoff (0.1 s
-doubling to 2 s); the outage is logged once when it starts and once when it ends. When etcd
-answers again, the keep-alive re-puts every live registration (harmless when they survived); if
-the lease is gone (its TTL passed while etcd was away, or etcd came back without its data) it
-grants a new lease first. So restarting etcd, even empty, re-registers every live worker within
-about one backoff step.
-
-**Watch.** ``watch()`` lists the prefix (ADDED for each card), then follows an etcd watch from
-the listed revision + 1, on a stream that requires a leader (:class:`_LeaderAwareClient`: a
-member cut off from its cluster ends it rather than staying silent). When the watch breaks
-(etcd unreachable, no leader) it emits nothing and keeps
-the set it has announced: a frontend keeps serving the workers it knows while etcd is away. On
-reconnect it lists again and emits only real differences: ADDED for new cards, REMOVED then
-ADDED for cards that changed in place (as live watch events do too), and
-REMOVED for keys that are gone and have not come back within ``config.ttl_s`` (an etcd that
-lost its data gives its live workers that long to re-register, the time a lease would have given
-them). A compacted start revision also leads to a new listing (without that grace).
-
-``list()`` reads etcd and raises :class:`DiscoveryUnavailableError` when no endpoint answers: the
-last known set lives with the watchers (e.g. the frontend's WorkerPool), not in ``list()``.
+A client (aetcd: asyncio-native etcd v3 gRPC) registers cards in a transaction that refuses a
+worker id held by another live lease, keeps its lease alive, re-registers everything after an
+outage (a new lease if the old one expired), and fails over across endpoints. ``watch()`` lists,
+then follows a leader-requiring etcd watch; across an outage it keeps the set it announced and
+emits only real differences afterwards. Why aetcd, and every rule in detail: docs/discovery-etcd.md.
 """
 
 from __future__ import annotations
