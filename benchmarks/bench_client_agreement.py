@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from serve_util import serving
-from tandem.bench.workload_random import RandomWorkloadConfig, random_requests
+from tandem.bench.workloads.random_tokens import RandomWorkloadConfig, random_requests
 
 MODEL = "smollm2-135m-instruct"
 GRAPH = """

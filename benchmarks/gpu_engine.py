@@ -116,7 +116,8 @@ def hf_figures(model_dir: Path, offline: list[list[int]], single: list[int], bat
 
     def generate(rows: list[list[int]], n: int) -> torch.Tensor:
         ids = torch.tensor(rows, device="cuda")
-        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return model.generate(ids, max_new_tokens=n,  # noqa: F821 - runs before the del below
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     with torch.no_grad():
         generate([single[:16]], 4)

@@ -36,8 +36,8 @@ from pathlib import Path
 
 from tandem.bench.client import BenchClient, ClientConfig, Outcome
 from tandem.bench.runner import LoadConfig, Runner
-from tandem.bench.workload import BenchRequest
-from tandem.bench.workload_multi_turn import MultiTurnConfig, new_session, user_gap_s
+from tandem.bench.workloads.multi_turn import MultiTurnConfig, new_session, user_gap_s
+from tandem.bench.workloads.request import BenchRequest
 from tandem.runtime.request_plane import RequestPlaneClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

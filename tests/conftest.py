@@ -21,5 +21,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
 
 
-# Real etcd / NATS servers on free loopback ports (tests/infra_servers.py).
-from tests.infra_servers import etcd_server, nats_server  # noqa: E402,F401
+# Shared fixtures: real etcd / NATS servers on free loopback ports (tests/infra_servers.py) and
+# the multi-host test bed (tests/netns_fixtures.py, root only).
+pytest_plugins = ["tests.infra_servers", "tests.netns_fixtures"]

@@ -10,7 +10,7 @@ fn, ...)``, which runs ``fn`` on a thread of this process that lives in that hos
 Never connect to a bed address from the root namespace: nothing routes there, and some
 sandboxes answer every outgoing TCP connection with a proxy, which would look like success.
 
-Import the fixture in a test module (``from tests.netns_fixtures import testbed``).
+The root conftest registers this module as a plugin, so tests simply ask for ``testbed``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import yaml
 from tests.e2e.serve_process import ServeProcess
 
 from tandem.bench.run_files import load_run
-from tandem.bench.workload_trace import load_trace
+from tandem.bench.workloads.trace import load_trace
 
 MODEL = "smollm2-135m-instruct"
 PREFILL_MS, DECODE_MS = 50.0, 10.0

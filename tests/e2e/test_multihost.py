@@ -28,7 +28,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from tests.e2e.multihost_graph import MODEL, WORKER_TTL_S, Graph, planes, start_graph
-from tests.netns_fixtures import DECODE_HOSTS, FRONTEND, PREFILL, testbed  # noqa: F401 - fixture
+from tests.netns_fixtures import DECODE_HOSTS, FRONTEND, PREFILL
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine

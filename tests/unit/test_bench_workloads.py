@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from tandem.bench.workload_multi_turn import (
+from tandem.bench.workloads.multi_turn import (
     MultiTurnConfig,
     UserSession,
     new_session,
@@ -16,9 +16,9 @@ from tandem.bench.workload_multi_turn import (
     user_gap_s,
     user_join_interval_s,
 )
-from tandem.bench.workload_random import RandomWorkloadConfig, random_requests
-from tandem.bench.workload_shared_prefix import SharedPrefixConfig, shared_prefix_requests
-from tandem.bench.workload_trace import (
+from tandem.bench.workloads.random_tokens import RandomWorkloadConfig, random_requests
+from tandem.bench.workloads.shared_prefix import SharedPrefixConfig, shared_prefix_requests
+from tandem.bench.workloads.trace import (
     TraceConfig,
     TraceEntry,
     iter_trace_requests,
@@ -319,7 +319,7 @@ def test_trace_synthetic_pairs_share_exact_blocks():
 
 
 def test_multi_turn_several_system_prompts_and_answer_spread():
-    from tandem.bench.workload_multi_turn import MultiTurnConfig, new_session
+    from tandem.bench.workloads.multi_turn import MultiTurnConfig, new_session
 
     config = MultiTurnConfig(num_users=4, num_system_prompts=3, system_prompt_len=32, user_history_len=8,
                              question_len=4, answer_len=50, answer_len_stddev=10, num_rounds=4)
@@ -335,7 +335,7 @@ def test_multi_turn_several_system_prompts_and_answer_spread():
 
 
 def _replay_lengths(config):
-    from tandem.bench.workload_multi_turn import new_session
+    from tandem.bench.workloads.multi_turn import new_session
 
     session = new_session(config, 0)
     out = [session.first_request().max_tokens]

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from tandem.bench.workload import BenchRequest
+from tandem.bench.workloads.request import BenchRequest
 
 
 @dataclass

@@ -17,9 +17,9 @@ from tandem.bench.client import BenchClient, ClientConfig, Outcome
 from tandem.bench.records import RequestRecord, RunSummary
 from tandem.bench.run_files import parse_slo, summarize, write_run
 from tandem.bench.runner import LiveStats, LoadConfig, Runner, RunResult
-from tandem.bench.workload import BenchRequest
-from tandem.bench.workload_multi_turn import new_session, user_gap_s
-from tandem.bench.workloads import multi_turn_config, static_requests, warmup_requests, workload_settings
+from tandem.bench.workloads.multi_turn import new_session, user_gap_s
+from tandem.bench.workloads.options import multi_turn_config, static_requests, warmup_requests, workload_settings
+from tandem.bench.workloads.request import BenchRequest
 
 
 class _ProgressBar:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from tandem.bench.client import BenchClient, Outcome
 from tandem.bench.records import RequestRecord
-from tandem.bench.workload import BenchRequest
+from tandem.bench.workloads.request import BenchRequest
 
 
 @dataclass

@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
-    from tandem.bench.workloads import add_workload_args
+    from tandem.bench.workloads.options import add_workload_args
 
     target = parser.add_argument_group("target")
     target.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
@@ -146,7 +146,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _trace_gen(args: argparse.Namespace) -> int:
-    from tandem.bench.workload_trace import synthesize_trace, write_trace
+    from tandem.bench.workloads.trace import synthesize_trace, write_trace
 
     entries = synthesize_trace(num_requests=args.num_requests, rate=args.rate, num_prefixes=args.num_prefixes,
                                prefix_blocks=args.prefix_blocks, unique_blocks=args.unique_blocks,

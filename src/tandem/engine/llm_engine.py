@@ -82,7 +82,7 @@ class LLMEngine(EngineCore):
         data = export_to_tensor(export, shape, self.runner.dtype)
         try:
             return self._import_blocks(list(export.block_hashes), list(export.token_ids),
-                                       lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),
+                                       lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),  # noqa: F821 - runs before the del
                                        export.parent_hash)
         finally:
             del data  # may view the caller's buffer (a pulled payload): let it be released

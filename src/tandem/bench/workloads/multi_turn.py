@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.bench.workload import BenchRequest
-from tandem.bench.workload_random import (
+from tandem.bench.workloads.random_tokens import (
     DEFAULT_FIRST_TOKEN_ID,
     DEFAULT_VOCAB_SIZE,
     check_vocab,
     random_token_ids,
     sample_length,
 )
+from tandem.bench.workloads.request import BenchRequest
 
 WORKLOAD_TAG = 21
 """Mixed into every seed so two workloads with the same --seed never draw the same tokens."""

@@ -17,13 +17,13 @@ from typing import Literal
 
 import numpy as np
 
-from tandem.bench.workload import BenchRequest
-from tandem.bench.workload_random import (
+from tandem.bench.workloads.random_tokens import (
     DEFAULT_FIRST_TOKEN_ID,
     DEFAULT_VOCAB_SIZE,
     check_vocab,
     random_token_ids,
 )
+from tandem.bench.workloads.request import BenchRequest
 
 WORKLOAD_TAG = 31
 """Mixed into every seed so two workloads with the same --seed never draw the same tokens."""

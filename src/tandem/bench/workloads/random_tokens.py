@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.bench.workload import BenchRequest
+from tandem.bench.workloads.request import BenchRequest
 
 WORKLOAD_TAG = 11
 """Mixed into every seed so two workloads with the same --seed never draw the same tokens."""

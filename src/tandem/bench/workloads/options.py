@@ -14,11 +14,11 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from tandem.bench.workload import BenchRequest
-from tandem.bench.workload_multi_turn import MultiTurnConfig
-from tandem.bench.workload_random import RandomWorkloadConfig, random_requests
-from tandem.bench.workload_shared_prefix import SharedPrefixConfig, shared_prefix_requests
-from tandem.bench.workload_trace import TraceConfig, load_trace, trace_requests
+from tandem.bench.workloads.multi_turn import MultiTurnConfig
+from tandem.bench.workloads.random_tokens import RandomWorkloadConfig, random_requests
+from tandem.bench.workloads.request import BenchRequest
+from tandem.bench.workloads.shared_prefix import SharedPrefixConfig, shared_prefix_requests
+from tandem.bench.workloads.trace import TraceConfig, load_trace, trace_requests
 
 WORKLOADS = ("random", "shared-prefix", "multi-turn", "trace")
 BATCH = 256

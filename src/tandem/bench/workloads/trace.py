@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from tandem.bench.workload import BenchRequest
-from tandem.bench.workload_random import DEFAULT_FIRST_TOKEN_ID, DEFAULT_VOCAB_SIZE, check_vocab
+from tandem.bench.workloads.random_tokens import DEFAULT_FIRST_TOKEN_ID, DEFAULT_VOCAB_SIZE, check_vocab
+from tandem.bench.workloads.request import BenchRequest
 
 MOONCAKE_BLOCK_SIZE = 512
 """Tokens per hash id in the published Mooncake traces."""
