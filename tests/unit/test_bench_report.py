@@ -1,4 +1,4 @@
-"""tandem.bench.run_files and tandem.bench.report: summaries, run directories, table, plots."""
+"""tandem.bench.run_files, tables, plots and report: summaries, run directories, table, plots."""
 
 from __future__ import annotations
 
@@ -10,21 +10,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from tandem.bench.plots import LATENCY_CDF, THROUGHPUT_VS_RATE, TTFT_OVER_TIME, make_plots, rolling_median
 from tandem.bench.records import RequestRecord, RunSummary
-from tandem.bench.report import (
-    LATENCY_CDF,
-    THROUGHPUT_VS_RATE,
-    TTFT_OVER_TIME,
-    Run,
-    compare_table,
-    load_runs,
-    make_plots,
-    markdown_table,
-    print_report,
-    rolling_median,
-    run_labels,
-    write_report,
-)
+from tandem.bench.report import write_report
 from tandem.bench.run_files import (
     CSV_COLUMNS,
     RunFileError,
@@ -35,6 +23,7 @@ from tandem.bench.run_files import (
     summarize,
     write_run,
 )
+from tandem.bench.tables import Run, compare_table, load_runs, markdown_table, print_report, run_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_OK = 11

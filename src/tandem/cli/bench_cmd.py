@@ -86,7 +86,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tandem.bench.execute import default_out_dir, execute_run
-    from tandem.bench.report import compare_table
+    from tandem.bench.tables import compare_table
 
     _check(args)
     out_dir = default_out_dir(args)
@@ -106,7 +106,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tandem.bench.execute import default_out_dir, execute_run
-    from tandem.bench.report import compare_table, write_report
+    from tandem.bench.report import write_report
+    from tandem.bench.tables import compare_table
 
     _check(args)
     base = default_out_dir(args)
@@ -131,8 +132,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tandem.bench.report import print_report, write_report
+    from tandem.bench.report import write_report
     from tandem.bench.run_files import RunFileError
+    from tandem.bench.tables import print_report
 
     try:
         print_report(args.runs)
