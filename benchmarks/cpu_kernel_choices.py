@@ -60,8 +60,8 @@ def decode_attention() -> None:
                                                   vd.transpose(1, 2), attn_mask=mask, scale=D**-0.5)
 
         rows = torch.arange(n)
-        kernel = lambda: pa.paged_attention(q, k, v, table, rows, lens, BS, D**-0.5)  # noqa: E731
-        print(f"  {str(dtype):15s} gather + SDPA {timed_ms(sdpa):6.2f} ms | C kernel {timed_ms(kernel):6.2f} ms")
+        kernel = lambda: pa.paged_attention(q, k, v, table, rows, lens, BS, D**-0.5)
+        print(f"  {dtype!s:15s} gather + SDPA {timed_ms(sdpa):6.2f} ms | C kernel {timed_ms(kernel):6.2f} ms")
 
 
 def prefill_attention() -> None:
@@ -80,7 +80,7 @@ def prefill_attention() -> None:
                                               vp.transpose(0, 1)[None], attn_mask=mask, scale=D**-0.5, enable_gqa=True)
 
     tables, rows, lens = table.view(1, -1).contiguous(), torch.zeros(n, dtype=torch.long), torch.arange(cached + 1, ctx + 1)
-    kernel = lambda: pa.paged_attention(q, k, v, tables, rows, lens, BS, D**-0.5)  # noqa: E731
+    kernel = lambda: pa.paged_attention(q, k, v, tables, rows, lens, BS, D**-0.5)
     amx = "n/a (no AMX)"
     if pf.available():
         info, out = torch.tensor([[0, n, ctx]]), torch.empty_like(q)

@@ -82,7 +82,7 @@ def bench_roofline(engine: LLMEngine, prompt: list[int], output_len: int, rounds
         speeds.append(speed)
         bandwidths.append(bandwidth)
         fractions.append(speed / (bandwidth * 1e9 / weight_bytes))
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    median = lambda xs: sorted(xs)[len(xs) // 2]
     bandwidth = median(bandwidths)
     return {"decode_tok_s": median(speeds), "decode_tok_s_rounds": speeds, "weight_bytes_per_token": weight_bytes,
             "copy_bandwidth_gbs": bandwidth, "copy_bandwidth_gbs_rounds": bandwidths,

@@ -46,8 +46,8 @@ from pathlib import Path
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.infra_servers import EtcdServer, free_port  # noqa: E402 - the same real etcd the tests run
-from tests.tandem_process import TandemProcess  # noqa: E402
+from tests.infra_servers import EtcdServer, free_port
+from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"
 
@@ -88,7 +88,7 @@ async def one_stream(client: AsyncOpenAI, i: int, max_tokens: int, times: list[f
     return "".join(text)
 
 
-async def run_load(url: str, args: argparse.Namespace, kill=None) -> dict:  # noqa: ANN001
+async def run_load(url: str, args: argparse.Namespace, kill=None) -> dict:
     """Run the streams; with ``kill`` (a callable), call it once every stream has kill_after chunks."""
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
     times: list[list[float]] = [[] for _ in range(args.streams)]
@@ -163,7 +163,7 @@ def watch_removal(url: str, discovery_spec: str, etcd: str | None, victim: str, 
     asyncio.run(poll())
 
 
-def start_deployment(kind: str, tmp: Path, args: argparse.Namespace):  # noqa: ANN201
+def start_deployment(kind: str, tmp: Path, args: argparse.Namespace):
     etcd = None
     if kind == "etcd":
         etcd = EtcdServer(tmp / "etcd")
@@ -184,7 +184,7 @@ def start_deployment(kind: str, tmp: Path, args: argparse.Namespace):  # noqa: A
     return etcd, spec, workers, ids, frontend, url
 
 
-def stop_all(etcd, workers, frontend) -> None:  # noqa: ANN001
+def stop_all(etcd, workers, frontend) -> None:
     for p in [frontend, *workers]:
         p.kill()
     if etcd is not None:

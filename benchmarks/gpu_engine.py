@@ -89,7 +89,7 @@ def tandem_figures(model_dir: Path, offline: list[list[int]], single: list[int])
 
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory_gib=8,
                                     max_num_seqs=256, max_num_batched_tokens=8192))
-    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     engine.generate([single[:16]], greedy(4))
     torch.cuda.synchronize()
     start = time.perf_counter()

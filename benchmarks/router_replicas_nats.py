@@ -41,8 +41,8 @@ from tandem.bench.workloads.request import BenchRequest
 from tandem.runtime.request_plane import RequestPlaneClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.infra_servers import NatsServer  # noqa: E402 - the same real nats-server the tests run
-from tests.tandem_process import TandemProcess  # noqa: E402
+from tests.infra_servers import NatsServer
+from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 120.0
@@ -178,7 +178,7 @@ def main() -> None:
           f"{'gaps':>4} | {'dumps':>5} | {'time':>6}")
     for name, r in results.items():
         print(f"{name:13} | {r['ok']:>3}/{r['sent']:<3} | {100 * r['hit_rate']:>7.1f}% | "
-              f"{100 * r['router_hit_rate']:>10.1f}% | {str(r['routed']):>17} | {r['gaps']:>4} | {r['dumps']:>5} | "
+              f"{100 * r['router_hit_rate']:>10.1f}% | {r['routed']!s:>17} | {r['gaps']:>4} | {r['dumps']:>5} | "
               f"{r['duration_s']:>5.0f}s")
     for name in ("two replicas", "two, no sync"):
         gap = 100 * (results["one router"]["hit_rate"] - results[name]["hit_rate"])

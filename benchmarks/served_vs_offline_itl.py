@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_util import serving  # noqa: E402
+from serve_util import serving
 
 OFFLINE = r"""
 import json, sys, time

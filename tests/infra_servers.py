@@ -68,10 +68,9 @@ class _Server:
     def start(self, timeout_s: float = 15.0) -> None:
         if self.running:
             return
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*self.argv_prefix, *self._argv()], stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([*self.argv_prefix, *self._argv()], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self._wait_listening(timeout_s)
 
     def _wait_listening(self, timeout_s: float) -> None:

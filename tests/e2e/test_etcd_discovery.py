@@ -53,7 +53,7 @@ def etcd_shows(endpoint: str, expected: set[str]) -> bool:
         return False
 
 
-def wait_until(predicate, timeout: float, what: str, *procs: TandemProcess) -> float:  # noqa: ANN001
+def wait_until(predicate, timeout: float, what: str, *procs: TandemProcess) -> float:
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
@@ -142,7 +142,7 @@ def test_workers_and_frontend_on_etcd(etcd_server: EtcdServer) -> None:
         assert proc.output.count("etcd reachable again at") == 1, proc.output
 
 
-def test_processes_started_before_etcd_wait_for_it(tmp_path) -> None:  # noqa: ANN001
+def test_processes_started_before_etcd_wait_for_it(tmp_path) -> None:
     etcd = EtcdServer(tmp_path / "etcd")  # not running yet
     etcd_flags = ("--discovery", "etcd", "--etcd-endpoints", etcd.endpoint)
     worker_flags = ("worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL, *etcd_flags)

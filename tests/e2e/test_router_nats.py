@@ -125,7 +125,7 @@ def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tm
             proc.stop()
 
 
-def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:  # noqa: ANN001
+def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:
     """`tandem serve GRAPH --event-plane nats`: the workers publish to NATS and the frontend's kv
     router indexes their blocks from there, so a repeated prompt lands where it is cached."""
     import json

@@ -355,7 +355,7 @@ def test_file_writes_are_atomic_for_tight_readers(tmp_path: Path) -> None:
             try:
                 msgspec.json.decode(path.read_bytes(), type=FileRecord)
                 reads += 1
-            except Exception as exc:  # noqa: BLE001 - any failure is the bug we look for
+            except Exception as exc:
                 errors.append(exc)
 
     thread = threading.Thread(target=reader)

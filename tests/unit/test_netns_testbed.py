@@ -56,16 +56,15 @@ def test_hosts_get_their_addresses_and_nothing_is_added_to_the_root_namespace():
 
 
 def test_processes_are_stopped_and_namespaces_deleted_when_the_block_raises():
-    with pytest.raises(RuntimeError, match="on purpose"):
-        with Testbed(_config()) as bed:
-            started = bed.run("alpha", ["sleep", "60"])
-            # Started behind the bed's back: found by `ip netns pids` and killed all the same.
-            stray = subprocess.Popen(["ip", "netns", "exec", bed.namespace("beta"), "sleep", "60"],
-                                     start_new_session=True)
-            deadline = time.monotonic() + 5
-            while stray.pid not in namespace_pids(bed.namespace("beta")) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            raise RuntimeError("on purpose")
+    with pytest.raises(RuntimeError, match="on purpose"), Testbed(_config()) as bed:
+        started = bed.run("alpha", ["sleep", "60"])
+        # Started behind the bed's back: found by `ip netns pids` and killed all the same.
+        stray = subprocess.Popen(["ip", "netns", "exec", bed.namespace("beta"), "sleep", "60"],
+                                 start_new_session=True)
+        deadline = time.monotonic() + 5
+        while stray.pid not in namespace_pids(bed.namespace("beta")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise RuntimeError("on purpose")
     assert started.poll() is not None
     assert stray.wait(5) is not None
     assert _ours() == []

@@ -251,9 +251,8 @@ def test_a_run_past_block_0_becomes_an_export_that_continues_its_parent():
             verify_block_hashes(tail)  # the chain is checked from the parent
             assert torch.equal(export_to_tensor(tail, list(BLOCK_SHAPE), torch.float32), tensor[2:])
             served.hold("scattered", export)
-            with await served.pull("scattered", [0, 2]) as pulled:
-                with pytest.raises(ValueError, match="contiguous"):
-                    pulled.to_export()
+            with await served.pull("scattered", [0, 2]) as pulled, pytest.raises(ValueError, match="contiguous"):
+                pulled.to_export()
 
     run(body)
 

@@ -109,7 +109,7 @@ class _Worker:
 class _StaticPool:
     """The one call ``KvRouter`` makes on a worker pool: the workers never change here."""
 
-    def add_listener(self, on_added, on_removed) -> None:  # noqa: ANN001 - callbacks, never called
+    def add_listener(self, on_added, on_removed) -> None:
         return None
 
 
@@ -237,7 +237,7 @@ class Simulation:
                 return
             self._begin_decode(request, export, out.new_token_ids)
 
-    def _begin_decode(self, request: SimRequest, export, first: list[int]) -> None:  # noqa: ANN001
+    def _begin_decode(self, request: SimRequest, export, first: list[int]) -> None:
         """Route the decode half, then let the pull of the blocks it lacks take its modeled time."""
         prompt = request.prompt + first
         worker = self._route(("decode",), prompt, request.request_id)
@@ -246,7 +246,7 @@ class Simulation:
         delay = worker.core.config.transfer_ms(missing * worker.core.block_size)
         self._push(self.now + delay, "transfer_done", (request, worker, export, prompt))
 
-    def _on_transfer_done(self, payload) -> None:  # noqa: ANN001
+    def _on_transfer_done(self, payload) -> None:
         request, worker, export, prompt = payload
         try:
             self.results[request.request_id].imported_blocks = worker.core.import_kv(export)

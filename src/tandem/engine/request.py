@@ -53,7 +53,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1
     """Prompt tokens found in the prefix cache when first scheduled (-1: not scheduled yet)."""
-    block_table: list["KVBlock"] = field(default_factory=list)
+    block_table: list[KVBlock] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     """Contract sequence hashes of every full block of all_token_ids."""
     num_registered_blocks: int = 0

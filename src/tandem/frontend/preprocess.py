@@ -16,6 +16,7 @@ from typing import Any
 
 from tandem.frontend.errors import OpenAIError, bad_request
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from tandem.runtime.background import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Tokenizers:
             except TokenizerError:
                 pass  # logged by get(); requests for this model will report it
 
-        asyncio.ensure_future(load())
+        spawn(load())
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run a tokenizer call on the pool."""

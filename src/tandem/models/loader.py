@@ -63,7 +63,7 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:
             with safe_open(str(f), framework="pt") as reader:
-                for name in reader.keys():
+                for name in reader.keys():  # noqa: SIM118 - a safetensors reader is not iterable
                     yield name, reader.get_tensor(name)
 
     return hf_config, tensors()

@@ -90,7 +90,7 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
     kv_transfer: KvTransferParams | None = None
     """On the last delta of an ``export_kv`` request: where its KV blocks wait to be pulled."""
 
-    def merge(self, later: "GenerateDelta") -> "GenerateDelta":
+    def merge(self, later: GenerateDelta) -> GenerateDelta:
         """This delta followed by ``later`` (of the same request), as one delta."""
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:

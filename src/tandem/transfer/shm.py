@@ -53,7 +53,7 @@ def attach_segment(name: str) -> SharedMemory:
         raise ValueError(f"not a KV transfer segment name: {name!r}")
     segment = SharedMemory(name=name, create=False)
     if segment.name not in _created_here:
-        resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001 (3.11 has no track=False)
+        resource_tracker.unregister(segment._name, "shared_memory")
     _advise(segment, _MADV_POPULATE_READ)
     return segment
 
@@ -92,7 +92,7 @@ def list_segments() -> list[str]:
 
 def _advise(segment: SharedMemory, advice: int) -> None:
     try:
-        segment._mmap.madvise(advice)  # noqa: SLF001 (the segment's mmap is not public)
+        segment._mmap.madvise(advice)
     except (AttributeError, OSError, ValueError):
         pass  # old kernel or no madvise: pages fault in on first touch instead
 
@@ -187,7 +187,7 @@ class AttachCache:
     def _drop_unlinked(self) -> None:
         for name, segment in list(self._segments.items()):
             try:
-                unlinked = os.fstat(segment._fd).st_nlink == 0  # noqa: SLF001 (POSIX fd of the segment)
+                unlinked = os.fstat(segment._fd).st_nlink == 0
             except OSError:
                 unlinked = True
             if unlinked:

@@ -168,7 +168,7 @@ class WorkerService:
             return
         try:
             await asyncio.wait_for(self.registration.withdraw(), WITHDRAW_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - discovery away: the lease expires by itself
+        except Exception as exc:
             logger.warning("worker %s: could not withdraw from discovery (%r); its lease will expire",
                            self.worker_id, exc)
 

@@ -44,7 +44,7 @@ def sample_length(rng: np.random.Generator, mean: int, stddev: float) -> int:
     """A length from N(mean, stddev) rounded to an int and clamped to >= 1 (exactly ``mean`` when stddev is 0)."""
     if stddev <= 0:
         return max(1, mean)
-    return max(1, int(round(rng.normal(mean, stddev))))
+    return max(1, round(rng.normal(mean, stddev)))
 
 
 @dataclass

@@ -90,10 +90,7 @@ def shared_prefix_requests(config: SharedPrefixConfig) -> list[BenchRequest]:
     requests: list[BenchRequest] = []
     for i in range(config.num_requests):
         rng = np.random.default_rng([config.seed, WORKLOAD_TAG, 1, i])
-        if config.assignment == "random":
-            which = int(rng.integers(config.num_prefixes))
-        else:
-            which = i % config.num_prefixes
+        which = int(rng.integers(config.num_prefixes)) if config.assignment == "random" else i % config.num_prefixes
         question = random_token_ids(rng, config.question_len, config.first_token_id, config.vocab_size)
         prompt = prefixes[which] + question
         requests.append(BenchRequest(max_tokens=config.output_len, input_tokens=len(prompt), prompt=prompt))

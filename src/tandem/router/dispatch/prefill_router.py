@@ -30,7 +30,6 @@ is the same token for token.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from tandem.protocols.endpoints import Endpoint, GenerateDelta, GenerateRequest,
 from tandem.protocols.sampling_params import SamplingParams
 from tandem.router.dispatch.worker_client import StreamBrokenError, WorkerClient
 from tandem.router.errors import RouterError, WorkerRejectedError
+from tandem.runtime.background import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class DisaggregatedClient:
                 yield _as_whole_request(delta, first)
         finally:
             if params is not None:  # a no-op when the decode worker pulled it (see the module docstring)
-                asyncio.ensure_future(self._release(params))
+                spawn(self._release(params))
 
     def _run_locally(self, model: str, request: GenerateRequest) -> str | None:
         """Why the request should run whole on a decode worker, or None to disaggregate it."""
@@ -160,7 +160,7 @@ class DisaggregatedClient:
             return None
         except BaseException:  # cancelled (the client left): free blocks the prefill already exported
             if merged is not None and merged.kv_transfer is not None:
-                asyncio.ensure_future(self._release(merged.kv_transfer))
+                spawn(self._release(merged.kv_transfer))
             raise
         return merged if merged is not None and merged.finish_reason is not None else None
 
@@ -170,7 +170,7 @@ class DisaggregatedClient:
             await self.workers.client.call(params.worker_address, Endpoint.KV_RELEASE,
                                            msgspec.to_builtins(KvReleaseRequest(params.transfer_id)),
                                            timeout=self.config.release_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - best effort: the export expires on its own
+        except Exception as exc:
             logger.debug("kv_release of %s failed: %s", params.transfer_id, exc)
 
 

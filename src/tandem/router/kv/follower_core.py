@@ -57,7 +57,7 @@ class KvEventFollowerCore:
 
     transport = "none"
 
-    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient) -> None:  # noqa: ANN001
+    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient) -> None:
         self.card, self.indexer, self.client = card, indexer, client
         self.stats = FollowerStats()
         self._task: asyncio.Task | None = None

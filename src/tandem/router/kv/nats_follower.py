@@ -54,7 +54,7 @@ class NatsFollowerConfig:
 class NatsKvEventFollower(KvEventFollowerCore):
     transport = "nats"
 
-    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient, plane: NatsRouterPlane,  # noqa: ANN001
+    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient, plane: NatsRouterPlane,
                  config: NatsFollowerConfig | None = None) -> None:
         super().__init__(card, indexer, client)
         if card.kv_events_subject is None:
@@ -73,7 +73,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
         while True:
             try:
                 await self._follow()
-            except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
                 self.stats.error(f"subscription lost: {exc!r}")
                 logger.warning("worker %s: KV subscription lost (%r); resuming from the stream", self.card.worker_id,
                                exc)
@@ -94,7 +94,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
                 self._position = (await js.stream_info(self.stream)).state.last_seq
                 await self._subscribe()
                 break
-            except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
                 self.stats.error(f"cannot follow {self.subject} yet: {exc!r}")
                 await self._unsubscribe()
                 await asyncio.sleep(self.config.retry_s)
@@ -145,11 +145,11 @@ class NatsKvEventFollower(KvEventFollowerCore):
                     beyond += 1
                     if beyond > self.config.reorder_slack:
                         break
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             self.stats.error(f"replay from the stream failed: {exc!r}")
         return found
 
-    async def _next_message(self, start: int):  # noqa: ANN202 - a RawStreamMsg or None
+    async def _next_message(self, start: int):
         """The worker's first message at or after stream sequence ``start`` (None: there is none)."""
         js = await self.plane.jetstream()
         try:
@@ -162,7 +162,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
         if sub is not None:
             try:
                 await sub.unsubscribe()
-            except (nats.errors.Error, asyncio.TimeoutError, OSError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 pass
 
     async def _close(self) -> None:

@@ -25,7 +25,7 @@ from tandem.runtime.request_plane import RequestPlaneClient
 class KvEventFollower(KvEventFollowerCore):
     transport = "zmq"
 
-    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient) -> None:  # noqa: ANN001
+    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient) -> None:
         super().__init__(card, indexer, client)
         self._socket: zmq.asyncio.Socket | None = None
 

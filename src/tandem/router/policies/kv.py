@@ -18,7 +18,6 @@ published an event gets one warning in the log and ``events_missing`` in the sta
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from tandem.router.kv.indexer import KvIndexer
 from tandem.router.kv.zmq_follower import KvEventFollower
 from tandem.router.policy import RoutingPolicy
 from tandem.router.worker_pool import WorkerPool
+from tandem.runtime.background import spawn
 from tandem.runtime.request_plane import RequestPlaneClient
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class KvRouter(RoutingPolicy):
             from tandem.runtime.event_plane.replica_sync import ReplicaSync
 
             self.sync = ReplicaSync(self.nats, follower.namespace, lambda: self.load)
-            asyncio.ensure_future(self.sync.start())
+            spawn(self.sync.start())
         return follower
 
     def _on_removed(self, card: WorkerCard) -> None:
@@ -123,7 +123,7 @@ class KvRouter(RoutingPolicy):
             self.nats.forget(card.worker_id)
         follower = self.followers.pop(card.worker_id, None)
         if follower is not None:
-            asyncio.ensure_future(follower.stop())
+            spawn(follower.stop())
         self.indexer.remove_worker(card.worker_id)
         self.approx.remove_worker(card.worker_id)
         self.load.remove_worker(card.worker_id)

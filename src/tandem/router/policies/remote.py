@@ -6,13 +6,13 @@ cannot answer, the request goes to a random candidate (with a warning) rather th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from typing import Any
 
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.policy import RoutingPolicy
+from tandem.runtime.background import spawn
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
 
 logger = logging.getLogger(__name__)
@@ -52,16 +52,16 @@ class RemoteRouter(RoutingPolicy):
         async def send() -> None:
             try:
                 await self.client.call(self.address, endpoint, {"request_id": request_id}, timeout=5.0)
-            except Exception as exc:  # noqa: BLE001 - bookkeeping; the router expires stale entries itself
+            except Exception as exc:
                 logger.debug("router %s %s failed: %s", self.address, endpoint, exc)
 
-        asyncio.ensure_future(send())
+        spawn(send())
 
     async def refresh(self) -> None:
         try:
             self.last_status = {"address": self.address, **await self.client.call(self.address, "status", None,
                                                                                    timeout=2.0)}
-        except Exception as exc:  # noqa: BLE001 - status is informational
+        except Exception as exc:
             self.last_status = {"policy": "remote", "address": self.address, "error": str(exc)}
 
     def status(self, cards: list[WorkerCard]) -> dict[str, Any]:

@@ -104,7 +104,7 @@ async def connect_with_retry(url: str, name: str, *, max_backoff_s: float = 5.0)
     while True:
         try:
             return await connect(url, name)
-        except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
             delay = backoff.next()
             logger.warning("nats %s unreachable (%s); retrying in %.1fs", url, exc, delay)
             await asyncio.sleep(delay)

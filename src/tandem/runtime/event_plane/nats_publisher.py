@@ -130,7 +130,7 @@ class NatsKvEventPublisher:
     def _run_loop(self) -> None:
         try:
             self._loop.run_until_complete(self._main())
-        except Exception:  # noqa: BLE001 - a dead publisher must say why
+        except Exception:
             logger.exception("the NATS KV event publisher of worker %s stopped", self.worker_id)
         finally:
             self._loop.close()
@@ -149,10 +149,10 @@ class NatsKvEventPublisher:
                 load_task.cancel()
             try:
                 await asyncio.wait_for(nc.close(), 2.0)
-            except (asyncio.TimeoutError, nats.errors.Error):
+            except (TimeoutError, nats.errors.Error):
                 pass
 
-    async def _connect(self):  # noqa: ANN202 - a nats Client or None when closed before connecting
+    async def _connect(self):
         connecting = asyncio.ensure_future(nats_layout.connect_with_retry(self.config.url, f"worker {self.worker_id}"))
         while not connecting.done():
             if self._stopping:
@@ -164,7 +164,7 @@ class NatsKvEventPublisher:
         logger.info("KV events of worker %s go to NATS subject %s", self.worker_id, self.subject)
         return nc
 
-    async def _send_batches(self, nc, js) -> None:  # noqa: ANN001
+    async def _send_batches(self, nc, js) -> None:
         await self._ensure_stream(js)
         deadline = None
         failing = False  # log a run of failures once, not every retry
@@ -203,7 +203,7 @@ class NatsKvEventPublisher:
                 logger.info("KV event batches reach JetStream again")
                 failing = False
 
-    async def _send_window(self, js, window: list[tuple[int, bytes]]) -> tuple[int, bool]:  # noqa: ANN001
+    async def _send_window(self, js, window: list[tuple[int, bytes]]) -> tuple[int, bool]:
         """Send a window in order. Returns (how many batches from its start were acknowledged in a
         row, whether no stream captured the subject)."""
         futures = []
@@ -212,7 +212,7 @@ class NatsKvEventPublisher:
                 headers = {nats_layout.MSG_ID_HEADER: f"{self.token}:{seq}", nats_layout.SEQ_HEADER: str(seq),
                            nats_layout.WORKER_HEADER: self.worker_id}
                 futures.append(await js.publish_async(self.subject, payload, headers=headers, wait_stall=1.0))
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             logger.debug("KV batch send failed: %r", exc)
         acked, stream_missing = 0, False
         for future in futures:
@@ -221,7 +221,7 @@ class NatsKvEventPublisher:
             except NoStreamResponseError:
                 stream_missing = True
                 break
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 logger.debug("KV batch not acknowledged: %r", exc)
                 break
             acked += 1
@@ -231,14 +231,14 @@ class NatsKvEventPublisher:
             future.cancel()
         return acked, stream_missing
 
-    async def _ensure_stream(self, js) -> str | None:  # noqa: ANN001
+    async def _ensure_stream(self, js) -> str | None:
         try:
             return await nats_layout.ensure_stream(js, self.config.namespace, self.config.limits)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             logger.debug("could not create the KV stream yet: %r", exc)
             return None
 
-    async def _send_load(self, nc) -> None:  # noqa: ANN001
+    async def _send_load(self, nc) -> None:
         while True:
             await asyncio.sleep(self.config.load_interval_s)
             source = self.load_source
@@ -247,5 +247,5 @@ class NatsKvEventPublisher:
             try:
                 load = {**source(), "worker_id": self.worker_id, "ts": time.time()}
                 await nc.publish(self.load_subject, msgspec.msgpack.encode(load))
-            except Exception as exc:  # noqa: BLE001 - metrics are best effort; never stop the loop
+            except Exception as exc:
                 logger.debug("load metrics not sent: %r", exc)

@@ -67,7 +67,7 @@ class NatsRouterPlane:
                 self._namespaces[namespace] = await nats_layout.ensure_stream(await self.jetstream(), namespace, self.limits)
         return self._namespaces[namespace]
 
-    async def _on_load(self, msg) -> None:  # noqa: ANN001 - a nats Msg
+    async def _on_load(self, msg) -> None:
         try:
             load = msgspec.msgpack.decode(msg.data)
         except msgspec.DecodeError:
@@ -96,5 +96,5 @@ class NatsRouterPlane:
         if nc is not None:
             try:
                 await asyncio.wait_for(nc.close(), 2.0)
-            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - closing anyway
+            except (TimeoutError, Exception) as exc:
                 logger.debug("closing NATS: %r", exc)

@@ -14,7 +14,6 @@ arrays decoded into a typed struct; anything else is counted in ``malformed`` an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Protocol
 
 import msgspec
 
+from tandem.runtime.background import spawn
 from tandem.runtime.event_plane import nats_layout
 from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 
@@ -81,7 +81,7 @@ class ReplicaSync:
         if sub is not None:
             try:
                 await sub.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - closing anyway
+            except Exception as exc:
                 logger.debug("unsubscribing %s: %r", self.subject, exc)
 
     # --- this router's bookings ---
@@ -99,17 +99,17 @@ class ReplicaSync:
     def _send(self, booking: Booking) -> None:
         if self._nc is None or not self._nc.is_connected:
             return  # not connected (yet): the others miss this one, as if it were lost
-        asyncio.ensure_future(self._publish(_encoder.encode(booking)))
+        spawn(self._publish(_encoder.encode(booking)))
 
     async def _publish(self, data: bytes) -> None:
         try:
             await self._nc.publish(self.subject, data)
-        except Exception as exc:  # noqa: BLE001 - best effort, like the delivery
+        except Exception as exc:
             logger.debug("booking not shared: %r", exc)
 
     # --- the other routers' bookings ---
 
-    async def _on_message(self, msg) -> None:  # noqa: ANN001 - a nats Msg
+    async def _on_message(self, msg) -> None:
         try:
             booking = _decoder.decode(msg.data)
         except msgspec.DecodeError:

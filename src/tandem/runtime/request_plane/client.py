@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
+from tandem.runtime.background import spawn
 from tandem.runtime.request_plane.config import (
     RemoteError,
     RequestPlaneConfig,
@@ -353,7 +354,7 @@ class RequestPlaneClient:
         if task.cancelled() or task.exception() is not None:
             return
         if self._closed:  # close() raced with this connect: do not leak the connection
-            asyncio.ensure_future(task.result().close())
+            spawn(task.result().close())
         else:
             self._connections[address] = task.result()
 
