@@ -46,7 +46,7 @@ from pathlib import Path
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.infra_servers import EtcdServer, free_port
+from tests.infra_servers import EtcdServer, free_port  # the same real etcd the tests run
 from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"

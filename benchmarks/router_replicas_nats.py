@@ -41,7 +41,7 @@ from tandem.bench.workloads.request import BenchRequest
 from tandem.runtime.request_plane import RequestPlaneClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.infra_servers import NatsServer
+from tests.infra_servers import NatsServer  # the same real nats-server the tests run
 from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"

@@ -125,7 +125,7 @@ def stream_all(url: str, on_all_started: Callable[[], None] | None = None) -> li
                             first = False
                             count_started()
                     result.finish_reason = choice.finish_reason or result.finish_reason
-        except Exception as exc:
+        except Exception as exc:  # recorded and asserted on by the test
             result.error = exc
         finally:
             if first:

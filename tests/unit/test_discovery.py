@@ -355,7 +355,7 @@ def test_file_writes_are_atomic_for_tight_readers(tmp_path: Path) -> None:
             try:
                 msgspec.json.decode(path.read_bytes(), type=FileRecord)
                 reads += 1
-            except Exception as exc:
+            except Exception as exc:  # any failure is the bug we look for
                 errors.append(exc)
 
     thread = threading.Thread(target=reader)

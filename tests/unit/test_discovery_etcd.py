@@ -236,7 +236,7 @@ def test_watch_on_a_member_that_lost_its_leader_ends(tmp_path: Path) -> None:
             async for event in watch:
                 return event
             return "ended"
-        except Exception as exc:
+        except Exception as exc:  # what ended the stream is the point
             return exc
 
     async def main() -> None:

@@ -109,7 +109,7 @@ class _Worker:
 class _StaticPool:
     """The one call ``KvRouter`` makes on a worker pool: the workers never change here."""
 
-    def add_listener(self, on_added, on_removed) -> None:
+    def add_listener(self, on_added, on_removed) -> None:  # callbacks, never called
         return None
 
 

@@ -196,7 +196,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 self._step()
-        except BaseException as exc:
+        except BaseException as exc:  # whatever ends the thread is reported, not lost
             logger.critical("engine thread died: %s", exc, exc_info=exc)
             self.failure = exc
         finally:

@@ -105,7 +105,7 @@ class MainThreadEngineHost:
         hold_to_one_openmp_thread()
         try:
             self._result.set_result(asyncio.run(self._serve_with_quiet_executor()))
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the main thread, which raises it
             self._result.set_exception(exc)
         finally:
             if not self._handoff.done():

@@ -168,7 +168,7 @@ class WorkerService:
             return
         try:
             await asyncio.wait_for(self.registration.withdraw(), WITHDRAW_TIMEOUT_S)
-        except Exception as exc:
+        except Exception as exc:  # discovery away: the lease expires by itself
             logger.warning("worker %s: could not withdraw from discovery (%r); its lease will expire",
                            self.worker_id, exc)
 

@@ -149,7 +149,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
             self.stats.error(f"replay from the stream failed: {exc!r}")
         return found
 
-    async def _next_message(self, start: int):
+    async def _next_message(self, start: int):  # a RawStreamMsg or None
         """The worker's first message at or after stream sequence ``start`` (None: there is none)."""
         js = await self.plane.jetstream()
         try:

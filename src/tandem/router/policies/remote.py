@@ -52,7 +52,7 @@ class RemoteRouter(RoutingPolicy):
         async def send() -> None:
             try:
                 await self.client.call(self.address, endpoint, {"request_id": request_id}, timeout=5.0)
-            except Exception as exc:
+            except Exception as exc:  # bookkeeping; the router expires stale entries itself
                 logger.debug("router %s %s failed: %s", self.address, endpoint, exc)
 
         spawn(send())
@@ -61,7 +61,7 @@ class RemoteRouter(RoutingPolicy):
         try:
             self.last_status = {"address": self.address, **await self.client.call(self.address, "status", None,
                                                                                    timeout=2.0)}
-        except Exception as exc:
+        except Exception as exc:  # status is informational
             self.last_status = {"policy": "remote", "address": self.address, "error": str(exc)}
 
     def status(self, cards: list[WorkerCard]) -> dict[str, Any]:

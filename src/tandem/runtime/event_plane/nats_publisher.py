@@ -130,7 +130,7 @@ class NatsKvEventPublisher:
     def _run_loop(self) -> None:
         try:
             self._loop.run_until_complete(self._main())
-        except Exception:
+        except Exception:  # a dead publisher must say why
             logger.exception("the NATS KV event publisher of worker %s stopped", self.worker_id)
         finally:
             self._loop.close()
@@ -152,7 +152,7 @@ class NatsKvEventPublisher:
             except (TimeoutError, nats.errors.Error):
                 pass
 
-    async def _connect(self):
+    async def _connect(self):  # a nats Client or None when closed before connecting
         connecting = asyncio.ensure_future(nats_layout.connect_with_retry(self.config.url, f"worker {self.worker_id}"))
         while not connecting.done():
             if self._stopping:
@@ -247,5 +247,5 @@ class NatsKvEventPublisher:
             try:
                 load = {**source(), "worker_id": self.worker_id, "ts": time.time()}
                 await nc.publish(self.load_subject, msgspec.msgpack.encode(load))
-            except Exception as exc:
+            except Exception as exc:  # metrics are best effort; never stop the loop
                 logger.debug("load metrics not sent: %r", exc)

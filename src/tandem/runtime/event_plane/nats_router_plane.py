@@ -67,7 +67,7 @@ class NatsRouterPlane:
                 self._namespaces[namespace] = await nats_layout.ensure_stream(await self.jetstream(), namespace, self.limits)
         return self._namespaces[namespace]
 
-    async def _on_load(self, msg) -> None:
+    async def _on_load(self, msg) -> None:  # a nats Msg
         try:
             load = msgspec.msgpack.decode(msg.data)
         except msgspec.DecodeError:

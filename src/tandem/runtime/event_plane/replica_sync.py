@@ -81,7 +81,7 @@ class ReplicaSync:
         if sub is not None:
             try:
                 await sub.unsubscribe()
-            except Exception as exc:
+            except Exception as exc:  # closing anyway
                 logger.debug("unsubscribing %s: %r", self.subject, exc)
 
     # --- this router's bookings ---
@@ -104,12 +104,12 @@ class ReplicaSync:
     async def _publish(self, data: bytes) -> None:
         try:
             await self._nc.publish(self.subject, data)
-        except Exception as exc:
+        except Exception as exc:  # best effort, like the delivery
             logger.debug("booking not shared: %r", exc)
 
     # --- the other routers' bookings ---
 
-    async def _on_message(self, msg) -> None:
+    async def _on_message(self, msg) -> None:  # a nats Msg
         try:
             booking = _decoder.decode(msg.data)
         except msgspec.DecodeError:

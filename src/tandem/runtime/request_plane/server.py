@@ -304,7 +304,7 @@ class _ServerConnection:
             await self.send(End(stream_id))
         except ConnectionError:
             return  # the client is gone: nobody to answer
-        except Exception as exc:
+        except Exception as exc:  # every handler failure becomes an Error frame
             self.write_nowait(_error_frame(stream_id, request.endpoint, exc))
 
     async def _send_items(self, stream_id: int, items: AsyncIterator[Any]) -> None:
