@@ -1,8 +1,11 @@
 """`tandem serve GRAPH.yaml` with two mocker worker processes: a worker killed with SIGKILL is routed
-around at once and leaves discovery when its lease runs out; a bad graph file is refused clearly."""
+around at once and leaves discovery when its lease runs out; a bad graph file is refused clearly.
+Ctrl-C (SIGINT) with a stream in flight: the stream finishes within ``--drain-timeout`` or ends
+with an SSE error event, no traceback, exit status 130 (`tandem serve` and `tandem frontend`)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ import psutil
 import pytest
 import yaml
 from tests.e2e.serve_process import ServeProcess
+from tests.tandem_process import TandemProcess
 
 MODEL = "smollm2-135m-instruct"
 TTL_S = 3.0
@@ -83,7 +87,7 @@ def test_killed_worker_is_routed_around_and_leaves_health(tmp_path):
         client.close()
     finally:
         rc = serve.stop()
-    assert rc == 0, serve.output
+    assert rc == 130, serve.output
 
 
 @pytest.mark.parametrize("content, message", [
@@ -101,3 +105,57 @@ def test_bad_graph_exits_2_with_a_clear_message(tmp_path, content, message):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+STEP_MS = 10  # every mocker step takes this long: a stream of N tokens lasts about N/100 s
+
+
+@pytest.mark.parametrize("max_tokens, drain_timeout", [(300, 10), (3000, 2)], ids=["finishes", "cut-off"])
+def test_ctrl_c_finishes_or_ends_streams_in_flight_cleanly(tmp_path, max_tokens, drain_timeout):
+    graph = tmp_path / "graph.yaml"
+    graph.write_text(yaml.safe_dump({
+        "frontend": {"port": 0},
+        "workers": [{"engine": "mocker", "model": MODEL, "flags": {
+            "mocker-prefill-coeffs": [0, 0, STEP_MS], "mocker-decode-coeffs": [0, 0, STEP_MS]}}],
+    }))
+    serve = ServeProcess(str(graph), "--drain-timeout", str(drain_timeout))
+    try:
+        base_url = serve.wait_ready(timeout=120)
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=max_tokens,
+            stream=True, extra_body={"ignore_eos": True})
+        chunks, finish, error = 0, None, None
+        try:
+            for chunk in stream:
+                chunks += 1
+                if chunks == 5:
+                    serve.proc.send_signal(signal.SIGINT)
+                    stopped_at = time.monotonic()
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+        except openai.APIError as exc:
+            error = exc
+        ended_after = time.monotonic() - stopped_at
+        rc = serve.proc.wait(timeout=60)
+    finally:
+        serve.stop()
+    if max_tokens < drain_timeout * 1000 / STEP_MS / 2:  # well within the drain timeout
+        assert error is None and finish == "length", (error, serve.output)
+    else:  # an error event (OpenAI-shaped), not a bare cut (APIConnectionError)
+        assert error is not None and not isinstance(error, openai.APIConnectionError), (error, serve.output)
+        assert error.code == "server_shutting_down" and error.type == "service_unavailable_error"
+        assert drain_timeout - 0.5 < ended_after < drain_timeout + 3, ended_after
+    assert rc == 130, serve.output
+    assert "stopping" in serve.output and "Traceback" not in serve.output, serve.output
+
+
+def test_frontend_exits_130_on_ctrl_c(tmp_path):
+    frontend = TandemProcess("frontend", "--port", "0", "--discovery", f"file:{tmp_path}")
+    try:
+        frontend.wait_for(r"frontend listening on", timeout=60)
+        frontend.proc.send_signal(signal.SIGINT)
+        assert frontend.wait(timeout=30) == 130, frontend.output
+        assert "Traceback" not in frontend.output
+    finally:
+        frontend.kill()

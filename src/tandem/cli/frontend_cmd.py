@@ -1,7 +1,8 @@
 """``tandem frontend``: the OpenAI HTTP frontend alone, routing to the workers in discovery.
 
 Start workers separately (``tandem worker --discovery file:/dir``) with the same discovery.
-Runs until SIGTERM or SIGINT.
+Runs until SIGTERM or SIGINT, then lets requests in flight finish for up to ``--drain-timeout``;
+exits 130 after SIGINT (Ctrl-C), 0 after SIGTERM. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import logging
 
 from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
-from tandem.cli.signals import stop_event
+from tandem.cli.signals import exit_code, stop_event
 from tandem.frontend.config import FrontendConfig
 from tandem.router.registry import ROUTER_NAMES
 
@@ -48,6 +49,10 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
                        help="times a request may move to another worker when its worker is lost mid-stream; "
                             "0 = off (default: 1 when more than one worker serves the model, else 0)")
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    group.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s if defaults else None,
+                       help="seconds requests in flight get to finish on shutdown (tandem serve: in the "
+                            "frontend and in the workers); past it, streams end with an error event "
+                            f"(default: {d.drain_timeout_s})")
 
 
 # Flags that replace the base config's value only when given (None = not given).
@@ -62,6 +67,8 @@ def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | N
     for name in _OVERRIDABLE:
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+    if args.drain_timeout is not None:
+        config.drain_timeout_s = args.drain_timeout
     config.kv_events = config.kv_events and not args.no_kv_events
     config.access_log = config.access_log or args.access_log
     config.__post_init__()
@@ -76,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
     from tandem.frontend.server import FrontendServer
     config = frontend_config_from_args(args)
     if args.event_plane == "nats":
@@ -87,6 +94,7 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"frontend listening on {server.url}/v1 (workers from discovery {args.discovery!r})", flush=True)
     await stop.wait()
     await server.stop()
+    return exit_code(stop)
 
 
 def run_event_loop(main):  # noqa: ANN001, ANN201 - a coroutine and its result
@@ -102,8 +110,7 @@ def run_event_loop(main):  # noqa: ANN001, ANN201 - a coroutine and its result
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_event_loop(serve(args))
+        return run_event_loop(serve(args))
     except OSError as exc:
         print(f"error: {exc}")
         return 1
-    return 0

@@ -3,7 +3,9 @@
 With no arguments: the frontend on 127.0.0.1:8000 and one builtin worker on the default model
 (pulled into the model cache first if needed). A graph YAML (``examples/graphs/agg.yaml``)
 declares the components instead; flags given on the command line override it. Ctrl-C stops
-everything cleanly (workers drain); a second Ctrl-C kills at once.
+everything cleanly: requests in flight get ``--drain-timeout`` to finish (later streams end with
+an error event), then the workers drain; exit status 130 (0 after SIGTERM). A second Ctrl-C
+kills at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 from tandem.cli.engine_args import add_engine_args
 from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args, run_event_loop
+from tandem.cli.signals import StopEvent, exit_code
 from tandem.runtime.event_plane.config import DEFAULT_NATS_URL, EVENT_PLANES
 
 # Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
@@ -40,8 +43,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="how workers send KV events to the router: zmq or nats (default: the graph's, else zmq)")
     parser.add_argument("--nats-url", help="nats: server URL(s) (default: the graph's, else $TANDEM_NATS_URL or "
                                            f"{DEFAULT_NATS_URL})")
-    parser.add_argument("--drain-timeout", type=float, default=10.0,
-                        help="seconds workers get to finish requests on shutdown (default: %(default)s)")
     parser.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_frontend_args(parser, defaults=False)
     add_engine_args(parser)
@@ -87,19 +88,21 @@ def _pull_models(graph) -> None:
 async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
     from tandem.deploy.local import LocalDeployment
 
-    deployment = LocalDeployment(graph, discovery, drain_timeout=args.drain_timeout,
+    # One drain timeout for the frontend's requests in flight and for the workers.
+    deployment = LocalDeployment(graph, discovery, drain_timeout=graph.frontend.drain_timeout_s,
                                  worker_log_level=args.worker_log_level)
-    stop = asyncio.Event()
+    stop = StopEvent()
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
+    def on_signal(sig: int) -> None:
         if stop.is_set():  # second signal: no more waiting
             deployment.kill()
             os._exit(130)
+        stop.signal = sig
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     started = time.perf_counter()
     start = asyncio.ensure_future(deployment.start())
     await asyncio.wait({start, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -122,7 +125,7 @@ async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
         await _watch(deployment, stop)
     print("stopping…", flush=True)
     await deployment.stop()
-    return 0
+    return exit_code(stop)
 
 
 async def _watch(deployment, stop: asyncio.Event) -> None:

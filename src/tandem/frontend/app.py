@@ -139,7 +139,7 @@ def create_app(frontend: Frontend) -> FastAPI:
             spec = await frontend.prepare(parsed, arrival)
             if not frontend.live_workers(spec.model):  # gone while tokenizing: 503 now, not in a 200 stream
                 raise no_worker(spec.model)
-            chunks = generate_chunks(spec, frontend.dispatcher, metrics)
+            chunks = frontend.until_drained(generate_chunks(spec, frontend.dispatcher, metrics))
             if parsed.stream:
                 status, streaming = 200, True  # counted when the stream ends
                 body = _counted_stream(stream(chunks, spec.model, parsed.include_usage), model, endpoint)

@@ -52,6 +52,10 @@ class FrontendConfig:
     many prefill halves in flight per live prefill worker (all busy); 0 = never."""
     access_log: bool = False
     """Log every HTTP request (off by default: it costs throughput)."""
+    drain_timeout_s: float = 10.0
+    """On shutdown, seconds requests in flight get to finish (the listening socket is closed at
+    once); past it, streams end with an SSE error event and whole responses with a 503.
+    `tandem serve` gives its workers the same drain timeout."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -68,5 +72,7 @@ class FrontendConfig:
             raise ValueError(f"max_prefill_queue_size must be >= 0, got {self.max_prefill_queue_size}")
         if self.migration_limit is not None and self.migration_limit < 0:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")

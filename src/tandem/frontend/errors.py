@@ -124,6 +124,18 @@ def no_worker(model: str) -> OpenAIError:
     )
 
 
+def shutting_down(drain_timeout_s: float) -> OpenAIError:
+    """503: the server stopped and the request did not finish within its drain timeout."""
+    return OpenAIError(
+        503,
+        f"The server is shutting down and the request did not finish within {drain_timeout_s:g}s. "
+        "Please retry.",
+        SERVICE_UNAVAILABLE,
+        None,
+        "server_shutting_down",
+    )
+
+
 def internal_error(message: str = "Internal server error") -> OpenAIError:
     """500: an unexpected failure (never leak tracebacks into the body)."""
     return OpenAIError(500, message, SERVER_ERROR, None, "internal_error")

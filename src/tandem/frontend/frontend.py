@@ -3,7 +3,8 @@
 ``Frontend`` is what the HTTP app talks to. It follows discovery through a ``WorkerPool``,
 remembers every model it has seen (a model whose workers are all gone answers 503, not 404),
 polls the workers' stats for ``/metrics`` and ``/health``, and turns a validated request into a
-``GenerationSpec``.
+``GenerationSpec``. When the server stops, ``begin_drain`` gives requests in flight
+``drain_timeout_s`` to finish; ``until_drained`` ends the rest with a 503 (an SSE error event).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from tandem.frontend.config import FrontendConfig
-from tandem.frontend.errors import no_worker, not_found_model
-from tandem.frontend.generation import GenerationSpec
+from tandem.frontend.errors import no_worker, not_found_model, shutting_down
+from tandem.frontend.generation import GenerationSpec, OutputChunk
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.preprocess import Tokenizers, prepare_prompt
 from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
@@ -65,6 +67,8 @@ class Frontend:
         self.known_models: set[str] = set(models or [])
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self._poll_task: asyncio.Task | None = None
+        self._drain_deadline: float | None = None  # loop time; set once the server is stopping
+        self._waits: set[asyncio.Timeout] = set()  # the chunk waits of requests in flight
 
     def _make_policy(self, config: FrontendConfig) -> RoutingPolicy:
         if config.router == "remote":
@@ -96,6 +100,38 @@ class Frontend:
         await self.pool.stop()
         await self.client.close()
         self.tokenizers.shutdown()
+
+    # --- shutdown ---
+
+    def begin_drain(self) -> None:
+        """The server is stopping: requests in flight get ``drain_timeout_s`` more seconds."""
+        if self._drain_deadline is None:
+            self._drain_deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
+            for wait in self._waits:
+                wait.reschedule(self._drain_deadline)
+
+    async def until_drained(self, chunks: AsyncIterator[OutputChunk]) -> AsyncIterator[OutputChunk]:
+        """``chunks``, ended with a 503 (a stream: an error event) when the server stops and the
+        drain timeout passes first. Closing it closes ``chunks`` (cancels the worker request)."""
+        try:
+            while True:
+                try:
+                    # A timeout per wait (no task per chunk); begin_drain reschedules those pending.
+                    async with asyncio.timeout_at(self._drain_deadline) as wait:
+                        self._waits.add(wait)
+                        try:
+                            chunk = await anext(chunks)
+                        finally:
+                            self._waits.discard(wait)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if not wait.expired():  # a timeout of the request itself, not the drain
+                        raise
+                    raise shutting_down(self.config.drain_timeout_s) from None
+                yield chunk
+        finally:
+            await chunks.aclose()
 
     # --- models and workers ---
 

@@ -1,8 +1,9 @@
 """Run the frontend under uvicorn inside the caller's event loop.
 
 ``FrontendServer`` binds the socket itself (so port 0 works and the real port is known before
-serving), starts the ``Frontend`` (discovery, pool, stats), then serves until ``stop()``.
-Signal handling stays with the caller (`tandem frontend`, `tandem serve`).
+serving), starts the ``Frontend`` (discovery, pool, stats), then serves until ``stop()``, which
+closes the listening socket at once and gives requests in flight ``drain_timeout_s`` to finish
+(``Frontend.begin_drain``). Signal handling stays with the caller (`tandem frontend`, `tandem serve`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from tandem.frontend.app import create_app
 from tandem.frontend.config import FrontendConfig
 from tandem.frontend.frontend import Frontend
 from tandem.runtime.discovery.base import Discovery
+
+
+_BACKSTOP_S = 5.0
+"""Seconds uvicorn waits past the drain timeout for connections to close (error events to flush)."""
 
 
 class _Server(uvicorn.Server):
@@ -60,8 +65,11 @@ class FrontendServer:
         sock.setblocking(False)
         self._socket = sock
         await self.frontend.start()
+        # uvicorn's own shutdown timeout cancels handlers (a traceback, a bare cut): it is only a
+        # backstop here, past the frontend's drain, which ends late streams with an error event.
         uv_config = uvicorn.Config(self.app, log_level="warning", access_log=self.config.access_log,
-                                   lifespan="off", timeout_graceful_shutdown=5, backlog=2048)
+                                   lifespan="off", timeout_graceful_shutdown=self.config.drain_timeout_s + _BACKSTOP_S,
+                                   backlog=2048)
         self._server = _Server(uv_config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
@@ -75,6 +83,7 @@ class FrontendServer:
             await self._task
 
     async def stop(self) -> None:
+        self.frontend.begin_drain()
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:
