@@ -1,6 +1,12 @@
-"""Greedy token-for-token parity of the engine with HF transformers on the real SmolLM2-135M-Instruct."""
+"""Greedy token-for-token parity of the engine with HF transformers on the real SmolLM2-135M-Instruct;
+and the README's engine example, run as written."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +96,20 @@ def test_gguf_and_safetensors_logits_agree(loaded, prompts):
     assert [t for t, _ in logits[0]] == [t for t, _ in logits[1]]
     for (_, a), (_, b) in zip(*logits):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_example(name: str) -> str:
+    """The ```python block right after ``<!-- readme-example: NAME ... -->`` in the README."""
+    match = re.search(rf"<!-- readme-example: {name}\b.*?-->\n```python\n(.*?)```", README.read_text(), re.DOTALL)
+    assert match, f"no readme-example {name!r} in {README}"
+    return match.group(1)
+
+
+def test_readme_engine_example_runs():
+    result = subprocess.run([sys.executable, "-c", readme_example("engine")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "<|im_end|>" not in result.stdout, result.stdout
