@@ -1,4 +1,5 @@
-"""Deployment graphs: defaults, the shipped example, worker argv, and a GraphError per bad field."""
+"""Deployment graphs: defaults, the shipped example, worker argv, and a GraphError per bad field;
+the command-line flags of `tandem serve`, `worker` and `frontend` (overrides, help texts)."""
 
 from __future__ import annotations
 
@@ -174,6 +175,26 @@ def _serve_args(*argv: str):
     parser = argparse.ArgumentParser()
     add_frontend_args(parser, defaults=False)
     return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "frontend"])
+def test_every_option_has_help_that_shows_its_default(command):
+    import argparse
+
+    from tandem.cli.main import build_parser
+
+    [subparsers] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    parser = subparsers.choices[command]
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+            continue  # -h, and on/off switches (off by default)
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help, f"tandem {command} {name} has no help"
+        text = action.help % {**vars(action), "prog": parser.prog}  # as --help prints it
+        assert "default" in text, f"tandem {command} {name}: no default in {text!r}"
+        if action.default is not None:  # the value itself, not only the word
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            assert shown in text, f"tandem {command} {name}: default {shown!r} not in {text!r}"
 
 
 def test_serve_flags_left_unset_keep_the_graphs_frontend_values():

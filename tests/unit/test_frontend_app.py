@@ -146,6 +146,11 @@ BAD_REQUESTS = [
      400, "tools", "unsupported_parameter"),
     ("image-part", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content", None),
+    ("null-user-content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": None}]},
+     400, "messages.0.content", None),
+    ("null-content-after-a-turn", CHAT, {"model": MODEL, "messages": [
+        *MESSAGES, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": None}]},
+     400, "messages.2.content", None),
     ("stream-options-without-stream", CHAT, {"model": MODEL, "messages": MESSAGES,
                                             "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ("too-many-stops", COMPLETIONS, {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},

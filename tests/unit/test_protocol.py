@@ -223,6 +223,11 @@ def test_invalid_completion_fields(field: str, value: Any) -> None:
         ({"role": "user", "content": [{"type": "text"}]}, "messages.0.content"),
         ({"role": "user", "content": [{"type": "weird", "text": "x"}]}, "messages.0.content"),
         ({"role": "user", "content": 5}, "messages.0.content"),
+        # Null or missing content: OpenAI allows it only with tool_calls, which are not supported.
+        ({"role": "user", "content": None}, "messages.0.content"),
+        ({"role": "system", "content": None}, "messages.0.content"),
+        ({"role": "assistant", "content": None}, "messages.0.content"),
+        ({"role": "user"}, "messages.0.content"),
         ({"role": "robot", "content": "x"}, "messages.0.role"),
         ({"role": "tool", "content": "x", "tool_call_id": "1"}, "messages.0.role"),
         ({"content": "x"}, "messages.0.role"),
@@ -244,10 +249,9 @@ def test_content_parts_flatten() -> None:
     r = chat(messages=[
         {"role": "user",
          "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
-        {"role": "assistant", "content": None},
-        {"role": "assistant"},
+        {"role": "assistant", "content": ""},
     ])
-    assert [m.content for m in r.messages] == ["one\ntwo", "", ""]
+    assert [m.content for m in r.messages] == ["one\ntwo", ""]
     assert r.messages[0].text == "one\ntwo"
 
 

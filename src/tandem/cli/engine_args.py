@@ -21,7 +21,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget (default: %(default)s)")
-    group.add_argument("--num-kv-blocks", type=int, help="exact KV pool size in blocks (overrides --kv-cache-gib)")
+    group.add_argument("--num-kv-blocks", type=int,
+                       help="exact KV pool size in blocks, overriding --kv-cache-gib (default: from --kv-cache-gib)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget of one step (default: %(default)s)")

@@ -25,7 +25,8 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group.add_argument("--port", type=int, default=d.port if defaults else None, help=f"HTTP port (default: {d.port})")
     group.add_argument("--router", choices=ROUTER_NAMES,
                        default=d.router if defaults else None, help=f"routing policy (default: {d.router})")
-    group.add_argument("--router-address", help="remote: host:port of a standalone `tandem router`")
+    group.add_argument("--router-address",
+                       help="remote: host:port of a standalone `tandem router` (default: none; --router remote needs it)")
     group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit if defaults else None,
                        help=f"kv: weight of a cached block against a prefill block (default: {d.kv_overlap_credit})")
     group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale if defaults else None,

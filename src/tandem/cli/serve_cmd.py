@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="how workers send KV events to the router: zmq or nats (default: the graph's, else zmq)")
     parser.add_argument("--nats-url", help="nats: server URL(s) (default: the graph's, else $TANDEM_NATS_URL or "
                                            f"{DEFAULT_NATS_URL})")
-    parser.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level of the worker processes (default: %(default)s)")
     add_frontend_args(parser, defaults=False)
     add_engine_args(parser)
     parser.set_defaults(func=run, _parser=parser)

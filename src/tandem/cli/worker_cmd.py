@@ -34,8 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("worker", help="serve one engine on the request plane")
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=0, help="request-plane port; 0 picks a free one")
-    parser.add_argument("--role", default="agg", choices=("agg", "prefill", "decode"))
+    parser.add_argument("--port", type=int, default=0,
+                        help="request-plane port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--role", default="agg", choices=("agg", "prefill", "decode"),
+                        help="agg runs whole requests; prefill and decode run the two halves of disaggregated "
+                             "serving (default: %(default)s)")
     parser.add_argument("--engine", default="builtin", choices=("builtin", "mocker"),
                         help="builtin runs the model; mocker only models step times (default: %(default)s)")
     parser.add_argument("--speedup-ratio", type=float, default=1.0,
@@ -69,8 +72,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-kv-events", action="store_true",
                         help="do not publish KV events (a KV router then cannot index this worker)")
     parser.add_argument("--kv-events-port", type=int, default=0,
-                        help="ZMQ PUB port of the KV event publisher, bound on --host (0: a free one)")
-    parser.add_argument("--kv-replay-port", type=int, default=0, help="ZMQ replay port (0: a free one)")
+                        help="ZMQ PUB port of the KV event publisher, bound on --host; 0 picks a free one "
+                             "(default: %(default)s)")
+    parser.add_argument("--kv-replay-port", type=int, default=0,
+                        help="ZMQ replay port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve this process's Prometheus metrics (KV transfer bytes, seconds and failures; "
                              "held exports) at http://HOST:PORT/metrics; 0 picks a free port (default: off)")

@@ -120,12 +120,14 @@ def flatten_content(content: Any) -> str:
 
 
 class ChatMessage(BaseModel):
-    """One chat message. ``content`` is normalized to ``str`` after validation."""
+    """One chat message. ``content`` is normalized to ``str`` after validation. It is required and
+    may not be null: OpenAI allows a null (or missing) content only on an assistant message with
+    ``tool_calls``, and tool calling is not supported yet."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: Any = ""
+    content: Any
     name: StrictStr | None = None
 
     @field_validator("role", mode="before")
@@ -138,6 +140,8 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="after")
     @classmethod
     def _content(cls, v: Any) -> str:
+        if v is None:
+            raise ValueError("content must be a string or a list of content parts, not null")
         return flatten_content(v)
 
     @model_validator(mode="before")
