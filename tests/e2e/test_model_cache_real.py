@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.e2e.serve_process import ServeProcess
 
 from tandem.model_cache import DEFAULT_MODEL, ResolvedModel, resolve_model
-from tests.e2e.serve_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -371,7 +371,7 @@ def test_sixteen_concurrent_streams_match_sequential_greedy(base_url, ref):
 
 def cancellations(base_url: str) -> float:
     text = httpx.get(base_url + "/metrics", timeout=10).text
-    match = re.search(r'^tandem_frontend_cancellations_total\{model="%s"\} (\S+)$' % re.escape(MODEL), text, re.M)
+    match = re.search(r'^tandem_frontend_cancellations_total\{model="' + re.escape(MODEL) + r'"\} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -393,7 +393,7 @@ def test_client_disconnect_mid_stream_frees_the_kv_cache(base_url, client):
         while True:
             stats = await worker_stats(address)
             idle = stats["num_running"] == 0 and stats["num_waiting"] == 0
-            if idle and stats["num_free_blocks"] == stats["num_total_blocks"] or time.monotonic() > deadline:
+            if (idle and stats["num_free_blocks"] == stats["num_total_blocks"]) or time.monotonic() > deadline:
                 return stats
             await asyncio.sleep(0.1)
 

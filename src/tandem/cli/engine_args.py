@@ -31,7 +31,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> "EngineConfig":
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     from tandem.engine.config import EngineConfig
 
     return EngineConfig(

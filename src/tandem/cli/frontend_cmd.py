@@ -98,7 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
     return exit_code(stop)
 
 
-def run_event_loop(main):  # noqa: ANN001, ANN201 - a coroutine and its result
+def run_event_loop(main):
     """Run ``main`` on uvloop when it is installed (uvicorn[standard] brings it): cheaper socket
     I/O per streamed chunk than the default asyncio loop."""
     try:

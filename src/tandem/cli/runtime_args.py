@@ -39,7 +39,7 @@ def add_event_plane_args(parser: argparse.ArgumentParser) -> None:
                        help="nats: server URL(s), comma-separated (default: $TANDEM_NATS_URL or %(default)s)")
 
 
-def discovery_from_args(args: argparse.Namespace, ttl_s: float | None = None):  # noqa: ANN201 - a Discovery
+def discovery_from_args(args: argparse.Namespace, ttl_s: float | None = None):
     """The discovery client the flags describe (``ttl_s``: lease TTL of this process's registrations)."""
     from tandem.runtime.discovery import DiscoveryConfig, make_discovery
 

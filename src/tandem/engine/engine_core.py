@@ -45,9 +45,9 @@ def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int],
                max_model_len: int) -> RequestStatus | None:
     """How a request ends after appending ``token_id``, or None if it goes on."""
     params = request.sampling_params
-    if request.num_output_tokens >= params.min_tokens:
-        if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
+    may_stop = request.num_output_tokens >= params.min_tokens
+    if may_stop and ((token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
+        return RequestStatus.FINISHED_STOPPED
     if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH
     return None

@@ -20,7 +20,7 @@ SERVER_ERROR = "server_error"
 
 def error_body(
     message: str,
-    type: str = INVALID_REQUEST,  # noqa: A002 - OpenAI's field name
+    type: str = INVALID_REQUEST,
     param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
@@ -35,7 +35,7 @@ class OpenAIError(Exception):
         self,
         status: int,
         message: str,
-        type: str = INVALID_REQUEST,  # noqa: A002 - OpenAI's field name
+        type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
     ) -> None:

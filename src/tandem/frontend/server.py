@@ -19,7 +19,6 @@ from tandem.frontend.config import FrontendConfig
 from tandem.frontend.frontend import Frontend
 from tandem.runtime.discovery.base import Discovery
 
-
 _BACKSTOP_S = 5.0
 """Seconds uvicorn waits past the drain timeout for connections to close (error events to flush)."""
 

@@ -21,7 +21,7 @@ import functools
 import os
 import socket
 import uuid
-from typing import Literal, Union
+from typing import Literal
 
 import msgspec
 import torch
@@ -102,7 +102,7 @@ class ShmDone(msgspec.Struct, tag="done"):
     segment mapped for the next pull that reuses it, but never reads it again for this one)."""
 
 
-ClientMessage = Union[PullRequest, PullAck, ShmDone]
+ClientMessage = PullRequest | PullAck | ShmDone
 ServerMessage = PullResponse
 
 _encoder = msgspec.msgpack.Encoder()

@@ -15,7 +15,7 @@ Streams (``stream_id`` chosen by the client, unique per connection):
 from __future__ import annotations
 
 import struct
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -81,7 +81,7 @@ class Pong(msgspec.Struct, tag="pong", array_like=True):
     nonce: int
 
 
-Frame = Union[Request, Data, End, Error, Cancel, Ping, Pong]
+Frame = Request | Data | End | Error | Cancel | Ping | Pong
 
 
 class FrameEncoder:
