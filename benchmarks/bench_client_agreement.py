@@ -46,8 +46,9 @@ async def openai_run(url: str, args: argparse.Namespace, raw: bool) -> tuple[lis
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0)
-    config = RandomWorkloadConfig(input_len=args.input_len, output_len=args.output_len,
-                                  num_requests=args.num_requests, seed=args.seed)
+    config = RandomWorkloadConfig(
+        input_len=args.input_len, output_len=args.output_len, num_requests=args.num_requests, seed=args.seed
+    )
     queue = list(reversed(random_requests(config)))
     ttfts: list[float] = []
     gaps: list[float] = []
@@ -55,8 +56,14 @@ async def openai_run(url: str, args: argparse.Namespace, raw: bool) -> tuple[lis
     async def user() -> None:
         while queue:
             request = queue.pop()
-            kwargs = dict(model=MODEL, prompt=request.prompt, max_tokens=request.max_tokens, temperature=0,
-                          stream=True, extra_body={"ignore_eos": True})
+            kwargs = dict(
+                model=MODEL,
+                prompt=request.prompt,
+                max_tokens=request.max_tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             start = time.perf_counter()
             last = None
             if raw:  # the client's raw streaming response: its HTTP stack without per-chunk models
@@ -83,11 +90,36 @@ async def openai_run(url: str, args: argparse.Namespace, raw: bool) -> tuple[lis
 
 
 def tandem_bench_run(url: str, out: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    subprocess.run([sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", MODEL,
-                    "--workload", "random", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                    "--num-requests", str(args.num_requests), "--concurrency", str(args.concurrency),
-                    "--seed", str(args.seed), "--no-progress", "--output", str(out)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "bench",
+            "run",
+            "--url",
+            url,
+            "--model",
+            MODEL,
+            "--workload",
+            "random",
+            "--input-len",
+            str(args.input_len),
+            "--output-len",
+            str(args.output_len),
+            "--num-requests",
+            str(args.num_requests),
+            "--concurrency",
+            str(args.concurrency),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines() if line]
     return [r["ttft_s"] for r in records if r["ok"]], [g for r in records if r["ok"] for g in r.get("itl_s", [])]
 
@@ -116,7 +148,10 @@ def main() -> None:
     graph.write_text(GRAPH)
     with serving(str(graph)) as url:
         results: dict[str, tuple[list[float], list[float]]] = {
-            "tandem bench": ([], []), "openai client": ([], []), "openai raw": ([], [])}
+            "tandem bench": ([], []),
+            "openai client": ([], []),
+            "openai raw": ([], []),
+        }
         server = {name: [0.0, 0.0] for name in results}
         # Alternate the two clients so drift in the machine's speed hits both alike.
         for round_index in range(2):
@@ -130,14 +165,18 @@ def main() -> None:
                 results[name][0].extend(t), results[name][1].extend(g)
                 server[name][0] += after[0] - before[0]
                 server[name][1] += after[1] - before[1]
-    print(f"fixed-delay mocker (prefill 50 ms, decode 10 ms), concurrency {args.concurrency}, "
-          f"2 × {args.num_requests} requests per client")
+    print(
+        f"fixed-delay mocker (prefill 50 ms, decode 10 ms), concurrency {args.concurrency}, "
+        f"2 × {args.num_requests} requests per client"
+    )
     p50 = {}
     for name, (ttfts, gaps) in results.items():
         p50[name] = statistics.median(ttfts) * 1e3
-        print(f"{name:14} TTFT p50 {p50[name]:7.2f} ms, mean {statistics.fmean(ttfts) * 1e3:7.2f} ms; "
-              f"inter-chunk mean {statistics.fmean(gaps) * 1e3:6.2f} ms (n={len(ttfts)}); "
-              f"server-side TTFT mean over its requests {server[name][0] / max(server[name][1], 1) * 1e3:7.2f} ms")
+        print(
+            f"{name:14} TTFT p50 {p50[name]:7.2f} ms, mean {statistics.fmean(ttfts) * 1e3:7.2f} ms; "
+            f"inter-chunk mean {statistics.fmean(gaps) * 1e3:6.2f} ms (n={len(ttfts)}); "
+            f"server-side TTFT mean over its requests {server[name][0] / max(server[name][1], 1) * 1e3:7.2f} ms"
+        )
     for other in ("openai client", "openai raw"):
         ratio = p50["tandem bench"] / p50[other]
         print(f"TTFT p50 ratio tandem bench / {other}: {ratio:.3f} ({abs(ratio - 1) * 100:.1f}% apart; goal < 10%)")

@@ -28,7 +28,7 @@ from serve_util import serving
 
 MODEL = "smollm2-135m-instruct"
 
-FIREHOSE = r'''
+FIREHOSE = r"""
 import asyncio, sys
 N = int(sys.argv[1])
 CHUNK = (b'data: {"id":"cmpl-x","object":"text_completion","created":0,"model":"m","choices":[{"index":0,'
@@ -61,21 +61,48 @@ async def main():
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 asyncio.run(main())
-'''
+"""
 
 
 def bench(url: str, out: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", MODEL, "--workload", "random",
-           "--input-len", "64", "--output-len", str(args.output_len), "--concurrency", str(args.concurrency),
-           "--num-requests", str(args.num_requests), "--warmup-requests", "8", "--no-progress", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem",
+        "bench",
+        "run",
+        "--url",
+        url,
+        "--model",
+        MODEL,
+        "--workload",
+        "random",
+        "--input-len",
+        "64",
+        "--output-len",
+        str(args.output_len),
+        "--concurrency",
+        str(args.concurrency),
+        "--num-requests",
+        str(args.num_requests),
+        "--warmup-requests",
+        "8",
+        "--no-progress",
+        "--output",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines() if line]
     events = sum(len(r.get("itl_s", [])) + 1 for r in records if r["ok"])
-    return {"tok_s": summary["output_token_throughput"], "events_s": events / summary["duration_s"],
-            "cpu": summary["client_cpu_percent"], "ok": summary["requests_ok"], "sent": summary["requests_sent"],
-            "ttft_p50": summary["ttft_ms"]["p50"]}
-
+    return {
+        "tok_s": summary["output_token_throughput"],
+        "events_s": events / summary["duration_s"],
+        "cpu": summary["client_cpu_percent"],
+        "ok": summary["requests_ok"],
+        "sent": summary["requests_sent"],
+        "ttft_p50": summary["ttft_ms"]["p50"],
+    }
 
 
 def main() -> None:
@@ -89,8 +116,9 @@ def main() -> None:
     with serving("--engine", "mocker", "--speedup-ratio", "0", "--port", "0", "--max-num-seqs", "256") as url:
         tandem = bench(url, tmp / "tandem", args)
 
-    fire = subprocess.Popen([sys.executable, "-c", FIREHOSE, str(args.output_len)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    fire = subprocess.Popen(
+        [sys.executable, "-c", FIREHOSE, str(args.output_len)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         port = int(fire.stdout.readline())
         ceiling = bench(f"http://127.0.0.1:{port}", tmp / "firehose", args)
@@ -100,8 +128,10 @@ def main() -> None:
 
     print(f"concurrency {args.concurrency}, {args.num_requests} requests × {args.output_len} output tokens")
     for name, r in (("tandem serve (zero-delay mocker)", tandem), ("firehose (tool ceiling)", ceiling)):
-        print(f"{name:34} ok {r['ok']}/{r['sent']}: {r['tok_s']:>9,.0f} tok/s, {r['events_s']:>9,.0f} events/s, "
-              f"TTFT p50 {r['ttft_p50']:.1f} ms, tool CPU {r['cpu']:.0f}% of a core")
+        print(
+            f"{name:34} ok {r['ok']}/{r['sent']}: {r['tok_s']:>9,.0f} tok/s, {r['events_s']:>9,.0f} events/s, "
+            f"TTFT p50 {r['ttft_p50']:.1f} ms, tool CPU {r['cpu']:.0f}% of a core"
+        )
     print(f"ratio tandem/ceiling (events/s): {tandem['events_s'] / ceiling['events_s']:.2f}")
     os.system(f"rm -rf {tmp}")
 

@@ -51,13 +51,15 @@ def decode_attention() -> None:
         lens = torch.full((n,), ctx)
         q = torch.randn(n, HQ, D).to(dtype)
         mask = torch.zeros(n, 1, 1, maxb * BS, dtype=dtype).masked_fill_(
-            (torch.arange(maxb * BS)[None] >= lens[:, None]).view(n, 1, 1, -1), float("-inf"))
+            (torch.arange(maxb * BS)[None] >= lens[:, None]).view(n, 1, 1, -1), float("-inf")
+        )
 
         def sdpa():
             kd = k.view(-1, BS, HKV, D).index_select(0, table.view(-1)).view(n, maxb * BS, HKV, D)
             vd = v.view(-1, BS, HKV, D).index_select(0, table.view(-1)).view(n, maxb * BS, HKV, D)
-            return F.scaled_dot_product_attention(q.view(n, HKV, HQ // HKV, D), kd.transpose(1, 2),
-                                                  vd.transpose(1, 2), attn_mask=mask, scale=D**-0.5)
+            return F.scaled_dot_product_attention(
+                q.view(n, HKV, HQ // HKV, D), kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=mask, scale=D**-0.5
+            )
 
         rows = torch.arange(n)
         kernel = lambda: pa.paged_attention(q, k, v, table, rows, lens, BS, D**-0.5)
@@ -76,17 +78,29 @@ def prefill_attention() -> None:
 
     def sdpa():
         kp, vp = k.index_select(0, slots), v.index_select(0, slots)
-        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], kp.transpose(0, 1)[None],
-                                              vp.transpose(0, 1)[None], attn_mask=mask, scale=D**-0.5, enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            kp.transpose(0, 1)[None],
+            vp.transpose(0, 1)[None],
+            attn_mask=mask,
+            scale=D**-0.5,
+            enable_gqa=True,
+        )
 
-    tables, rows, lens = table.view(1, -1).contiguous(), torch.zeros(n, dtype=torch.long), torch.arange(cached + 1, ctx + 1)
+    tables, rows, lens = (
+        table.view(1, -1).contiguous(),
+        torch.zeros(n, dtype=torch.long),
+        torch.arange(cached + 1, ctx + 1),
+    )
     kernel = lambda: pa.paged_attention(q, k, v, tables, rows, lens, BS, D**-0.5)
     amx = "n/a (no AMX)"
     if pf.available():
         info, out = torch.tensor([[0, n, ctx]]), torch.empty_like(q)
         amx = f"{timed_ms(lambda: pf.prefill_attention(q, k, v, tables, info, BS, D**-0.5, out), 5):6.2f} ms"
-    print(f"  {n} queries over {ctx} keys, bf16: gather + SDPA {timed_ms(sdpa, 5):6.2f} ms | "
-          f"decode kernel per row {timed_ms(kernel, 5):6.2f} ms | AMX prefill kernel {amx}")
+    print(
+        f"  {n} queries over {ctx} keys, bf16: gather + SDPA {timed_ms(sdpa, 5):6.2f} ms | "
+        f"decode kernel per row {timed_ms(kernel, 5):6.2f} ms | AMX prefill kernel {amx}"
+    )
 
 
 def fused_by_rows(engine: LLMEngine) -> None:
@@ -95,8 +109,11 @@ def fused_by_rows(engine: LLMEngine) -> None:
     model._fused = None
     for batch in (1, 2, 4, 8, 16, 64):
         for i in range(batch):
-            engine.add_request(f"{batch}-{i}", [rng.randrange(100, 40000) for _ in range(256)],
-                               SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0))
+            engine.add_request(
+                f"{batch}-{i}",
+                [rng.randrange(100, 40000) for _ in range(256)],
+                SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0),
+            )
         while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
             engine.step()
         best = {}
@@ -112,13 +129,19 @@ def fused_by_rows(engine: LLMEngine) -> None:
 def packing_hints() -> None:
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # qkv, o, gate_up, down (in, out)
     for hint in (16, 64, 128, 256, 1024):
-        weights = [(i, torch.ops.mkldnn._reorder_linear_weight(torch.randn(o, i).bfloat16(), hint))
-                   for i, o in shapes for _ in range(30)]
+        weights = [
+            (i, torch.ops.mkldnn._reorder_linear_weight(torch.randn(o, i).bfloat16(), hint))
+            for i, o in shapes
+            for _ in range(30)
+        ]
         figures = []
         for m in (64, 2048):
             xs = {i: torch.randn(m, i).bfloat16() for i, _ in shapes}
-            figures.append(timed_ms(lambda: [torch.ops.mkldnn._linear_pointwise(xs[i], w, None, "none", [], "")
-                                             for i, w in weights], 3))
+            figures.append(
+                timed_ms(
+                    lambda: [torch.ops.mkldnn._linear_pointwise(xs[i], w, None, "none", [], "") for i, w in weights], 3
+                )
+            )
         print(f"  hint {hint:4d}: M=64 {figures[0]:6.1f} ms | M=2048 {figures[1]:6.1f} ms")
 
 

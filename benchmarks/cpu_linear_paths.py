@@ -40,7 +40,9 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,16,64")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    weights = [torch.randn(o, i, dtype=dtype) for _ in range(30) for o, i in SHAPES] + [torch.randn(*LM_HEAD, dtype=dtype)]
+    weights = [torch.randn(o, i, dtype=dtype) for _ in range(30) for o, i in SHAPES] + [
+        torch.randn(*LM_HEAD, dtype=dtype)
+    ]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
     gemvs = [cpu_kernels.Gemv(w, None) for w in weights] if cpu_kernels.load() else None
     total_bytes = sum(w.numel() * w.element_size() for w in weights)
@@ -49,8 +51,10 @@ def main() -> None:
         xs = {i: torch.randn(rows, i, dtype=dtype) for i in (576, 1536)}
         paths = {
             "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
-            "oneDNN packed": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
-                                      for w, p in zip(weights, packed)],
+            "oneDNN packed": lambda: [
+                torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
+                for w, p in zip(weights, packed)
+            ],
         }
         if gemvs is not None:
             paths["C GEMV"] = lambda: [g(xs[g.in_features]) for g in gemvs]
@@ -58,8 +62,10 @@ def main() -> None:
         for name, fn in paths.items():
             seconds = median_seconds(fn)
             base = base or seconds
-            print(f"rows {rows:3d}  {name:14s} {seconds * 1e3:7.1f} ms  {total_bytes / seconds / 1e9:5.1f} GB/s  "
-                  f"{base / seconds:4.2f}x vs F.linear")
+            print(
+                f"rows {rows:3d}  {name:14s} {seconds * 1e3:7.1f} ms  {total_bytes / seconds / 1e9:5.1f} GB/s  "
+                f"{base / seconds:4.2f}x vs F.linear"
+            )
 
 
 if __name__ == "__main__":

@@ -66,16 +66,22 @@ DEPLOYMENTS = ("agg", "disagg")
 
 
 def graph(kind: str, args: argparse.Namespace) -> str:
-    flags = (f"{{dtype: float32, kv-cache-gib: {args.kv_cache_gib}, threads: {args.threads}, "
-             f"max-num-batched-tokens: {args.max_num_batched_tokens}, max-num-seqs: 64}}")
+    flags = (
+        f"{{dtype: float32, kv-cache-gib: {args.kv_cache_gib}, threads: {args.threads}, "
+        f"max-num-batched-tokens: {args.max_num_batched_tokens}, max-num-seqs: 64}}"
+    )
     if kind == "agg":
-        return (f"frontend: {{host: 127.0.0.1, port: 0, router: round-robin}}\n"
-                f"workers:\n  - {{count: 2, engine: builtin, role: agg, model: {MODEL}, flags: {flags}}}\n")
-    return (f"frontend: {{host: 127.0.0.1, port: 0, router: round-robin, "
-            f"max_local_prefill_length: {args.max_local_prefill_length}}}\n"
-            f"workers:\n"
-            f"  - {{count: 1, engine: builtin, role: prefill, model: {MODEL}, flags: {flags}}}\n"
-            f"  - {{count: 1, engine: builtin, role: decode, model: {MODEL}, flags: {flags}}}\n")
+        return (
+            f"frontend: {{host: 127.0.0.1, port: 0, router: round-robin}}\n"
+            f"workers:\n  - {{count: 2, engine: builtin, role: agg, model: {MODEL}, flags: {flags}}}\n"
+        )
+    return (
+        f"frontend: {{host: 127.0.0.1, port: 0, router: round-robin, "
+        f"max_local_prefill_length: {args.max_local_prefill_length}}}\n"
+        f"workers:\n"
+        f"  - {{count: 1, engine: builtin, role: prefill, model: {MODEL}, flags: {flags}}}\n"
+        f"  - {{count: 1, engine: builtin, role: decode, model: {MODEL}, flags: {flags}}}\n"
+    )
 
 
 class Prompts:
@@ -108,8 +114,14 @@ def pct(values: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
 
 
-async def stream_loop(client: AsyncOpenAI, prompts: list[str], args: argparse.Namespace, stop: asyncio.Event,
-                      chunks: list[list[float]], deadline: float) -> None:
+async def stream_loop(
+    client: AsyncOpenAI,
+    prompts: list[str],
+    args: argparse.Namespace,
+    stop: asyncio.Event,
+    chunks: list[list[float]],
+    deadline: float,
+) -> None:
     """One decode stream: streamed completions one after another until ``stop`` (or ``deadline``);
     appends each request's chunk arrival times to ``chunks``."""
     for i in range(args.max_stream_requests):
@@ -118,8 +130,13 @@ async def stream_loop(client: AsyncOpenAI, prompts: list[str], args: argparse.Na
         times: list[float] = []
         chunks.append(times)
         stream = await client.completions.create(
-            model=MODEL, prompt=prompts[i % len(prompts)], max_tokens=args.stream_tokens, temperature=0,
-            stream=True, extra_body={"ignore_eos": True})
+            model=MODEL,
+            prompt=prompts[i % len(prompts)],
+            max_tokens=args.stream_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         try:
             async for chunk in stream:
                 if chunk.choices:
@@ -134,8 +151,14 @@ async def interferer(client: AsyncOpenAI, prompt: str, args: argparse.Namespace)
     start = time.monotonic()
     ttft, prompt_tokens = math.nan, 0
     stream = await client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=args.interferer_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=args.interferer_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     try:
         async for chunk in stream:
             if chunk.choices and math.isnan(ttft):
@@ -162,21 +185,29 @@ def scrape_outcomes(url: str) -> dict[str, int]:
 def window_stats(chunks: list[list[float]], lo: float, hi: float) -> dict:
     gaps = [b - a for times in chunks for a, b in zip(times, times[1:]) if lo <= b < hi]
     tokens = sum(lo <= t < hi for times in chunks for t in times)
-    return {"p50": pct(gaps, 50) * 1e3, "p90": pct(gaps, 90) * 1e3, "p99": pct(gaps, 99) * 1e3,
-            "max": max(gaps, default=math.nan) * 1e3, "mean": statistics.fmean(gaps) * 1e3 if gaps else math.nan,
-            "n": len(gaps), "tok_s": tokens / max(1e-9, hi - lo)}
+    return {
+        "p50": pct(gaps, 50) * 1e3,
+        "p90": pct(gaps, 90) * 1e3,
+        "p99": pct(gaps, 99) * 1e3,
+        "max": max(gaps, default=math.nan) * 1e3,
+        "mean": statistics.fmean(gaps) * 1e3 if gaps else math.nan,
+        "n": len(gaps),
+        "tok_s": tokens / max(1e-9, hi - lo),
+    }
 
 
 async def measure(url: str, prompts: Prompts, args: argparse.Namespace) -> dict:
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
     try:
         # Warm-up: both workers of either deployment see a short and a long prompt (and a KV pull).
-        warm = [prompts.make(args.stream_prompt_len) for _ in range(2)] + \
-               [prompts.make(args.interferer_len) for _ in range(2)]
+        warm = [prompts.make(args.stream_prompt_len) for _ in range(2)] + [
+            prompts.make(args.interferer_len) for _ in range(2)
+        ]
         warm_start = time.monotonic()
         for pair in (warm[:2], warm[2:]):
-            await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0)
-                                   for p in pair))
+            await asyncio.gather(
+                *(client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0) for p in pair)
+            )
         print(f"  warmed up in {time.monotonic() - warm_start:.0f} s", file=sys.stderr)
         # Interferer prompts made in advance (tokenizing is the client's CPU).
         texts = [prompts.make(args.interferer_len) for _ in range(args.max_interferers)]
@@ -184,8 +215,10 @@ async def measure(url: str, prompts: Prompts, args: argparse.Namespace) -> dict:
         hard_deadline = time.monotonic() + args.baseline + args.window + args.drain + 120
         chunks: list[list[list[float]]] = [[] for _ in range(args.streams)]
         stream_prompts = [[prompts.make(args.stream_prompt_len) for _ in range(4)] for _ in range(args.streams)]
-        streams = [asyncio.create_task(stream_loop(client, stream_prompts[k], args, stop, chunks[k], hard_deadline))
-                   for k in range(args.streams)]
+        streams = [
+            asyncio.create_task(stream_loop(client, stream_prompts[k], args, stop, chunks[k], hard_deadline))
+            for k in range(args.streams)
+        ]
         # Every stream producing (two chunks each), bounded.
         ready_by = time.monotonic() + 120
         while not all(c and len(c[-1]) >= 2 for c in chunks):
@@ -227,11 +260,16 @@ async def measure(url: str, prompts: Prompts, args: argparse.Namespace) -> dict:
         after = scrape_outcomes(url)
         outcomes = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
         ttfts = [r["ttft"] * 1e3 for r in results]
-        return {"base": window_stats(flat, t0, t1), "intf": window_stats(flat, t1, t2),
-                "n_intf": len(results), "intf_s": t2 - t1,
-                "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90),
-                "prompt_tokens": statistics.median([r["prompt_tokens"] for r in results]) if results else 0,
-                "outcomes": outcomes}
+        return {
+            "base": window_stats(flat, t0, t1),
+            "intf": window_stats(flat, t1, t2),
+            "n_intf": len(results),
+            "intf_s": t2 - t1,
+            "ttft_p50": pct(ttfts, 50),
+            "ttft_p90": pct(ttfts, 90),
+            "prompt_tokens": statistics.median([r["prompt_tokens"] for r in results]) if results else 0,
+            "outcomes": outcomes,
+        }
     finally:
         await client.close()
 
@@ -263,27 +301,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=4, help="concurrent decode streams (default: %(default)s)")
     parser.add_argument("--stream-prompt-len", type=int, default=48, help="tokens (default: %(default)s)")
-    parser.add_argument("--stream-tokens", type=int, default=256,
-                        help="max_tokens of each stream request; re-issued when done (default: %(default)s)")
+    parser.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=256,
+        help="max_tokens of each stream request; re-issued when done (default: %(default)s)",
+    )
     parser.add_argument("--interferer-len", type=int, default=1500, help="prompt tokens (default: %(default)s)")
     parser.add_argument("--interferer-tokens", type=int, default=4, help="max_tokens (default: %(default)s)")
-    parser.add_argument("--interval", type=float, default=0.0,
-                        help="seconds between interferers; 0 = closed loop, one at a time (default: %(default)s)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between interferers; 0 = closed loop, one at a time (default: %(default)s)",
+    )
     parser.add_argument("--max-interferers", type=int, default=20, help="per deployment (default: %(default)s)")
-    parser.add_argument("--baseline", type=float, default=10.0,
-                        help="seconds without interferers (default: %(default)s)")
-    parser.add_argument("--window", type=float, default=45.0,
-                        help="seconds during which interferers are sent (default: %(default)s)")
-    parser.add_argument("--drain", type=float, default=120.0,
-                        help="longest wait for one interferer / the last ones (default: %(default)s)")
+    parser.add_argument(
+        "--baseline", type=float, default=10.0, help="seconds without interferers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--window", type=float, default=45.0, help="seconds during which interferers are sent (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=120.0,
+        help="longest wait for one interferer / the last ones (default: %(default)s)",
+    )
     parser.add_argument("--max-stream-requests", type=int, default=200, help="per stream (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: %(default)s)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="per worker (default: %(default)s)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                        help="per engine step; below the prompt length it chunks the prefill (default: %(default)s)")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="per engine step; below the prompt length it chunks the prefill (default: %(default)s)",
+    )
     parser.add_argument("--max-local-prefill-length", type=int, default=64, help="disagg (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run both deployments this many times, interleaved; report medians (default: %(default)s)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run both deployments this many times, interleaved; report medians (default: %(default)s)",
+    )
     parser.add_argument("--only", nargs="+", choices=DEPLOYMENTS, default=list(DEPLOYMENTS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -298,31 +358,43 @@ def main() -> None:
     results = {kind: median_trial(ts) for kind, ts in trials.items()}
     for kind, ts in trials.items():
         if len(ts) > 1:
-            print(f"{kind}: interference ITL p90 per trial {[round(t['intf']['p90'], 1) for t in ts]} ms, "
-                  f"p99 {[round(t['intf']['p99'], 1) for t in ts]} ms")
+            print(
+                f"{kind}: interference ITL p90 per trial {[round(t['intf']['p90'], 1) for t in ts]} ms, "
+                f"p99 {[round(t['intf']['p99'], 1) for t in ts]} ms"
+            )
     mode = f"one every {args.interval:g} s" if args.interval > 0 else "closed loop, one at a time"
-    print(f"{MODEL}, float32, {args.threads} thread(s) per worker, token budget {args.max_num_batched_tokens}; "
-          f"{args.streams} decode streams ({args.stream_prompt_len}-token prompts, {args.stream_tokens} tokens "
-          f"per request); interferers: {args.interferer_len}-token prompts, max_tokens {args.interferer_tokens}, "
-          f"{mode}, for {args.window:g} s; baseline {args.baseline:g} s"
-          + (f"; medians of {args.repeats}" if args.repeats > 1 else ""))
-    print(f"{'deployment':10} | {'window':12} | {'gaps':>5} | {'ITL p50':>8} | {'ITL p90':>8} | {'ITL p99':>8} | "
-          f"{'ITL max':>8} | {'ITL mean':>8} | {'stream tok/s':>12}")
+    print(
+        f"{MODEL}, float32, {args.threads} thread(s) per worker, token budget {args.max_num_batched_tokens}; "
+        f"{args.streams} decode streams ({args.stream_prompt_len}-token prompts, {args.stream_tokens} tokens "
+        f"per request); interferers: {args.interferer_len}-token prompts, max_tokens {args.interferer_tokens}, "
+        f"{mode}, for {args.window:g} s; baseline {args.baseline:g} s"
+        + (f"; medians of {args.repeats}" if args.repeats > 1 else "")
+    )
+    print(
+        f"{'deployment':10} | {'window':12} | {'gaps':>5} | {'ITL p50':>8} | {'ITL p90':>8} | {'ITL p99':>8} | "
+        f"{'ITL max':>8} | {'ITL mean':>8} | {'stream tok/s':>12}"
+    )
     for kind, r in results.items():
         for label, key in (("baseline", "base"), ("interference", "intf")):
             w = r[key]
-            print(f"{kind:10} | {label:12} | {w['n']:>5.0f} | {w['p50']:>5.1f} ms | {w['p90']:>5.1f} ms | "
-                  f"{w['p99']:>5.1f} ms | {w['max']:>5.0f} ms | {w['mean']:>5.1f} ms | {w['tok_s']:>12.1f}")
+            print(
+                f"{kind:10} | {label:12} | {w['n']:>5.0f} | {w['p50']:>5.1f} ms | {w['p90']:>5.1f} ms | "
+                f"{w['p99']:>5.1f} ms | {w['max']:>5.0f} ms | {w['mean']:>5.1f} ms | {w['tok_s']:>12.1f}"
+            )
     for kind, r in results.items():
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items())) or "no prefill workers"
-        print(f"{kind}: {r['n_intf']:.0f} interferers in {r['intf_s']:.1f} s (prompt {r['prompt_tokens']:.0f} tokens), "
-              f"TTFT p50 {r['ttft_p50']:.0f} ms, p90 {r['ttft_p90']:.0f} ms; frontend outcomes in the window "
-              f"(interferers and stream requests): {outcomes}")
+        print(
+            f"{kind}: {r['n_intf']:.0f} interferers in {r['intf_s']:.1f} s (prompt {r['prompt_tokens']:.0f} tokens), "
+            f"TTFT p50 {r['ttft_p50']:.0f} ms, p90 {r['ttft_p90']:.0f} ms; frontend outcomes in the window "
+            f"(interferers and stream requests): {outcomes}"
+        )
     if set(results) == set(DEPLOYMENTS):
         agg, dis = results["agg"]["intf"], results["disagg"]["intf"]
-        print(f"interference ITL p90 agg / disagg: {agg['p90'] / dis['p90']:.2f}x; "
-              f"p99: {agg['p99'] / dis['p99']:.2f}x; max: {agg['max'] / dis['max']:.2f}x; "
-              f"stream tok/s disagg / agg: {dis['tok_s'] / agg['tok_s']:.2f}x")
+        print(
+            f"interference ITL p90 agg / disagg: {agg['p90'] / dis['p90']:.2f}x; "
+            f"p99: {agg['p99'] / dis['p99']:.2f}x; max: {agg['max'] / dis['max']:.2f}x; "
+            f"stream tok/s disagg / agg: {dis['tok_s'] / agg['tok_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,15 @@ DEPLOYMENTS = {"agg 2": {"num_agg": 2}, "disagg 1P1D": {"num_prefill": 1, "num_d
 
 
 def graph(deployment: dict, args: argparse.Namespace) -> str:
-    flags = (f"{{speedup-ratio: {args.speedup_ratio}, max-num-batched-tokens: {args.max_num_batched_tokens}, "
-             f"max-num-seqs: 256, num-kv-blocks: 16384}}")
-    groups = ([("agg", deployment["num_agg"])] if "num_agg" in deployment else
-              [("prefill", deployment["num_prefill"]), ("decode", deployment["num_decode"])])
+    flags = (
+        f"{{speedup-ratio: {args.speedup_ratio}, max-num-batched-tokens: {args.max_num_batched_tokens}, "
+        f"max-num-seqs: 256, num-kv-blocks: 16384}}"
+    )
+    groups = (
+        [("agg", deployment["num_agg"])]
+        if "num_agg" in deployment
+        else [("prefill", deployment["num_prefill"]), ("decode", deployment["num_decode"])]
+    )
     workers = "".join(f"  - {{engine: mocker, role: {role}, count: {n}, flags: {flags}}}\n" for role, n in groups)
     return f"frontend: {{port: 0, router: round-robin}}\nworkers:\n{workers}"
 
@@ -46,26 +51,61 @@ def served(name: str, deployment: dict, tmp: Path, args: argparse.Namespace) -> 
     path.write_text(graph(deployment, args))
     out = tmp / name.replace(" ", "_")
     with serving(str(path)) as url:
-        subprocess.run([sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", MODEL,
-                        "--workload", "random", "--input-len", str(ISL), "--output-len", str(OSL),
-                        "--rate", str(args.rate * args.speedup_ratio), "--rate-mode", "poisson",
-                        "--num-requests", str(args.requests), "--seed", str(args.seed), "--no-progress",
-                        "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tandem",
+                "bench",
+                "run",
+                "--url",
+                url,
+                "--model",
+                MODEL,
+                "--workload",
+                "random",
+                "--input-len",
+                str(ISL),
+                "--output-len",
+                str(OSL),
+                "--rate",
+                str(args.rate * args.speedup_ratio),
+                "--rate-mode",
+                "poisson",
+                "--num-requests",
+                str(args.requests),
+                "--seed",
+                str(args.seed),
+                "--no-progress",
+                "--output",
+                str(out),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     summary = json.loads((out / "summary.json").read_text())
     scale = args.speedup_ratio
-    return {"ok": f"{summary['requests_ok']}/{summary['requests_sent']}",
-            **{f"ttft_{q}": summary["ttft_ms"][q] * scale for q in ("p50", "p90")},
-            **{f"itl_{q}": summary["itl_ms"][q] * scale for q in ("p50", "p90")}}
+    return {
+        "ok": f"{summary['requests_ok']}/{summary['requests_sent']}",
+        **{f"ttft_{q}": summary["ttft_ms"][q] * scale for q in ("p50", "p90")},
+        **{f"itl_{q}": summary["itl_ms"][q] * scale for q in ("p50", "p90")},
+    }
 
 
 def simulated(deployment: dict, args: argparse.Namespace) -> dict:
     mocker = MockerConfig(speedup_ratio=0.0, max_num_batched_tokens=args.max_num_batched_tokens)
     results = Simulation(SimConfig(mocker=mocker, **deployment)).run(
-        make_requests("random", args.rate, args.requests, args.seed))
+        make_requests("random", args.rate, args.requests, args.seed)
+    )
     gaps = [gap for r in results for gap in r.itl_ms]
     ttfts = [r.ttft_ms for r in results]
-    return {"ok": f"{len(results)}/{len(results)}", "ttft_p50": percentile(ttfts, 0.5),
-            "ttft_p90": percentile(ttfts, 0.9), "itl_p50": percentile(gaps, 0.5), "itl_p90": percentile(gaps, 0.9)}
+    return {
+        "ok": f"{len(results)}/{len(results)}",
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p90": percentile(ttfts, 0.9),
+        "itl_p50": percentile(gaps, 0.5),
+        "itl_p90": percentile(gaps, 0.9),
+    }
 
 
 def main() -> None:
@@ -77,13 +117,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-sim-check-"))
-    print(f"input {ISL} / output {OSL}, {args.rate} req/s (modeled), {args.requests} requests; "
-          f"served at speedup {args.speedup_ratio}, times in modeled ms")
+    print(
+        f"input {ISL} / output {OSL}, {args.rate} req/s (modeled), {args.requests} requests; "
+        f"served at speedup {args.speedup_ratio}, times in modeled ms"
+    )
     print(f"{'deployment':<12} {'how':<9} {'ok':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'ITL p90':>8}")
     for name, deployment in DEPLOYMENTS.items():
-        for how, figures in (("served", served(name, deployment, tmp, args)), ("simulated", simulated(deployment, args))):
-            print(f"{name:<12} {how:<9} {figures['ok']:>9} {figures['ttft_p50']:>9.1f} {figures['ttft_p90']:>9.1f} "
-                  f"{figures['itl_p50']:>8.1f} {figures['itl_p90']:>8.1f}", flush=True)
+        for how, figures in (
+            ("served", served(name, deployment, tmp, args)),
+            ("simulated", simulated(deployment, args)),
+        ):
+            print(
+                f"{name:<12} {how:<9} {figures['ok']:>9} {figures['ttft_p50']:>9.1f} {figures['ttft_p90']:>9.1f} "
+                f"{figures['itl_p50']:>8.1f} {figures['itl_p90']:>8.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def make_requests(workload: str, rate: float, count: int, seed: int, num_prefixe
 def measure(results: list[SimResult]) -> dict[str, float]:
     steady = sorted(results, key=lambda r: r.arrival_ms)
     cut = len(steady) // 10
-    steady = steady[cut: len(steady) - cut]
+    steady = steady[cut : len(steady) - cut]
     gaps = [gap for r in steady for gap in r.itl_ms]
     return {
         "ttft_p90": percentile([r.ttft_ms for r in steady], 0.9),
@@ -82,10 +82,14 @@ def measure(results: list[SimResult]) -> dict[str, float]:
 
 
 def run_point(deployment: dict, router: str, workload: str, rate: float, args: argparse.Namespace) -> dict:
-    mocker = MockerConfig(speedup_ratio=0.0, max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth)
-    sim = Simulation(SimConfig(router=router, mocker=mocker, max_prefill_queue_size=args.max_prefill_queue_size,
-                               **deployment))
+    mocker = MockerConfig(
+        speedup_ratio=0.0,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth,
+    )
+    sim = Simulation(
+        SimConfig(router=router, mocker=mocker, max_prefill_queue_size=args.max_prefill_queue_size, **deployment)
+    )
     figures = measure(sim.run(make_requests(workload, rate, args.requests, args.seed, args.num_prefixes)))
     figures["rate"] = rate
     figures["ok"] = figures["ttft_p90"] <= TTFT_SLO_MS and figures["itl_p90"] <= ITL_SLO_MS
@@ -109,19 +113,27 @@ def best_rate(deployment: dict, router: str, workload: str, args: argparse.Names
 
 
 def name_of(deployment: dict) -> str:
-    return f"agg {deployment['num_agg']}" if "num_agg" in deployment else (
-        f"disagg {deployment['num_prefill']}P{deployment['num_decode']}D")
+    return (
+        f"agg {deployment['num_agg']}"
+        if "num_agg" in deployment
+        else (f"disagg {deployment['num_prefill']}P{deployment['num_decode']}D")
+    )
 
 
 def sweep(workload: str, routers: list[str], args: argparse.Namespace) -> None:
-    deployments = [{"num_agg": WORKERS}] + [{"num_prefill": p, "num_decode": WORKERS - p}
-                                            for p in range(args.min_prefill, args.max_prefill + 1)]
-    print(f"\n## workload {workload}: ISL {ISL}, OSL {OSL}, {WORKERS} workers, SLO TTFT p90 ≤ {TTFT_SLO_MS:.0f} ms "
-          f"and ITL p90 ≤ {ITL_SLO_MS:.0f} ms, {args.requests} requests per rate, "
-          f"max_prefill_queue_size {args.max_prefill_queue_size}"
-          + (f", {args.num_prefixes} shared prefixes" if workload == "shared-prefix" else ""))
-    print(f"{'deployment':<16} {'router':<12} {'req/s':>7} {'tok/s/worker':>13} {'TTFT p90':>9} {'ITL p50':>8} "
-          f"{'ITL p90':>8} {'mean-ITL p90':>13} {'hits':>6} {'local_busy':>10} {'sim s':>6}")
+    deployments = [{"num_agg": WORKERS}] + [
+        {"num_prefill": p, "num_decode": WORKERS - p} for p in range(args.min_prefill, args.max_prefill + 1)
+    ]
+    print(
+        f"\n## workload {workload}: ISL {ISL}, OSL {OSL}, {WORKERS} workers, SLO TTFT p90 ≤ {TTFT_SLO_MS:.0f} ms "
+        f"and ITL p90 ≤ {ITL_SLO_MS:.0f} ms, {args.requests} requests per rate, "
+        f"max_prefill_queue_size {args.max_prefill_queue_size}"
+        + (f", {args.num_prefixes} shared prefixes" if workload == "shared-prefix" else "")
+    )
+    print(
+        f"{'deployment':<16} {'router':<12} {'req/s':>7} {'tok/s/worker':>13} {'TTFT p90':>9} {'ITL p50':>8} "
+        f"{'ITL p90':>8} {'mean-ITL p90':>13} {'hits':>6} {'local_busy':>10} {'sim s':>6}"
+    )
     best: dict[tuple[str, str], float] = {}
     for router in routers:
         for deployment in deployments:
@@ -135,10 +147,12 @@ def sweep(workload: str, routers: list[str], args: argparse.Namespace) -> None:
             kind = "agg" if name.startswith("agg") else "disagg"
             if per_worker > best.get((kind, router), 0.0):
                 best[(kind, router)] = per_worker
-            print(f"{name:<16} {router:<12} {point['rate']:>7.2f} {per_worker:>13.1f} {point['ttft_p90']:>9.1f} "
-                  f"{point['itl_p50']:>8.1f} {point['itl_p90']:>8.1f} {point['req_itl_p90']:>13.1f} "
-                  f"{point['hit_rate']:>6.1%} {point['local_busy']:>10.1%} {time.perf_counter() - start:>6.0f}",
-                  flush=True)
+            print(
+                f"{name:<16} {router:<12} {point['rate']:>7.2f} {per_worker:>13.1f} {point['ttft_p90']:>9.1f} "
+                f"{point['itl_p50']:>8.1f} {point['itl_p90']:>8.1f} {point['req_itl_p90']:>13.1f} "
+                f"{point['hit_rate']:>6.1%} {point['local_busy']:>10.1%} {time.perf_counter() - start:>6.0f}",
+                flush=True,
+            )
     base = best.get(("agg", "round-robin"))
     for (kind, router), value in sorted(best.items()):
         ratio = f"{value / base:.2f}× agg round-robin" if base else "no agg baseline"
@@ -148,9 +162,13 @@ def sweep(workload: str, routers: list[str], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=("random", "shared-prefix", "both"), default="both")
-    parser.add_argument("--num-prefixes", type=int, default=16,
-                        help="shared-prefix: system prompts of 2,000 tokens (default: %(default)s; 128 of them "
-                             "do not all fit in one worker's 16,384-block pool)")
+    parser.add_argument(
+        "--num-prefixes",
+        type=int,
+        default=16,
+        help="shared-prefix: system prompts of 2,000 tokens (default: %(default)s; 128 of them "
+        "do not all fit in one worker's 16,384-block pool)",
+    )
     parser.add_argument("--requests", type=int, default=2000, help="requests per rate point")
     parser.add_argument("--min-rate", type=float, default=4.0)
     parser.add_argument("--max-rate", type=float, default=128.0)
@@ -159,8 +177,12 @@ def main() -> None:
     parser.add_argument("--max-prefill", type=int, default=5)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--kv-transfer-bandwidth", type=float, default=64.0, help="GB/s")
-    parser.add_argument("--max-prefill-queue-size", type=int, default=8,
-                        help="the frontend's conditional disaggregation (0 = always disaggregate; default: %(default)s)")
+    parser.add_argument(
+        "--max-prefill-queue-size",
+        type=int,
+        default=8,
+        help="the frontend's conditional disaggregation (0 = always disaggregate; default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     # The simulation feeds the kv router's indexer directly, not through event followers, so the

@@ -73,12 +73,18 @@ def tandem_figures(dtype: str) -> dict[str, float]:
     total = sum(by_op.values())
     linear = sum(ms for op, ms in by_op.items() if any(k in op for k in LINEAR_OPS))
     attention = sum(ms for op, ms in by_op.items() if any(k in op for k in ATTENTION_OPS))
-    others = sorted(((ms, op) for op, ms in by_op.items()
-                     if not any(k in op for k in LINEAR_OPS + ATTENTION_OPS)), reverse=True)[:4]
+    others = sorted(
+        ((ms, op) for op, ms in by_op.items() if not any(k in op for k in LINEAR_OPS + ATTENTION_OPS)), reverse=True
+    )[:4]
     print("largest other ops (ms/step):", ", ".join(f"{op} {ms:.1f}" for ms, op in others))
-    return {"tandem_prefill_64x256_s": prefill, "tandem_decode_step_b64_ms": step_ms,
-            "profiled_step_ms": total, "linear_ms": linear, "attention_ms": attention,
-            "other_ms": total - linear - attention}
+    return {
+        "tandem_prefill_64x256_s": prefill,
+        "tandem_decode_step_b64_ms": step_ms,
+        "profiled_step_ms": total,
+        "linear_ms": linear,
+        "attention_ms": attention,
+        "other_ms": total - linear - attention,
+    }
 
 
 def main() -> None:

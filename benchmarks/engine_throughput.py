@@ -84,9 +84,15 @@ def bench_roofline(engine: LLMEngine, prompt: list[int], output_len: int, rounds
         fractions.append(speed / (bandwidth * 1e9 / weight_bytes))
     median = lambda xs: sorted(xs)[len(xs) // 2]
     bandwidth = median(bandwidths)
-    return {"decode_tok_s": median(speeds), "decode_tok_s_rounds": speeds, "weight_bytes_per_token": weight_bytes,
-            "copy_bandwidth_gbs": bandwidth, "copy_bandwidth_gbs_rounds": bandwidths,
-            "roofline_tok_s": bandwidth * 1e9 / weight_bytes, "fraction_of_roofline": median(fractions)}
+    return {
+        "decode_tok_s": median(speeds),
+        "decode_tok_s_rounds": speeds,
+        "weight_bytes_per_token": weight_bytes,
+        "copy_bandwidth_gbs": bandwidth,
+        "copy_bandwidth_gbs_rounds": bandwidths,
+        "roofline_tok_s": bandwidth * 1e9 / weight_bytes,
+        "fraction_of_roofline": median(fractions),
+    }
 
 
 def time_to_first_token(engine: LLMEngine, prompt: list[int], request_id: str) -> float:
@@ -106,8 +112,13 @@ def bench_prefix_ttft(engine: LLMEngine, vocab: int, prompt_len: int = 1024, cac
     uncached = time_to_first_token(engine, cold, "cold")
     time_to_first_token(engine, warm, "warm")  # puts the shared 1008 tokens in the cache
     cached = time_to_first_token(engine, hit, "hit")
-    return {"prompt_tokens": prompt_len, "cached_tokens": cached_len, "ttft_uncached_s": uncached,
-            "ttft_cached_s": cached, "speedup": uncached / cached}
+    return {
+        "prompt_tokens": prompt_len,
+        "cached_tokens": cached_len,
+        "ttft_uncached_s": uncached,
+        "ttft_cached_s": cached,
+        "speedup": uncached / cached,
+    }
 
 
 def hf_child(args: argparse.Namespace) -> dict:
@@ -126,7 +137,7 @@ def hf_child(args: argparse.Namespace) -> dict:
         for i in range(0, len(prompts), args.hf_batch):
             batch = torch.tensor(prompts[i : i + args.hf_batch])  # equal lengths: no padding needed
             out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=args.output_len, **kwargs)
-            n_out += out[:, batch.shape[1]:].numel()
+            n_out += out[:, batch.shape[1] :].numel()
         elapsed = time.perf_counter() - start
         single = torch.tensor([prompts[0][:64]])
         t0 = time.perf_counter()
@@ -135,8 +146,12 @@ def hf_child(args: argparse.Namespace) -> dict:
         model.generate(single, max_new_tokens=args.single_len + 1, **kwargs)
         t2 = time.perf_counter()
     decode_s = (t2 - t1) - (t1 - t0)
-    return {"seconds": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed,
-            "single_stream_decode_tok_s": args.single_len / decode_s}
+    return {
+        "seconds": elapsed,
+        "output_tokens": n_out,
+        "output_tok_s": n_out / elapsed,
+        "single_stream_decode_tok_s": args.single_len / decode_s,
+    }
 
 
 def main() -> None:
@@ -163,20 +178,46 @@ def main() -> None:
 
     hf = None
     if not args.skip_hf:
-        child = [sys.executable, __file__, "--hf-child", "--dtype", args.dtype, "--num-requests", str(args.num_requests),
-                 "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                 "--hf-batch", str(args.hf_batch), "--single-len", str(args.single_len)]
+        child = [
+            sys.executable,
+            __file__,
+            "--hf-child",
+            "--dtype",
+            args.dtype,
+            "--num-requests",
+            str(args.num_requests),
+            "--input-len",
+            str(args.input_len),
+            "--output-len",
+            str(args.output_len),
+            "--hf-batch",
+            str(args.hf_batch),
+            "--single-len",
+            str(args.single_len),
+        ]
         if args.threads:
             child += ["--threads", str(args.threads)]
-        hf = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        hf = json.loads(
+            subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
 
-    engine = LLMEngine(EngineConfig(model=DEFAULT_MODEL, dtype=args.dtype, num_threads=args.threads,
-                                    kv_cache_memory_gib=2.0, max_num_seqs=max(args.num_requests, 1),
-                                    max_num_batched_tokens=args.max_num_batched_tokens))
+    engine = LLMEngine(
+        EngineConfig(
+            model=DEFAULT_MODEL,
+            dtype=args.dtype,
+            num_threads=args.threads,
+            kv_cache_memory_gib=2.0,
+            max_num_seqs=max(args.num_requests, 1),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+    )
     vocab = engine.model_config.vocab_size
-    results: dict = {"dtype": args.dtype, "threads": torch.get_num_threads(),
-                     "peak_rss_after_load_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                     "weight_mib": engine.loaded.model.resident_weight_bytes() / 2**20}
+    results: dict = {
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "peak_rss_after_load_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weight_mib": engine.loaded.model.resident_weight_bytes() / 2**20,
+    }
     prompts = random_prompts(args.num_requests, args.input_len, vocab)
     results["throughput"] = bench_throughput(engine, prompts, args.output_len)
     results["prefix_ttft"] = bench_prefix_ttft(engine, vocab)
@@ -189,17 +230,29 @@ def main() -> None:
         results["single_stream"]["vs_hf"] = results["single_stream"]["decode_tok_s"] / hf["single_stream_decode_tok_s"]
     print(json.dumps(results, indent=2))
     t, s, p = results["throughput"], results["single_stream"], results["prefix_ttft"]
-    print(f"\noffline throughput ({args.num_requests} x {args.input_len} in / {args.output_len} out, {args.dtype}): "
-          f"tandem {t['output_tok_s']:.1f} tok/s" + (f", HF generate (batches of {args.hf_batch}) "
-          f"{hf['output_tok_s']:.1f} tok/s, ratio {t['vs_hf']:.2f}x" if hf else ""))
-    print(f"single-stream decode: {s['decode_tok_s']:.1f} tok/s; roofline {s['roofline_tok_s']:.1f} tok/s "
-          f"({s['weight_bytes_per_token'] / 1e6:.0f} MB/token at {s['copy_bandwidth_gbs']:.1f} GB/s) "
-          f"= {100 * s['fraction_of_roofline']:.0f}% of roofline (median of {len(s['decode_tok_s_rounds'])} "
-          f"interleaved rounds)")
-    print(f"TTFT {p['prompt_tokens']} tokens: uncached {p['ttft_uncached_s'] * 1000:.0f} ms, "
-          f"{p['cached_tokens']} cached {p['ttft_cached_s'] * 1000:.0f} ms, speedup {p['speedup']:.1f}x")
-    print(f"peak RSS of the engine process: {results['peak_rss_mib']:.0f} MiB (after load "
-          f"{results['peak_rss_after_load_mib']:.0f} MiB; weights resident {results['weight_mib']:.0f} MiB)")
+    print(
+        f"\noffline throughput ({args.num_requests} x {args.input_len} in / {args.output_len} out, {args.dtype}): "
+        f"tandem {t['output_tok_s']:.1f} tok/s"
+        + (
+            f", HF generate (batches of {args.hf_batch}) {hf['output_tok_s']:.1f} tok/s, ratio {t['vs_hf']:.2f}x"
+            if hf
+            else ""
+        )
+    )
+    print(
+        f"single-stream decode: {s['decode_tok_s']:.1f} tok/s; roofline {s['roofline_tok_s']:.1f} tok/s "
+        f"({s['weight_bytes_per_token'] / 1e6:.0f} MB/token at {s['copy_bandwidth_gbs']:.1f} GB/s) "
+        f"= {100 * s['fraction_of_roofline']:.0f}% of roofline (median of {len(s['decode_tok_s_rounds'])} "
+        f"interleaved rounds)"
+    )
+    print(
+        f"TTFT {p['prompt_tokens']} tokens: uncached {p['ttft_uncached_s'] * 1000:.0f} ms, "
+        f"{p['cached_tokens']} cached {p['ttft_cached_s'] * 1000:.0f} ms, speedup {p['speedup']:.1f}x"
+    )
+    print(
+        f"peak RSS of the engine process: {results['peak_rss_mib']:.0f} MiB (after load "
+        f"{results['peak_rss_after_load_mib']:.0f} MiB; weights resident {results['weight_mib']:.0f} MiB)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

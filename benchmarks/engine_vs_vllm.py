@@ -48,12 +48,18 @@ def workloads(vocab: int = 49152, seed: int = 0) -> dict:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
-    return {"offline": [prompt(256) for _ in range(64)], "offline_out": 128,
-            "single": prompt(32), "single_out": 256,
-            "ttft": [prompt(1024) for _ in range(3)], "warmup": prompt(64)}
+    return {
+        "offline": [prompt(256) for _ in range(64)],
+        "offline_out": 128,
+        "single": prompt(32),
+        "single_out": 256,
+        "ttft": [prompt(1024) for _ in range(3)],
+        "warmup": prompt(64),
+    }
 
 
 # --- the two sides (each runs in its own process; the vLLM side must not import tandem) ---
+
 
 def run_tandem(cfg: dict) -> dict:
     import torch
@@ -84,8 +90,9 @@ def run_tandem(cfg: dict) -> dict:
         times.append(time.perf_counter() - start)
     bandwidth = 2 * n / statistics.median(times)
     weight_bytes = engine.loaded.model.decode_weight_bytes()
-    result.update(copy_bandwidth_gbs=bandwidth / 1e9, weight_mb=weight_bytes / 1e6,
-                  roofline_tok_s=bandwidth / weight_bytes)
+    result.update(
+        copy_bandwidth_gbs=bandwidth / 1e9, weight_mb=weight_bytes / 1e6, roofline_tok_s=bandwidth / weight_bytes
+    )
     return result
 
 
@@ -118,16 +125,28 @@ def _measure(generate, w: dict) -> dict:
 
 # --- the driver ---
 
+
 def run_side(side: str, cfg: dict) -> dict:
     python = sys.executable if side == "tandem" else str(VLLM_PYTHON)
     env = dict(os.environ)
     if side == "vllm":
-        env.update(VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
-                   VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-                   VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env.update(
+            VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+            VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            VLLM_NO_USAGE_STATS="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
     # Its own session, so a vLLM engine-core child never outlives the run.
-    proc = subprocess.Popen([python, __file__, "--side", side], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [python, __file__, "--side", side],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(json.dumps(cfg), timeout=1800)
     finally:
@@ -138,7 +157,7 @@ def run_side(side: str, cfg: dict) -> dict:
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} side failed (exit {proc.returncode}):\n{err[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -167,11 +186,18 @@ def main() -> None:
             start = time.perf_counter()
             res = run_side(side, cfg)
             rounds[side].append(res)
-            extra = (f" | roofline {res['roofline_tok_s']:.0f} tok/s ({res['copy_bandwidth_gbs']:.1f} GB/s, "
-                     f"{res['weight_mb']:.0f} MB/token)" if side == "tandem" else "")
-            print(f"round {r + 1} {side:6s}: offline {res['offline_tok_s']:.1f} tok/s | single-stream "
-                  f"{res['single_tok_s']:.1f} tok/s | TTFT(1024) {res['ttft_s'] * 1000:.0f} ms{extra} "
-                  f"[{time.perf_counter() - start:.0f} s with load]", flush=True)
+            extra = (
+                f" | roofline {res['roofline_tok_s']:.0f} tok/s ({res['copy_bandwidth_gbs']:.1f} GB/s, "
+                f"{res['weight_mb']:.0f} MB/token)"
+                if side == "tandem"
+                else ""
+            )
+            print(
+                f"round {r + 1} {side:6s}: offline {res['offline_tok_s']:.1f} tok/s | single-stream "
+                f"{res['single_tok_s']:.1f} tok/s | TTFT(1024) {res['ttft_s'] * 1000:.0f} ms{extra} "
+                f"[{time.perf_counter() - start:.0f} s with load]",
+                flush=True,
+            )
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in rounds[side])
@@ -181,14 +207,21 @@ def main() -> None:
     t_ttft, v_ttft = med("tandem", "ttft_s"), med("vllm", "ttft_s")
     roofline = med("tandem", "roofline_tok_s")
     print(f"medians of {args.rounds} rounds ({args.dtype}):")
-    print(f"  offline 64x(256->128): Tandem {t_off:.1f} vs vLLM {v_off:.1f} tok/s = {t_off / v_off:.2f}x (goal >= 1.2x)")
-    print(f"  single-stream 256:     Tandem {t_single:.1f} vs vLLM {v_single:.1f} tok/s = {t_single / v_single:.2f}x "
-          f"(goal >= 1.5x); Tandem at {t_single / roofline:.0%} of the {roofline:.0f} tok/s roofline (goal >= 60%)")
-    print(f"  TTFT 1,024 tokens:     Tandem {t_ttft * 1000:.0f} vs vLLM {v_ttft * 1000:.0f} ms = "
-          f"{v_ttft / t_ttft:.2f}x vLLM's speed (goal >= 1.0x)")
+    print(
+        f"  offline 64x(256->128): Tandem {t_off:.1f} vs vLLM {v_off:.1f} tok/s = {t_off / v_off:.2f}x (goal >= 1.2x)"
+    )
+    print(
+        f"  single-stream 256:     Tandem {t_single:.1f} vs vLLM {v_single:.1f} tok/s = {t_single / v_single:.2f}x "
+        f"(goal >= 1.5x); Tandem at {t_single / roofline:.0%} of the {roofline:.0f} tok/s roofline (goal >= 60%)"
+    )
+    print(
+        f"  TTFT 1,024 tokens:     Tandem {t_ttft * 1000:.0f} vs vLLM {v_ttft * 1000:.0f} ms = "
+        f"{v_ttft / t_ttft:.2f}x vLLM's speed (goal >= 1.0x)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": {k: v for k, v in cfg.items() if k != "workloads"},
-                                               "rounds": rounds}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"config": {k: v for k, v in cfg.items() if k != "workloads"}, "rounds": rounds}, indent=1)
+        )
 
 
 if __name__ == "__main__":

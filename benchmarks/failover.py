@@ -70,14 +70,22 @@ def live_worker_ids(url: str) -> set[str]:
 def migrations_total(url: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("tandem_frontend_migrations_total{") and 'outcome="migrated"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tandem_frontend_migrations_total{") and 'outcome="migrated"' in line
+    )
 
 
 async def one_stream(client: AsyncOpenAI, i: int, max_tokens: int, times: list[float], stamps: dict) -> str:
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": f"Request {i}: write a long story about the number {i}."}],
-        max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Request {i}: write a long story about the number {i}."}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     text = []
     stamps["start"] = time.perf_counter()
     async for chunk in stream:
@@ -93,8 +101,9 @@ async def run_load(url: str, args: argparse.Namespace, kill=None) -> dict:
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
     times: list[list[float]] = [[] for _ in range(args.streams)]
     stamps: list[dict] = [{} for _ in range(args.streams)]
-    tasks = [asyncio.create_task(one_stream(client, i, args.max_tokens, times[i], stamps[i]))
-             for i in range(args.streams)]
+    tasks = [
+        asyncio.create_task(one_stream(client, i, args.max_tokens, times[i], stamps[i])) for i in range(args.streams)
+    ]
     t0 = None
     if kill is not None:
         deadline = time.monotonic() + 120
@@ -139,8 +148,9 @@ def classify(run: dict, count: int) -> list[bool]:
     return [i in top for i in range(len(score))]
 
 
-def watch_removal(url: str, discovery_spec: str, etcd: str | None, victim: str, t0_box: list, result: dict,
-                  stop: threading.Event) -> None:
+def watch_removal(
+    url: str, discovery_spec: str, etcd: str | None, victim: str, t0_box: list, result: dict, stop: threading.Event
+) -> None:
     """Poll /health and a discovery client until the victim is gone from each; record times after t0."""
     from tandem.runtime.discovery import make_discovery
 
@@ -172,11 +182,17 @@ def start_deployment(kind: str, tmp: Path, args: argparse.Namespace):
     else:
         spec = f"file:{tmp / 'discovery'}"
         flags = ["--discovery", spec]
-    workers = [TandemProcess("worker", "--engine", "mocker", "--model", MODEL, "--speedup-ratio", "1",
-                     "--ttl", str(args.ttl), *flags) for _ in range(2)]
+    workers = [
+        TandemProcess(
+            "worker", "--engine", "mocker", "--model", MODEL, "--speedup-ratio", "1", "--ttl", str(args.ttl), *flags
+        )
+        for _ in range(2)
+    ]
     ids = [w.wait_for(r"worker (\S+) serving").group(1) for w in workers]
     port = free_port()
-    frontend = TandemProcess("frontend", "--port", str(port), "--router", "round-robin", "--migration-limit", "1", *flags)
+    frontend = TandemProcess(
+        "frontend", "--port", str(port), "--router", "round-robin", "--migration-limit", "1", *flags
+    )
     url = frontend.wait_for(r"frontend listening on (http://\S+)/v1").group(1)
     deadline = time.monotonic() + 30
     while live_worker_ids(url) != set(ids) and time.monotonic() < deadline:
@@ -196,8 +212,11 @@ def summarize(kind: str, base: dict, fail: dict, removal: dict, migrated: list[b
     mig = [i for i, m in enumerate(migrated) if m]
     surv = [i for i, m in enumerate(migrated) if not m]
     last_done = max((fail["stamps"][i]["end"] for i in mig), default=float("nan")) - t0
-    delays = [(fail["stamps"][i]["end"] - fail["stamps"][i]["start"]) - (base["stamps"][i]["end"] - base["stamps"][i]["start"])
-              for i in mig]
+    delays = [
+        (fail["stamps"][i]["end"] - fail["stamps"][i]["start"])
+        - (base["stamps"][i]["end"] - base["stamps"][i]["start"])
+        for i in mig
+    ]
     mig_gap = [gap_spanning(fail["times"][i], t0) for i in mig]
 
     def itl(run: dict, idx: list[int], after: float | None = None) -> list[float]:
@@ -210,9 +229,14 @@ def summarize(kind: str, base: dict, fail: dict, removal: dict, migrated: list[b
     itl_base, itl_survivors = itl(base, everyone), itl(fail, surv, t0)
     itl_migrated = [g for i in mig for g in gaps([t for t in fail["times"][i] if t > t0])]
     row = {
-        "kind": kind, "errors": len(fail["errors"]), "migrated": len(mig), "migrations_metric": counted,
-        "routing_removal_s": removal.get("routing"), "discovery_removal_s": removal.get("discovery"),
-        "last_migrated_done_s": last_done, "migrated_delay_p50_s": statistics.median(delays) if delays else None,
+        "kind": kind,
+        "errors": len(fail["errors"]),
+        "migrated": len(mig),
+        "migrations_metric": counted,
+        "routing_removal_s": removal.get("routing"),
+        "discovery_removal_s": removal.get("discovery"),
+        "last_migrated_done_s": last_done,
+        "migrated_delay_p50_s": statistics.median(delays) if delays else None,
         "migration_gap_p50_ms": 1000 * statistics.median(mig_gap) if mig_gap else None,
         "migration_gap_max_ms": 1000 * max(mig_gap) if mig_gap else None,
         "ttft_p50_ms_base": 1000 * statistics.median(ttft(base, everyone)),
@@ -236,8 +260,11 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
             t0_box: list[float] = []
             removal: dict = {}
             stop = threading.Event()
-            watcher = threading.Thread(target=watch_removal, args=(
-                url, spec, etcd.endpoint if etcd else None, ids[0], t0_box, removal, stop), daemon=True)
+            watcher = threading.Thread(
+                target=watch_removal,
+                args=(url, spec, etcd.endpoint if etcd else None, ids[0], t0_box, removal, stop),
+                daemon=True,
+            )
             watcher.start()
 
             def kill() -> None:

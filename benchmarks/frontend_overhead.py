@@ -78,8 +78,11 @@ class SSEConnection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         reader, payload = self.reader, json.dumps(body).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(head.decode(errors="replace"))
@@ -128,9 +131,21 @@ async def run_frontend(port: int, prompts: list[str] | list[list[int]], concurre
         conn = SSEConnection("127.0.0.1", port)
         while queue:
             prompt = queue.pop()
-            _record(result, *await conn.request("/v1/completions", {
-                "model": MODEL, "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "ignore_eos": True,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}))
+            _record(
+                result,
+                *await conn.request(
+                    "/v1/completions",
+                    {
+                        "model": MODEL,
+                        "prompt": prompt,
+                        "max_tokens": OUTPUT_TOKENS,
+                        "ignore_eos": True,
+                        "temperature": 0,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    },
+                ),
+            )
         conn.close()
 
     start = time.perf_counter()
@@ -150,8 +165,11 @@ async def run_direct(address: str, prompts: list[list[int]], concurrency: int) -
             start = time.perf_counter()
             first = last = None
             tokens = 0
-            payload = {"request_id": f"direct-{concurrency}-{index}-{random.random()}", "token_ids": ids,
-                       "sampling": {"max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0.0}}
+            payload = {
+                "request_id": f"direct-{concurrency}-{index}-{random.random()}",
+                "token_ids": ids,
+                "sampling": {"max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0.0},
+            }
             async for delta in rp.stream(address, "generate", payload):
                 last = time.perf_counter()
                 first = first or last
@@ -221,10 +239,15 @@ async def wait_ready(port: int, timeout: float = 120.0) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--speedup-ratio", type=float, default=0.0,
-                        help="mocker speedup (0 = zero delay, the default; e.g. 10 for a machine that is not saturated)")
-    parser.add_argument("--requests-per-client", type=int, default=8,
-                        help="requests per concurrent client (at least 16 in all)")
+    parser.add_argument(
+        "--speedup-ratio",
+        type=float,
+        default=0.0,
+        help="mocker speedup (0 = zero delay, the default; e.g. 10 for a machine that is not saturated)",
+    )
+    parser.add_argument(
+        "--requests-per-client", type=int, default=8, help="requests per concurrent client (at least 16 in all)"
+    )
     args = parser.parse_args()
 
     from tandem.models.tokenizer import load_tokenizer
@@ -232,22 +255,48 @@ def main() -> None:
     tokenizer = load_tokenizer(MODEL)
     disco = tempfile.mkdtemp(prefix="tandem-bench-")
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", str(args.speedup_ratio),
-                               "--model", MODEL, "--discovery", f"file:{disco}", "--log-level", "WARNING",
-                               "--max-num-seqs", "256", "--max-num-batched-tokens", "8192"],
-                              stdout=subprocess.DEVNULL)
-    frontend = subprocess.Popen([sys.executable, "-m", "tandem", "frontend", "--discovery", f"file:{disco}",
-                                 "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "worker",
+            "--engine",
+            "mocker",
+            "--speedup-ratio",
+            str(args.speedup_ratio),
+            "--model",
+            MODEL,
+            "--discovery",
+            f"file:{disco}",
+            "--log-level",
+            "WARNING",
+            "--max-num-seqs",
+            "256",
+            "--max-num-batched-tokens",
+            "8192",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    frontend = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "frontend", "--discovery", f"file:{disco}", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     procs = [psutil.Process(p.pid) for p in (worker, frontend)]
     try:
         address = asyncio.run(wait_ready(port))
         # warm up: the frontend loads the tokenizer on its first request
         warm_texts, _ = make_prompts(tokenizer, 4, seed=0)
         asyncio.run(run_frontend(port, warm_texts, 2))
-        print(f"worker {address} (mocker speedup {args.speedup_ratio}), frontend 127.0.0.1:{port}; "
-              f"prompt {PROMPT_TOKENS} tokens, output {OUTPUT_TOKENS}")
-        header = (f"{'conc':>4} | {'path':<15} | {'req/s':>7} | {'tok/s':>8} | {'TTFT p50 ms':>11} | "
-                  f"{'ms/token':>8} | {'CPU fe / client':>15} | server-side TTFT mean")
+        print(
+            f"worker {address} (mocker speedup {args.speedup_ratio}), frontend 127.0.0.1:{port}; "
+            f"prompt {PROMPT_TOKENS} tokens, output {OUTPUT_TOKENS}"
+        )
+        header = (
+            f"{'conc':>4} | {'path':<15} | {'req/s':>7} | {'tok/s':>8} | {'TTFT p50 ms':>11} | "
+            f"{'ms/token':>8} | {'CPU fe / client':>15} | server-side TTFT mean"
+        )
         print(header)
         print("-" * len(header))
         for seed, conc in enumerate(args.concurrency, start=1):
@@ -265,14 +314,18 @@ def main() -> None:
                 client = (mine1.user + mine1.system - mine0.user - mine0.system) / wall
                 rows.append((name, summary, f"{share * 100:.0f}% / {client * 100:.0f}%"))
             for name, s, cpu in rows:
-                print(f"{conc:>4} | {name:<15} | {s['req_per_s']:>7.1f} | {s['tok_per_s']:>8.0f} | "
-                      f"{s['ttft_p50_ms']:>11.2f} | {s['itl_mean_ms']:>8.3f} | {cpu:>15} | "
-                      + (f"{s['server_ttft_ms']:.2f} ms" if "server_ttft_ms" in s else ""))
+                print(
+                    f"{conc:>4} | {name:<15} | {s['req_per_s']:>7.1f} | {s['tok_per_s']:>8.0f} | "
+                    f"{s['ttft_p50_ms']:>11.2f} | {s['itl_mean_ms']:>8.3f} | {cpu:>15} | "
+                    + (f"{s['server_ttft_ms']:.2f} ms" if "server_ttft_ms" in s else "")
+                )
             direct = rows[0][1]
             for name, s, _ in rows[1:]:
-                print(f"{conc:>4} | added by {name[9:]:<6} | TTFT {s['ttft_p50_ms'] - direct['ttft_p50_ms']:+.2f} ms, "
-                      f"per token {s['itl_mean_ms'] - direct['itl_mean_ms']:+.3f} ms, "
-                      f"throughput ratio frontend/direct {s['tok_per_s'] / direct['tok_per_s']:.2f}")
+                print(
+                    f"{conc:>4} | added by {name[9:]:<6} | TTFT {s['ttft_p50_ms'] - direct['ttft_p50_ms']:+.2f} ms, "
+                    f"per token {s['itl_mean_ms'] - direct['itl_mean_ms']:+.3f} ms, "
+                    f"throughput ratio frontend/direct {s['tok_per_s'] / direct['tok_per_s']:.2f}"
+                )
     finally:
         for proc in (frontend, worker):
             proc.terminate()

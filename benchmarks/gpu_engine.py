@@ -31,12 +31,33 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, head_dim=64),
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                         rope_theta=1000000.0, max_position_embeddings=8192, rms_norm_eps=1e-6),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        head_dim=64,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+    ),
 }
 
 
@@ -87,8 +108,16 @@ def tandem_figures(model_dir: Path, offline: list[list[int]], single: list[int])
     from tandem.engine.llm_engine import LLMEngine
     from tandem.protocols.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory_gib=8,
-                                    max_num_seqs=256, max_num_batched_tokens=8192))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(model_dir),
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_memory_gib=8,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+        )
+    )
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     engine.generate([single[:16]], greedy(4))
     torch.cuda.synchronize()
@@ -116,8 +145,13 @@ def hf_figures(model_dir: Path, offline: list[list[int]], single: list[int], bat
 
     def generate(rows: list[list[int]], n: int) -> torch.Tensor:
         ids = torch.tensor(rows, device="cuda")
-        return model.generate(ids, max_new_tokens=n,  # noqa: F821 - runs before the del below
-                               min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return model.generate(  # noqa: F821 - runs before the del below
+            ids,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     with torch.no_grad():
         generate([single[:16]], 4)
@@ -125,7 +159,7 @@ def hf_figures(model_dir: Path, offline: list[list[int]], single: list[int], bat
         start = time.perf_counter()
         made = 0
         for i in range(0, len(offline), batch):
-            out = generate(offline[i:i + batch], 128)
+            out = generate(offline[i : i + batch], 128)
             made += out.shape[0] * 128
         torch.cuda.synchronize()
         offline_tok_s = made / (time.perf_counter() - start)
@@ -157,11 +191,15 @@ def main() -> None:
     roofline = bandwidth * 1e9 / tandem["weight_bytes"]
     figures = {"shape": args.shape, "bandwidth_gbs": bandwidth, "roofline_tok_s": roofline, "tandem": tandem, "hf": hf}
     print(json.dumps(figures, indent=1))
-    print(f"offline {args.requests}x(256->128): Tandem {tandem['offline_tok_s']:.0f} vs HF {hf['offline_tok_s']:.0f} "
-          f"tok/s = {tandem['offline_tok_s'] / hf['offline_tok_s']:.2f}x (goal >= 3x)")
-    print(f"single-stream: Tandem {tandem['single_tok_s']:.1f} vs HF {hf['single_tok_s']:.1f} tok/s; roofline "
-          f"{roofline:.0f} tok/s ({bandwidth:.0f} GB/s, {tandem['weight_bytes'] / 1e9:.2f} GB/token): Tandem at "
-          f"{tandem['single_tok_s'] / roofline:.0%} (goal >= 50%)")
+    print(
+        f"offline {args.requests}x(256->128): Tandem {tandem['offline_tok_s']:.0f} vs HF {hf['offline_tok_s']:.0f} "
+        f"tok/s = {tandem['offline_tok_s'] / hf['offline_tok_s']:.2f}x (goal >= 3x)"
+    )
+    print(
+        f"single-stream: Tandem {tandem['single_tok_s']:.1f} vs HF {hf['single_tok_s']:.1f} tok/s; roofline "
+        f"{roofline:.0f} tok/s ({bandwidth:.0f} GB/s, {tandem['weight_bytes'] / 1e9:.2f} GB/token): Tandem at "
+        f"{tandem['single_tok_s'] / roofline:.0%} (goal >= 50%)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 

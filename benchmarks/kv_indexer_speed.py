@@ -90,8 +90,9 @@ def make_events(args: argparse.Namespace) -> tuple[list[tuple[str, BlockStored]]
             tail = rand_tokens(rng, PROMPT_TOKENS - shared)
             tokens = systems[s][:shared] + tail
             prefix_hashes = system_hashes[s]
-            hashes = prefix_hashes + block_hashes(tail[: (len(tail) // bs) * bs], bs, BLOCK_HASH_SEED,
-                                                  prefix_hashes[-1] if prefix_hashes else None)
+            hashes = prefix_hashes + block_hashes(
+                tail[: (len(tail) // bs) * bs], bs, BLOCK_HASH_SEED, prefix_hashes[-1] if prefix_hashes else None
+            )
             n_prompts += 1
             if len(prompts) < 4096:
                 prompts.append((worker, tokens))
@@ -101,12 +102,17 @@ def make_events(args: argparse.Namespace) -> tuple[list[tuple[str, BlockStored]]
                 first_new += 1
             for start in range(first_new, len(hashes), args.blocks_per_event):
                 end = min(start + args.blocks_per_event, len(hashes))
-                events.append((worker, BlockStored(
-                    block_hashes=hashes[start:end],
-                    parent_block_hash=hashes[start - 1] if start else None,
-                    token_ids=tokens[start * bs:end * bs],
-                    block_size=bs,
-                )))
+                events.append(
+                    (
+                        worker,
+                        BlockStored(
+                            block_hashes=hashes[start:end],
+                            parent_block_hash=hashes[start - 1] if start else None,
+                            token_ids=tokens[start * bs : end * bs],
+                            block_size=bs,
+                        ),
+                    )
+                )
                 blocks += end - start
             have.update(hashes[first_new:])
             if blocks >= args.blocks:
@@ -120,8 +126,10 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def fmt_us(samples: list[float]) -> str:
-    return (f"p50 {1e6 * pct(samples, 0.50):7.1f} us   p99 {1e6 * pct(samples, 0.99):7.1f} us   "
-            f"max {1e6 * max(samples):7.1f} us")
+    return (
+        f"p50 {1e6 * pct(samples, 0.50):7.1f} us   p99 {1e6 * pct(samples, 0.99):7.1f} us   "
+        f"max {1e6 * max(samples):7.1f} us"
+    )
 
 
 def goal(ok: bool) -> str:
@@ -154,8 +162,7 @@ def bench_indexing(events: list[tuple[str, BlockStored]], n_blocks: int) -> KvIn
     # Baseline: the re-hashing alone, the same call the indexer makes (parent: any int, same cost).
     start = time.perf_counter()
     for _, event in events:
-        block_hashes(event.token_ids, BLOCK_SIZE, BLOCK_HASH_SEED,
-                     0 if event.parent_block_hash is not None else None)
+        block_hashes(event.token_ids, BLOCK_SIZE, BLOCK_HASH_SEED, 0 if event.parent_block_hash is not None else None)
     hash_s = time.perf_counter() - start
 
     # The same hashes in the pure-Python loop (what the indexer cost before the C loop).
@@ -164,31 +171,48 @@ def bench_indexing(events: list[tuple[str, BlockStored]], n_blocks: int) -> KvIn
     try:
         start = time.perf_counter()
         for _, event in events:
-            block_hashes(event.token_ids, BLOCK_SIZE, BLOCK_HASH_SEED,
-                         0 if event.parent_block_hash is not None else None)
+            block_hashes(
+                event.token_ids, BLOCK_SIZE, BLOCK_HASH_SEED, 0 if event.parent_block_hash is not None else None
+            )
         python_s = time.perf_counter() - start
     finally:
         hashing._native_fn = native
 
     n_events = len(events)
-    print(f"\n1. Indexing {n_events:,} BlockStored events ({n_blocks:,} blocks, "
-          f"{n_blocks / n_events:.2f} blocks/event) from {len(idx.workers())} workers")
-    print(f"   index: {idx.num_blocks():,} distinct sequence hashes, "
-          f"{sum(idx.blocks_of(w) for w in idx.workers()):,} (worker, block) entries")
-    print(f"   KvIndexer.apply             {n_events / index_s:12,.0f} events/s  {n_blocks / index_s:12,.0f} blocks/s"
-          f"  ({1e6 * index_s / n_blocks:.2f} us/block, {index_s:.2f} s)")
-    print(f"   baseline block_hashes only  {n_events / hash_s:12,.0f} events/s  {n_blocks / hash_s:12,.0f} blocks/s"
-          f"  ({1e6 * hash_s / n_blocks:.2f} us/block)")
-    print(f"   block_hashes, Python loop   {n_events / python_s:12,.0f} events/s  {n_blocks / python_s:12,.0f} blocks/s"
-          f"  ({1e6 * python_s / n_blocks:.2f} us/block; the C loop is {python_s / hash_s:.1f}x faster)")
-    print(f"   KvIndexer.apply, GC off     {n_events / nogc_s:12,.0f} events/s  {n_blocks / nogc_s:12,.0f} blocks/s"
-          f"  ({1e6 * nogc_s / n_blocks:.2f} us/block; GC on - off: "
-          f"{1e6 * (index_s - nogc_s) / n_blocks:+.2f} us/block)")
-    print(f"   ratio indexing/hashing {index_s / hash_s:.2f}x: hashing {100 * hash_s / index_s:.0f}% of the time, "
-          f"dict updates + dispatch {100 * (index_s - hash_s) / index_s:.0f}% "
-          f"({1e6 * (index_s - hash_s) / n_blocks:.2f} us/block)")
-    print(f"   goal >= 1,000,000 events/s: {goal(n_events / index_s >= 1e6)} "
-          f"(needs {n_events / n_blocks:.2f} us/block at {n_blocks / n_events:.2f} blocks/event)")
+    print(
+        f"\n1. Indexing {n_events:,} BlockStored events ({n_blocks:,} blocks, "
+        f"{n_blocks / n_events:.2f} blocks/event) from {len(idx.workers())} workers"
+    )
+    print(
+        f"   index: {idx.num_blocks():,} distinct sequence hashes, "
+        f"{sum(idx.blocks_of(w) for w in idx.workers()):,} (worker, block) entries"
+    )
+    print(
+        f"   KvIndexer.apply             {n_events / index_s:12,.0f} events/s  {n_blocks / index_s:12,.0f} blocks/s"
+        f"  ({1e6 * index_s / n_blocks:.2f} us/block, {index_s:.2f} s)"
+    )
+    print(
+        f"   baseline block_hashes only  {n_events / hash_s:12,.0f} events/s  {n_blocks / hash_s:12,.0f} blocks/s"
+        f"  ({1e6 * hash_s / n_blocks:.2f} us/block)"
+    )
+    print(
+        f"   block_hashes, Python loop   {n_events / python_s:12,.0f} events/s  {n_blocks / python_s:12,.0f} blocks/s"
+        f"  ({1e6 * python_s / n_blocks:.2f} us/block; the C loop is {python_s / hash_s:.1f}x faster)"
+    )
+    print(
+        f"   KvIndexer.apply, GC off     {n_events / nogc_s:12,.0f} events/s  {n_blocks / nogc_s:12,.0f} blocks/s"
+        f"  ({1e6 * nogc_s / n_blocks:.2f} us/block; GC on - off: "
+        f"{1e6 * (index_s - nogc_s) / n_blocks:+.2f} us/block)"
+    )
+    print(
+        f"   ratio indexing/hashing {index_s / hash_s:.2f}x: hashing {100 * hash_s / index_s:.0f}% of the time, "
+        f"dict updates + dispatch {100 * (index_s - hash_s) / index_s:.0f}% "
+        f"({1e6 * (index_s - hash_s) / n_blocks:.2f} us/block)"
+    )
+    print(
+        f"   goal >= 1,000,000 events/s: {goal(n_events / index_s >= 1e6)} "
+        f"(needs {n_events / n_blocks:.2f} us/block at {n_blocks / n_events:.2f} blocks/event)"
+    )
     return idx
 
 
@@ -199,16 +223,20 @@ def bench_find_matches(idx: KvIndexer, prompts: list[tuple[str, list[int]]], n: 
     rng = random.Random(seed + 1)
     hit_prompts = [prompts[rng.randrange(len(prompts))][1] for _ in range(n)]
     miss_prompts = [rand_tokens(rng, PROMPT_TOKENS) for _ in range(n)]
-    print(f"\n2. find_matches for {PROMPT_TOKENS}-token prompts ({PROMPT_TOKENS // BLOCK_SIZE} blocks), "
-          f"{n:,} queries each, index of {idx.num_blocks():,} sequence hashes")
+    print(
+        f"\n2. find_matches for {PROMPT_TOKENS}-token prompts ({PROMPT_TOKENS // BLOCK_SIZE} blocks), "
+        f"{n:,} queries each, index of {idx.num_blocks():,} sequence hashes"
+    )
     worst = 0.0
     for label, queries in (("hit ", hit_prompts), ("miss", miss_prompts)):
         hashed = [idx.sequence_hashes(q) for q in queries]
         matches = idx.find_matches(hashed[0])
         if label == "hit ":
-            example = (f"   (a hit query matches {len(matches)} workers, "
-                       f"{max(matches.values()) if matches else 0} blocks on the best, "
-                       f"{min(matches.values()) if matches else 0} on the others)")
+            example = (
+                f"   (a hit query matches {len(matches)} workers, "
+                f"{max(matches.values()) if matches else 0} blocks on the best, "
+                f"{min(matches.values()) if matches else 0} on the others)"
+            )
         find_only, with_hash = [], []
         gc.collect()
         for q, hs in zip(queries, hashed):
@@ -229,8 +257,12 @@ def bench_find_matches(idx: KvIndexer, prompts: list[tuple[str, list[int]]], n: 
 # ---- 3. router overhead ---------------------------------------------------------------------------
 
 
-def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str, list[int]]],
-                 args: argparse.Namespace, idx: KvIndexer | None) -> None:
+def bench_router(
+    events: list[tuple[str, BlockStored]],
+    prompts: list[tuple[str, list[int]]],
+    args: argparse.Namespace,
+    idx: KvIndexer | None,
+) -> None:
     from tandem.protocols.worker_card import WorkerCard
     from tandem.router.policies.kv import KvRouter, KvRouterConfig
     from tandem.router.worker_pool import WorkerPool
@@ -238,8 +270,9 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
     from tandem.runtime.request_plane.client import RequestPlaneClient
 
     logging.getLogger("tandem.router.policies.kv").setLevel(logging.ERROR)  # no followers here: no warning
-    router = KvRouter(WorkerPool(MemoryDiscovery()), RequestPlaneClient(),
-                      KvRouterConfig(use_kv_events=True, seed=args.seed))
+    router = KvRouter(
+        WorkerPool(MemoryDiscovery()), RequestPlaneClient(), KvRouterConfig(use_kv_events=True, seed=args.seed)
+    )
     if idx is not None and args.router_blocks >= args.blocks:
         router.indexer = idx  # the full index of step 1
     else:
@@ -249,9 +282,19 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
                 break
             router.indexer.apply(worker, event)
             applied += len(event.block_hashes)
-    cards = [WorkerCard(worker_id=f"worker-{i:02d}", model="m", tokenizer="m", chat_template="m",
-                        context_length=8192, block_size=BLOCK_SIZE, total_kv_blocks=16384,
-                        request_plane_address="127.0.0.1:1") for i in range(args.workers)]
+    cards = [
+        WorkerCard(
+            worker_id=f"worker-{i:02d}",
+            model="m",
+            tokenizer="m",
+            chat_template="m",
+            context_length=8192,
+            block_size=BLOCK_SIZE,
+            total_kv_blocks=16384,
+            request_plane_address="127.0.0.1:1",
+        )
+        for i in range(args.workers)
+    ]
     rng = random.Random(args.seed + 2)
     n = int(args.rate * args.seconds)
     # Half the requests continue a stored prompt (long hits), half are new prompts on a system prefix.
@@ -261,7 +304,7 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
             queries.append(prompts[rng.randrange(len(prompts))][1])
         else:
             base = prompts[rng.randrange(len(prompts))][1]
-            queries.append(base[:args.shared_tokens] + rand_tokens(rng, PROMPT_TOKENS - args.shared_tokens))
+            queries.append(base[: args.shared_tokens] + rand_tokens(rng, PROMPT_TOKENS - args.shared_tokens))
     route_s, first_s, finish_s, total_s = [], [], [], []
     inflight: list[str] = []
     interval = 1.0 / args.rate
@@ -300,20 +343,26 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
             finish_s.append(t4 - t3)
             total_s.append(t1 - t0 + t4 - t2)
     gc.callbacks.remove(on_gc)
-    print(f"\n3. Router overhead: KvRouter.route over {len(cards)} candidates, {n:,} requests of "
-          f"{PROMPT_TOKENS} tokens, open loop at {args.rate:g} req/s, {args.inflight} in flight, "
-          f"index of {router.indexer.num_blocks():,} sequence hashes")
+    print(
+        f"\n3. Router overhead: KvRouter.route over {len(cards)} candidates, {n:,} requests of "
+        f"{PROMPT_TOKENS} tokens, open loop at {args.rate:g} req/s, {args.inflight} in flight, "
+        f"index of {router.indexer.num_blocks():,} sequence hashes"
+    )
     print(f"   route()                      {fmt_us(route_s)}")
     print(f"   on_first_token()             {fmt_us(first_s)}")
     print(f"   on_finished()                {fmt_us(finish_s)}")
     print(f"   per request (all three)      {fmt_us(total_s)}")
     full = [p for g, p in pauses if g == 2]
-    print(f"   cyclic GC during the run: {len(pauses)} passes, {len(full)} full (gen 2)"
-          + (f", full pass {1e3 * max(full):.1f} ms" if full else "")
-          + (f", max young pass {1e3 * max(p for g, p in pauses if g < 2):.2f} ms" if len(full) < len(pauses) else "")
-          + " (a request that triggers one pays it)")
-    print(f"   router hit rate {router.hit_rate:.2f}, mean overhead (router's own figure) "
-          f"{router.status([])['overhead_ms_mean']:.3f} ms")
+    print(
+        f"   cyclic GC during the run: {len(pauses)} passes, {len(full)} full (gen 2)"
+        + (f", full pass {1e3 * max(full):.1f} ms" if full else "")
+        + (f", max young pass {1e3 * max(p for g, p in pauses if g < 2):.2f} ms" if len(full) < len(pauses) else "")
+        + " (a request that triggers one pays it)"
+    )
+    print(
+        f"   router hit rate {router.hit_rate:.2f}, mean overhead (router's own figure) "
+        f"{router.status([])['overhead_ms_mean']:.3f} ms"
+    )
     # What bounds route(): its parts, timed separately on the same prompts and the same load.
     from tandem.router.kv.cost import worker_costs
 
@@ -344,10 +393,12 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
             router.on_finished(done)
     print(f"   route() back to back (hot)   {fmt_us(hot_s)}")
     rest = statistics.fmean(hot_s) - sum(parts.values())
-    print(f"   route() mean back to back {1e6 * statistics.fmean(hot_s):.0f} us = "
-          + " + ".join(f"{name} {1e6 * v:.0f} us" for name, v in parts.items())
-          + f" + selection/booking ~{1e6 * rest:.0f} us; open loop mean {1e6 * statistics.fmean(route_s):.0f} us "
-          "(the difference: running cold after a pause)")
+    print(
+        f"   route() mean back to back {1e6 * statistics.fmean(hot_s):.0f} us = "
+        + " + ".join(f"{name} {1e6 * v:.0f} us" for name, v in parts.items())
+        + f" + selection/booking ~{1e6 * rest:.0f} us; open loop mean {1e6 * statistics.fmean(route_s):.0f} us "
+        "(the difference: running cold after a pause)"
+    )
     # Baseline for the open loop: the same fixed work (hashing one prompt) back to back and after
     # the open loop's pause. On this VM any 10 ms pause, sleep or busy-wait, slows the next
     # hundreds of microseconds of Python several-fold, whatever the code.
@@ -362,10 +413,14 @@ def bench_router(events: list[tuple[str, BlockStored]], prompts: list[tuple[str,
         router.indexer.sequence_hashes(tokens)
         paused.append(time.perf_counter() - t0)
     print(f"   baseline: hashing one prompt back to back  {fmt_us(back)}")
-    print(f"   baseline: the same after a {1e3 * interval:g} ms pause  {fmt_us(paused)}  "
-          f"(x{pct(paused, 0.5) / pct(back, 0.5):.1f} at p50: the machine's cost of pausing, not the router's)")
-    print(f"   goal < 1 ms p99 per request: {goal(pct(total_s, 0.99) < 1e-3)} "
-          f"(back to back: {goal(pct(hot_s, 0.99) < 1e-3)})")
+    print(
+        f"   baseline: the same after a {1e3 * interval:g} ms pause  {fmt_us(paused)}  "
+        f"(x{pct(paused, 0.5) / pct(back, 0.5):.1f} at p50: the machine's cost of pausing, not the router's)"
+    )
+    print(
+        f"   goal < 1 ms p99 per request: {goal(pct(total_s, 0.99) < 1e-3)} "
+        f"(back to back: {goal(pct(hot_s, 0.99) < 1e-3)})"
+    )
 
 
 def main() -> None:
@@ -373,15 +428,23 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=1_000_000, help="blocks to index (sum over workers)")
     parser.add_argument("--workers", type=int, default=64)
     parser.add_argument("--system-prompts", type=int, default=20)
-    parser.add_argument("--shared-tokens", type=int, default=768,
-                        help="tokens of a system prompt at the start of each 1,000-token prompt")
+    parser.add_argument(
+        "--shared-tokens",
+        type=int,
+        default=768,
+        help="tokens of a system prompt at the start of each 1,000-token prompt",
+    )
     parser.add_argument("--blocks-per-event", type=int, default=4)
     parser.add_argument("--queries", type=int, default=5000, help="find_matches queries of each kind")
     parser.add_argument("--rate", type=float, default=100.0, help="router requests per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="router open-loop duration")
     parser.add_argument("--inflight", type=int, default=64, help="requests running at once in step 3")
-    parser.add_argument("--router-blocks", type=int, default=None,
-                        help="blocks in the router's index (default: the full index of step 1)")
+    parser.add_argument(
+        "--router-blocks",
+        type=int,
+        default=None,
+        help="blocks in the router's index (default: the full index of step 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 0 <= args.shared_tokens <= PROMPT_TOKENS:
@@ -391,9 +454,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     events, prompts, counts = make_events(args)
-    print(f"workload: {args.workers} workers, {counts['prompts']:,} prompts of {PROMPT_TOKENS} tokens "
-          f"({args.shared_tokens} from one of {args.system_prompts} system prompts), "
-          f"{len(events):,} events, {counts['blocks']:,} blocks (generated in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"workload: {args.workers} workers, {counts['prompts']:,} prompts of {PROMPT_TOKENS} tokens "
+        f"({args.shared_tokens} from one of {args.system_prompts} system prompts), "
+        f"{len(events):,} events, {counts['blocks']:,} blocks (generated in {time.perf_counter() - t0:.1f} s)"
+    )
     idx = bench_indexing(events, counts["blocks"])
     bench_find_matches(idx, prompts, args.queries, args.seed)
     bench_router(events, prompts, args, idx)

@@ -42,26 +42,36 @@ from serve_util import serving
 MODEL = "smollm2-135m-instruct"
 
 # --only names → the deployments' display names (the keys of ``runs`` in main).
-DEPLOYMENTS = {"round-robin": "round-robin", "kv": "kv", "kv-no-events": "kv, no events",
-               "oracle": "oracle (1 pooled worker)"}
+DEPLOYMENTS = {
+    "round-robin": "round-robin",
+    "kv": "kv",
+    "kv-no-events": "kv, no events",
+    "oracle": "oracle (1 pooled worker)",
+}
 
 # --timing → (prefill A B C, decode D E F) mocker coefficients; None = the mocker's defaults (Dynamo's).
 TIMINGS = {"dynamo": (None, None), "prefill-bound": ((0.0, 0.07, 3.0), (0.0, 6.0, 8.0))}
 
 
 def graph(router: str, workers: int, blocks: int, seqs: int, args: argparse.Namespace, events: bool) -> str:
-    flags = (f"{{speedup-ratio: {args.speedup_ratio}, num-kv-blocks: {blocks}, max-num-seqs: {seqs}, "
-             f"max-num-batched-tokens: {args.max_num_batched_tokens}")
+    flags = (
+        f"{{speedup-ratio: {args.speedup_ratio}, num-kv-blocks: {blocks}, max-num-seqs: {seqs}, "
+        f"max-num-batched-tokens: {args.max_num_batched_tokens}"
+    )
     prefill, decode = TIMINGS[args.timing]
     if prefill:
         flags += f", mocker-prefill-coeffs: {list(prefill)}, mocker-decode-coeffs: {list(decode)}"
     flags += "}"
     kv = "" if events else ", kv_events: false"
     if router == "kv":
-        kv += (f", kv_overlap_credit: {args.kv_overlap_credit}, kv_prefill_load_scale: {args.kv_prefill_load_scale}, "
-               f"kv_temperature: {args.kv_temperature}")
-    return (f"frontend: {{port: 0, router: {router}{kv}}}\n"
-            f"workers:\n  - {{engine: mocker, count: {workers}, flags: {flags}}}\n")
+        kv += (
+            f", kv_overlap_credit: {args.kv_overlap_credit}, kv_prefill_load_scale: {args.kv_prefill_load_scale}, "
+            f"kv_temperature: {args.kv_temperature}"
+        )
+    return (
+        f"frontend: {{port: 0, router: {router}{kv}}}\n"
+        f"workers:\n  - {{engine: mocker, count: {workers}, flags: {flags}}}\n"
+    )
 
 
 def run_one(name: str, graph_text: str, tmp: Path, args: argparse.Namespace) -> dict:
@@ -69,37 +79,87 @@ def run_one(name: str, graph_text: str, tmp: Path, args: argparse.Namespace) -> 
     path.write_text(graph_text)
     with serving(str(path)) as url:
         out = tmp / name
-        subprocess.run([sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", MODEL,
-                        "--workload", "multi-turn", "--num-system-prompts", "20", "--system-prompt-len", "1000",
-                        "--user-history-len", str(args.user_history_len), "--question-len", "20",
-                        "--answer-len", "100", "--answer-len-stddev", "20", "--num-users", "8", "--num-rounds", "4",
-                        "--num-requests", str(args.num_requests), "--qps", "1000", "--seed", str(args.seed),
-                        "--no-progress", "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tandem",
+                "bench",
+                "run",
+                "--url",
+                url,
+                "--model",
+                MODEL,
+                "--workload",
+                "multi-turn",
+                "--num-system-prompts",
+                "20",
+                "--system-prompt-len",
+                "1000",
+                "--user-history-len",
+                str(args.user_history_len),
+                "--question-len",
+                "20",
+                "--answer-len",
+                "100",
+                "--answer-len-stddev",
+                "20",
+                "--num-users",
+                "8",
+                "--num-rounds",
+                "4",
+                "--num-requests",
+                str(args.num_requests),
+                "--qps",
+                "1000",
+                "--seed",
+                str(args.seed),
+                "--no-progress",
+                "--output",
+                str(out),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         summary = json.loads((out / "summary.json").read_text())
-    return {"ttft_p50": summary["ttft_ms"]["p50"], "ttft_p90": summary["ttft_ms"]["p90"],
-            "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
-            "ok": summary["requests_ok"], "sent": summary["requests_sent"],
-            "tok_s": summary["output_token_throughput"]}
+    return {
+        "ttft_p50": summary["ttft_ms"]["p50"],
+        "ttft_p90": summary["ttft_ms"]["p90"],
+        "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
+        "ok": summary["requests_ok"],
+        "sent": summary["requests_sent"],
+        "tok_s": summary["output_token_throughput"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker speed (default: %(default)s)")
-    parser.add_argument("--timing", choices=sorted(TIMINGS), default="dynamo",
-                        help="mocker timing model (default: %(default)s)")
+    parser.add_argument(
+        "--timing", choices=sorted(TIMINGS), default="dynamo", help="mocker timing model (default: %(default)s)"
+    )
     parser.add_argument("--num-kv-blocks", type=int, default=1024, help="per worker (default: %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=8, help="per worker (default: %(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--user-history-len", type=int, default=200)
     parser.add_argument("--num-requests", type=int, default=320, help="80 users × 4 turns")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run every deployment this many times, interleaved; report medians (default: %(default)s)")
-    parser.add_argument("--kv-overlap-credit", type=float, default=1.0, help="both kv deployments (default: %(default)s)")
-    parser.add_argument("--kv-prefill-load-scale", type=float, default=1.0, help="both kv deployments (default: %(default)s)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every deployment this many times, interleaved; report medians (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-overlap-credit", type=float, default=1.0, help="both kv deployments (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--kv-prefill-load-scale", type=float, default=1.0, help="both kv deployments (default: %(default)s)"
+    )
     parser.add_argument("--kv-temperature", type=float, default=0.0, help="both kv deployments (default: %(default)s)")
-    parser.add_argument("--only", nargs="+", choices=sorted(DEPLOYMENTS), default=None,
-                        help="run only these deployments (default: all)")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(DEPLOYMENTS), default=None, help="run only these deployments (default: all)"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-kv-quality-"))
     blocks, seqs = args.num_kv_blocks, args.max_num_seqs
@@ -118,15 +178,21 @@ def main() -> None:
     results = {name: {key: statistics.median(t[key] for t in ts) for key in ts[0]} for name, ts in trials.items()}
     for name, ts in trials.items():
         if len(ts) > 1:
-            print(f"{name}: TTFT p90 per trial {[round(t['ttft_p90'], 1) for t in ts]} ms, "
-                  f"hit rate {[round(100 * t['hit_rate'], 1) for t in ts]}%")
-    print(f"4 mocker workers ({args.timing} timing, speedup {args.speedup_ratio}, {blocks} KV blocks and {seqs} seqs each); "
-          f"kv: credit {args.kv_overlap_credit}, prefill scale {args.kv_prefill_load_scale}, T {args.kv_temperature}; multi-turn: "
-          f"20 system prompts × 1000 tokens, 8 users at a time, 4 turns, answers 100±20, {args.num_requests} requests")
+            print(
+                f"{name}: TTFT p90 per trial {[round(t['ttft_p90'], 1) for t in ts]} ms, "
+                f"hit rate {[round(100 * t['hit_rate'], 1) for t in ts]}%"
+            )
+    print(
+        f"4 mocker workers ({args.timing} timing, speedup {args.speedup_ratio}, {blocks} KV blocks and {seqs} seqs each); "
+        f"kv: credit {args.kv_overlap_credit}, prefill scale {args.kv_prefill_load_scale}, T {args.kv_temperature}; multi-turn: "
+        f"20 system prompts × 1000 tokens, 8 users at a time, 4 turns, answers 100±20, {args.num_requests} requests"
+    )
     print(f"{'deployment':26} | {'ok':>7} | {'TTFT p50':>9} | {'TTFT p90':>9} | {'hit rate':>8} | {'out tok/s':>9}")
     for name, r in results.items():
-        print(f"{name:26} | {r['ok']:>3.0f}/{r['sent']:<3.0f} | {r['ttft_p50']:>6.1f} ms | {r['ttft_p90']:>6.1f} ms | "
-              f"{r['hit_rate'] * 100:>7.1f}% | {r['tok_s']:>9.0f}")
+        print(
+            f"{name:26} | {r['ok']:>3.0f}/{r['sent']:<3.0f} | {r['ttft_p50']:>6.1f} ms | {r['ttft_p90']:>6.1f} ms | "
+            f"{r['hit_rate'] * 100:>7.1f}% | {r['tok_s']:>9.0f}"
+        )
     if set(runs) != set(DEPLOYMENTS.values()):
         return  # the ratios need every deployment
     rr, kv, oracle = (results[DEPLOYMENTS[k]] for k in ("round-robin", "kv", "oracle"))

@@ -120,13 +120,16 @@ async def measure_dtype(addresses: dict[str, str], dtype: str, pulls: int) -> No
             break
     rate = {name: nbytes / statistics.median(values) / 1e9 for name, values in seconds.items()}
     memcpy = rate["numpy"]
-    print(f"\n{dtype}: {PROMPT_TOKENS} tokens = {PROMPT_TOKENS // BLOCK_SIZE} blocks x "
-          f"{block_nbytes(BLOCK_SHAPE, dtype):,} B = {nbytes / 1e6:.1f} MB; median of {len(seconds['numpy'])} rounds")
+    print(
+        f"\n{dtype}: {PROMPT_TOKENS} tokens = {PROMPT_TOKENS // BLOCK_SIZE} blocks x "
+        f"{block_nbytes(BLOCK_SHAPE, dtype):,} B = {nbytes / 1e6:.1f} MB; median of {len(seconds['numpy'])} rounds"
+    )
     print(f"  {'memcpy (numpy, preallocated)':32s} {memcpy:6.2f} GB/s   1.00")
     print(f"  {'memcpy (bytearray slice)':32s} {rate['slice']:6.2f} GB/s   {rate['slice'] / memcpy:.2f}")
     for label, _, _ in PATHS:
-        print(f"  {'pull ' + label:32s} {rate[label]:6.2f} GB/s   {rate[label] / memcpy:.2f}   "
-              f"(path used: {used[label]})")
+        print(
+            f"  {'pull ' + label:32s} {rate[label]:6.2f} GB/s   {rate[label] / memcpy:.2f}   (path used: {used[label]})"
+        )
 
 
 async def measure(addresses: dict[str, str], dtypes: list[str], pulls: int) -> None:
@@ -147,8 +150,12 @@ def main() -> None:
         return
     pulls = max(1, min(args.pulls, 50))
     copies = len(PATHS) * (pulls + 1)
-    child = subprocess.Popen([sys.executable, __file__, "--serve", "--copies", str(copies), "--dtypes", args.dtypes],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--copies", str(copies), "--dtypes", args.dtypes],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout is not None
         pooled, fresh = child.stdout.readline().split()

@@ -65,20 +65,54 @@ def deployment(replicas: int, sync: bool, args: argparse.Namespace) -> Iterator[
 
     try:
         nats_server.start()
-        plane = ["--discovery", f"file:{tmp / 'discovery'}", "--event-plane", "nats",
-                 "--nats-url", nats_server.url, "--namespace", "bench"]
-        start("worker", "--engine", "mocker", "--mocker-workers", str(args.workers), "--model", MODEL,
-              "--speedup-ratio", str(args.speedup_ratio), "--num-kv-blocks", str(args.num_kv_blocks),
-              "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-              "--log-level", "WARNING", *plane, ready="serving")
+        plane = [
+            "--discovery",
+            f"file:{tmp / 'discovery'}",
+            "--event-plane",
+            "nats",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            "bench",
+        ]
+        start(
+            "worker",
+            "--engine",
+            "mocker",
+            "--mocker-workers",
+            str(args.workers),
+            "--model",
+            MODEL,
+            "--speedup-ratio",
+            str(args.speedup_ratio),
+            "--num-kv-blocks",
+            str(args.num_kv_blocks),
+            "--max-num-seqs",
+            str(args.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
+            "--log-level",
+            "WARNING",
+            *plane,
+            ready="serving",
+        )
         routers, urls = [], []
         for _ in range(replicas):
             flags = ["--kv-prefill-load-scale", str(args.kv_prefill_load_scale)]
             flags += [] if sync else ["--no-replica-sync"]
             routers.append(start("router", *plane, *flags, ready="listening on").rsplit(" ", 1)[1])
         for router in routers:
-            line = start("frontend", *plane, "--port", "0", "--router", "remote", "--router-address", router,
-                         ready="frontend listening on")
+            line = start(
+                "frontend",
+                *plane,
+                "--port",
+                "0",
+                "--router",
+                "remote",
+                "--router-address",
+                router,
+                ready="frontend listening on",
+            )
             urls.append(line.split(" on ")[1].split()[0].removesuffix("/v1"))
         yield urls, routers
     finally:
@@ -121,8 +155,10 @@ async def wait_for_workers(routers: list[str], workers: int) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         statuses = await router_statuses(routers)
-        if all(len(s["workers"]) == workers and all(w["last_seq"] is not None for w in s["workers"].values())
-               for s in statuses):
+        if all(
+            len(s["workers"]) == workers and all(w["last_seq"] is not None for w in s["workers"].values())
+            for s in statuses
+        ):
             return
         if time.monotonic() > deadline:
             raise RuntimeError("routers never saw every worker")
@@ -131,27 +167,42 @@ async def wait_for_workers(routers: list[str], workers: int) -> None:
 
 async def run_workload(urls: list[str], routers: list[str], args: argparse.Namespace) -> dict:
     await wait_for_workers(routers, args.workers)
-    config = MultiTurnConfig(num_users=8, num_rounds=4, system_prompt_len=1000, user_history_len=args.user_history_len,
-                             answer_len=100, answer_len_stddev=20, qps=1000, question_len=20, seed=args.seed,
-                             num_system_prompts=20)
+    config = MultiTurnConfig(
+        num_users=8,
+        num_rounds=4,
+        system_prompt_len=1000,
+        user_history_len=args.user_history_len,
+        answer_len=100,
+        answer_len_stddev=20,
+        qps=1000,
+        question_len=20,
+        seed=args.seed,
+        num_system_prompts=20,
+    )
     load = LoadConfig(num_requests=args.num_requests, duration_s=RUN_TIMEOUT_S, seed=args.seed)
     clients = [BenchClient(ClientConfig(url=url, model=MODEL)) for url in urls]
     async with contextlib.AsyncExitStack() as stack:
         for client in clients:
             await stack.enter_async_context(client)
         runner = Runner(AlternatingClient(clients), load)  # type: ignore[arg-type] - only send() is used
-        result = await runner.run_sessions(lambda i: new_session(config, i), config.num_users, user_gap_s(config),
-                                           answer_tokens)
+        result = await runner.run_sessions(
+            lambda i: new_session(config, i), config.num_users, user_gap_s(config), answer_tokens
+        )
     ok = [r for r in result.records if r.ok]
     statuses = await router_statuses(routers)
     input_tokens = sum(r.input_tokens or 0 for r in ok)
-    return {"ok": len(ok), "sent": len(result.records), "duration_s": result.duration_s,
-            "hit_rate": sum(r.cached_tokens for r in ok) / max(1, input_tokens),
-            "router_hit_rate": (sum(s["cached_blocks"] for s in statuses)
-                                / max(1, sum(s["prompt_blocks"] for s in statuses))),
-            "routed": [s["requests_routed"] for s in statuses],
-            "gaps": sum(w["gaps_recovered"] for s in statuses for w in s["workers"].values()),
-            "dumps": sum(w["dumps"] for s in statuses for w in s["workers"].values())}
+    return {
+        "ok": len(ok),
+        "sent": len(result.records),
+        "duration_s": result.duration_s,
+        "hit_rate": sum(r.cached_tokens for r in ok) / max(1, input_tokens),
+        "router_hit_rate": (
+            sum(s["cached_blocks"] for s in statuses) / max(1, sum(s["prompt_blocks"] for s in statuses))
+        ),
+        "routed": [s["requests_routed"] for s in statuses],
+        "gaps": sum(w["gaps_recovered"] for s in statuses for w in s["workers"].values()),
+        "dumps": sum(w["dumps"] for s in statuses for w in s["workers"].values()),
+    }
 
 
 def main() -> None:
@@ -167,22 +218,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     results = {}
-    for name, replicas, sync in (("one router", 1, True), ("two replicas", 2, True),
-                                 ("two, no sync", 2, False)):
+    for name, replicas, sync in (("one router", 1, True), ("two replicas", 2, True), ("two, no sync", 2, False)):
         with deployment(replicas, sync, args) as (urls, routers):
             results[name] = asyncio.run(run_workload(urls, routers, args))
-    print(f"{args.workers} mocker workers (speedup {args.speedup_ratio}, {args.num_kv_blocks} KV blocks, "
-          f"{args.max_num_seqs} seqs each), NATS event plane; multi-turn: 20 system prompts × 1000 tokens, "
-          f"8 users, 4 turns, answers 100±20, {args.num_requests} requests, seed {args.seed}")
-    print(f"{'deployment':13} | {'ok':>7} | {'hit rate':>8} | {'router est.':>11} | {'routed per router':>17} | "
-          f"{'gaps':>4} | {'dumps':>5} | {'time':>6}")
+    print(
+        f"{args.workers} mocker workers (speedup {args.speedup_ratio}, {args.num_kv_blocks} KV blocks, "
+        f"{args.max_num_seqs} seqs each), NATS event plane; multi-turn: 20 system prompts × 1000 tokens, "
+        f"8 users, 4 turns, answers 100±20, {args.num_requests} requests, seed {args.seed}"
+    )
+    print(
+        f"{'deployment':13} | {'ok':>7} | {'hit rate':>8} | {'router est.':>11} | {'routed per router':>17} | "
+        f"{'gaps':>4} | {'dumps':>5} | {'time':>6}"
+    )
     for name, r in results.items():
-        print(f"{name:13} | {r['ok']:>3}/{r['sent']:<3} | {100 * r['hit_rate']:>7.1f}% | "
-              f"{100 * r['router_hit_rate']:>10.1f}% | {r['routed']!s:>17} | {r['gaps']:>4} | {r['dumps']:>5} | "
-              f"{r['duration_s']:>5.0f}s")
+        print(
+            f"{name:13} | {r['ok']:>3}/{r['sent']:<3} | {100 * r['hit_rate']:>7.1f}% | "
+            f"{100 * r['router_hit_rate']:>10.1f}% | {r['routed']!s:>17} | {r['gaps']:>4} | {r['dumps']:>5} | "
+            f"{r['duration_s']:>5.0f}s"
+        )
     for name in ("two replicas", "two, no sync"):
         gap = 100 * (results["one router"]["hit_rate"] - results[name]["hit_rate"])
-        print(f"hit rate, one router − {name}: {gap:+.1f} points" + (" (goal: within 2)" if name == "two replicas" else ""))
+        print(
+            f"hit rate, one router − {name}: {gap:+.1f} points"
+            + (" (goal: within 2)" if name == "two replicas" else "")
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,13 @@ import urllib.request
 from serve_util import stop_serve
 
 MODEL = "smollm2-135m-instruct"
-BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True,
-        "temperature": 0}
+BODY = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Say hi."}],
+    "max_tokens": 4,
+    "stream": True,
+    "temperature": 0,
+}
 
 BASELINE = f"""
 import time, sys
@@ -60,8 +65,9 @@ def free_port() -> int:
 
 def first_token(port: int) -> bool:
     """One streaming chat request; True once a content delta arrives."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(BODY).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(BODY).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             for line in response:
@@ -78,8 +84,13 @@ def trial(empty_cache: bool) -> tuple[float, float, float]:
     cache = tempfile.mkdtemp(prefix="tandem-cold-cache-") if empty_cache else None
     env = {**os.environ, "TANDEM_CACHE_DIR": cache} if cache else None
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     ready_at: list[float] = []
     printed: list[float] = []
 
@@ -95,8 +106,11 @@ def trial(empty_cache: bool) -> tuple[float, float, float]:
         deadline = start + 300
         while time.perf_counter() < deadline:
             if first_token(port):
-                return (time.perf_counter() - start, ready_at[0] if ready_at else float("nan"),
-                        printed[0] if printed else float("nan"))
+                return (
+                    time.perf_counter() - start,
+                    ready_at[0] if ready_at else float("nan"),
+                    printed[0] if printed else float("nan"),
+                )
             time.sleep(0.05)
         raise TimeoutError("no first token within 300 s")
     finally:
@@ -113,8 +127,11 @@ def baseline() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--empty-cache", action="store_true",
-                        help="each trial on an empty model cache of its own (a first start: pull included)")
+    parser.add_argument(
+        "--empty-cache",
+        action="store_true",
+        help="each trial on an empty model cache of its own (a first start: pull included)",
+    )
     args = parser.parse_args()
     from tandem.model_cache import resolve_model
 
@@ -124,11 +141,15 @@ def main() -> None:
         first, ready, printed = trial(args.empty_cache)
         base = baseline()
         firsts.append(first), readies.append(ready), bases.append(base)
-        print(f"trial {i + 1}: serve → first token {first:.2f} s (ready line {ready:.2f} s, it prints {printed:.1f} s); "
-              f"engine-only baseline {base:.2f} s")
+        print(
+            f"trial {i + 1}: serve → first token {first:.2f} s (ready line {ready:.2f} s, it prints {printed:.1f} s); "
+            f"engine-only baseline {base:.2f} s"
+        )
     f, r, b = statistics.median(firsts), statistics.median(readies), statistics.median(bases)
-    print(f"median{' (empty cache)' if args.empty_cache else ''}: tandem serve launch to first token {f:.2f} s, "
-          f"to ready line {r:.2f} s; engine-only {b:.2f} s; ratio {f / b:.2f}")
+    print(
+        f"median{' (empty cache)' if args.empty_cache else ''}: tandem serve launch to first token {f:.2f} s, "
+        f"to ready line {r:.2f} s; engine-only {b:.2f} s; ratio {f / b:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ def serving(*serve_args: str, timeout: float = 120.0) -> Iterator[str]:
     """Run ``python -m tandem serve *serve_args``; yield its base URL (``http://host:port``) once
     it says it is serving; stop it with SIGINT at the end. Its output keeps being drained, so a
     chatty server never blocks on a full pipe."""
-    proc = subprocess.Popen([sys.executable, "-m", "tandem", "serve", *serve_args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "serve", *serve_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ready = threading.Event()
     url: list[str] = []
 

@@ -56,15 +56,44 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 def start(server: str, model_dir: str, port: int, log: Path) -> subprocess.Popen:
     env = dict(os.environ)
     if server == "tandem":
-        cmd = [sys.executable, "-m", "tandem", "serve", "--model", NAME, "--dtype", "bfloat16", "--port", str(port),
-               "--kv-cache-gib", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tandem",
+            "serve",
+            "--model",
+            NAME,
+            "--dtype",
+            "bfloat16",
+            "--port",
+            str(port),
+            "--kv-cache-gib",
+            "2",
+        ]
     else:
-        env.update(VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
-                   VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"), VLLM_NO_USAGE_STATS="1",
-                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        cmd = [str(VLLM_PYTHON), str(ROOT / "benchmarks" / "vllm" / "vllm_cli.py"), "serve", model_dir,
-               "--served-model-name", NAME, "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", "2048"]
+        env.update(
+            VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+            VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            VLLM_NO_USAGE_STATS="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        cmd = [
+            str(VLLM_PYTHON),
+            str(ROOT / "benchmarks" / "vllm" / "vllm_cli.py"),
+            "serve",
+            model_dir,
+            "--served-model-name",
+            NAME,
+            "--dtype",
+            "bfloat16",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "2048",
+        ]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -81,10 +110,34 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def bench(url: str, concurrency: int, requests: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "tandem", "bench", "run", "--url", url, "--model", NAME, "--workload", "random",
-           "--input-len", "512", "--output-len", "128", "--concurrency", str(concurrency),
-           "--num-requests", str(requests), "--warmup-requests", "2", "--output", str(out), "--no-progress",
-           "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem",
+        "bench",
+        "run",
+        "--url",
+        url,
+        "--model",
+        NAME,
+        "--workload",
+        "random",
+        "--input-len",
+        "512",
+        "--output-len",
+        "128",
+        "--concurrency",
+        str(concurrency),
+        "--num-requests",
+        str(requests),
+        "--warmup-requests",
+        "2",
+        "--output",
+        str(out),
+        "--no-progress",
+        "--seed",
+        "0",
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=1800)
     return json.loads((out / "summary.json").read_text())
 
@@ -116,18 +169,23 @@ def main() -> None:
             for c in args.concurrency:
                 s = bench(url, c, max(8, args.requests_per_slot * c), out_root / f"{server}-c{c}")
                 results[server][c] = s
-                print(f"  {server:6s} c={c:2d}: {s['output_token_throughput']:7.1f} out tok/s | TTFT p50 "
-                      f"{s['ttft_ms']['p50']:7.1f} p99 {s['ttft_ms']['p99']:7.1f} ms | ITL p50 "
-                      f"{s['itl_ms']['p50']:6.1f} p99 {s['itl_ms']['p99']:6.1f} ms | ok {s['requests_ok']}/"
-                      f"{s['requests_sent']}", flush=True)
+                print(
+                    f"  {server:6s} c={c:2d}: {s['output_token_throughput']:7.1f} out tok/s | TTFT p50 "
+                    f"{s['ttft_ms']['p50']:7.1f} p99 {s['ttft_ms']['p99']:7.1f} ms | ITL p50 "
+                    f"{s['itl_ms']['p50']:6.1f} p99 {s['itl_ms']['p99']:6.1f} ms | ok {s['requests_ok']}/"
+                    f"{s['requests_sent']}",
+                    flush=True,
+                )
         finally:
             stop(proc)
     if {"tandem", "vllm"} <= results.keys():
         for c in args.concurrency:
             t, v = results["tandem"][c], results["vllm"][c]
-            print(f"c={c:2d}: Tandem ÷ vLLM output tok/s = {t['output_token_throughput'] / v['output_token_throughput']:.2f} "
-                  f"(goal >= 1); ITL p50 {t['itl_ms']['p50']:.1f} vs {v['itl_ms']['p50']:.1f} ms; TTFT p50 "
-                  f"{t['ttft_ms']['p50']:.0f} vs {v['ttft_ms']['p50']:.0f} ms")
+            print(
+                f"c={c:2d}: Tandem ÷ vLLM output tok/s = {t['output_token_throughput'] / v['output_token_throughput']:.2f} "
+                f"(goal >= 1); ITL p50 {t['itl_ms']['p50']:.1f} vs {v['itl_ms']['p50']:.1f} ms; TTFT p50 "
+                f"{t['ttft_ms']['p50']:.0f} vs {v['ttft_ms']['p50']:.0f} ms"
+            )
     print(f"runs in {out_root}")
 
 

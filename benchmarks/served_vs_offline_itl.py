@@ -68,8 +68,14 @@ def served_itls(cfg: dict) -> list[list[float]]:
         client.completions.create(model=model, prompt=cfg["prompt"][:32], max_tokens=4)  # warm-up
         for _ in range(cfg["requests"]):
             stamps = []
-            stream = client.completions.create(model=model, prompt=cfg["prompt"], max_tokens=cfg["max_tokens"],
-                                               temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+            stream = client.completions.create(
+                model=model,
+                prompt=cfg["prompt"],
+                max_tokens=cfg["max_tokens"],
+                temperature=0.0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
                     stamps.append(time.perf_counter())
@@ -88,8 +94,13 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     prompt = [rng.randrange(100, 49000) for _ in range(args.prompt_len)]
-    cfg = {"dtype": args.dtype, "threads": args.threads, "prompt": prompt, "max_tokens": args.max_tokens,
-           "requests": args.requests}
+    cfg = {
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "requests": args.requests,
+    }
     offline_rounds, served_p50s, served_means = [], [], []
     for r in range(args.rounds):
         offline = statistics.median(offline_ms_per_token(cfg))
@@ -100,12 +111,17 @@ def main() -> None:
         offline_rounds.append(offline)
         served_p50s.append(p50)
         served_means.append(mean)
-        print(f"round {r + 1}: offline {offline:.2f} ms/token | served ITL p50 {p50:.2f} mean {mean:.2f} "
-              f"p99 {p99:.2f} ms | p50 ÷ offline {p50 / offline:.3f}", flush=True)
+        print(
+            f"round {r + 1}: offline {offline:.2f} ms/token | served ITL p50 {p50:.2f} mean {mean:.2f} "
+            f"p99 {p99:.2f} ms | p50 ÷ offline {p50 / offline:.3f}",
+            flush=True,
+        )
     off, p50, mean = (statistics.median(x) for x in (offline_rounds, served_p50s, served_means))
-    print(f"median of {args.rounds} rounds ({args.dtype}, prompt {args.prompt_len}, {args.max_tokens} tokens): "
-          f"offline {off:.2f} ms/token, served ITL p50 {p50:.2f} ms (mean {mean:.2f}); "
-          f"served p50 ÷ offline = {p50 / off:.3f} (goal ≤ 1.10)")
+    print(
+        f"median of {args.rounds} rounds ({args.dtype}, prompt {args.prompt_len}, {args.max_tokens} tokens): "
+        f"offline {off:.2f} ms/token, served ITL p50 {p50:.2f} ms (mean {mean:.2f}); "
+        f"served p50 ÷ offline = {p50 / off:.3f} (goal ≤ 1.10)"
+    )
 
 
 if __name__ == "__main__":

@@ -141,16 +141,19 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(dtype=args.dtype, kv_cache_memory_gib=1.0))
     instrument(engine)
     print(f"dtype {engine.loaded.dtype}, {torch.get_num_threads()} threads")
-    linear_flops = sum(2 * m.in_features * m.out_features for m in engine.runner.model.modules()
-                       if isinstance(m, Linear))
+    linear_flops = sum(
+        2 * m.in_features * m.out_features for m in engine.runner.model.modules() if isinstance(m, Linear)
+    )
 
     def report(title: str, parts: dict[str, float], untimed: float, rows: int) -> None:
         print(f"\n{title}: untimed step {untimed:.1f} ms")
         for name, value in parts.items():
             print(f"  {name:24s} {value:8.2f} ms")
         rate = rows * linear_flops / (parts["linear"] / 1000) / 1e12
-        print(f"  linear layers at {rate:.2f} TFLOP/s; torch.matmul of the same shapes: "
-              f"{gemm_rate(engine, rows):.2f} TFLOP/s")
+        print(
+            f"  linear layers at {rate:.2f} TFLOP/s; torch.matmul of the same shapes: "
+            f"{gemm_rate(engine, rows):.2f} TFLOP/s"
+        )
 
     add(engine, 1, 256, 10_000, "single")
     for _ in range(5):
@@ -164,8 +167,7 @@ def main() -> None:
         engine.step()
     for _ in range(3):
         engine.step()
-    report("decode at batch 64 (context ~260)", breakdown(engine, args.steps),
-           untimed_step_ms(engine, args.steps), 64)
+    report("decode at batch 64 (context ~260)", breakdown(engine, args.steps), untimed_step_ms(engine, args.steps), 64)
     for request_id in list(engine.requests):
         engine.abort_request(request_id)
 

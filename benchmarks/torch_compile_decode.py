@@ -24,8 +24,14 @@ import subprocess
 import sys
 import time
 
-KERNEL_SWITCHES = ("TANDEM_DISABLE_CPU_ATTENTION", "TANDEM_DISABLE_FUSED_DECODE", "TANDEM_DISABLE_CPU_ELEMENTWISE",
-                   "TANDEM_DISABLE_CPU_GEMV", "TANDEM_DISABLE_CPU_AMX_LINEAR", "TANDEM_DISABLE_CPU_PREFILL_ATTENTION")
+KERNEL_SWITCHES = (
+    "TANDEM_DISABLE_CPU_ATTENTION",
+    "TANDEM_DISABLE_FUSED_DECODE",
+    "TANDEM_DISABLE_CPU_ELEMENTWISE",
+    "TANDEM_DISABLE_CPU_GEMV",
+    "TANDEM_DISABLE_CPU_AMX_LINEAR",
+    "TANDEM_DISABLE_CPU_PREFILL_ATTENTION",
+)
 
 
 def child(mode: str) -> dict:
@@ -75,14 +81,18 @@ def main() -> None:
             # The plain-weight GEMV library stays loadable so Linear keeps its plain weight; the
             # compiled run drops both kernels' bindings itself.
             env.update({name: "1" for name in KERNEL_SWITCHES if name != "TANDEM_DISABLE_CPU_GEMV"})
-        out = subprocess.run([sys.executable, __file__, "--child", mode], env=env, capture_output=True, text=True,
-                             timeout=3600)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", mode], env=env, capture_output=True, text=True, timeout=3600
+        )
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
             raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
         results[mode] = json.loads(lines[-1][7:])
-        print(f"{mode:8s}: decode step at batch 64 {results[mode]['step_ms']:.1f} ms "
-              f"(first decode step {results[mode]['first_step_s']:.1f} s)", flush=True)
+        print(
+            f"{mode:8s}: decode step at batch 64 {results[mode]['step_ms']:.1f} ms "
+            f"(first decode step {results[mode]['first_step_s']:.1f} s)",
+            flush=True,
+        )
     e, c, k = (results[m]["step_ms"] for m in ("eager", "compile", "kernels"))
     print(f"torch.compile vs eager PyTorch: {e / c:.2f}x; Tandem kernels vs torch.compile: {c / k:.2f}x")
 

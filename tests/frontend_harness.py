@@ -55,8 +55,14 @@ class Deployment:
 
         async def start() -> WorkerService:
             core = MockerEngine(MockerConfig(speedup_ratio=0, **mocker))
-            service = WorkerService(AsyncEngine(core), self.discovery, model_name=model,
-                                    tokenizer_source=TOKENIZER, engine_kind="mocker", ttl_s=30.0)
+            service = WorkerService(
+                AsyncEngine(core),
+                self.discovery,
+                model_name=model,
+                tokenizer_source=TOKENIZER,
+                engine_kind="mocker",
+                ttl_s=30.0,
+            )
             await service.start()
             return service
 
@@ -73,9 +79,17 @@ class Deployment:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        card = WorkerCard(worker_id=worker_id, model=model, tokenizer=TOKENIZER, chat_template=TOKENIZER,
-                          context_length=8192, block_size=16, total_kv_blocks=1024,
-                          request_plane_address=f"127.0.0.1:{port}", engine="mocker")
+        card = WorkerCard(
+            worker_id=worker_id,
+            model=model,
+            tokenizer=TOKENIZER,
+            chat_template=TOKENIZER,
+            context_length=8192,
+            block_size=16,
+            total_kv_blocks=1024,
+            request_plane_address=f"127.0.0.1:{port}",
+            engine="mocker",
+        )
 
         async def register() -> Registration:
             return await self.discovery.register(card, 30.0)
@@ -83,8 +97,9 @@ class Deployment:
         self.registrations.append(self.run(register()))
         return card
 
-    def add_frontend(self, config: FrontendConfig, discovery: Discovery | None = None,
-                     models: list[str] | None = None) -> FrontendServer:
+    def add_frontend(
+        self, config: FrontendConfig, discovery: Discovery | None = None, models: list[str] | None = None
+    ) -> FrontendServer:
         async def start() -> FrontendServer:
             server = FrontendServer(config, discovery or self.discovery, models=models)
             await server.start()
@@ -133,8 +148,9 @@ def assert_openai_error(status: int, body: Any, expected_status: int | None = No
     return error
 
 
-def raw_request(url: str, method: str, path: str, headers: dict[str, str], body_parts: list[bytes],
-                chunked: bool) -> tuple[int, bytes]:
+def raw_request(
+    url: str, method: str, path: str, headers: dict[str, str], body_parts: list[bytes], chunked: bool
+) -> tuple[int, bytes]:
     """Send a request on a raw socket (body as given, optionally with chunked framing) and read the reply.
 
     A server may answer (413) before reading the whole body and then close: sending errors are

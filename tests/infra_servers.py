@@ -69,8 +69,9 @@ class _Server:
         if self.running:
             return
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([*self.argv_prefix, *self._argv()], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*self.argv_prefix, *self._argv()], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._wait_listening(timeout_s)
 
     def _wait_listening(self, timeout_s: float) -> None:
@@ -125,8 +126,14 @@ class EtcdServer(_Server):
 
     name = "etcd"
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", client_port: int | None = None,
-                 peer_port: int | None = None, member: str = "tandem-test") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        member: str = "tandem-test",
+    ) -> None:
         super().__init__(data_dir, host)
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
@@ -149,10 +156,26 @@ class EtcdServer(_Server):
 
     def _argv(self) -> list[str]:
         client = f"http://{self.host}:{self.client_port}"
-        return [ETCD_BIN, "--name", self.member, "--data-dir", str(self.data_dir / "data"),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", self.initial_cluster, "--log-level", "warn", *self.extra_args]
+        return [
+            ETCD_BIN,
+            "--name",
+            self.member,
+            "--data-dir",
+            str(self.data_dir / "data"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            self.initial_cluster,
+            "--log-level",
+            "warn",
+            *self.extra_args,
+        ]
 
 
 class EtcdCluster:

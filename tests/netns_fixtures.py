@@ -48,8 +48,7 @@ class _InNamespace:
         self.argv_prefix = (ip_binary(), "netns", "exec", bed.namespace(host))
 
     def _wait_listening(self, timeout_s: float) -> None:
-        self.bed.call(self.bed_host, wait_for_port, self.host, self.port, timeout_s, self.proc,
-                      timeout_s=timeout_s + 5)
+        self.bed.call(self.bed_host, wait_for_port, self.host, self.port, timeout_s, self.proc, timeout_s=timeout_s + 5)
 
 
 class NetnsEtcdServer(_InNamespace, EtcdServer):

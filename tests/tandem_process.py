@@ -18,9 +18,15 @@ import time
 
 class TandemProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tandem", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self._reader.start()
@@ -40,8 +46,9 @@ class TandemProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r} from {self.proc.args} "
-                             f"(exit code {self.proc.poll()}):\n{self.output}")
+        raise AssertionError(
+            f"no line matching {pattern!r} from {self.proc.args} (exit code {self.proc.poll()}):\n{self.output}"
+        )
 
     def wait(self, timeout: float) -> int:
         """The exit code, once the process exited and all its output was read."""

@@ -29,16 +29,20 @@ class IncrementalDetokenizer:
     so the work per token is bounded by the window, not by the length of the output.
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: Iterable[int] | None = None,
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: Iterable[int] | None = None, skip_special_tokens: bool = True
+    ) -> None:
         """``prompt_token_ids``: tokens before the output (their tail is context, never emitted)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         # The Rust tokenizer's own decode gives the same text as transformers' wrapper when no
         # space clean-up is configured, at a third of the cost (it runs twice per token).
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._raw_decode = backend.decode if backend is not None and not getattr(
-            tokenizer, "clean_up_tokenization_spaces", True) else None
+        self._raw_decode = (
+            backend.decode
+            if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+            else None
+        )
         prompt = list(prompt_token_ids or [])
         self._window: list[int] = prompt[-PROMPT_CONTEXT_TOKENS:] if prompt else []
         self._read = len(self._window)
@@ -73,8 +77,8 @@ class IncrementalDetokenizer:
         return self._emit(full_text)
 
     def _emit(self, full_text: str) -> str:
-        delta = full_text[len(self._context_text):]
-        self._window = self._window[self._read:]
+        delta = full_text[len(self._context_text) :]
+        self._window = self._window[self._read :]
         self._read = len(self._window)
         self._context_text = self._decode(self._window)
         self.text += delta

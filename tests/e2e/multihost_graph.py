@@ -54,8 +54,14 @@ class HostProcess:
 
     def __init__(self, cluster: Cluster, host: str, args: list[str]) -> None:
         self.host = host
-        self.proc = cluster.bed.run(host, [sys.executable, "-m", "tandem", *args], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.proc = cluster.bed.run(
+            host,
+            [sys.executable, "-m", "tandem", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"output {host}")
         self._reader.start()
@@ -75,8 +81,9 @@ class HostProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
-        raise AssertionError(f"{self.host}: no line matching {pattern.pattern!r} "
-                             f"(exit code {self.proc.poll()}):\n{self.tail()}")
+        raise AssertionError(
+            f"{self.host}: no line matching {pattern.pattern!r} (exit code {self.proc.poll()}):\n{self.tail()}"
+        )
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
@@ -159,15 +166,32 @@ def start_graph(cluster: Cluster, tmp_dir: Path, timeout_s: float = 300.0) -> Gr
     graph = Graph(cluster, discovery, event_plane)
     plane_args = _plane_args(cluster, discovery, event_plane, tmp_dir / "discovery")
     bed = cluster.bed
-    worker_common = ["worker", "--model", MODEL, "--dtype", "float32", "--threads", "1", "--kv-cache-gib", "0.25", "--ttl", str(WORKER_TTL_S),
-                     "--drain-timeout", "2", *plane_args]
+    worker_common = [
+        "worker",
+        "--model",
+        MODEL,
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--kv-cache-gib",
+        "0.25",
+        "--ttl",
+        str(WORKER_TTL_S),
+        "--drain-timeout",
+        "2",
+        *plane_args,
+    ]
     try:
         for host, role in ((PREFILL, "prefill"), *((h, "decode") for h in DECODE_HOSTS)):
-            graph.processes[host] = HostProcess(cluster, host, [*worker_common, "--role", role,
-                                                                "--host", bed.address(host)])
-        graph.processes[FRONTEND] = HostProcess(cluster, FRONTEND, [
-            "frontend", "--host", bed.address(FRONTEND), "--port", str(FRONTEND_PORT), "--router", "kv",
-            *plane_args])
+            graph.processes[host] = HostProcess(
+                cluster, host, [*worker_common, "--role", role, "--host", bed.address(host)]
+            )
+        graph.processes[FRONTEND] = HostProcess(
+            cluster,
+            FRONTEND,
+            ["frontend", "--host", bed.address(FRONTEND), "--port", str(FRONTEND_PORT), "--router", "kv", *plane_args],
+        )
         deadline = time.monotonic() + timeout_s
         for host in (PREFILL, *DECODE_HOSTS):
             ready = graph.processes[host].wait_for(_WORKER_READY, deadline - time.monotonic())

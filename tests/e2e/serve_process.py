@@ -27,9 +27,15 @@ class ServeProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         """``env``: variables added to this process's environment (the workers inherit them)."""
         self.argv = [sys.executable, "-m", "tandem", "serve", *args]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL, bufsize=1,
-                                     env=None if env is None else {**os.environ, **env})
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            bufsize=1,
+            env=None if env is None else {**os.environ, **env},
+        )
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()
@@ -55,8 +61,9 @@ class ServeProcess:
         while not self._ready.wait(0.2):
             if self.proc.poll() is not None:
                 self._reader.join(5)
-                raise AssertionError(f"tandem serve exited with {self.proc.returncode} before it was ready:\n"
-                                     f"{self.output}")
+                raise AssertionError(
+                    f"tandem serve exited with {self.proc.returncode} before it was ready:\n{self.output}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"tandem serve not ready within {timeout:.0f}s:\n{self.output}")
         assert self.url is not None

@@ -32,14 +32,23 @@ PNGS = ("latency_cdf.png", "throughput_vs_rate.png", "ttft_over_time.png")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> str:
     graph = tmp_path_factory.mktemp("bench-serve") / "graph.yaml"
-    graph.write_text(yaml.safe_dump({
-        "frontend": {"port": 0},
-        "workers": [{"engine": "mocker", "flags": {
-            "speedup-ratio": 1,
-            "mocker-prefill-coeffs": [0, 0, PREFILL_MS],
-            "mocker-decode-coeffs": [0, 0, DECODE_MS],
-        }}],
-    }))
+    graph.write_text(
+        yaml.safe_dump(
+            {
+                "frontend": {"port": 0},
+                "workers": [
+                    {
+                        "engine": "mocker",
+                        "flags": {
+                            "speedup-ratio": 1,
+                            "mocker-prefill-coeffs": [0, 0, PREFILL_MS],
+                            "mocker-decode-coeffs": [0, 0, DECODE_MS],
+                        },
+                    }
+                ],
+            }
+        )
+    )
     serve = ServeProcess(str(graph), "--drain-timeout", "3")
     try:
         yield serve.wait_ready(timeout=120)
@@ -50,8 +59,14 @@ def server(tmp_path_factory) -> str:
 def bench(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """``python -m tandem bench ARGS``; a wide terminal so rich tables do not wrap run names."""
     env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "tandem", "bench", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def run_args(url: str, out: Path, *args: str) -> list[str]:
@@ -59,8 +74,9 @@ def run_args(url: str, out: Path, *args: str) -> list[str]:
 
 
 def check(proc: subprocess.CompletedProcess, rc: int = 0) -> None:
-    assert proc.returncode == rc, (f"exit {proc.returncode} (expected {rc})\n"
-                                   f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    assert proc.returncode == rc, (
+        f"exit {proc.returncode} (expected {rc})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
 
 
 def worker_running(url: str) -> list[int]:
@@ -80,8 +96,26 @@ def send_rate(starts: list[float]) -> float:
 
 def test_counts_and_percentiles_match_the_timing_model(server, tmp_path):
     out = tmp_path / "run"
-    check(bench(*run_args(server, out, "--workload", "random", "--input-len", "100", "--output-len", "11",
-                          "--num-requests", "15", "--concurrency", "1", "--seed", "101")))
+    check(
+        bench(
+            *run_args(
+                server,
+                out,
+                "--workload",
+                "random",
+                "--input-len",
+                "100",
+                "--output-len",
+                "11",
+                "--num-requests",
+                "15",
+                "--concurrency",
+                "1",
+                "--seed",
+                "101",
+            )
+        )
+    )
     assert {p.name for p in out.iterdir()} >= {"summary.json", "requests.jsonl", "requests.csv"}
     summary, records = load_run(out)
 
@@ -139,8 +173,26 @@ def test_counts_and_percentiles_match_the_timing_model(server, tmp_path):
 
 def test_constant_rate_reaches_the_asked_rate(server, tmp_path):
     out = tmp_path / "run"
-    check(bench(*run_args(server, out, "--input-len", "32", "--output-len", "2", "--rate", "8",
-                          "--rate-mode", "constant", "--num-requests", "24", "--seed", "102")))
+    check(
+        bench(
+            *run_args(
+                server,
+                out,
+                "--input-len",
+                "32",
+                "--output-len",
+                "2",
+                "--rate",
+                "8",
+                "--rate-mode",
+                "constant",
+                "--num-requests",
+                "24",
+                "--seed",
+                "102",
+            )
+        )
+    )
     summary, records = load_run(out)
     assert summary.requests_ok == 24 and summary.target_rate == 8
     starts = [r.start_s for r in records]
@@ -154,8 +206,26 @@ def test_constant_rate_reaches_the_asked_rate(server, tmp_path):
 
 def test_poisson_rate_has_the_asked_mean_gap(server, tmp_path):
     out = tmp_path / "run"
-    check(bench(*run_args(server, out, "--input-len", "32", "--output-len", "2", "--rate", "20",
-                          "--rate-mode", "poisson", "--num-requests", "30", "--seed", "120")))
+    check(
+        bench(
+            *run_args(
+                server,
+                out,
+                "--input-len",
+                "32",
+                "--output-len",
+                "2",
+                "--rate",
+                "20",
+                "--rate-mode",
+                "poisson",
+                "--num-requests",
+                "30",
+                "--seed",
+                "120",
+            )
+        )
+    )
     summary, records = load_run(out)
     assert summary.requests_ok == 30
     gaps = np.diff(sorted(r.start_s for r in records))
@@ -172,9 +242,28 @@ def test_poisson_rate_has_the_asked_mean_gap(server, tmp_path):
 
 def test_duration_bound_cancels_what_is_left_and_leaves_nothing_running(server, tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "tandem", "bench",
-            *run_args(server, out, "--input-len", "50", "--output-len", "400", "--concurrency", "4",
-                      "--duration", "2", "--grace", "0.5", "--seed", "104")]
+    argv = [
+        sys.executable,
+        "-m",
+        "tandem",
+        "bench",
+        *run_args(
+            server,
+            out,
+            "--input-len",
+            "50",
+            "--output-len",
+            "400",
+            "--concurrency",
+            "4",
+            "--duration",
+            "2",
+            "--grace",
+            "0.5",
+            "--seed",
+            "104",
+        ),
+    ]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     seen_running = 0
@@ -209,8 +298,24 @@ def test_duration_bound_cancels_what_is_left_and_leaves_nothing_running(server, 
 
 def test_request_count_bound_sends_exactly_that_many(server, tmp_path):
     out = tmp_path / "run"
-    check(bench(*run_args(server, out, "--input-len", "32", "--output-len", "3", "--concurrency", "2",
-                          "--num-requests", "5", "--seed", "105")))
+    check(
+        bench(
+            *run_args(
+                server,
+                out,
+                "--input-len",
+                "32",
+                "--output-len",
+                "3",
+                "--concurrency",
+                "2",
+                "--num-requests",
+                "5",
+                "--seed",
+                "105",
+            )
+        )
+    )
     summary, records = load_run(out)
     assert summary.requests_sent == summary.requests_ok == 5
     assert sorted(r.index for r in records) == list(range(5)) and all(r.ok for r in records)
@@ -224,10 +329,34 @@ def test_request_count_bound_sends_exactly_that_many(server, tmp_path):
 def test_multi_turn_resends_growing_history(server, tmp_path):
     out = tmp_path / "run"
     system, history, question, answer = 64, 64, 16, 8
-    check(bench(*run_args(server, out, "--workload", "multi-turn", "--num-users", "2", "--num-rounds", "3",
-                          "--qps", "50", "--num-requests", "6", "--system-prompt-len", str(system),
-                          "--user-history-len", str(history), "--question-len", str(question),
-                          "--answer-len", str(answer), "--seed", "106")))
+    check(
+        bench(
+            *run_args(
+                server,
+                out,
+                "--workload",
+                "multi-turn",
+                "--num-users",
+                "2",
+                "--num-rounds",
+                "3",
+                "--qps",
+                "50",
+                "--num-requests",
+                "6",
+                "--system-prompt-len",
+                str(system),
+                "--user-history-len",
+                str(history),
+                "--question-len",
+                str(question),
+                "--answer-len",
+                str(answer),
+                "--seed",
+                "106",
+            )
+        )
+    )
     summary, records = load_run(out)
     assert summary.requests_ok == 6 and summary.workload == "multi-turn"
     by_user: dict[str, list] = {}
@@ -242,17 +371,40 @@ def test_multi_turn_resends_growing_history(server, tmp_path):
         for prev, cur in zip(turns, turns[1:]):
             # The whole previous prompt, its answer (its text re-tokenized: about `answer` tokens,
             # measured +0..+3) and a new question.
-            assert prev.input_tokens + question + 1 <= cur.input_tokens <= prev.input_tokens + question + 2 * answer, \
-                (prev, cur)
+            assert prev.input_tokens + question + 1 <= cur.input_tokens <= prev.input_tokens + question + 2 * answer, (
+                prev,
+                cur,
+            )
             assert cur.start_s > prev.start_s + prev.e2e_s - 1e-3
             assert cur.cached_tokens > 0, cur  # the previous turn's prompt is in the prefix cache
 
 
 def test_shared_prefix_reports_cached_tokens(server, tmp_path):
     out = tmp_path / "run"
-    check(bench(*run_args(server, out, "--workload", "shared-prefix", "--num-prefixes", "1", "--prefix-len", "128",
-                          "--question-len", "16", "--output-len", "2", "--num-requests", "4", "--concurrency", "1",
-                          "--seed", "107")))
+    check(
+        bench(
+            *run_args(
+                server,
+                out,
+                "--workload",
+                "shared-prefix",
+                "--num-prefixes",
+                "1",
+                "--prefix-len",
+                "128",
+                "--question-len",
+                "16",
+                "--output-len",
+                "2",
+                "--num-requests",
+                "4",
+                "--concurrency",
+                "1",
+                "--seed",
+                "107",
+            )
+        )
+    )
     summary, records = load_run(out)
     assert summary.requests_ok == 4 and all(r.input_tokens == 144 for r in records)
     assert records[0].cached_tokens == 0  # a prefix this server has not seen
@@ -266,17 +418,40 @@ def test_shared_prefix_reports_cached_tokens(server, tmp_path):
 
 def test_trace_gen_then_replay_on_schedule(server, tmp_path):
     trace = tmp_path / "trace.jsonl"
-    gen = bench("trace-gen", "--output", str(trace), "--num-requests", "12", "--rate", "20", "--block-size", "64",
-                "--num-prefixes", "2", "--prefix-blocks", "1", "--unique-blocks", "1", "--output-length", "3",
-                "--seed", "5")
+    gen = bench(
+        "trace-gen",
+        "--output",
+        str(trace),
+        "--num-requests",
+        "12",
+        "--rate",
+        "20",
+        "--block-size",
+        "64",
+        "--num-prefixes",
+        "2",
+        "--prefix-blocks",
+        "1",
+        "--unique-blocks",
+        "1",
+        "--output-length",
+        "3",
+        "--seed",
+        "5",
+    )
     check(gen)
     assert "12" in gen.stdout
     entries = load_trace(trace)
     assert len(entries) == 12 and all(e.input_length == 128 and len(e.hash_ids) == 2 for e in entries)
 
     out = tmp_path / "run"
-    check(bench(*run_args(server, out, "--workload", "trace", "--trace", str(trace), "--trace-block-size", "64",
-                          "--seed", "108")))
+    check(
+        bench(
+            *run_args(
+                server, out, "--workload", "trace", "--trace", str(trace), "--trace-block-size", "64", "--seed", "108"
+            )
+        )
+    )
     summary, records = load_run(out)
     assert summary.requests_sent == summary.requests_ok == 12 and summary.load == "trace schedule"
     t0 = entries[0].timestamp
@@ -294,9 +469,27 @@ def test_trace_gen_then_replay_on_schedule(server, tmp_path):
 
 def test_sweep_then_report(server, tmp_path):
     base = tmp_path / "sweep"
-    sweep = bench("sweep", "--url", server, "--model", MODEL, "--input-len", "32", "--output-len", "3",
-                  "--num-requests", "6", "--concurrencies", "1", "2", "--output", str(base), "--no-progress",
-                  "--seed", "109")
+    sweep = bench(
+        "sweep",
+        "--url",
+        server,
+        "--model",
+        MODEL,
+        "--input-len",
+        "32",
+        "--output-len",
+        "3",
+        "--num-requests",
+        "6",
+        "--concurrencies",
+        "1",
+        "2",
+        "--output",
+        str(base),
+        "--no-progress",
+        "--seed",
+        "109",
+    )
     check(sweep)
     runs = [base / "concurrency-1", base / "concurrency-2"]
     for run, concurrency in zip(runs, (1, 2)):
@@ -335,8 +528,24 @@ def test_report_of_a_missing_run_is_a_clear_error(tmp_path):
 
 def test_unknown_model_is_counted_as_http_4xx(server, tmp_path):
     out = tmp_path / "run"
-    proc = bench("run", "--url", server, "--model", "no-such-model", "--output", str(out), "--no-progress",
-                 "--input-len", "16", "--output-len", "2", "--num-requests", "4", "--concurrency", "2")
+    proc = bench(
+        "run",
+        "--url",
+        server,
+        "--model",
+        "no-such-model",
+        "--output",
+        str(out),
+        "--no-progress",
+        "--input-len",
+        "16",
+        "--output-len",
+        "2",
+        "--num-requests",
+        "4",
+        "--concurrency",
+        "2",
+    )
     check(proc, 1)
     summary, records = load_run(out)
     assert summary.requests_sent == 4 and summary.requests_ok == 0

@@ -15,8 +15,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def spawn_chat(*flags: str) -> pexpect.spawn:
     env = {**os.environ, "TERM": "dumb", "COLUMNS": "200"}
-    child = pexpect.spawn(sys.executable, ["-m", "tandem", "chat", *flags], env=env, encoding="utf-8",
-                          timeout=60, dimensions=(50, 200))
+    child = pexpect.spawn(
+        sys.executable, ["-m", "tandem", "chat", *flags], env=env, encoding="utf-8", timeout=60, dimensions=(50, 200)
+    )
     child.expect_exact(PROMPT, timeout=120)  # model load
     return child
 

@@ -62,15 +62,18 @@ def _reference_texts() -> dict[tuple[int, ...], str]:
     # One step for all prompts: unchunked prefill is the fastest way through them on a CPU.
     engine = LLMEngine(EngineConfig(model=MODEL, dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=8192))
     outputs = engine.generate(REFERENCE_PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    return {tuple(prompt): engine.loaded.tokenizer.decode(out, skip_special_tokens=True)
-            for prompt, out in zip(REFERENCE_PROMPTS, outputs, strict=True)}
+    return {
+        tuple(prompt): engine.loaded.tokenizer.decode(out, skip_special_tokens=True)
+        for prompt, out in zip(REFERENCE_PROMPTS, outputs, strict=True)
+    }
 
 
 class Deployment:
     """The running graph: its URL, the fault switch, the reference texts (computed meanwhile)."""
 
-    def __init__(self, server: ServeProcess, url: str, fault_file: Path,
-                 reference: Future[dict[tuple[int, ...], str]]) -> None:
+    def __init__(
+        self, server: ServeProcess, url: str, fault_file: Path, reference: Future[dict[tuple[int, ...], str]]
+    ) -> None:
         self.server, self.url, self.fault_file = server, url, fault_file
         self._reference = reference
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -103,14 +106,16 @@ class Deployment:
         return self.metric(f'tandem_frontend_time_to_first_token_seconds_count{{model="{MODEL}"}}')
 
     def complete(self, prompt: list[int]) -> str:
-        out = self.client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                             extra_body={"ignore_eos": True})
+        out = self.client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == MAX_TOKENS
         return out.choices[0].text
 
 
 def stats(address: str) -> dict:
     """A worker's ``stats`` (EngineStats plus kv_exports_held and kv_blocks_imported)."""
+
     async def call() -> dict:
         client = RequestPlaneClient()
         try:
@@ -137,8 +142,18 @@ def holds_nothing(address: str) -> bool:
 def deployment(tmp_path_factory):
     fault_file = tmp_path_factory.mktemp("faults") / "transfer-fault"
     fault_file.write_text("")
-    server = ServeProcess(str(GRAPH), "--port", "0", "--dtype", "float32", "--kv-cache-gib", "0.5", "--drain-timeout", "5",
-                          env={"TANDEM_FAULT_TRANSFER": f"file:{fault_file}"})
+    server = ServeProcess(
+        str(GRAPH),
+        "--port",
+        "0",
+        "--dtype",
+        "float32",
+        "--kv-cache-gib",
+        "0.5",
+        "--drain-timeout",
+        "5",
+        env={"TANDEM_FAULT_TRANSFER": f"file:{fault_file}"},
+    )
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(_reference_texts)  # while the workers load
         try:
@@ -157,8 +172,14 @@ def test_a_stream_closed_during_the_prefill_leaves_nothing_on_either_worker(depl
     workers = deployment.workers()
     before = {role: stats(address) for role, address in workers.items()}
     first_tokens = deployment.first_tokens()
-    stream = deployment.client.completions.create(model=MODEL, prompt=CANCEL_PROMPT, max_tokens=MAX_TOKENS,
-                                                  temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = deployment.client.completions.create(
+        model=MODEL,
+        prompt=CANCEL_PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     time.sleep(0.5)  # routed to the prefill worker, which computes the prompt in one step of seconds
     stream.close()
     # A worker's stats are a snapshot taken between engine steps: first wait for the prefill step
@@ -181,8 +202,14 @@ def test_a_stream_closed_while_the_decode_worker_pulls_leaves_nothing_on_either_
     deployment.fault("delay:3")  # every pull waits 3 s on the prefill worker's transfer server
     try:
         stream = deployment.client.completions.create(
-            model=MODEL, prompt=CANCEL_PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True, logprobs=1,
-            extra_body={"ignore_eos": True})  # logprobs: the first token's chunk is sent even if its text is empty
+            model=MODEL,
+            prompt=CANCEL_PROMPT,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            logprobs=1,
+            extra_body={"ignore_eos": True},
+        )  # logprobs: the first token's chunk is sent even if its text is empty
         first = next(iter(stream))
         assert first.choices[0].logprobs is not None
         time.sleep(0.5)  # the decode half is now pulling, held up by the delay
@@ -225,12 +252,20 @@ def test_sigkill_of_the_only_prefill_worker_fails_no_request(deployment):
 
     async def scenario() -> list[str]:
         first_token = asyncio.Event()
-        async with openai.AsyncOpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
-                                      timeout=300) as client:
+        async with openai.AsyncOpenAI(
+            base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=300
+        ) as client:
+
             async def one(prompt: list[int]) -> str:
-                stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                         temperature=0, stream=True, logprobs=1,
-                                                         extra_body={"ignore_eos": True})
+                stream = await client.completions.create(
+                    model=MODEL,
+                    prompt=prompt,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    stream=True,
+                    logprobs=1,
+                    extra_body={"ignore_eos": True},
+                )
                 text, finish = "", None
                 async for chunk in stream:
                     first_token.set()

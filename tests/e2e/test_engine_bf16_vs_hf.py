@@ -55,6 +55,7 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
 def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean over prompts of (tokens before the first difference) / tokens."""
+
     def prefix(x: list[int], y: list[int]) -> int:
         n = 0
         while n < min(len(x), len(y)) and x[n] == y[n]:
@@ -64,16 +65,16 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(prefix(x, y) / len(x) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def engine_forced_agreement(engine: LLMEngine, prompts: list[list[int]], refs: list[list[int]],
-                            batched: bool) -> float:
+def engine_forced_agreement(engine: LLMEngine, prompts: list[list[int]], refs: list[list[int]], batched: bool) -> float:
     """Share of positions where the engine's greedy token equals ``refs`` when each step is fed the
     reference token instead of its own (the request's last token is overwritten after each step)."""
     hits = total = 0
     groups = [list(range(len(prompts)))] if batched else [[i] for i in range(len(prompts))]
     for group in groups:
         for i in group:
-            engine.add_request(str(i), prompts[i], SamplingParams(max_tokens=len(refs[i]), temperature=0.0,
-                                                                  ignore_eos=True))
+            engine.add_request(
+                str(i), prompts[i], SamplingParams(max_tokens=len(refs[i]), temperature=0.0, ignore_eos=True)
+            )
         done = dict.fromkeys(group, 0)
         while engine.has_unfinished_requests:
             for out in engine.step():
@@ -96,7 +97,7 @@ def hf_forced_agreement(dtype: torch.dtype, prompts: list[list[int]], refs: list
     with torch.no_grad():
         for prompt, ref in zip(prompts, refs, strict=True):
             logits = model(torch.tensor([prompt + ref])).logits[0]
-            chosen = logits[len(prompt) - 1: len(prompt) - 1 + len(ref)].argmax(-1).tolist()
+            chosen = logits[len(prompt) - 1 : len(prompt) - 1 + len(ref)].argmax(-1).tolist()
             hits += sum(c == r for c, r in zip(chosen, ref))
             total += len(ref)
     return hits / total
@@ -110,8 +111,12 @@ def loaded_bf16():
 @pytest.fixture(scope="module")
 def prompts(loaded_bf16):
     tok = loaded_bf16.tokenizer
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for q in QUESTIONS]
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in QUESTIONS
+    ]
 
 
 def hf_greedy(prompts: list[list[int]], dtype: torch.dtype) -> list[list[int]]:
@@ -120,8 +125,12 @@ def hf_greedy(prompts: list[list[int]], dtype: torch.dtype) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(resolve_model(DEFAULT_MODEL).hf_dir, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        return [
+            model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +140,9 @@ def hf_texts(prompts):
 
 def test_bf16_agrees_with_hf_bf16_at_least_as_much_as_hf_fp32(loaded_bf16, prompts, hf_texts):
     reference = hf_texts["bfloat16"]
-    engine = LLMEngine(EngineConfig(dtype="bfloat16", num_kv_blocks=1024, enable_prefix_caching=False),
-                       loaded=loaded_bf16)
+    engine = LLMEngine(
+        EngineConfig(dtype="bfloat16", num_kv_blocks=1024, enable_prefix_caching=False), loaded=loaded_bf16
+    )
     assert engine.loaded.dtype == torch.bfloat16
     spread = hf_forced_agreement(torch.float32, prompts, reference)
     # HF bf16 itself, in one forward pass instead of its cached token-by-token decode (not 1.0: the
@@ -142,8 +152,10 @@ def test_bf16_agrees_with_hf_bf16_at_least_as_much_as_hf_fp32(loaded_bf16, promp
     batch = engine_forced_agreement(engine, prompts, reference, batched=True)
     free_single = prefix_agreement([engine.generate([p], GREEDY)[0] for p in prompts], reference)
     free_batch = prefix_agreement(engine.generate(prompts, GREEDY), reference)
-    print(f"teacher-forced token agreement with HF bf16 ({len(prompts)} prompts x {NEW_TOKENS} tokens): "
-          f"HF fp32 {spread:.3f}, HF bf16 in one pass {own:.3f}, Tandem bf16 one at a time {single:.3f}, batched {batch:.3f}; free-running: "
-          f"HF fp32 {prefix_agreement(hf_texts['float32'], reference):.3f}, Tandem one at a time "
-          f"{free_single:.3f}, batched {free_batch:.3f}")
+    print(
+        f"teacher-forced token agreement with HF bf16 ({len(prompts)} prompts x {NEW_TOKENS} tokens): "
+        f"HF fp32 {spread:.3f}, HF bf16 in one pass {own:.3f}, Tandem bf16 one at a time {single:.3f}, batched {batch:.3f}; free-running: "
+        f"HF fp32 {prefix_agreement(hf_texts['float32'], reference):.3f}, Tandem one at a time "
+        f"{free_single:.3f}, batched {free_batch:.3f}"
+    )
     assert single >= spread and batch >= spread

@@ -38,8 +38,12 @@ def loaded():
 @pytest.fixture(scope="module")
 def prompts(loaded):
     tok = loaded.tokenizer
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for q in QUESTIONS]
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in QUESTIONS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def expected(prompts):
     with torch.no_grad():
         for p in prompts:
             gen = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-            out.append(gen[0, len(p):].tolist())
+            out.append(gen[0, len(p) :].tolist())
     return out
 
 
@@ -109,7 +113,8 @@ def readme_example(name: str) -> str:
 
 
 def test_readme_engine_example_runs():
-    result = subprocess.run([sys.executable, "-c", readme_example("engine")], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", readme_example("engine")], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "<|im_end|>" not in result.stdout, result.stdout

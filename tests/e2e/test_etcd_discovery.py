@@ -65,8 +65,18 @@ def wait_until(predicate, timeout: float, what: str, *procs: TandemProcess) -> f
 def test_workers_and_frontend_on_etcd(etcd_server: EtcdServer) -> None:
     endpoint = etcd_server.endpoint
     etcd_flags = ("--discovery", "etcd", "--etcd-endpoints", endpoint)
-    worker_flags = ("worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL, "--ttl", str(TTL_S),
-                    *etcd_flags)
+    worker_flags = (
+        "worker",
+        "--engine",
+        "mocker",
+        "--speedup-ratio",
+        "0",
+        "--model",
+        MODEL,
+        "--ttl",
+        str(TTL_S),
+        *etcd_flags,
+    )
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     victim, survivor = TandemProcess(*worker_flags), TandemProcess(*worker_flags)
@@ -76,8 +86,9 @@ def test_workers_and_frontend_on_etcd(etcd_server: EtcdServer) -> None:
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=30)
 
     def complete() -> None:
-        r = client.completions.create(model=MODEL, prompt="Hello there, how are you", max_tokens=8, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL, prompt="Hello there, how are you", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
 
     def frontend_up() -> bool:
@@ -164,8 +175,9 @@ def test_processes_started_before_etcd_wait_for_it(tmp_path) -> None:
         etcd.start()
         took = wait_until(lambda: len(worker_ids(base_url)) == 1, 30, "worker in /health once etcd is up", *procs)
         print(f"worker in /health {took:.2f}s after etcd started")
-        r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.usage.completion_tokens == 4
     finally:
         client.close()

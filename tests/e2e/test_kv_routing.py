@@ -34,7 +34,8 @@ def kv_serve(tmp_path_factory):
         "frontend: {port: 0, router: kv}\n"
         "workers:\n"
         "  - {engine: mocker, count: 3, flags: {speedup-ratio: 0}}\n"
-        "  - {engine: mocker, count: 1, flags: {speedup-ratio: 0, no-kv-events: true}}\n")
+        "  - {engine: mocker, count: 1, flags: {speedup-ratio: 0, no-kv-events: true}}\n"
+    )
     serve = ServeProcess(str(graph))
     try:
         url = serve.wait_ready()
@@ -112,8 +113,9 @@ def test_router_health_is_in_the_prometheus_metrics(kv_serve):
 
 def _start(argv: list[str], ready: str) -> tuple[subprocess.Popen, str]:
     """Start a tandem process; return it and the line that says it is ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "tandem", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -127,16 +129,34 @@ def test_a_standalone_router_is_shared_by_two_frontends(tmp_path):
     disco = f"file:{tmp_path / 'discovery'}"
     procs = []
     try:
-        worker, _ = _start(["worker", "--engine", "mocker", "--speedup-ratio", "0", "--mocker-workers", "3",
-                            "--model", MODEL, "--discovery", disco, "--log-level", "WARNING"], "serving")
+        worker, _ = _start(
+            [
+                "worker",
+                "--engine",
+                "mocker",
+                "--speedup-ratio",
+                "0",
+                "--mocker-workers",
+                "3",
+                "--model",
+                MODEL,
+                "--discovery",
+                disco,
+                "--log-level",
+                "WARNING",
+            ],
+            "serving",
+        )
         procs.append(worker)
         router, line = _start(["router", "--discovery", disco], "listening on")
         procs.append(router)
         address = line.rsplit(" ", 1)[1].strip()
         urls = []
         for _ in range(2):
-            frontend, line = _start(["frontend", "--discovery", disco, "--port", "0", "--router", "remote",
-                                     "--router-address", address], "frontend listening on")
+            frontend, line = _start(
+                ["frontend", "--discovery", disco, "--port", "0", "--router", "remote", "--router-address", address],
+                "frontend listening on",
+            )
             procs.append(frontend)
             urls.append(line.split(" on ")[1].split()[0])  # http://host:port/v1
         clients = [openai.OpenAI(base_url=url, api_key="x", max_retries=0) for url in urls]

@@ -60,7 +60,9 @@ def test_tokenizer_has_chat_template_and_round_trips(smollm2: ResolvedModel) -> 
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     ids = tokenizer("Hello")["input_ids"]
     assert ids and tokenizer.decode(ids) == "Hello"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 

@@ -116,8 +116,12 @@ def _reference_texts() -> dict[tuple[int, ...], str]:
     texts = {}
     for prompts, max_tokens in ((SERVE_PROMPTS, MAX_TOKENS), (STREAM_PROMPTS, STREAM_MAX_TOKENS)):
         outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-        texts.update({tuple(prompt): engine.loaded.tokenizer.decode(out, skip_special_tokens=True)
-                      for prompt, out in zip(prompts, outputs, strict=True)})
+        texts.update(
+            {
+                tuple(prompt): engine.loaded.tokenizer.decode(out, skip_special_tokens=True)
+                for prompt, out in zip(prompts, outputs, strict=True)
+            }
+        )
     return texts
 
 
@@ -154,8 +158,9 @@ def _disaggregated(graph: Graph) -> float:
 
 def _complete(url: str, prompt: list[int]) -> openai.types.Completion:
     with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
-        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                         extra_body={"ignore_eos": True})
+        return client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+        )
 
 
 def test_the_disagg_router_graph_serves_across_hosts(deployment, testbed):
@@ -197,11 +202,18 @@ class CutOutcome:
     """(text, finish_reason) per stream, or what it raised."""
 
 
-async def _stream(client: openai.AsyncOpenAI, prompt: list[int], chunks: list[int],
-                  index: int) -> tuple[str, str | None]:
-    stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=STREAM_MAX_TOKENS,
-                                             temperature=0, stream=True, logprobs=1,  # a chunk per token
-                                             extra_body={"ignore_eos": True})
+async def _stream(
+    client: openai.AsyncOpenAI, prompt: list[int], chunks: list[int], index: int
+) -> tuple[str, str | None]:
+    stream = await client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=STREAM_MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        logprobs=1,  # a chunk per token
+        extra_body={"ignore_eos": True},
+    )
     text, finish = "", None
     async for chunk in stream:
         chunks[index] += 1
@@ -246,8 +258,10 @@ async def _cut_under_load(graph: Graph, addresses: dict[str, str]) -> CutOutcome
         for task in pending:
             task.cancel()
         completed = time.monotonic() - cut_at
-        results = [TimeoutError("stream did not end") if task in pending else task.exception() or task.result()
-                   for task in tasks]
+        results = [
+            TimeoutError("stream did not end") if task in pending else task.exception() or task.result()
+            for task in tasks
+        ]
         return CutOutcome(victim, running[victim], removal, completed, results)
 
 
@@ -265,12 +279,15 @@ def test_cutting_a_decode_hosts_link_migrates_its_streams_and_expires_its_lease(
         for prompt, (text, finish) in zip(STREAM_PROMPTS, outcome.results, strict=True):
             assert finish == "length"
             assert text == deployment.reference(prompt), f"prompt of {len(prompt)} tokens"
-        assert outcome.removal_s is not None, \
+        assert outcome.removal_s is not None, (
             f"{outcome.victim} still in /health {WORKER_TTL_S + 10:.0f}s after the cut"
+        )
         assert outcome.removal_s <= WORKER_TTL_S + 2, f"lease expired {outcome.removal_s:.1f}s after the cut"
         after = _metric(graph, f'tandem_frontend_migrations_total{{model="{MODEL}",outcome="migrated"}}')
         assert after - migrated >= 1  # the streams did move (their texts above show it was seamless)
     finally:
         graph.cluster.bed.link_up(outcome.victim)
-    print(f"cut {outcome.victim} with {outcome.running_at_cut} streams in flight: gone from /health after "
-          f"{outcome.removal_s:.2f}s, every stream complete after {outcome.completed_s:.2f}s")
+    print(
+        f"cut {outcome.victim} with {outcome.running_at_cut} streams in flight: gone from /health after "
+        f"{outcome.removal_s:.2f}s, every stream complete after {outcome.completed_s:.2f}s"
+    )

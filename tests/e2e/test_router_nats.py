@@ -39,8 +39,11 @@ def _start(procs: list[TandemProcess], *argv: str, ready: str) -> tuple[TandemPr
 
 
 async def _send(client: RequestPlaneClient, worker: str, prompt: list[int], request_id: str) -> None:
-    payload = {"request_id": request_id, "token_ids": prompt,
-               "sampling": {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}}
+    payload = {
+        "request_id": request_id,
+        "token_ids": prompt,
+        "sampling": {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True},
+    }
     async for _ in client.stream(worker, "generate", payload):
         pass
 
@@ -49,8 +52,9 @@ async def _statuses(client: RequestPlaneClient, routers: list[str]) -> list[dict
     return [await client.call(r, "status", None, timeout=5) for r in routers]
 
 
-async def _wait_in_step(client: RequestPlaneClient, routers: list[str], workers: int,
-                        timeout: float = 30) -> list[dict]:
+async def _wait_in_step(
+    client: RequestPlaneClient, routers: list[str], workers: int, timeout: float = 30
+) -> list[dict]:
     """Wait until every router follows every worker at the same, stable last seq."""
     deadline = time.monotonic() + timeout
     previous = None
@@ -72,8 +76,24 @@ def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tm
     try:
         workers = []
         for _ in range(2):
-            workers.append(_start(procs, "worker", "--engine", "mocker", "--speedup-ratio", "0", "--model", MODEL,
-                                  "--num-kv-blocks", "64", "--log-level", "WARNING", *plane, ready="serving")[1])
+            workers.append(
+                _start(
+                    procs,
+                    "worker",
+                    "--engine",
+                    "mocker",
+                    "--speedup-ratio",
+                    "0",
+                    "--model",
+                    MODEL,
+                    "--num-kv-blocks",
+                    "64",
+                    "--log-level",
+                    "WARNING",
+                    *plane,
+                    ready="serving",
+                )[1]
+            )
         _, router_a = _start(procs, "router", *plane, ready="listening on")
         router_b_proc, router_b = _start(procs, "router", *plane, ready="listening on")
 
@@ -105,7 +125,7 @@ def test_a_restarted_router_rebuilds_the_same_index_as_one_that_never_stopped(tm
                 overlaps_b = [await client.call(router_b2, "overlap", {"token_ids": p}) for p in probes]
                 assert overlaps_a == overlaps_b
                 assert sum(1 for o in overlaps_a if o) >= len(sent) // 4  # the indexes are not trivially empty
-                assert all(not o for o in overlaps_a[len(sent):])  # never-sent prompts match nothing
+                assert all(not o for o in overlaps_a[len(sent) :])  # never-sent prompts match nothing
                 for worker_id, stats in status_b["workers"].items():
                     assert stats["event_transport"] == "nats"
                     assert stats["dumps"] == 0  # rebuilt from the stream alone
@@ -135,9 +155,11 @@ def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:
     from tests.e2e.serve_process import ServeProcess
 
     graph = tmp_path / "graph.yaml"
-    graph.write_text("frontend: {port: 0, router: kv}\n"
-                     "workers:\n  - {engine: mocker, count: 2, model: smollm2-135m-instruct, "
-                     "flags: {speedup-ratio: 0}}\n")
+    graph.write_text(
+        "frontend: {port: 0, router: kv}\n"
+        "workers:\n  - {engine: mocker, count: 2, model: smollm2-135m-instruct, "
+        "flags: {speedup-ratio: 0}}\n"
+    )
     serve = ServeProcess(str(graph), "--event-plane", "nats", "--nats-url", nats_server.url)
     try:
         url = serve.wait_ready()
@@ -154,8 +176,7 @@ def test_tandem_serve_on_the_nats_event_plane(nats_server, tmp_path) -> None:
         while sum(w["blocks_indexed"] for w in status()["workers"].values()) < 10:
             assert time.monotonic() < deadline, f"the router indexed nothing from NATS: {status()}"
             time.sleep(0.1)
-        second = client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=2,
-                                           temperature=0)
+        second = client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=2, temperature=0)
         assert second.usage.prompt_tokens_details.cached_tokens == 160 - 16
         client.close()
     finally:

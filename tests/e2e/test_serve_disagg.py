@@ -56,8 +56,17 @@ def _greedy(engine: LLMEngine, prompt: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module", params=["disagg.yaml", "disagg_router.yaml"])
 def client(request, reference):
-    server = ServeProcess(str(GRAPHS / request.param), "--port", "0", "--dtype", "float32", "--kv-cache-gib", "0.5",
-                          "--drain-timeout", "5")
+    server = ServeProcess(
+        str(GRAPHS / request.param),
+        "--port",
+        "0",
+        "--dtype",
+        "float32",
+        "--kv-cache-gib",
+        "0.5",
+        "--drain-timeout",
+        "5",
+    )
     try:
         url = server.wait_ready(timeout=180)
         with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
@@ -70,10 +79,12 @@ def client(request, reference):
 def test_greedy_output_equals_aggregated(client, reference, length):
     prompt = _prompt(length, seed=length)
     before = _disaggregated(client)
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                    extra_body={"ignore_eos": True})
-    assert out.choices[0].text == reference.loaded.tokenizer.decode(_greedy(reference, prompt),
-                                                                    skip_special_tokens=True)
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == reference.loaded.tokenizer.decode(
+        _greedy(reference, prompt), skip_special_tokens=True
+    )
     assert out.usage.prompt_tokens == length and out.usage.completion_tokens == MAX_TOKENS
     # Above max_local_prefill_length (64) it ran in two halves; the 10-token prompt ran on the decode worker.
     assert _disaggregated(client) - before == (1 if length > 64 else 0)
@@ -83,7 +94,9 @@ def test_a_prompt_partly_cached_on_the_decode_worker_equals_aggregated(client, r
     head = _prompt(400, seed=7)
     client.completions.create(model=MODEL, prompt=head, max_tokens=2, temperature=0)  # leaves head's KV on decode
     prompt = head + _prompt(300, seed=8)
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                    extra_body={"ignore_eos": True})
-    assert out.choices[0].text == reference.loaded.tokenizer.decode(_greedy(reference, prompt),
-                                                                    skip_special_tokens=True)
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == reference.loaded.tokenizer.decode(
+        _greedy(reference, prompt), skip_special_tokens=True
+    )

@@ -33,12 +33,17 @@ def listening_address(proc: psutil.Process) -> set[str]:
 def test_killed_worker_is_routed_around_and_leaves_health(tmp_path):
     graph = tmp_path / "graph.yaml"
     # The graph gives a short lease; the command line turns its one builtin worker into two mockers.
-    graph.write_text(yaml.safe_dump({
-        "frontend": {"port": 0, "router": "round-robin"},
-        "workers": [{"count": 1, "engine": "builtin", "model": MODEL, "flags": {"ttl": TTL_S}}],
-    }))
-    serve = ServeProcess(str(graph), "--engine", "mocker", "--speedup-ratio", "0", "--workers", "2",
-                         "--drain-timeout", "3")
+    graph.write_text(
+        yaml.safe_dump(
+            {
+                "frontend": {"port": 0, "router": "round-robin"},
+                "workers": [{"count": 1, "engine": "builtin", "model": MODEL, "flags": {"ttl": TTL_S}}],
+            }
+        )
+    )
+    serve = ServeProcess(
+        str(graph), "--engine", "mocker", "--speedup-ratio", "0", "--workers", "2", "--drain-timeout", "3"
+    )
     try:
         base_url = serve.wait_ready(timeout=120)
         workers = health(base_url)["models"][MODEL]
@@ -50,8 +55,13 @@ def test_killed_worker_is_routed_around_and_leaves_health(tmp_path):
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=30)
 
         def complete() -> None:
-            r = client.completions.create(model=MODEL, prompt="Hello there, how are you", max_tokens=8,
-                                          temperature=0, extra_body={"ignore_eos": True})
+            r = client.completions.create(
+                model=MODEL,
+                prompt="Hello there, how are you",
+                max_tokens=8,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
             assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
 
         for _ in range(4):  # round-robin: both workers serve
@@ -90,18 +100,22 @@ def test_killed_worker_is_routed_around_and_leaves_health(tmp_path):
     assert rc == 130, serve.output
 
 
-@pytest.mark.parametrize("content, message", [
-    ("workers:\n  - engine: nope\n", "workers[0].engine must be one of"),
-    ("workers: [\n", "is not valid YAML"),
-    ("frontend:\n  colour: blue\n", "frontend: unknown keys ['colour']"),
-    (None, "cannot read graph"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("workers:\n  - engine: nope\n", "workers[0].engine must be one of"),
+        ("workers: [\n", "is not valid YAML"),
+        ("frontend:\n  colour: blue\n", "frontend: unknown keys ['colour']"),
+        (None, "cannot read graph"),
+    ],
+)
 def test_bad_graph_exits_2_with_a_clear_message(tmp_path, content, message):
     graph = tmp_path / "graph.yaml"
     if content is not None:
         graph.write_text(content)
-    proc = subprocess.run([sys.executable, "-m", "tandem", "serve", str(graph), "--port", "0"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tandem", "serve", str(graph), "--port", "0"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -113,18 +127,31 @@ STEP_MS = 10  # every mocker step takes this long: a stream of N tokens lasts ab
 @pytest.mark.parametrize("max_tokens, drain_timeout", [(300, 10), (3000, 2)], ids=["finishes", "cut-off"])
 def test_ctrl_c_finishes_or_ends_streams_in_flight_cleanly(tmp_path, max_tokens, drain_timeout):
     graph = tmp_path / "graph.yaml"
-    graph.write_text(yaml.safe_dump({
-        "frontend": {"port": 0},
-        "workers": [{"engine": "mocker", "model": MODEL, "flags": {
-            "mocker-prefill-coeffs": [0, 0, STEP_MS], "mocker-decode-coeffs": [0, 0, STEP_MS]}}],
-    }))
+    graph.write_text(
+        yaml.safe_dump(
+            {
+                "frontend": {"port": 0},
+                "workers": [
+                    {
+                        "engine": "mocker",
+                        "model": MODEL,
+                        "flags": {"mocker-prefill-coeffs": [0, 0, STEP_MS], "mocker-decode-coeffs": [0, 0, STEP_MS]},
+                    }
+                ],
+            }
+        )
+    )
     serve = ServeProcess(str(graph), "--drain-timeout", str(drain_timeout))
     try:
         base_url = serve.wait_ready(timeout=120)
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
         stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=max_tokens,
-            stream=True, extra_body={"ignore_eos": True})
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me a long story."}],
+            max_tokens=max_tokens,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         chunks, finish, error = 0, None, None
         try:
             for chunk in stream:

@@ -35,17 +35,47 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MODEL = "smollm2-135m-instruct"
 NUM_REQUESTS = 16
 MAX_TOKENS = 48
-TOPICS = ["a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "a tiny submarine", "an old clock",
-          "a brave snail", "a cloud that hates rain", "a chess-playing cat", "a haunted bicycle", "the last tree",
-          "a singing volcano", "a detective owl", "a paper boat", "a moon made of cheese", "a shy giant",
-          "a river that flows uphill"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a lost robot",
+    "a dragon who bakes bread",
+    "a tiny submarine",
+    "an old clock",
+    "a brave snail",
+    "a cloud that hates rain",
+    "a chess-playing cat",
+    "a haunted bicycle",
+    "the last tree",
+    "a singing volcano",
+    "a detective owl",
+    "a paper boat",
+    "a moon made of cheese",
+    "a shy giant",
+    "a river that flows uphill",
+]
 PROMPTS = [f"Write a long, detailed story about {topic}." for topic in TOPICS]
 assert len(PROMPTS) == NUM_REQUESTS
 
 
 def start_worker(discovery: Path) -> TandemProcess:
-    worker = TandemProcess("worker", "--model", MODEL, "--discovery", f"file:{discovery}", "--ttl", "3", "--threads", "1", "--dtype", "float32",
-                     "--num-kv-blocks", "512", "--no-kv-events", "--drain-timeout", "2")
+    worker = TandemProcess(
+        "worker",
+        "--model",
+        MODEL,
+        "--discovery",
+        f"file:{discovery}",
+        "--ttl",
+        "3",
+        "--threads",
+        "1",
+        "--dtype",
+        "float32",
+        "--num-kv-blocks",
+        "512",
+        "--no-kv-events",
+        "--drain-timeout",
+        "2",
+    )
     worker.wait_for(r"serving ", timeout=180)
     return worker
 
@@ -112,8 +142,14 @@ def stream_all(url: str, on_all_started: Callable[[], None] | None = None) -> li
         result.started = time.perf_counter()
         try:
             stream = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": PROMPTS[index]}], max_tokens=MAX_TOKENS,
-                temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                model=MODEL,
+                messages=[{"role": "user", "content": PROMPTS[index]}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
             for chunk in stream:
                 if chunk.usage is not None:
                     result.completion_tokens = chunk.usage.completion_tokens
@@ -164,8 +200,10 @@ def _report(label: str, results: list[StreamResult]) -> None:
         return
     ttfts = sorted(r.ttft for r in results)
     gaps = sorted(r.max_gap for r in results)
-    print(f"{label}: {len(results)} streams, TTFT median {ttfts[len(ttfts) // 2]:.2f}s, "
-          f"longest inter-chunk gap median {gaps[len(gaps) // 2]:.2f}s max {gaps[-1]:.2f}s")
+    print(
+        f"{label}: {len(results)} streams, TTFT median {ttfts[len(ttfts) // 2]:.2f}s, "
+        f"longest inter-chunk gap median {gaps[len(gaps) // 2]:.2f}s max {gaps[-1]:.2f}s"
+    )
 
 
 def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment):
@@ -210,15 +248,19 @@ def test_with_migration_off_the_lost_streams_end_with_an_error_event(deployment)
         assert failed, "no stream was on the killed worker"
         for result in failed:
             assert isinstance(result.error, openai.APIError), repr(result.error)
-            assert re.search(r"worker \S+ was lost after \d+ generated tokens .*request migration is off "
-                             r"\(--migration-limit 0", result.error.message), result.error.message
+            assert re.search(
+                r"worker \S+ was lost after \d+ generated tokens .*request migration is off "
+                r"\(--migration-limit 0",
+                result.error.message,
+            ), result.error.message
             assert result.text, "the stream failed before any text"
         for prompt, got, want in zip(PROMPTS, results, reference, strict=True):
             if got.error is None:
                 assert got.text == want.text and got.completion_tokens == MAX_TOKENS, prompt
         metrics = scrape(url)
-        assert re.search(rf'tandem_frontend_migrations_total{{model="{MODEL}",outcome="disabled"}} {len(failed)}\.0',
-                         metrics), metrics
+        assert re.search(
+            rf'tandem_frontend_migrations_total{{model="{MODEL}",outcome="disabled"}} {len(failed)}\.0', metrics
+        ), metrics
         assert f'tandem_frontend_migration_limit{{model="{MODEL}"}} 0.0' in metrics
     finally:
         strict.stop()

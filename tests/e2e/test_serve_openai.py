@@ -45,8 +45,9 @@ COMPLETION_CASES = [
 def serve():
     # float32: greedy texts are compared token for token with a sequential reference engine, across
     # batchings where bfloat16 rounding flips near-ties (tests/e2e/test_engine_bf16_vs_hf.py covers bf16).
-    server = ServeProcess("--port", "0", "--dtype", "float32", "--max-body-bytes", str(MAX_BODY_BYTES),
-                          "--drain-timeout", "5")
+    server = ServeProcess(
+        "--port", "0", "--dtype", "float32", "--max-body-bytes", str(MAX_BODY_BYTES), "--drain-timeout", "5"
+    )
     yield server
     server.stop()
 
@@ -69,8 +70,9 @@ class Reference:
         self._cache: dict[tuple[tuple[int, ...], int], Greedy] = {}
 
     def chat_ids(self, question: str) -> list[int]:
-        text = self.tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                            add_generation_prompt=True)
+        text = self.tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         return self.tok.encode(text, add_special_tokens=False)
 
     def completion_ids(self, prompt: str) -> list[int]:
@@ -262,9 +264,11 @@ def test_completion_with_token_id_prompt(variant, base_url, client, ref):
 
 # --- usage chunk and prefix cache ----------------------------------------------------------------
 
-LONG_PROMPT = ("The lighthouse keeper wrote in his log every evening: the wind, the colour of the sea, the "
-               "ships that passed, the birds that rested on the gallery rail, and the slow turning of the "
-               "great lamp above him. On the third night of the storm he wrote")
+LONG_PROMPT = (
+    "The lighthouse keeper wrote in his log every evening: the wind, the colour of the sea, the "
+    "ships that passed, the birds that rested on the gallery rail, and the slow turning of the "
+    "great lamp above him. On the third night of the storm he wrote"
+)
 
 
 def test_stream_usage_chunk_and_cached_tokens(base_url, client, ref):
@@ -274,8 +278,16 @@ def test_stream_usage_chunk_and_cached_tokens(base_url, client, ref):
     assert whole.usage.prompt_tokens == len(prompt_ids)
     assert whole.usage.prompt_tokens_details.cached_tokens == 0  # a prompt never seen before
 
-    chunks = list(client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=LONG_PROMPT,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = _collect_completion(chunks)
     assert chunks[-1].choices == [] and streamed.usage is not None
     assert streamed.text == whole.choices[0].text
@@ -286,9 +298,16 @@ def test_stream_usage_chunk_and_cached_tokens(base_url, client, ref):
     assert 2 * 16 <= cached < len(prompt_ids) and cached % 16 == 0  # whole blocks from the first request
 
     # Chat too: the usage chunk comes last, after the finish_reason chunk, with no choices.
-    chat_chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=6, temperature=0,
-        stream=True, stream_options={"include_usage": True}))
+    chat_chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": LONG_PROMPT}],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chat_chunks[-1].choices == [] and chat_chunks[-1].usage is not None
     assert_matches(_collect_chat(chat_chunks), ref.greedy(ref.chat_ids(LONG_PROMPT), 6), "async-stream")
 
@@ -305,7 +324,7 @@ def boundary_stop(ref: Reference, expected: Greedy) -> str:
     for k in range(3, len(out) - 1):
         left, right = ends[k] - ends[k - 1], ends[k + 1] - ends[k]
         if left >= 2 and right >= 3:
-            stop = expected.text[ends[k] - 2: ends[k] + 3]
+            stop = expected.text[ends[k] - 2 : ends[k] + 3]
             if expected.text.find(stop) == ends[k] - 2 and stop.strip() == stop:
                 return stop
     raise AssertionError(f"no token boundary to test in {expected.text!r}")
@@ -319,8 +338,9 @@ def test_stop_string_across_token_boundary(stream, base_url, client, ref):
     want = expected.text[: expected.text.find(stop)]
     assert want  # some text comes before the stop string
     variant = "async-stream" if stream else "sync"
-    result = run_completion(variant, base_url, client, prompt, max_tokens=24, temperature=0,
-                            stop=["never-in-the-output", stop])
+    result = run_completion(
+        variant, base_url, client, prompt, max_tokens=24, temperature=0, stop=["never-in-the-output", stop]
+    )
     assert (result.text, result.finish_reason) == (want, "stop")
     assert result.usage.completion_tokens < len(expected.output_ids)  # the worker stopped early
 
@@ -328,20 +348,32 @@ def test_stop_string_across_token_boundary(stream, base_url, client, ref):
     question = CHAT_CASES[0][0]
     chat_expected = ref.greedy(ref.chat_ids(question), 16)
     chat_stop = boundary_stop(ref, chat_expected)
-    chat = run_chat("sync-stream" if stream else "sync", base_url, client, question, max_tokens=16, temperature=0,
-                    stop=chat_stop)
+    chat = run_chat(
+        "sync-stream" if stream else "sync", base_url, client, question, max_tokens=16, temperature=0, stop=chat_stop
+    )
     assert (chat.text, chat.finish_reason) == (chat_expected.text[: chat_expected.text.find(chat_stop)], "stop")
 
 
 # --- concurrency ----------------------------------------------------------------------------------
 
 CONCURRENT_PROMPTS = [
-    f"{subject} is" for subject in (
-        "The tallest mountain in the world", "My favourite book", "The best way to learn to cook",
-        "The largest ocean on Earth", "A good name for a cat", "The main ingredient of bread",
-        "The first thing I do in the morning", "The speed of light", "The reason leaves turn red",
-        "The oldest city in Europe", "The capital of Japan", "A healthy breakfast",
-        "The most popular sport in Brazil", "The sound a cow makes", "The colour of a ripe banana",
+    f"{subject} is"
+    for subject in (
+        "The tallest mountain in the world",
+        "My favourite book",
+        "The best way to learn to cook",
+        "The largest ocean on Earth",
+        "A good name for a cat",
+        "The main ingredient of bread",
+        "The first thing I do in the morning",
+        "The speed of light",
+        "The reason leaves turn red",
+        "The oldest city in Europe",
+        "The capital of Japan",
+        "A healthy breakfast",
+        "The most popular sport in Brazil",
+        "The sound a cow makes",
+        "The colour of a ripe banana",
         "The number of legs on a spider",
     )
 ]
@@ -353,8 +385,14 @@ def test_sixteen_concurrent_streams_match_sequential_greedy(base_url, ref):
     assert len({e.text for e in expected}) == len(expected)  # distinct outputs: no mix-up goes unseen
 
     async def one(ac: openai.AsyncOpenAI, prompt: str) -> Result:
-        stream = await ac.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
+        stream = await ac.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         return _collect_completion([c async for c in stream])
 
     async def run_all() -> list[Result]:
@@ -379,8 +417,13 @@ def test_client_disconnect_mid_stream_frees_the_kv_cache(base_url, client):
     address = worker_address(base_url)
     before = cancellations(base_url)
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
-        max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     chunks = iter(stream)
     for _ in range(3):
         next(chunks)
@@ -426,8 +469,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(base_url, c
     assert info.value.status_code == 400 and info.value.param == "n"
 
     url = base_url + "/v1/chat/completions"
-    r = httpx.post(url, content=b'{"model": "' + MODEL.encode() + b'", "messages": [', timeout=10,
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        url,
+        content=b'{"model": "' + MODEL.encode() + b'", "messages": [',
+        timeout=10,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]

@@ -22,8 +22,23 @@ from tandem.runtime.request_plane import RequestPlaneClient, WorkerUnavailableEr
 
 MODEL = "smollm2-135m-instruct"  # the mocker serves it; the frontend loads its tokenizer
 STEP_MS = 30  # every mocker step takes this long: a 100-token request lasts ~3 s
-MOCKER = ["--engine", "mocker", "--model", MODEL, "--speedup-ratio", "1", "--no-kv-events",
-          "--mocker-prefill-coeffs", "0", "0", str(STEP_MS), "--mocker-decode-coeffs", "0", "0", str(STEP_MS)]
+MOCKER = [
+    "--engine",
+    "mocker",
+    "--model",
+    MODEL,
+    "--speedup-ratio",
+    "1",
+    "--no-kv-events",
+    "--mocker-prefill-coeffs",
+    "0",
+    "0",
+    str(STEP_MS),
+    "--mocker-decode-coeffs",
+    "0",
+    "0",
+    str(STEP_MS),
+]
 NUM_CLIENTS = 16
 
 
@@ -46,7 +61,9 @@ def cards(disco_dir) -> list:
     return asyncio.run(read())
 
 
-def start_worker(procs: list[TandemProcess], disco_dir, *flags: str, env: dict[str, str] | None = None) -> tuple[TandemProcess, str]:
+def start_worker(
+    procs: list[TandemProcess], disco_dir, *flags: str, env: dict[str, str] | None = None
+) -> tuple[TandemProcess, str]:
     """A mocker worker; returns it and its worker id once it serves."""
     worker = TandemProcess("worker", *MOCKER, "--discovery", f"file:{disco_dir}", "--ttl", "30", *flags, env=env)
     procs.append(worker)
@@ -79,9 +96,14 @@ def wait_until_gone(disco_dir, worker_id: str, since: float, limit_s: float) -> 
 
 async def stream_completion(client: openai.AsyncOpenAI, max_tokens: int) -> tuple[str, int, int]:
     """(finish_reason, streamed text chunks, usage.completion_tokens) of one streaming request."""
-    stream = await client.completions.create(model=MODEL, prompt="Tell me a long story about a lighthouse keeper",
-                                             max_tokens=max_tokens, stream=True,
-                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = await client.completions.create(
+        model=MODEL,
+        prompt="Tell me a long story about a lighthouse keeper",
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     finish_reason, chunks, usage = None, 0, None
     async for chunk in stream:
         if chunk.choices:
@@ -100,8 +122,11 @@ def test_a_worker_whose_engine_dies_leaves_discovery_at_once_and_exits_1(tmp_pat
     async def generate() -> None:
         client = RequestPlaneClient()
         try:
-            body = {"request_id": "r1", "token_ids": list(range(10, 40)),
-                    "sampling": {"max_tokens": 100, "ignore_eos": True}}
+            body = {
+                "request_id": "r1",
+                "token_ids": list(range(10, 40)),
+                "sampling": {"max_tokens": 100, "ignore_eos": True},
+            }
             with pytest.raises(WorkerUnavailableError, match="engine failed"):
                 async for _ in client.stream(card.request_plane_address, "generate", body):
                     pass
@@ -123,8 +148,11 @@ def test_a_second_signal_exits_at_once_with_70(tmp_path, procs):
     async def stream_then_signal_twice() -> float:
         client = RequestPlaneClient()
         try:
-            body = {"request_id": "long", "token_ids": list(range(10, 40)),
-                    "sampling": {"max_tokens": 2000, "ignore_eos": True}}  # ~60 s
+            body = {
+                "request_id": "long",
+                "token_ids": list(range(10, 40)),
+                "sampling": {"max_tokens": 2000, "ignore_eos": True},
+            }  # ~60 s
             stream = client.stream(card.request_plane_address, "generate", body)
             await anext(stream)
             worker.proc.send_signal(signal.SIGTERM)

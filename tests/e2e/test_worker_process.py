@@ -21,9 +21,26 @@ def test_worker_registers_serves_and_drains_on_sigterm(tmp_path):
     make_tiny_model("llama", model_dir)
     disco_dir = tmp_path / "discovery"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "worker", "--model", str(model_dir), "--discovery", f"file:{disco_dir}",
-         "--num-kv-blocks", "64", "--ttl", "3", "--served-model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "worker",
+            "--model",
+            str(model_dir),
+            "--discovery",
+            f"file:{disco_dir}",
+            "--num-kv-blocks",
+            "64",
+            "--ttl",
+            "3",
+            "--served-model-name",
+            "tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         asyncio.run(asyncio.wait_for(_exercise(disco_dir), 90))
         proc.send_signal(signal.SIGTERM)
@@ -39,9 +56,28 @@ def test_worker_registers_serves_and_drains_on_sigterm(tmp_path):
 def test_mocker_worker_serves_without_a_model(tmp_path):
     disco_dir = tmp_path / "discovery"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0",
-         "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "worker",
+            "--engine",
+            "mocker",
+            "--speedup-ratio",
+            "0",
+            "--model",
+            "mock-model",
+            "--served-model-name",
+            "tiny",
+            "--discovery",
+            f"file:{disco_dir}",
+            "--ttl",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         asyncio.run(asyncio.wait_for(_exercise(disco_dir), 60))
         proc.send_signal(signal.SIGTERM)
@@ -61,8 +97,11 @@ async def _exercise(disco_dir) -> None:
     assert cards, "worker never registered"
     client = RequestPlaneClient()
     try:
-        payload = {"request_id": "r1", "token_ids": PROMPT, "sampling": {"max_tokens": 5, "temperature": 0.0,
-                                                                           "ignore_eos": True}}
+        payload = {
+            "request_id": "r1",
+            "token_ids": PROMPT,
+            "sampling": {"max_tokens": 5, "temperature": 0.0, "ignore_eos": True},
+        }
         deltas = [d async for d in client.stream(cards[0].request_plane_address, "generate", payload)]
         assert sum(len(d["token_ids"]) for d in deltas) == 5
         assert deltas[-1]["finish_reason"] == "length"
@@ -74,10 +113,32 @@ async def _exercise(disco_dir) -> None:
 def test_several_mocker_workers_share_one_process(tmp_path):
     disco_dir = tmp_path / "discovery"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0", "--mocker-workers", "3",
-         "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "worker",
+            "--engine",
+            "mocker",
+            "--speedup-ratio",
+            "0",
+            "--mocker-workers",
+            "3",
+            "--model",
+            "mock-model",
+            "--served-model-name",
+            "tiny",
+            "--discovery",
+            f"file:{disco_dir}",
+            "--ttl",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         async def exercise() -> None:
             discovery = FileDiscovery(disco_dir)
             client = RequestPlaneClient()
@@ -112,11 +173,36 @@ def test_prefill_worker_serves_its_transfer_metrics(tmp_path):
 
     disco_dir = tmp_path / "discovery"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "worker", "--engine", "mocker", "--speedup-ratio", "0", "--role", "prefill",
-         "--model", "mock-model", "--served-model-name", "tiny", "--discovery", f"file:{disco_dir}", "--ttl", "3",
-         "--metrics-port", "0", "--drain-timeout", "3"],  # its export is never pulled: the drain waits 3 s for it
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "worker",
+            "--engine",
+            "mocker",
+            "--speedup-ratio",
+            "0",
+            "--role",
+            "prefill",
+            "--model",
+            "mock-model",
+            "--served-model-name",
+            "tiny",
+            "--discovery",
+            f"file:{disco_dir}",
+            "--ttl",
+            "3",
+            "--metrics-port",
+            "0",
+            "--drain-timeout",
+            "3",
+        ],  # its export is never pulled: the drain waits 3 s for it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         async def exercise() -> str:
             discovery, client = FileDiscovery(disco_dir), RequestPlaneClient()
             try:
@@ -125,8 +211,12 @@ def test_prefill_worker_serves_its_transfer_metrics(tmp_path):
                     cards = await discovery.list("tiny")
                     await asyncio.sleep(0.2)
                 assert cards and cards[0].metrics_address.endswith("/metrics")
-                payload = {"request_id": "p1", "token_ids": PROMPT, "export_kv": True,
-                           "sampling": {"max_tokens": 1, "temperature": 0.0}}
+                payload = {
+                    "request_id": "p1",
+                    "token_ids": PROMPT,
+                    "export_kv": True,
+                    "sampling": {"max_tokens": 1, "temperature": 0.0},
+                }
                 deltas = [d async for d in client.stream(cards[0].request_plane_address, "generate", payload)]
                 assert deltas[-1]["kv_transfer"]["num_blocks"] == len(PROMPT) // 16
                 return cards[0].metrics_address

@@ -184,8 +184,9 @@ class Testbed:
             self._processes.append(proc)
         return proc
 
-    def call(self, host: str, fn: Callable[..., T], *args: object, timeout_s: float | None = 120.0,
-             **kwargs: object) -> T:
+    def call(
+        self, host: str, fn: Callable[..., T], *args: object, timeout_s: float | None = 120.0, **kwargs: object
+    ) -> T:
         """``fn(*args, **kwargs)`` on a thread of this process that lives in ``host``'s namespace:
         the sockets it opens are on the bed's network (how a test in the root namespace talks to
         the hosts). Coroutines: ``bed.call(host, asyncio.run, main())``."""
@@ -317,8 +318,9 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tests.testbed.bed",
-                                     description="Multi-host test bed on network namespaces (needs root).")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.testbed.bed", description="Multi-host test bed on network namespaces (needs root)."
+    )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="build a bed that stays until `down RUNID`")

@@ -71,8 +71,9 @@ def ip(*args: str, namespace: str | None = None, check: bool = True) -> str:
     """Run ``ip [-n NAMESPACE] ARGS...`` and return its stdout; :class:`IpCommandError` on failure."""
     argv = [ip_binary(), *(("-n", namespace) if namespace else ()), *args]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=IP_COMMAND_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=IP_COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired as exc:
         raise IpCommandError(f"{' '.join(argv)}: no answer within {IP_COMMAND_TIMEOUT_S:.0f}s") from exc
     if check and done.returncode != 0:
@@ -155,8 +156,9 @@ class NamespaceThreads:
 
     def __init__(self, namespace: str, max_threads: int = 4) -> None:
         self.namespace = namespace
-        self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix=f"netns-{namespace}",
-                                        initializer=enter_namespace, initargs=(namespace,))
+        self._pool = ThreadPoolExecutor(
+            max_threads, thread_name_prefix=f"netns-{namespace}", initializer=enter_namespace, initargs=(namespace,)
+        )
 
     def call(self, fn: Callable[..., T], *args: object, timeout_s: float | None = 120.0, **kwargs: object) -> T:
         """``fn(*args, **kwargs)`` in the namespace; its result, or its exception re-raised here."""

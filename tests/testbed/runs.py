@@ -76,7 +76,7 @@ def read_owner_mark(switch_namespace: str) -> str | None:
         alias = json.loads(out)[0].get("ifalias", "")
     except (ValueError, IndexError, AttributeError):
         return None
-    return alias[len(_MARK):] if alias.startswith(_MARK) else None
+    return alias[len(_MARK) :] if alias.startswith(_MARK) else None
 
 
 def owner_alive(owner: str | None) -> bool:

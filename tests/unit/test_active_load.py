@@ -23,8 +23,16 @@ class FakeClock:
 
 
 def card(worker_id: str) -> WorkerCard:
-    return WorkerCard(worker_id=worker_id, model="m", tokenizer="m", chat_template="m", context_length=128,
-                      block_size=BS, total_kv_blocks=64, request_plane_address="127.0.0.1:9")
+    return WorkerCard(
+        worker_id=worker_id,
+        model="m",
+        tokenizer="m",
+        chat_template="m",
+        context_length=128,
+        block_size=BS,
+        total_kv_blocks=64,
+        request_plane_address="127.0.0.1:9",
+    )
 
 
 def state(load: ActiveLoad, worker: str) -> tuple[int, int, int]:
@@ -40,8 +48,10 @@ def test_booking_and_releasing():
     assert load.worker_of("r1") == "w1" and "r1" in load and len(load) == 1
     load.add_request("r2", "w2", [21, 22, 23], num_prompt_tokens=12, num_cached_tokens=0)
     assert state(load, "w2") == (12, 3, 1)
-    assert load.snapshot() == {"w1": {"prefill_tokens": 6, "decode_blocks": 3, "active_requests": 1},
-                               "w2": {"prefill_tokens": 12, "decode_blocks": 3, "active_requests": 1}}
+    assert load.snapshot() == {
+        "w1": {"prefill_tokens": 6, "decode_blocks": 3, "active_requests": 1},
+        "w2": {"prefill_tokens": 12, "decode_blocks": 3, "active_requests": 1},
+    }
     load.free("r1")
     assert state(load, "w1") == (0, 0, 0)
     assert load.workers() == ["w2"]
@@ -209,7 +219,8 @@ def test_least_loaded_spreads_requests_when_booked():
 def test_least_loaded_is_seedable():
     cards = [card(w) for w in "abcd"]
     first, second = LeastLoadedPolicy(ActiveLoad(BS), seed=9), LeastLoadedPolicy(ActiveLoad(BS), seed=9)
-    assert [first.select(cards, []).worker_id for _ in range(10)] == \
-           [second.select(cards, []).worker_id for _ in range(10)]
+    assert [first.select(cards, []).worker_id for _ in range(10)] == [
+        second.select(cards, []).worker_id for _ in range(10)
+    ]
     with pytest.raises(ValueError):
         first.select([], [])

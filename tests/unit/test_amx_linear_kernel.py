@@ -35,8 +35,9 @@ def test_strided_rows_of_x():
     weight = torch.randn(64, 128, generator=g).bfloat16()
     wide = torch.randn(20, 256, generator=g).bfloat16()
     x = wide[:, 64:192]  # row stride 256
-    torch.testing.assert_close(amx_linear.AmxLinear(weight, None)(x).float(), reference(x, weight, None).float(),
-                               atol=0.3, rtol=1e-2)
+    torch.testing.assert_close(
+        amx_linear.AmxLinear(weight, None)(x).float(), reference(x, weight, None).float(), atol=0.3, rtol=1e-2
+    )
 
 
 def test_shapes_outside_the_limits():

@@ -51,9 +51,7 @@ def make_records(n_ok: int = N_OK, *, ttft_offset_ms: float = 0.0) -> list[Reque
                 turn=i // 3,
             )
         )
-    records.append(
-        RequestRecord(index=n_ok, start_s=0.5 * n_ok, ok=False, error="timeout", input_tokens=100)
-    )
+    records.append(RequestRecord(index=n_ok, start_s=0.5 * n_ok, ok=False, error="timeout", input_tokens=100))
     records.append(
         RequestRecord(
             index=n_ok + 1,

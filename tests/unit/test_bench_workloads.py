@@ -321,8 +321,16 @@ def test_trace_synthetic_pairs_share_exact_blocks():
 def test_multi_turn_several_system_prompts_and_answer_spread():
     from tandem.bench.workloads.multi_turn import MultiTurnConfig, new_session
 
-    config = MultiTurnConfig(num_users=4, num_system_prompts=3, system_prompt_len=32, user_history_len=8,
-                             question_len=4, answer_len=50, answer_len_stddev=10, num_rounds=4)
+    config = MultiTurnConfig(
+        num_users=4,
+        num_system_prompts=3,
+        system_prompt_len=32,
+        user_history_len=8,
+        question_len=4,
+        answer_len=50,
+        answer_len_stddev=10,
+        num_rounds=4,
+    )
     firsts = [new_session(config, user).first_request().prompt[:32] for user in range(6)]
     assert firsts[0] == firsts[3] and firsts[1] == firsts[4] and firsts[2] == firsts[5]  # user i → prompt i % 3
     assert len({tuple(p) for p in firsts}) == 3

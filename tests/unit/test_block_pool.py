@@ -218,9 +218,7 @@ def test_duplicate_prefix_reports_only_new_tail_chained_from_last_duplicate():
     pool.cache_full_blocks(blocks, hs, long, None)
     assert [b.block_hash for b in blocks] == [None, None, hs[2], hs[3]]
     assert pool.take_events() == [
-        BlockStored(
-            block_hashes=hs[2:], parent_block_hash=hs[1], token_ids=long[2 * BS :], block_size=BS
-        )
+        BlockStored(block_hashes=hs[2:], parent_block_hash=hs[1], token_ids=long[2 * BS :], block_size=BS)
     ]
 
 
@@ -237,12 +235,8 @@ def test_duplicate_between_new_blocks_splits_report_into_chained_runs():
     assert [b.block_hash for b in blocks] == [hs[0], None, hs[2]]
     events = pool.take_events()
     assert events == [
-        BlockStored(
-            block_hashes=[hs[0]], parent_block_hash=None, token_ids=tokens[:BS], block_size=BS
-        ),
-        BlockStored(
-            block_hashes=[hs[2]], parent_block_hash=hs[1], token_ids=tokens[2 * BS :], block_size=BS
-        ),
+        BlockStored(block_hashes=[hs[0]], parent_block_hash=None, token_ids=tokens[:BS], block_size=BS),
+        BlockStored(block_hashes=[hs[2]], parent_block_hash=hs[1], token_ids=tokens[2 * BS :], block_size=BS),
     ]
     for e in events:  # each run re-hashes correctly from its parent
         assert block_hashes(e.token_ids, BS, parent_hash=e.parent_block_hash) == e.block_hashes
@@ -283,12 +277,8 @@ def test_events_are_ordered_with_parent_hashes_chained_across_calls():
     pool.cache_full_blocks(blocks[1:], hs[1:], tokens[BS:], hs[0])
     events = pool.take_events()
     assert events == [
-        BlockStored(
-            block_hashes=[hs[0]], parent_block_hash=None, token_ids=tokens[:BS], block_size=BS
-        ),
-        BlockStored(
-            block_hashes=hs[1:], parent_block_hash=hs[0], token_ids=tokens[BS:], block_size=BS
-        ),
+        BlockStored(block_hashes=[hs[0]], parent_block_hash=None, token_ids=tokens[:BS], block_size=BS),
+        BlockStored(block_hashes=hs[1:], parent_block_hash=hs[0], token_ids=tokens[BS:], block_size=BS),
     ]
     assert all(e.medium == kv_events.MEDIUM_GPU and e.lora_id is None for e in events)
     # Re-hashing token_ids from the parent reproduces the reported hashes (what a router does).

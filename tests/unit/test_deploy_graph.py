@@ -24,8 +24,13 @@ def test_empty_graph_gets_the_defaults():
 
 
 def test_worker_group_defaults_fill_missing_keys():
-    graph = parse_graph({"workers": [{"engine": "mocker"}, {"count": 0, "role": "decode", "model": "m"}],
-                         "discovery": "file:/tmp/d", "frontend": {"port": 0, "router": "random"}})
+    graph = parse_graph(
+        {
+            "workers": [{"engine": "mocker"}, {"count": 0, "role": "decode", "model": "m"}],
+            "discovery": "file:/tmp/d",
+            "frontend": {"port": 0, "router": "random"},
+        }
+    )
     first, second = graph.workers
     assert (first.count, first.engine, first.role, first.model) == (1, "mocker", "agg", DEFAULT_MODEL)
     assert (second.count, second.role, second.model) == (0, "decode", "m")
@@ -35,9 +40,21 @@ def test_worker_group_defaults_fill_missing_keys():
 
 
 def test_frontend_values_of_the_right_type_are_accepted():
-    graph = parse_graph({"frontend": {"host": "0.0.0.0", "port": 0, "router": "random", "max_body_bytes": 2048,
-                                      "default_max_tokens": None, "max_attempts": 1, "worker_down_s": 1,
-                                      "worker_stats_interval_s": 0.5, "access_log": True}})
+    graph = parse_graph(
+        {
+            "frontend": {
+                "host": "0.0.0.0",
+                "port": 0,
+                "router": "random",
+                "max_body_bytes": 2048,
+                "default_max_tokens": None,
+                "max_attempts": 1,
+                "worker_down_s": 1,
+                "worker_stats_interval_s": 0.5,
+                "access_log": True,
+            }
+        }
+    )
     assert graph.frontend.worker_down_s == 1 and graph.frontend.access_log is True
 
 
@@ -65,8 +82,20 @@ def test_example_agg_graph_loads():
     (group,) = graph.workers
     assert (group.count, group.engine, group.role, group.model) == (1, "builtin", "agg", "smollm2-135m-instruct")
     assert group.flags == {"dtype": "float32", "kv-cache-gib": 1, "max-num-seqs": 64}
-    assert group.worker_argv() == ["--engine", "builtin", "--role", "agg", "--model", "smollm2-135m-instruct",
-                                   "--dtype", "float32", "--kv-cache-gib", "1", "--max-num-seqs", "64"]
+    assert group.worker_argv() == [
+        "--engine",
+        "builtin",
+        "--role",
+        "agg",
+        "--model",
+        "smollm2-135m-instruct",
+        "--dtype",
+        "float32",
+        "--kv-cache-gib",
+        "1",
+        "--max-num-seqs",
+        "64",
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -76,12 +105,34 @@ def test_every_example_graph_loads(path):
 
 
 def test_worker_argv_renders_flags():
-    group = WorkerGroup(engine="mocker", role="prefill", model="m", flags={
-        "max_num_seqs": 8, "speedup-ratio": 2.5, "enable-prefix-caching": True, "kv-events": False,
-        "name": None, "tokenizer": "some/dir"})
+    group = WorkerGroup(
+        engine="mocker",
+        role="prefill",
+        model="m",
+        flags={
+            "max_num_seqs": 8,
+            "speedup-ratio": 2.5,
+            "enable-prefix-caching": True,
+            "kv-events": False,
+            "name": None,
+            "tokenizer": "some/dir",
+        },
+    )
     assert group.worker_argv() == [
-        "--engine", "mocker", "--role", "prefill", "--model", "m",
-        "--max-num-seqs", "8", "--speedup-ratio", "2.5", "--enable-prefix-caching", "--tokenizer", "some/dir"]
+        "--engine",
+        "mocker",
+        "--role",
+        "prefill",
+        "--model",
+        "m",
+        "--max-num-seqs",
+        "8",
+        "--speedup-ratio",
+        "2.5",
+        "--enable-prefix-caching",
+        "--tokenizer",
+        "some/dir",
+    ]
 
 
 def test_load_graph_reports_unreadable_and_invalid_files(tmp_path):
@@ -127,8 +178,11 @@ MALFORMED = [
     ("discovery-not-a-string", {"discovery": 5}, ["discovery", "str"]),
     ("bad-event-plane", {"event_plane": "kafka"}, ["event_plane", "kafka"]),
     ("nats-url-not-a-string", {"event_plane": "nats", "nats_url": 4222}, ["nats_url", "str"]),
-    ("flag-sets-event-plane", {"workers": [{"flags": {"event-plane": "nats"}}]},
-     ["workers[0].flags.event-plane", "top of the graph"]),
+    (
+        "flag-sets-event-plane",
+        {"workers": [{"flags": {"event-plane": "nats"}}]},
+        ["workers[0].flags.event-plane", "top of the graph"],
+    ),
     ("flag-sets-nats-url", {"workers": [{"flags": {"nats-url": "nats://h:1"}}]}, ["workers[0].flags.nats-url"]),
     ("frontend-not-a-mapping", {"frontend": "127.0.0.1:8000"}, ["frontend", "dict"]),
     ("unknown-frontend-key", {"frontend": {"bind": "0.0.0.0"}}, ["frontend", "bind"]),
@@ -141,8 +195,7 @@ MALFORMED = [
     ("frontend-unknown-router", {"frontend": {"router": "fastest"}}, ["frontend.router", "fastest"]),
     ("frontend-down-s-string", {"frontend": {"worker_down_s": "5s"}}, ["frontend.worker_down_s", "float"]),
     ("frontend-access-log-string", {"frontend": {"access_log": "yes"}}, ["frontend.access_log", "bool"]),
-    ("frontend-default-max-tokens-string", {"frontend": {"default_max_tokens": "16"}},
-     ["frontend.default_max_tokens"]),
+    ("frontend-default-max-tokens-string", {"frontend": {"default_max_tokens": "16"}}, ["frontend.default_max_tokens"]),
     ("frontend-default-max-tokens-zero", {"frontend": {"default_max_tokens": 0}}, ["frontend", "default_max_tokens"]),
 ]
 
@@ -164,7 +217,7 @@ def test_list_flag_values_expand_to_several_arguments():
     group = parse_graph({"workers": [{"engine": "mocker", "flags": {"mocker-decode-coeffs": [0, 0, 10]}}]}).workers[0]
     argv = group.worker_argv()
     at = argv.index("--mocker-decode-coeffs")
-    assert argv[at + 1:at + 4] == ["0", "0", "10"]
+    assert argv[at + 1 : at + 4] == ["0", "0", "10"]
 
 
 def _serve_args(*argv: str):
@@ -200,11 +253,27 @@ def test_every_option_has_help_that_shows_its_default(command):
 def test_serve_flags_left_unset_keep_the_graphs_frontend_values():
     from tandem.cli.frontend_cmd import frontend_config_from_args
 
-    graph = parse_graph({"frontend": {"router": "kv", "kv_overlap_credit": 0.5, "kv_prefill_load_scale": 4.0,
-                                      "kv_temperature": 0.2, "max_body_bytes": 10000, "default_max_tokens": 7}})
+    graph = parse_graph(
+        {
+            "frontend": {
+                "router": "kv",
+                "kv_overlap_credit": 0.5,
+                "kv_prefill_load_scale": 4.0,
+                "kv_temperature": 0.2,
+                "max_body_bytes": 10000,
+                "default_max_tokens": 7,
+            }
+        }
+    )
     config = frontend_config_from_args(_serve_args(), graph.frontend)
-    assert (config.router, config.kv_overlap_credit, config.kv_prefill_load_scale, config.kv_temperature,
-            config.max_body_bytes, config.default_max_tokens) == ("kv", 0.5, 4.0, 0.2, 10000, 7)
+    assert (
+        config.router,
+        config.kv_overlap_credit,
+        config.kv_prefill_load_scale,
+        config.kv_temperature,
+        config.max_body_bytes,
+        config.default_max_tokens,
+    ) == ("kv", 0.5, 4.0, 0.2, 10000, 7)
 
 
 def test_serve_flags_given_override_the_graph():
@@ -220,14 +289,20 @@ def test_event_plane_defaults_to_zmq_and_nats_reaches_every_worker_and_the_front
     from tandem.deploy.local import LocalDeployment
 
     assert parse_graph({}).event_plane_argv() == ["--event-plane", "zmq"]
-    graph = parse_graph({"event_plane": "nats", "nats_url": "nats://10.0.0.5:4222", "frontend": {"router": "kv"},
-                         "workers": [{"engine": "mocker"}, {"engine": "mocker", "role": "decode"}]})
+    graph = parse_graph(
+        {
+            "event_plane": "nats",
+            "nats_url": "nats://10.0.0.5:4222",
+            "frontend": {"router": "kv"},
+            "workers": [{"engine": "mocker"}, {"engine": "mocker", "role": "decode"}],
+        }
+    )
     assert graph.frontend.nats_url == "nats://10.0.0.5:4222"  # the embedded router follows the same server
     deployment = LocalDeployment(graph, f"file:{tmp_path}")
     for group in graph.workers:
         argv = deployment._spawn_argv(group)
         at = argv.index("--event-plane")
-        assert argv[at:at + 4] == ["--event-plane", "nats", "--nats-url", "nats://10.0.0.5:4222"]
+        assert argv[at : at + 4] == ["--event-plane", "nats", "--nats-url", "nats://10.0.0.5:4222"]
     # Without a URL the workers use their default and the frontend reads the server from their cards.
     assert parse_graph({"event_plane": "nats"}).frontend.nats_url is None
 
@@ -242,6 +317,9 @@ def test_serve_event_plane_flags_override_the_graph():
     graph_args = ["serve", "--engine", "mocker"]
     args = parser.parse_args([*graph_args, "--event-plane", "nats", "--nats-url", "nats://127.0.0.1:9"])
     graph = serve_cmd.build_graph(args)
-    assert (graph.event_plane, graph.nats_url, graph.frontend.nats_url) == ("nats", "nats://127.0.0.1:9",
-                                                                            "nats://127.0.0.1:9")
+    assert (graph.event_plane, graph.nats_url, graph.frontend.nats_url) == (
+        "nats",
+        "nats://127.0.0.1:9",
+        "nats://127.0.0.1:9",
+    )
     assert serve_cmd.build_graph(parser.parse_args(graph_args)).event_plane == "zmq"

@@ -29,7 +29,7 @@ def tokenizer():
 
 
 def stream(detok: IncrementalDetokenizer, ids: list[int], chunk: int = 1) -> list[str]:
-    pieces = [detok.push(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+    pieces = [detok.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
     return pieces + [detok.flush()]
 
 
@@ -62,8 +62,12 @@ def test_chunks_of_several_tokens(tokenizer, chunk):
 
 
 def test_with_chat_prompt_and_eos(tokenizer):
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi in Japanese"}],
-                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi in Japanese"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     answer = "こんにちは! That is «hello» 👋"
     output = tokenizer.encode(answer) + [tokenizer.eos_token_id]
     detok = IncrementalDetokenizer(tokenizer, prompt_token_ids=prompt)

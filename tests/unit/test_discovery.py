@@ -274,9 +274,7 @@ def test_close_withdraws_and_ends_watchers(backend: Backend) -> None:
 
 
 def file_record(c: WorkerCard, expires_at: float, lease_id: str = "lease") -> bytes:
-    record = FileRecord(
-        lease_id=lease_id, ttl_s=1.0, expires_at=expires_at, pid=1, hostname="h", card=c
-    )
+    record = FileRecord(lease_id=lease_id, ttl_s=1.0, expires_at=expires_at, pid=1, hostname="h", card=c)
     return msgspec.json.encode(record)
 
 
@@ -286,8 +284,9 @@ def test_file_ignores_garbage_and_deletes_expired(tmp_path: Path) -> None:
     (tmp_path / "empty.json").write_bytes(b"")
     (tmp_path / "schema.json").write_bytes(b'{"hello": "world"}')
     (tmp_path / "badcard.json").write_bytes(
-        msgspec.json.encode({"lease_id": "l", "ttl_s": 1, "expires_at": time.time() + 60,
-                             "pid": 1, "hostname": "h", "card": bad_card})
+        msgspec.json.encode(
+            {"lease_id": "l", "ttl_s": 1, "expires_at": time.time() + 60, "pid": 1, "hostname": "h", "card": bad_card}
+        )
     )
     (tmp_path / "notes.txt").write_text("not an entry")
     (tmp_path / "dir.json").mkdir()
@@ -309,9 +308,7 @@ def test_file_ignores_garbage_and_deletes_expired(tmp_path: Path) -> None:
     assert (tmp_path / "truncated.json").exists()  # unreadable files are left alone
 
 
-def test_file_scan_rereads_only_changed_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_file_scan_rereads_only_changed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(3):
         (tmp_path / f"w{i}.json").write_bytes(file_record(card(f"w{i}"), time.time() + 60))
     reads: list[Path] = []
@@ -467,8 +464,9 @@ def test_make_discovery_etcd_specs() -> None:
     assert isinstance(by_url, EtcdDiscovery)
     assert by_url.endpoints == [("127.0.0.1", 2379)] and by_url.namespace == "tandem"
     assert by_url.prefix == b"/tandem/tandem/workers/"
-    by_flag = make_discovery("etcd", DiscoveryConfig(ttl_s=3.0), etcd_endpoints="10.0.0.1:2379,10.0.0.2:2390",
-                             namespace="prod")
+    by_flag = make_discovery(
+        "etcd", DiscoveryConfig(ttl_s=3.0), etcd_endpoints="10.0.0.1:2379,10.0.0.2:2390", namespace="prod"
+    )
     assert isinstance(by_flag, EtcdDiscovery)
     assert by_flag.endpoints == [("10.0.0.1", 2379), ("10.0.0.2", 2390)] and by_flag.namespace == "prod"
     assert by_flag.config.ttl_s == 3.0 and by_flag.key("w1") == b"/tandem/prod/workers/w1"

@@ -173,7 +173,10 @@ def test_card_changed_in_place_is_removed_then_added(etcd_server: EtcdServer) ->
             await recorder.wait_for(EventKind.REMOVED, "w1")
             await asyncio.sleep(0.2)
             assert [(e.kind, e.card.model) for _, e in recorder.events] == [
-                (EventKind.ADDED, "old"), (EventKind.REMOVED, "old"), (EventKind.ADDED, "new")]
+                (EventKind.ADDED, "old"),
+                (EventKind.REMOVED, "old"),
+                (EventKind.ADDED, "new"),
+            ]
         finally:
             await recorder.stop()
             await watcher.close()
@@ -317,8 +320,9 @@ asyncio.run(main())
 
 def test_sigkilled_process_disappears_within_ttl(etcd_server: EtcdServer) -> None:
     async def main() -> float:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, etcd_server.endpoint, str(TTL_S),
-                                                    stdout=subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CHILD, etcd_server.endpoint, str(TTL_S), stdout=subprocess.PIPE
+        )
         watcher = EtcdDiscovery(etcd_server.endpoint, config=CONFIG)
         recorder = Recorder(watcher)
         try:

@@ -52,7 +52,7 @@ def test_rope_store(dtype, num_heads, num_kv_heads, head_dim):
     elementwise.rope_store(qkv, cos, sin, slots, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
     got_q = qkv[:, :q_size].reshape(tokens, num_heads, head_dim)
     close(got_q, want_q, dtype)
-    close(qkv[:, q_size:q_size + kv_size].reshape(tokens, num_kv_heads, head_dim), want_k, dtype)
+    close(qkv[:, q_size : q_size + kv_size].reshape(tokens, num_kv_heads, head_dim), want_k, dtype)
     close(k_cache[slots], want_k, dtype)
     close(v_cache[slots], v, dtype)
     untouched = torch.ones(num_slots, dtype=torch.bool)

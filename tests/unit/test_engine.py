@@ -75,8 +75,9 @@ def test_stop_token_ids_min_tokens_and_max_tokens(tiny_loaded):
     out = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop_at]))[0]
     assert out == free_run[: free_run.index(stop_at) + 1]
     # min_tokens masks the stop token until 5 tokens exist, so the output changes and is longer.
-    out_min = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop_at],
-                                                        min_tokens=5))[0]
+    out_min = engine.generate(
+        [PROMPT], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop_at], min_tokens=5)
+    )[0]
     assert len(out_min) >= 5 and stop_at not in out_min[:5]
     assert len(engine.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0.0))[0]) == 3
 
@@ -101,7 +102,9 @@ def test_seeded_sampling_reproducible_across_batches(tiny_loaded):
     other = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
     batched = engine.generate([list(range(60, 80)), PROMPT], [other, params])[1]
     assert alone == batched
-    assert engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=1.0, seed=99, ignore_eos=True))[0] != alone
+    assert (
+        engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=1.0, seed=99, ignore_eos=True))[0] != alone
+    )
 
 
 def test_logprobs_reported_per_token(tiny_loaded):
@@ -116,11 +119,14 @@ def test_logprobs_reported_per_token(tiny_loaded):
         assert lp.logprob == pytest.approx(lp.top_logprobs[0][1])
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ([], "at least one token"),
-    ([5, 10**6], "token ids must be in"),
-    (list(range(3, 200)) * 3, "context"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([], "at least one token"),
+        ([5, 10**6], "token ids must be in"),
+        (list(range(3, 200)) * 3, "context"),
+    ],
+)
 def test_bad_prompts_rejected(tiny_loaded, prompt, message):
     engine = make_engine(tiny_loaded)
     with pytest.raises(ValueError, match=message):
@@ -156,10 +162,23 @@ def test_import_of_a_later_run_continues_the_cached_prefix(tiny_loaded):
     export = src.export_kv(PROMPT)
     per_block = len(export.data) // 2
     fields = {f: getattr(export, f) for f in export.__struct_fields__}
-    head = KVBlockExport(**{**fields, "block_hashes": export.block_hashes[:1], "token_ids": export.token_ids[:16],
-                            "data": export.data[:per_block]})
-    tail = KVBlockExport(**{**fields, "block_hashes": export.block_hashes[1:], "token_ids": export.token_ids[16:],
-                            "data": export.data[per_block:], "parent_hash": export.block_hashes[0]})
+    head = KVBlockExport(
+        **{
+            **fields,
+            "block_hashes": export.block_hashes[:1],
+            "token_ids": export.token_ids[:16],
+            "data": export.data[:per_block],
+        }
+    )
+    tail = KVBlockExport(
+        **{
+            **fields,
+            "block_hashes": export.block_hashes[1:],
+            "token_ids": export.token_ids[16:],
+            "data": export.data[per_block:],
+            "parent_hash": export.block_hashes[0],
+        }
+    )
     with pytest.raises(ValueError, match="prefix first"):
         dst.import_kv(tail)  # its parent is not here yet: nothing imported
     assert dst.pool.num_free_blocks == dst.pool.num_blocks and dst.pool.num_cached_blocks == 0
@@ -174,8 +193,9 @@ def test_import_rejects_tampered_payload(tiny_loaded):
     src, dst = make_engine(tiny_loaded), make_engine(tiny_loaded)
     src.generate([PROMPT], GREEDY)
     export = src.export_kv(PROMPT)
-    bad_tokens = KVBlockExport(**{**{f: getattr(export, f) for f in export.__struct_fields__},
-                                  "token_ids": [1] + export.token_ids[1:]})
+    bad_tokens = KVBlockExport(
+        **{**{f: getattr(export, f) for f in export.__struct_fields__}, "token_ids": [1] + export.token_ids[1:]}
+    )
     with pytest.raises(ValueError, match="hashes"):
         dst.import_kv(bad_tokens)
     short = KVBlockExport(**{**{f: getattr(export, f) for f in export.__struct_fields__}, "data": export.data[:-4]})
@@ -205,8 +225,7 @@ def test_async_engine_streams_aborts_and_reports_stats(tiny_loaded):
             assert stats.num_running == 0 and stats.num_waiting == 0
             assert stats.kv_usage == 0.0
             # Concurrent streams are independent and equal to their solo outputs.
-            results = await asyncio.gather(*[
-                _collect(engine, PROMPT[i:], GREEDY) for i in range(4)])
+            results = await asyncio.gather(*[_collect(engine, PROMPT[i:], GREEDY) for i in range(4)])
             solo = [await _collect(engine, PROMPT[i:], GREEDY) for i in range(4)]
             assert results == solo
             # A bad request fails alone.

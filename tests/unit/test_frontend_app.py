@@ -38,8 +38,7 @@ def deployment():
         dep.server = dep.add_frontend(config)
         dep.url = dep.server.url
         # Load the tokenizer once (the first request of a model pays for it).
-        reply = requests.post(dep.url + CHAT, json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
-                              timeout=60)
+        reply = requests.post(dep.url + CHAT, json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2}, timeout=60)
         assert reply.status_code == 200, reply.text
         yield dep
     finally:
@@ -53,8 +52,9 @@ def client(deployment):
 
 def post(deployment, path, body, **kwargs):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(deployment.url + path, data=data, headers={"Content-Type": "application/json"},
-                         timeout=30, **kwargs)
+    return requests.post(
+        deployment.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=30, **kwargs
+    )
 
 
 # --- requests that succeed ------------------------------------------------------------------
@@ -68,8 +68,9 @@ def test_chat_and_completions_through_the_openai_client(client):
     text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 4
 
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -116,53 +117,147 @@ BAD_REQUESTS = [
     ("json-string", COMPLETIONS, b'"hello"', 400, None, "invalid_json"),
     ("json-null", COMPLETIONS, b"null", 400, None, "invalid_json"),
     # A lone UTF-16 surrogate is valid JSON but not text (it used to reach the tokenizer: 500).
-    ("surrogate-in-content", CHAT,
-     b'{"model": "mock", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, None, "invalid_json"),
+    (
+        "surrogate-in-content",
+        CHAT,
+        b'{"model": "mock", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        400,
+        None,
+        "invalid_json",
+    ),
     ("surrogate-in-model", CHAT, b'{"model": "\\udfff", "messages": []}', 400, None, "invalid_json"),
     ("surrogate-in-prompt", COMPLETIONS, b'{"model": "mock", "prompt": "\\ud83d"}', 400, None, "invalid_json"),
-    ("surrogate-in-cache-salt", COMPLETIONS, b'{"model": "mock", "prompt": "hi", "cache_salt": "\\udc80"}',
-     400, None, "invalid_json"),
+    (
+        "surrogate-in-cache-salt",
+        COMPLETIONS,
+        b'{"model": "mock", "prompt": "hi", "cache_salt": "\\udc80"}',
+        400,
+        None,
+        "invalid_json",
+    ),
     ("surrogate-as-cesu-bytes", COMPLETIONS, b'{"model": "mock", "prompt": "\xed\xa0\x80"}', 400, None, "invalid_json"),
     ("missing-model", CHAT, {"messages": MESSAGES}, 400, "model", None),
     ("missing-messages", CHAT, {"model": MODEL}, 400, "messages", None),
     ("missing-prompt", COMPLETIONS, {"model": MODEL}, 400, "prompt", None),
     ("unknown-model", CHAT, {"model": "no-such-model", "messages": MESSAGES}, 404, "model", "model_not_found"),
-    ("unknown-model-stream", COMPLETIONS, {"model": "no-such-model", "prompt": "hi", "stream": True},
-     404, "model", "model_not_found"),
+    (
+        "unknown-model-stream",
+        COMPLETIONS,
+        {"model": "no-such-model", "prompt": "hi", "stream": True},
+        404,
+        "model",
+        "model_not_found",
+    ),
     ("n-2", CHAT, {"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "n", "unsupported_parameter"),
-    ("temperature-string", CHAT, {"model": MODEL, "messages": MESSAGES, "temperature": "0.5"},
-     400, "temperature", None),
-    ("temperature-too-high", COMPLETIONS, {"model": MODEL, "prompt": "hi", "temperature": 2.5},
-     400, "temperature", None),
+    (
+        "temperature-string",
+        CHAT,
+        {"model": MODEL, "messages": MESSAGES, "temperature": "0.5"},
+        400,
+        "temperature",
+        None,
+    ),
+    (
+        "temperature-too-high",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": "hi", "temperature": 2.5},
+        400,
+        "temperature",
+        None,
+    ),
     ("max-tokens-0", CHAT, {"model": MODEL, "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens", None),
-    ("max-tokens-bool", COMPLETIONS, {"model": MODEL, "prompt": "hi", "max_tokens": True},
-     400, "max_tokens", None),
-    ("prompt-plus-max-tokens-over-context", CHAT,
-     {"model": MODEL, "messages": MESSAGES, "max_tokens": CONTEXT}, 400, "max_tokens", "context_length_exceeded"),
-    ("prompt-over-context", COMPLETIONS, {"model": MODEL, "prompt": LONG_PROMPT},
-     400, "prompt", "context_length_exceeded"),
-    ("tools", CHAT, {"model": MODEL, "messages": MESSAGES,
-                     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-     400, "tools", "unsupported_parameter"),
-    ("image-part", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content", None),
-    ("null-user-content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": None}]},
-     400, "messages.0.content", None),
-    ("null-content-after-a-turn", CHAT, {"model": MODEL, "messages": [
-        *MESSAGES, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": None}]},
-     400, "messages.2.content", None),
-    ("stream-options-without-stream", CHAT, {"model": MODEL, "messages": MESSAGES,
-                                            "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ("too-many-stops", COMPLETIONS, {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
-     400, "stop", None),
+    ("max-tokens-bool", COMPLETIONS, {"model": MODEL, "prompt": "hi", "max_tokens": True}, 400, "max_tokens", None),
+    (
+        "prompt-plus-max-tokens-over-context",
+        CHAT,
+        {"model": MODEL, "messages": MESSAGES, "max_tokens": CONTEXT},
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "prompt-over-context",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": LONG_PROMPT},
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+    (
+        "tools",
+        CHAT,
+        {
+            "model": MODEL,
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        },
+        400,
+        "tools",
+        "unsupported_parameter",
+    ),
+    (
+        "image-part",
+        CHAT,
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        },
+        400,
+        "messages.0.content",
+        None,
+    ),
+    (
+        "null-user-content",
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": None}]},
+        400,
+        "messages.0.content",
+        None,
+    ),
+    (
+        "null-content-after-a-turn",
+        CHAT,
+        {
+            "model": MODEL,
+            "messages": [*MESSAGES, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": None}],
+        },
+        400,
+        "messages.2.content",
+        None,
+    ),
+    (
+        "stream-options-without-stream",
+        CHAT,
+        {"model": MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+        None,
+    ),
+    (
+        "too-many-stops",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "stop",
+        None,
+    ),
     ("token-over-vocab", COMPLETIONS, {"model": MODEL, "prompt": [10, 2**31 - 1]}, 400, "prompt", None),
-    ("min-tokens-over-max", COMPLETIONS, {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
-     400, "min_tokens", None),
+    (
+        "min-tokens-over-max",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
+        400,
+        "min_tokens",
+        None,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param", "code"), [case[1:] for case in BAD_REQUESTS],
-                         ids=[case[0] for case in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "code"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
 def test_bad_requests_get_openai_errors(deployment, path, body, status, param, code):
     reply = post(deployment, path, body)
     assert reply.headers["content-type"].startswith("application/json")
@@ -189,7 +284,7 @@ def test_openai_client_raises_the_matching_exceptions(client):
 def test_oversized_body_gets_413(deployment, chunked):
     filler = "x" * (LIMIT + 1024)
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": filler}]}).encode()
-    parts = [body[i:i + 8192] for i in range(0, len(body), 8192)]
+    parts = [body[i : i + 8192] for i in range(0, len(body), 8192)]
     headers = {"Content-Type": "application/json"}
     if not chunked:
         headers["Content-Length"] = str(len(body))
@@ -202,8 +297,9 @@ def test_body_just_under_the_limit_is_read(deployment):
     filler = "y" * (LIMIT - 200)
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": filler}]}).encode()
     assert len(body) <= LIMIT
-    status, content = raw_request(deployment.url, "POST", CHAT, {"Content-Type": "application/json"},
-                                  [body[:30000], body[30000:]], chunked=True)
+    status, content = raw_request(
+        deployment.url, "POST", CHAT, {"Content-Type": "application/json"}, [body[:30000], body[30000:]], chunked=True
+    )
     # Parsed, then refused for its length (far over a 512-token context), not for its size.
     assert assert_openai_error(status, json.loads(content), 400)["code"] == "context_length_exceeded"
 
@@ -228,8 +324,10 @@ def test_keep_alive_connections_have_nagle_off(deployment):
 
     async def nodelay_flags() -> list[int]:
         connections = deployment.server._server.server_state.connections
-        return [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-                for conn in connections]
+        return [
+            conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for conn in connections
+        ]
 
     flags = deployment.run(nodelay_flags())
     session.close()
@@ -249,8 +347,9 @@ def test_health_and_live(deployment):
 
 def test_health_is_503_without_workers(deployment):
     empty = make_discovery(f"{deployment.discovery_spec}-empty")
-    server = deployment.add_frontend(FrontendConfig(port=0, worker_stats_interval_s=0), discovery=empty,
-                                     models=["later"])
+    server = deployment.add_frontend(
+        FrontendConfig(port=0, worker_stats_interval_s=0), discovery=empty, models=["later"]
+    )
     reply = requests.get(server.url + "/health", timeout=10)
     assert reply.status_code == 503 and reply.json()["status"] == "no_workers"
     assert requests.get(server.url + "/live", timeout=10).status_code == 200
@@ -302,8 +401,7 @@ def test_unreachable_worker_is_skipped_and_marked_down(deployment):
     # Round-robin over two workers: at least one of these requests picks the dead one first.
     for i in range(4):
         stream = i % 2 == 1
-        reply = post(deployment, CHAT, {"model": "mock-retry", "messages": MESSAGES, "max_tokens": 3,
-                                        "stream": stream})
+        reply = post(deployment, CHAT, {"model": "mock-retry", "messages": MESSAGES, "max_tokens": 3, "stream": stream})
         assert reply.status_code == 200, reply.text
         if stream:
             assert reply.text.rstrip().endswith("data: [DONE]") and '"error"' not in reply.text
@@ -312,8 +410,9 @@ def test_unreachable_worker_is_skipped_and_marked_down(deployment):
     assert dead not in {c.worker_id for c in frontend.live_workers("mock-retry")}
     assert dead in frontend.pool._down_until
     health = requests.get(deployment.url + "/health", timeout=10).json()
-    assert [w["worker_id"] for w in health["models"]["mock-retry"]] != [] and \
-        dead not in [w["worker_id"] for w in health["models"]["mock-retry"]]
+    assert [w["worker_id"] for w in health["models"]["mock-retry"]] != [] and dead not in [
+        w["worker_id"] for w in health["models"]["mock-retry"]
+    ]
 
 
 def test_model_with_only_an_unreachable_worker_gets_503(deployment):

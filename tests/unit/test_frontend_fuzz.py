@@ -24,8 +24,7 @@ from tandem.frontend.config import FrontendConfig
 MODEL = "mock"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-FUZZ_SETTINGS = settings(max_examples=40, deadline=None, database=None,
-                         suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS = settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,9 @@ def deployment():
         config = FrontendConfig(port=0, worker_stats_interval_s=0.5, max_body_bytes=64 * 1024, default_max_tokens=8)
         dep.url = dep.add_frontend(config).url
         dep.session = requests.Session()
-        reply = dep.session.post(dep.url + COMPLETIONS, json={"model": MODEL, "prompt": "warm up", "max_tokens": 1},
-                                 timeout=60)
+        reply = dep.session.post(
+            dep.url + COMPLETIONS, json={"model": MODEL, "prompt": "warm up", "max_tokens": 1}, timeout=60
+        )
         assert reply.status_code == 200, reply.text
         yield dep
     finally:
@@ -70,8 +70,10 @@ def test_openapi_schema_refs_resolve(deployment):
         assert ref.startswith("#/"), ref
         for part in ref[2:].split("/"):
             node = node[part.replace("~1", "/").replace("~0", "~")]
-    bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-              for path in (CHAT, COMPLETIONS)}
+    bodies = {
+        path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        for path in (CHAT, COMPLETIONS)
+    }
     assert bodies[CHAT]["required"] == ["model", "messages"]
     assert bodies[COMPLETIONS]["required"] == ["model", "prompt"]
 
@@ -91,7 +93,7 @@ def test_schemathesis_finds_no_server_errors(deployment):
     seen: dict[str, set[int]] = {}
 
     for operation in operations:
-        cases = (operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE))
+        cases = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE)
 
         @FUZZ_SETTINGS
         @given(case=cases, pin=st.booleans())
@@ -99,8 +101,12 @@ def test_schemathesis_finds_no_server_errors(deployment):
             response = _pin_model(case, pin).call(base_url=deployment.url, session=deployment.session, timeout=30)
             seen.setdefault(operation.label, set()).add(response.status_code)
             whole = not response.stream_cut_short and response.content_size == len(response.content)
-            check_response(response.status_code, response.headers.get("content-type", [""])[0],
-                           response.content.decode("utf-8", "replace"), whole)
+            check_response(
+                response.status_code,
+                response.headers.get("content-type", [""])[0],
+                response.content.decode("utf-8", "replace"),
+                whole,
+            )
 
         fuzz()
 
@@ -112,33 +118,98 @@ def test_schemathesis_finds_no_server_errors(deployment):
 # --- random JSON at the generation routes ----------------------------------------------------------
 
 # Text with a lone surrogate: json.dumps escapes it ("\\ud800"), which is valid JSON but not text.
-SURROGATE_TEXT = st.builds("{}{}{}".format, st.text(max_size=3), st.characters(min_codepoint=0xD800,
-                                                                                max_codepoint=0xDFFF),
-                           st.text(max_size=3))
+SURROGATE_TEXT = st.builds(
+    "{}{}{}".format, st.text(max_size=3), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.text(max_size=3)
+)
 TEXT = st.text(max_size=20) | SURROGATE_TEXT
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12)
+JSON_VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12
+)
 
-FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "min_p", "seed", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "n", "ignore_eos", "min_tokens", "user", "cache_salt", "stream",
-          "stream_options", "logit_bias", "best_of", "logprobs", "top_logprobs", "tools", "tool_choice",
-          "functions", "function_call", "response_format", "audio", "modalities", "prediction", "echo", "suffix"]
+FIELDS = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "n",
+    "ignore_eos",
+    "min_tokens",
+    "user",
+    "cache_salt",
+    "stream",
+    "stream_options",
+    "logit_bias",
+    "best_of",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "audio",
+    "modalities",
+    "prediction",
+    "echo",
+    "suffix",
+]
 
 # Values that are plausible for some field, so mutations often stay close to valid.
-NEAR_VALID = (st.sampled_from([MODEL, "", "other-model", 0, 1, 2, -1, 0.5, 2.5, True, False, None, [], {}, "stop",
-                               ["a", "b"], [1, 2, 3], {"include_usage": True}, {"type": "text"},
-                               {"type": "json_object"}, "none", ["text"], 2**31, 2**64, 1e308, -1e308])
-              | SURROGATE_TEXT | JSON_VALUES)
+NEAR_VALID = (
+    st.sampled_from(
+        [
+            MODEL,
+            "",
+            "other-model",
+            0,
+            1,
+            2,
+            -1,
+            0.5,
+            2.5,
+            True,
+            False,
+            None,
+            [],
+            {},
+            "stop",
+            ["a", "b"],
+            [1, 2, 3],
+            {"include_usage": True},
+            {"type": "text"},
+            {"type": "json_object"},
+            "none",
+            ["text"],
+            2**31,
+            2**64,
+            1e308,
+            -1e308,
+        ]
+    )
+    | SURROGATE_TEXT
+    | JSON_VALUES
+)
 
 CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 COMPLETION_BODY = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
 
 
 def post(deployment: Deployment, path: str, data: bytes) -> None:
-    reply = deployment.session.post(deployment.url + path, data=data, timeout=30,
-                                    headers={"Content-Type": "application/json"})
+    reply = deployment.session.post(
+        deployment.url + path, data=data, timeout=30, headers={"Content-Type": "application/json"}
+    )
     check_response(reply.status_code, reply.headers.get("content-type", ""), reply.text)
 
 
@@ -159,11 +230,20 @@ def test_mutated_valid_bodies(deployment, path, data):
         else:
             body[field] = data.draw(NEAR_VALID, label=f"value of {field}")
     if data.draw(st.booleans(), label="mutate a message") and isinstance(body.get("messages"), list):
-        body["messages"].append({"role": data.draw(st.sampled_from(["user", "assistant", "system", "developer",
-                                                                     "tool", "bot", 3])),
-                                 "content": data.draw(NEAR_VALID | st.lists(
-                                     st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]),
-                                                            "text": NEAR_VALID}), max_size=2))})
+        body["messages"].append(
+            {
+                "role": data.draw(st.sampled_from(["user", "assistant", "system", "developer", "tool", "bot", 3])),
+                "content": data.draw(
+                    NEAR_VALID
+                    | st.lists(
+                        st.fixed_dictionaries(
+                            {"type": st.sampled_from(["text", "image_url", "x"]), "text": NEAR_VALID}
+                        ),
+                        max_size=2,
+                    )
+                ),
+            }
+        )
     post(deployment, path, json.dumps(body).encode())
 
 
@@ -173,7 +253,7 @@ def test_broken_bytes(deployment, path, data):
     valid = json.dumps(CHAT_BODY if path == CHAT else COMPLETION_BODY).encode()
     kind = data.draw(st.sampled_from(["truncate", "random", "splice"]), label="kind")
     if kind == "truncate":
-        body = valid[:data.draw(st.integers(0, len(valid) - 1), label="cut")]
+        body = valid[: data.draw(st.integers(0, len(valid) - 1), label="cut")]
     elif kind == "random":
         body = data.draw(st.binary(max_size=200), label="bytes")
     else:

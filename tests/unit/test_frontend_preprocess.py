@@ -65,36 +65,62 @@ def test_short_prompts_and_chat_give_the_template_tokens(tokenizer):
         tokenizers = Tokenizers()
         chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi there"}])
         short = await prepare_prompt(tokenizers, tokenizer, chat)
-        long_chat = ChatCompletionRequest(model="m", messages=[
-            {"role": "user", "content": "word " * INLINE_TOKENIZE_CHARS}])
+        long_chat = ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "word " * INLINE_TOKENIZE_CHARS}]
+        )
         long = await prepare_prompt(tokenizers, tokenizer, long_chat)
         tokenizers.shutdown()
         return short, long
 
     short, long = asyncio.run(run())
     for prepared, content in ((short, "Hi there"), (long, "word " * INLINE_TOKENIZE_CHARS)):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         assert prepared.text == text
         assert prepared.token_ids == tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_request_output_merge_keeps_every_token_and_the_latest_counters():
-    a = RequestOutput("r", [1, 2], num_prompt_tokens=5, num_cached_tokens=0, num_output_tokens=2,
-                      logprobs=[TokenLogprob(1, -0.1), TokenLogprob(2, -0.2)])
-    b = RequestOutput("r", [3], finished=True, finish_reason="stop", num_prompt_tokens=5,
-                      num_cached_tokens=0, num_output_tokens=3, logprobs=[TokenLogprob(3, -0.3)], stop_token_id=3)
+    a = RequestOutput(
+        "r",
+        [1, 2],
+        num_prompt_tokens=5,
+        num_cached_tokens=0,
+        num_output_tokens=2,
+        logprobs=[TokenLogprob(1, -0.1), TokenLogprob(2, -0.2)],
+    )
+    b = RequestOutput(
+        "r",
+        [3],
+        finished=True,
+        finish_reason="stop",
+        num_prompt_tokens=5,
+        num_cached_tokens=0,
+        num_output_tokens=3,
+        logprobs=[TokenLogprob(3, -0.3)],
+        stop_token_id=3,
+    )
     merged = a.merge(b)
     assert merged.new_token_ids == [1, 2, 3]
     assert [lp.token_id for lp in merged.logprobs] == [1, 2, 3]
     assert (merged.finished, merged.finish_reason, merged.num_output_tokens, merged.stop_token_id) == (
-        True, "stop", 3, 3)
+        True,
+        "stop",
+        3,
+        3,
+    )
 
 
 def test_generate_delta_merge():
     a = GenerateDelta([7], num_prompt_tokens=4, num_cached_tokens=0, num_output_tokens=1)
-    b = GenerateDelta([8, 9], num_prompt_tokens=4, num_output_tokens=3, finish_reason="length",
-                      logprobs=[TokenLogprobPayload(8, -1.0), TokenLogprobPayload(9, -2.0)])
+    b = GenerateDelta(
+        [8, 9],
+        num_prompt_tokens=4,
+        num_output_tokens=3,
+        finish_reason="length",
+        logprobs=[TokenLogprobPayload(8, -1.0), TokenLogprobPayload(9, -2.0)],
+    )
     merged = a.merge(b)
     assert merged.token_ids == [7, 8, 9]
     assert merged.num_output_tokens == 3 and merged.finish_reason == "length"

@@ -26,8 +26,11 @@ def tiny_path(request, tmp_path_factory):
 def decode_step_inputs(engine: LLMEngine, rows: int):
     """Prefill ``rows`` requests, then the model inputs of their next (decode) step."""
     for i in range(rows):
-        engine.add_request(f"r{i}", [(7 * i + j) % 250 + 3 for j in range(9 + 6 * i)],
-                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        engine.add_request(
+            f"r{i}",
+            [(7 * i + j) % 250 + 3 for j in range(9 + 6 * i)],
+            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+        )
     engine.step()  # prefill (and first token)
     sched = engine.scheduler.schedule()
     return engine.runner.prepare_inputs(sched.chunks)
@@ -58,8 +61,9 @@ def test_fused_decoder_matches_the_per_op_path(tiny_path, dtype, rows):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     slots = inputs.meta.slot_mapping
     for layer in range(model.config.num_hidden_layers):  # the step's K and V rows in every layer
-        torch.testing.assert_close(runner.kv_cache[layer, :, slots].float(), want_cache[layer, :, slots].float(),
-                                   atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            runner.kv_cache[layer, :, slots].float(), want_cache[layer, :, slots].float(), atol=tol, rtol=tol
+        )
 
 
 def test_larger_float32_batches_use_the_per_op_path(tiny_path):

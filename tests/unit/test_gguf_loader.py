@@ -75,11 +75,15 @@ def test_llama_permutation_round_trips_and_matches_the_stored_layout(tmp_path: P
         assert not np.array_equal(permuted, w) or head_dim == 2
         assert torch.equal(unpermute_llama_qk(torch.from_numpy(permuted), heads), torch.from_numpy(w))
         bias = w[:, 0].copy()  # 1-D (bias) rows permute the same way
-        assert torch.equal(unpermute_llama_qk(torch.from_numpy(llama_cpp_permute(bias, heads)), heads), torch.from_numpy(bias))
+        assert torch.equal(
+            unpermute_llama_qk(torch.from_numpy(llama_cpp_permute(bias, heads)), heads), torch.from_numpy(bias)
+        )
 
     # The file really holds the permuted rows; the loader hands back the HF layout.
     path, weights = _write(tmp_path, LLAMA)
-    stored = {t.name: np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in gguf.GGUFReader(path).tensors}
+    stored = {
+        t.name: np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in gguf.GGUFReader(path).tensors
+    }
     q_hf = weights["model.layers.0.self_attn.q_proj.weight"]
     k_hf = weights["model.layers.0.self_attn.k_proj.weight"]
     np.testing.assert_array_equal(stored["blk.0.attn_q.weight"], llama_cpp_permute(q_hf, LLAMA.num_heads))
@@ -160,8 +164,14 @@ def test_read_gguf_config_matches_load_gguf(tmp_path: Path) -> None:
     assert read_gguf_config(path) == load_gguf(path).config
 
 
-@pytest.mark.parametrize("spec", [TinyModelSpec(arch="llama", qtype="Q8_0"), TinyModelSpec(arch="qwen2"),
-                                  TinyModelSpec(arch="qwen3", head_dim=128, qtype="Q8_0", tie_word_embeddings=False)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TinyModelSpec(arch="llama", qtype="Q8_0"),
+        TinyModelSpec(arch="qwen2"),
+        TinyModelSpec(arch="qwen3", head_dim=128, qtype="Q8_0", tie_word_embeddings=False),
+    ],
+)
 def test_same_weights_as_transformers_gguf_loader(tmp_path: Path, spec: TinyModelSpec) -> None:
     """An independent check of names and the q/k un-permutation against transformers' own GGUF path."""
     import accelerate  # noqa: F401  (transformers needs it to load GGUF files; a test dependency)
@@ -180,7 +190,9 @@ def test_tokenizer_from_gguf_has_chat_template_and_round_trips(tmp_path: Path) -
     assert tokenizer.chat_template == CHATML_TEMPLATE
     ids = tokenizer("Hello world")["input_ids"]
     assert len(ids) == 2 and tokenizer.decode(ids) == "Hello world"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -24,10 +24,13 @@ def python_only(monkeypatch):
 def _by_definition(tokens: list[int], block_size: int, seed: int = BLOCK_HASH_SEED) -> list[int]:
     out, parent = [], None
     for i in range(len(tokens) // block_size):
-        data = b"".join(t.to_bytes(4, "little") for t in tokens[i * block_size:(i + 1) * block_size])
+        data = b"".join(t.to_bytes(4, "little") for t in tokens[i * block_size : (i + 1) * block_size])
         local = xxhash.xxh3_64_intdigest(data, seed=seed)
-        parent = local if parent is None else xxhash.xxh3_64_intdigest(
-            parent.to_bytes(8, "little") + local.to_bytes(8, "little"), seed=seed)
+        parent = (
+            local
+            if parent is None
+            else xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + local.to_bytes(8, "little"), seed=seed)
+        )
         out.append(parent)
     return out
 

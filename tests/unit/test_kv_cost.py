@@ -31,12 +31,16 @@ def test_tandem_default_weights_prefill_four_times_dynamos():
     assert worker_cost(0, 160, 5, 5, BS, KvCostConfig()) == 25.0
 
 
-def cost(prefill_blocks: float, cached_blocks: float, decode_blocks: int, config: KvCostConfig | None = None,
-         active_prefill_tokens: int = 0) -> float:
+def cost(
+    prefill_blocks: float,
+    cached_blocks: float,
+    decode_blocks: int,
+    config: KvCostConfig | None = None,
+    active_prefill_tokens: int = 0,
+) -> float:
     """Cost with the new prompt given in blocks (the prompt is prefill_blocks * BS tokens)."""
     new_tokens = int(prefill_blocks * BS) - active_prefill_tokens
-    return worker_cost(active_prefill_tokens, new_tokens, cached_blocks, decode_blocks, BS,
-                       config or dynamo())
+    return worker_cost(active_prefill_tokens, new_tokens, cached_blocks, decode_blocks, BS, config or dynamo())
 
 
 def test_dynamo_worked_example():

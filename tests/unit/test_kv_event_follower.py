@@ -25,13 +25,15 @@ def _stored(tokens: list[int], parent_tokens: list[int] | None = None) -> BlockS
     prefix = parent_tokens or []
     hashes = block_hashes(prefix + tokens, BLOCK)
     parent = hashes[len(prefix) // BLOCK - 1] if prefix else None
-    return BlockStored(block_hashes=hashes[len(prefix) // BLOCK:], parent_block_hash=parent,
-                       token_ids=tokens, block_size=BLOCK)
+    return BlockStored(
+        block_hashes=hashes[len(prefix) // BLOCK :], parent_block_hash=parent, token_ids=tokens, block_size=BLOCK
+    )
 
 
 @contextlib.asynccontextmanager
 async def _following(publisher: KvEventPublisher) -> AsyncIterator[tuple[KvEventFollower, KvIndexer]]:
     """A started follower of ``publisher`` (with a kv_dump endpoint), torn down with the publisher."""
+
     async def kv_dump(payload, ctx: RequestContext):
         seq, events = publisher.dump()
         yield {"seq": seq, "events": msgspec.to_builtins(events)}
@@ -39,9 +41,18 @@ async def _following(publisher: KvEventPublisher) -> AsyncIterator[tuple[KvEvent
     server = RequestPlaneServer("127.0.0.1", 0)
     server.register("kv_dump", kv_dump)
     await server.start()
-    card = WorkerCard(worker_id="w", model="m", tokenizer="m", chat_template="m", context_length=4096,
-                      block_size=BLOCK, total_kv_blocks=1024, request_plane_address=server.address,
-                      kv_events_address=publisher.address, kv_replay_address=publisher.replay_address)
+    card = WorkerCard(
+        worker_id="w",
+        model="m",
+        tokenizer="m",
+        chat_template="m",
+        context_length=4096,
+        block_size=BLOCK,
+        total_kv_blocks=1024,
+        request_plane_address=server.address,
+        kv_events_address=publisher.address,
+        kv_replay_address=publisher.replay_address,
+    )
     indexer = KvIndexer(BLOCK)
     follower = KvEventFollower(card, indexer, RequestPlaneClient())
     follower.start()

@@ -94,9 +94,18 @@ class Worker:
         await self.server.start()
 
     def card(self) -> WorkerCard:
-        return WorkerCard(worker_id="w", model="m", tokenizer="m", chat_template="m", context_length=4096,
-                          block_size=BLOCK, total_kv_blocks=1024, request_plane_address=self.server.address,
-                          kv_events_address=self.publisher.address, kv_events_subject=self.publisher.subject)
+        return WorkerCard(
+            worker_id="w",
+            model="m",
+            tokenizer="m",
+            chat_template="m",
+            context_length=4096,
+            block_size=BLOCK,
+            total_kv_blocks=1024,
+            request_plane_address=self.server.address,
+            kv_events_address=self.publisher.address,
+            kv_events_subject=self.publisher.subject,
+        )
 
     def publish(self, batches: list[KVEventBatch]) -> None:
         for batch in batches:
@@ -237,8 +246,9 @@ def test_a_batch_stored_after_later_ones_is_found_in_the_stream(nats_server):
             nc = await nats.connect(nats_server.url)
             try:
                 for seq in (5, 4, 6):
-                    await nc.jetstream().publish(worker.publisher.subject, encode_batch(batches[seq]),
-                                                 headers={nats_layout.SEQ_HEADER: str(seq)})
+                    await nc.jetstream().publish(
+                        worker.publisher.subject, encode_batch(batches[seq]), headers={nats_layout.SEQ_HEADER: str(seq)}
+                    )
             finally:
                 await nc.close()
             worker.published.extend(batches[4:])
@@ -269,8 +279,10 @@ def test_a_gap_the_stream_does_not_have_is_closed_by_a_dump(nats_server):
 
 def test_malformed_messages_are_counted_and_dropped(nats_server):
     async def scenario() -> None:
-        async with _worker(nats_server.url, load_interval_s=0.05) as worker, \
-                _follower(worker, nats_server.url) as (follower, indexer, plane):
+        async with (
+            _worker(nats_server.url, load_interval_s=0.05) as worker,
+            _follower(worker, nats_server.url) as (follower, indexer, plane),
+        ):
             await _until(lambda: follower.stats.dumps == 1, what="the initial dump")
             worker.publish(_batches(2))
             await _until(lambda: follower.stats.last_seq == 1, what="seq 1")
@@ -299,10 +311,16 @@ def test_malformed_messages_are_counted_and_dropped(nats_server):
 
 def test_load_metrics_reach_the_router(nats_server):
     async def scenario() -> None:
-        async with _worker(nats_server.url, load_interval_s=0.05) as worker, \
-                _follower(worker, nats_server.url) as (follower, _, plane):
-            worker.publisher.load_source = lambda: {"num_running": 3, "num_waiting": 1, "kv_usage": 0.25,
-                                                    "steps_total": 9}
+        async with (
+            _worker(nats_server.url, load_interval_s=0.05) as worker,
+            _follower(worker, nats_server.url) as (follower, _, plane),
+        ):
+            worker.publisher.load_source = lambda: {
+                "num_running": 3,
+                "num_waiting": 1,
+                "kv_usage": 0.25,
+                "steps_total": 9,
+            }
             await _until(lambda: plane.load_of("w") is not None, what="load metrics")
             load = plane.load_of("w")
             assert (load["num_running"], load["num_waiting"], load["kv_usage"]) == (3, 1, 0.25)
@@ -357,8 +375,10 @@ def test_router_replicas_follow_nats_workers_answer_overlap_and_share_bookings(n
                 status = await client.call(a, "status", None)
                 assert status["workers"]["w"]["event_transport"] == "nats"
                 # A request routed by replica A is booked on replica B too, and released there.
-                await _until(lambda: all(r.policy.sync is not None and r.policy.sync._nc is not None for r in routers),
-                             what="replica sync")
+                await _until(
+                    lambda: all(r.policy.sync is not None and r.policy.sync._nc is not None for r in routers),
+                    what="replica sync",
+                )
                 await client.call(a, "route", {"model": "m", "token_ids": _prompt(7, blocks=4), "request_id": "q1"})
                 b_load = routers[1].policy.load
                 await _until(lambda: b_load.prefill_tokens("w") == 4 * BLOCK, what="A's booking on B")
@@ -373,16 +393,26 @@ def test_router_replicas_follow_nats_workers_answer_overlap_and_share_bookings(n
 
 
 def test_cards_name_a_nats_subject_and_old_cards_still_decode():
-    base = dict(worker_id="w", model="m", tokenizer="m", chat_template="m", context_length=4096, block_size=BLOCK,
-                total_kv_blocks=8, request_plane_address="127.0.0.1:5000")
+    base = dict(
+        worker_id="w",
+        model="m",
+        tokenizer="m",
+        chat_template="m",
+        context_length=4096,
+        block_size=BLOCK,
+        total_kv_blocks=8,
+        request_plane_address="127.0.0.1:5000",
+    )
     card = WorkerCard(**base, kv_events_address="nats://127.0.0.1:4222", kv_events_subject="tandem.ns.kv.w-1a2b")
     assert WorkerCard.from_json(card.to_json()) == card
     old = msgspec.json.encode({**base, "kv_events_address": "tcp://127.0.0.1:5557"})
     assert WorkerCard.from_json(old).kv_events_subject is None
-    for bad in ({"kv_events_address": "nats://127.0.0.1:4222"},
-                {"kv_events_address": "tcp://127.0.0.1:5557", "kv_events_subject": "tandem.ns.kv.w"},
-                {"kv_events_address": "nats://127.0.0.1:4222", "kv_events_subject": "tandem.ns.kv.>"},
-                {"kv_events_address": "nats://127.0.0.1:4222", "kv_events_subject": "a..b"}):
+    for bad in (
+        {"kv_events_address": "nats://127.0.0.1:4222"},
+        {"kv_events_address": "tcp://127.0.0.1:5557", "kv_events_subject": "tandem.ns.kv.w"},
+        {"kv_events_address": "nats://127.0.0.1:4222", "kv_events_subject": "tandem.ns.kv.>"},
+        {"kv_events_address": "nats://127.0.0.1:4222", "kv_events_subject": "a..b"},
+    ):
         with pytest.raises(WorkerCardError):
             WorkerCard.from_json(msgspec.json.encode({**base, **bad}))
 
@@ -414,8 +444,10 @@ def test_router_replicas_share_their_load_bookings(nats_server):
             hashes = block_hashes(_prompt(0), BLOCK)
             loads[0].add_request("r1", "w", hashes, 40, 0)  # what KvRouter.route does on replica 0
             syncs[0].add("r1", "w", hashes, 40, 0)
-            await _until(lambda: loads[1].loads(["w"])["w"] == (40, 3),
-                         what=lambda: f"the booking on replica 1 (load there: {loads[1].loads(['w'])})")
+            await _until(
+                lambda: loads[1].loads(["w"])["w"] == (40, 3),
+                what=lambda: f"the booking on replica 1 (load there: {loads[1].loads(['w'])})",
+            )
             assert loads[0].loads(["w"])["w"] == (40, 3)  # replica 0 ignores its own echo
             syncs[0].prefill_done("r1")
             await _until(lambda: loads[1].loads(["w"])["w"] == (0, 3), what="prefill done")

@@ -18,9 +18,7 @@ def toks(start: int, n_blocks: int) -> list[int]:
 
 
 def stored(engine_hashes: list[int], tokens: list[int], parent: int | None = None) -> BlockStored:
-    return BlockStored(
-        block_hashes=engine_hashes, parent_block_hash=parent, token_ids=tokens, block_size=BS
-    )
+    return BlockStored(block_hashes=engine_hashes, parent_block_hash=parent, token_ids=tokens, block_size=BS)
 
 
 # A shared 2-block prefix, then two divergent continuations.
@@ -213,9 +211,7 @@ _block = st.sampled_from([toks(s, 1) for s in (0, 10, 20, 30)])
 _prompt = st.lists(_block, min_size=1, max_size=5).map(lambda bs: [t for b in bs for t in b])
 _op = st.one_of(
     st.tuples(st.just("store"), st.integers(0, 2), _prompt),
-    st.tuples(
-        st.just("remove"), st.integers(0, 2), st.lists(st.integers(0, 50), min_size=1, max_size=3)
-    ),
+    st.tuples(st.just("remove"), st.integers(0, 2), st.lists(st.integers(0, 50), min_size=1, max_size=3)),
     st.tuples(st.just("clear"), st.integers(0, 2), st.none()),
 )
 

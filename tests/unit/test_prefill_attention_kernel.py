@@ -44,9 +44,14 @@ def reference(q, k_cache, v_cache, tables, info, block_size, scale):
         slots = tables[c][pos // block_size] * block_size + pos % block_size
         k = k_cache[slots].float().transpose(0, 1).unsqueeze(0)
         v = v_cache[slots].float().transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q[start : start + n].float().transpose(0, 1).unsqueeze(0), k, v,
-                                           attn_mask=bottom_right_causal_mask(n, ctx, q.device), scale=scale,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q[start : start + n].float().transpose(0, 1).unsqueeze(0),
+            k,
+            v,
+            attn_mask=bottom_right_causal_mask(n, ctx, q.device),
+            scale=scale,
+            enable_gqa=True,
+        )
         out[start : start + n] = o[0].transpose(0, 1)
     return out
 
@@ -113,8 +118,9 @@ def test_engine_prefill_path_with_and_without_the_kernel():
     slot_mapping = torch.cat(slots)
     new_k, new_v = k_cache[slot_mapping].clone(), v_cache[slot_mapping].clone()
     sdpa_meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, prefills=prefills)
-    kernel_meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, prefills=prefills,
-                                    prefill_block_table=tables, prefill_chunk_info=info)
+    kernel_meta = AttentionMetadata(
+        slot_mapping=slot_mapping, block_size=bs, prefills=prefills, prefill_block_table=tables, prefill_chunk_info=info
+    )
     scale = head_dim**-0.5
     got = paged_attention(q, new_k, new_v, k_cache.clone(), v_cache.clone(), kernel_meta, scale)
     want = paged_attention(q, new_k, new_v, k_cache.clone(), v_cache.clone(), sdpa_meta, scale)

@@ -82,7 +82,10 @@ def test_error_helpers_status_and_body() -> None:
     assert not_found_model("nope").code == "model_not_found"
     assert context_too_long(100, 90, 20).code == "context_length_exceeded"
     assert error_body("m", param="p")["error"] == {
-        "message": "m", "type": "invalid_request_error", "param": "p", "code": None
+        "message": "m",
+        "type": "invalid_request_error",
+        "param": "p",
+        "code": None,
     }
 
 
@@ -112,19 +115,37 @@ def test_maximal_chat_request_parses() -> None:
         "messages": [
             {"role": "system", "content": "s"},
             {"role": "developer", "content": [{"type": "text", "text": "d"}]},
-            {"role": "user", "content": [{"type": "text", "text": "a"},
-                                         {"type": "text", "text": "b"}], "name": "bob"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "bob"},
             {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "go"},
         ],
-        "max_tokens": 10, "max_completion_tokens": 5, "temperature": 0.7, "top_p": 0.9,
-        "top_k": 40, "min_p": 0.05, "seed": 1234, "stop": ["\n\n", "END"],
-        "stop_token_ids": [2, 3], "presence_penalty": 0.5, "frequency_penalty": -0.5,
-        "repetition_penalty": 1.1, "logprobs": True, "top_logprobs": 5, "n": 1,
-        "ignore_eos": True, "min_tokens": 2, "user": "u1", "cache_salt": "salt",
-        "stream": True, "stream_options": {"include_usage": True},
-        "tool_choice": "none", "response_format": {"type": "text"}, "parallel_tool_calls": False,
-        "some_future_field": {"x": 1}, "store": False, "metadata": {"a": "b"},
+        "max_tokens": 10,
+        "max_completion_tokens": 5,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.05,
+        "seed": 1234,
+        "stop": ["\n\n", "END"],
+        "stop_token_ids": [2, 3],
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "repetition_penalty": 1.1,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "n": 1,
+        "ignore_eos": True,
+        "min_tokens": 2,
+        "user": "u1",
+        "cache_salt": "salt",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "parallel_tool_calls": False,
+        "some_future_field": {"x": 1},
+        "store": False,
+        "metadata": {"a": "b"},
     }
     r = parse_request(ChatCompletionRequest, json.dumps(body).encode())
     assert [m.content for m in r.messages] == ["s", "d", "a\nb", "ok", "go"]
@@ -132,16 +153,36 @@ def test_maximal_chat_request_parses() -> None:
     assert r.include_usage
     sp = to_sampling_params(r, context_length=100, prompt_len=20)
     assert sp == SamplingParams(
-        max_tokens=5, min_tokens=2, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
-        seed=1234, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1,
-        stop_token_ids=[2, 3], ignore_eos=True, logprobs=5,
+        max_tokens=5,
+        min_tokens=2,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        seed=1234,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.1,
+        stop_token_ids=[2, 3],
+        ignore_eos=True,
+        logprobs=5,
     )
     assert stop_strings(r) == ["\n\n", "END"]
 
 
 def test_maximal_completion_request_parses() -> None:
-    c = comp(prompt=[1, 2, 3], logprobs=3, max_tokens=4, stop="x", seed=0, echo=False,
-             best_of=1, suffix=None, stream=True, stream_options={"include_usage": False})
+    c = comp(
+        prompt=[1, 2, 3],
+        logprobs=3,
+        max_tokens=4,
+        stop="x",
+        seed=0,
+        echo=False,
+        best_of=1,
+        suffix=None,
+        stream=True,
+        stream_options={"include_usage": False},
+    )
     assert c.prompt == [1, 2, 3] and c.stop == ["x"] and not c.include_usage
     sp = to_sampling_params(c, context_length=10, prompt_len=3)
     assert sp.logprobs == 3 and sp.max_tokens == 4
@@ -171,20 +212,47 @@ def test_batched_prompt_message_is_clear() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("temperature", 2.5), ("temperature", -0.1), ("temperature", "0.5"),
-        ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 1.5), ("min_p", 1.5),
-        ("n", 0), ("n", True), ("max_tokens", 0), ("max_tokens", "10"),
-        ("max_completion_tokens", 0), ("presence_penalty", 2.5),
-        ("frequency_penalty", -3), ("repetition_penalty", 0.0), ("seed", 2**70),
-        ("seed", "1"), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [1]), ("stop", [""]),
-        ("stop_token_ids", [-1]), ("stop_token_ids", "1"), ("logprobs", 3),
-        ("top_logprobs", 21), ("top_logprobs", -1), ("min_tokens", -1),
-        ("ignore_eos", "yes"), ("user", 5), ("cache_salt", ""), ("stream", "true"),
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("temperature", "0.5"),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("top_k", 1.5),
+        ("min_p", 1.5),
+        ("n", 0),
+        ("n", True),
+        ("max_tokens", 0),
+        ("max_tokens", "10"),
+        ("max_completion_tokens", 0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0.0),
+        ("seed", 2**70),
+        ("seed", "1"),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", [1]),
+        ("stop", [""]),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", "1"),
+        ("logprobs", 3),
+        ("top_logprobs", 21),
+        ("top_logprobs", -1),
+        ("min_tokens", -1),
+        ("ignore_eos", "yes"),
+        ("user", 5),
+        ("cache_salt", ""),
+        ("stream", "true"),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
-        ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
+        ("tool_choice", "auto"),
+        ("functions", [{"name": "f"}]),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"1": 5}),
         ("stream_options", {"include_usage": True}),  # without stream
-        ("model", ""), ("model", 3), ("messages", []), ("messages", "hi"),
+        ("model", ""),
+        ("model", 3),
+        ("messages", []),
+        ("messages", "hi"),
     ],
 )
 def test_invalid_chat_fields(field: str, value: Any) -> None:
@@ -217,8 +285,7 @@ def test_invalid_completion_fields(field: str, value: Any) -> None:
 @pytest.mark.parametrize(
     ("message", "param"),
     [
-        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-         "messages.0.content"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages.0.content"),
         ({"role": "user", "content": [{"type": "input_audio"}]}, "messages.0.content"),
         ({"role": "user", "content": [{"type": "text"}]}, "messages.0.content"),
         ({"role": "user", "content": [{"type": "weird", "text": "x"}]}, "messages.0.content"),
@@ -246,11 +313,12 @@ def test_image_part_message() -> None:
 
 
 def test_content_parts_flatten() -> None:
-    r = chat(messages=[
-        {"role": "user",
-         "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
-        {"role": "assistant", "content": ""},
-    ])
+    r = chat(
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+            {"role": "assistant", "content": ""},
+        ]
+    )
     assert [m.content for m in r.messages] == ["one\ntwo", ""]
     assert r.messages[0].text == "one\ntwo"
 
@@ -273,9 +341,7 @@ def test_raw_body_errors() -> None:
 
 def test_max_tokens_resolution() -> None:
     assert to_sampling_params(chat(), context_length=100, prompt_len=30).max_tokens == 70
-    assert to_sampling_params(
-        chat(), default_max_tokens=16, context_length=100, prompt_len=30
-    ).max_tokens == 16
+    assert to_sampling_params(chat(), default_max_tokens=16, context_length=100, prompt_len=30).max_tokens == 16
     kw = {"context_length": 100, "prompt_len": 30}
     assert to_sampling_params(chat(max_tokens=8), **kw).max_tokens == 8
     r = chat(max_tokens=8, max_completion_tokens=9)
@@ -286,8 +352,7 @@ def test_max_tokens_resolution() -> None:
 def test_context_too_long() -> None:
     e = err_of(to_sampling_params, chat(max_tokens=71), context_length=100, prompt_len=30)
     assert (e.status, e.param, e.code) == (400, "max_tokens", "context_length_exceeded")
-    e = err_of(to_sampling_params, chat(max_completion_tokens=71), context_length=100,
-               prompt_len=30)
+    e = err_of(to_sampling_params, chat(max_completion_tokens=71), context_length=100, prompt_len=30)
     assert e.param == "max_completion_tokens"
     e = err_of(to_sampling_params, chat(), context_length=100, prompt_len=100)
     assert (e.status, e.param) == (400, "messages")
@@ -299,8 +364,7 @@ def test_n_and_min_tokens() -> None:
     e = err_of(to_sampling_params, chat(n=2), context_length=100, prompt_len=1)
     assert (e.status, e.param) == (400, "n") and "n>1 is not supported" in e.message
     assert to_sampling_params(chat(n=1), context_length=100, prompt_len=1).max_tokens == 99
-    e = err_of(to_sampling_params, chat(max_tokens=3, min_tokens=4), context_length=100,
-               prompt_len=1)
+    e = err_of(to_sampling_params, chat(max_tokens=3, min_tokens=4), context_length=100, prompt_len=1)
     assert (e.status, e.param) == (400, "min_tokens")
 
 
@@ -329,14 +393,19 @@ def dump(m: BaseModel) -> dict[str, Any]:
 
 
 def test_chat_response_parses_with_openai_client() -> None:
-    lp = ChatChoiceLogprobs(content=[
-        ChatTokenLogprob.make("Hel", -0.1, [("Hel", -0.1), ("Hi", -2.5)]),
-        ChatTokenLogprob.make("lo ☃", -0.2, []),
-    ])
+    lp = ChatChoiceLogprobs(
+        content=[
+            ChatTokenLogprob.make("Hel", -0.1, [("Hel", -0.1), ("Hi", -2.5)]),
+            ChatTokenLogprob.make("lo ☃", -0.2, []),
+        ]
+    )
     resp = ChatCompletionResponse(
         model="m",
-        choices=[ChatCompletionChoice(index=0, message=ChatResponseMessage(content="Hello ☃"),
-                                      logprobs=lp, finish_reason="stop")],
+        choices=[
+            ChatCompletionChoice(
+                index=0, message=ChatResponseMessage(content="Hello ☃"), logprobs=lp, finish_reason="stop"
+            )
+        ],
         usage=Usage.make(10, 2, cached_tokens=8),
     )
     parsed = oai_chat.ChatCompletion.model_validate(dump(resp))
@@ -356,13 +425,27 @@ def test_chat_response_parses_with_openai_client() -> None:
 def test_chat_chunks_parse_with_openai_client() -> None:
     cid = "chatcmpl-1"
     chunks = [
-        ChatCompletionChunk(id=cid, model="m", choices=[ChatCompletionChunkChoice(
-            index=0, delta=DeltaMessage(role="assistant", content=""))]),
-        ChatCompletionChunk(id=cid, model="m", choices=[ChatCompletionChunkChoice(
-            index=0, delta=DeltaMessage(content="Hi"),
-            logprobs=ChatChoiceLogprobs(content=[ChatTokenLogprob.make("Hi", -0.5)]))]),
-        ChatCompletionChunk(id=cid, model="m", choices=[ChatCompletionChunkChoice(
-            index=0, delta=DeltaMessage(), finish_reason="length")]),
+        ChatCompletionChunk(
+            id=cid,
+            model="m",
+            choices=[ChatCompletionChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))],
+        ),
+        ChatCompletionChunk(
+            id=cid,
+            model="m",
+            choices=[
+                ChatCompletionChunkChoice(
+                    index=0,
+                    delta=DeltaMessage(content="Hi"),
+                    logprobs=ChatChoiceLogprobs(content=[ChatTokenLogprob.make("Hi", -0.5)]),
+                )
+            ],
+        ),
+        ChatCompletionChunk(
+            id=cid,
+            model="m",
+            choices=[ChatCompletionChunkChoice(index=0, delta=DeltaMessage(), finish_reason="length")],
+        ),
         ChatCompletionChunk(id=cid, model="m", choices=[], usage=Usage.make(3, 1, 0)),
     ]
     parsed = [oai_chat.ChatCompletionChunk.model_validate(dump(c)) for c in chunks]
@@ -373,7 +456,7 @@ def test_chat_chunks_parse_with_openai_client() -> None:
     assert parsed[3].usage.prompt_tokens_details is not None
     # SSE line format the app will emit
     line = f"data: {chunks[1].model_dump_json()}\n\n"
-    assert json.loads(line[len("data: "):])["object"] == "chat.completion.chunk"
+    assert json.loads(line[len("data: ") :])["object"] == "chat.completion.chunk"
 
 
 def test_completion_response_and_chunks_parse_with_openai_client() -> None:
@@ -391,14 +474,11 @@ def test_completion_response_and_chunks_parse_with_openai_client() -> None:
     assert parsed.choices[0].logprobs.tokens == ["Hel", "lo"]
     assert parsed.choices[0].logprobs.text_offset == [0, 3]
     assert parsed.usage is not None and parsed.usage.completion_tokens == 2
-    last = CompletionChunk(id="cmpl-1", model="m",
-                           choices=[CompletionChoice(index=0, text="!", finish_reason="stop")])
+    last = CompletionChunk(id="cmpl-1", model="m", choices=[CompletionChoice(index=0, text="!", finish_reason="stop")])
     assert oai.Completion.model_validate(dump(last)).choices[0].finish_reason == "stop"
     mid = CompletionChunk(id="cmpl-1", model="m", choices=[CompletionChoice(index=0, text="x")])
     # the openai client builds stream events without validation; finish_reason is null mid-stream
-    assert dump(mid)["choices"][0] == {
-        "index": 0, "text": "x", "logprobs": None, "finish_reason": None
-    }
+    assert dump(mid)["choices"][0] == {"index": 0, "text": "x", "logprobs": None, "finish_reason": None}
     usage_only = CompletionChunk(id="cmpl-1", model="m", choices=[], usage=Usage.make(1, 1))
     assert oai.Completion.model_validate(dump(usage_only)).usage is not None
 
@@ -414,22 +494,58 @@ def test_model_list_parses_with_openai_client() -> None:
 # ------------------------------------------------------------------------------- fuzz
 
 FIELDS = [
-    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logprobs", "top_logprobs", "n", "ignore_eos", "min_tokens", "user",
-    "cache_salt", "stream", "stream_options", "tools", "tool_choice", "response_format",
-    "logit_bias", "echo", "suffix", "best_of", "include_usage", "role", "content", "type", "text",
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "top_logprobs",
+    "n",
+    "ignore_eos",
+    "min_tokens",
+    "user",
+    "cache_salt",
+    "stream",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "logit_bias",
+    "echo",
+    "suffix",
+    "best_of",
+    "include_usage",
+    "role",
+    "content",
+    "type",
+    "text",
 ]
 
 scalars = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
     | st.sampled_from(["m", "user", "system", "assistant", "text", "image_url", "none", "auto"])
 )
 jsonish = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), children, max_size=4)
+    ),
     max_leaves=12,
 )
 message = st.fixed_dictionaries(
@@ -454,15 +570,17 @@ near_valid = st.fixed_dictionaries(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=request_dicts | near_valid, ctx=st.integers(1, 64), plen=st.integers(0, 80),
-       dflt=st.none() | st.integers(-1, 32))
-def test_fuzz_only_openai_errors(body: dict[str, Any], ctx: int, plen: int,
-                                 dflt: int | None) -> None:
+@given(
+    body=request_dicts | near_valid,
+    ctx=st.integers(1, 64),
+    plen=st.integers(0, 80),
+    dflt=st.none() | st.integers(-1, 32),
+)
+def test_fuzz_only_openai_errors(body: dict[str, Any], ctx: int, plen: int, dflt: int | None) -> None:
     for cls in (ChatCompletionRequest, CompletionRequest):
         try:
             req = parse_request(cls, body)
-            sp = to_sampling_params(req, default_max_tokens=dflt, context_length=ctx,
-                                    prompt_len=plen)
+            sp = to_sampling_params(req, default_max_tokens=dflt, context_length=ctx, prompt_len=plen)
             sp.validate()
             stop_strings(req)
         except OpenAIError as e:

@@ -111,9 +111,7 @@ def test_many_concurrent_streams_share_one_connection_and_interleave() -> None:
         server = await started_server()
         client = RequestPlaneClient()
         try:
-            results = await asyncio.gather(
-                *(consume(client, server.address, tag) for tag in range(num_streams))
-            )
+            results = await asyncio.gather(*(consume(client, server.address, tag) for tag in range(num_streams)))
             for tag, items in enumerate(results):
                 assert items == [{"tag": tag, "i": i} for i in range(num_items)]
             assert client.num_connections == 1 and server.num_connections == 1
@@ -222,10 +220,7 @@ def test_handler_exception_fails_only_its_stream() -> None:
         client = RequestPlaneClient()
         try:
             good = [client.call(server.address, "echo", i) for i in range(5)]
-            bad = [
-                client.call(server.address, "flaky", {"kind": kind})
-                for kind in ("value", "endpoint", "validation")
-            ]
+            bad = [client.call(server.address, "flaky", {"kind": kind}) for kind in ("value", "endpoint", "validation")]
             results = await asyncio.gather(*good, *bad, return_exceptions=True)
             assert results[:5] == list(range(5))
             errors = results[5:]

@@ -17,8 +17,16 @@ from tandem.runtime.discovery.memory import MemoryDiscovery
 
 
 def card(worker_id: str, model: str = "m") -> WorkerCard:
-    return WorkerCard(worker_id=worker_id, model=model, tokenizer=model, chat_template=model, context_length=128,
-                      block_size=16, total_kv_blocks=64, request_plane_address="127.0.0.1:9")
+    return WorkerCard(
+        worker_id=worker_id,
+        model=model,
+        tokenizer=model,
+        chat_template=model,
+        context_length=128,
+        block_size=16,
+        total_kv_blocks=64,
+        request_plane_address="127.0.0.1:9",
+    )
 
 
 def test_round_robin_cycles_in_order_and_skips_departed_workers():
@@ -45,7 +53,9 @@ def test_random_is_roughly_uniform_and_seedable():
     counts = Counter(policy.select(cards, []).worker_id for _ in range(4000))
     assert set(counts) == set("abcd") and all(800 < n < 1200 for n in counts.values())
     first, second = RandomPolicy(seed=5), RandomPolicy(seed=5)
-    assert [first.select(cards, []).worker_id for _ in range(8)] == [second.select(cards, []).worker_id for _ in range(8)]
+    assert [first.select(cards, []).worker_id for _ in range(8)] == [
+        second.select(cards, []).worker_id for _ in range(8)
+    ]
 
 
 def test_unknown_policy_is_a_clear_error():

@@ -65,8 +65,12 @@ def test_greedy_works_for_low_precision_logits_and_leaves_input_untouched() -> N
     out = Sampler()(logits, rows)
     assert torch.equal(logits, before)
     expected = apply_penalties(
-        logits.float(), [[]] * 3, [[1, 2]] * 3,
-        torch.ones(3), torch.zeros(3), torch.ones(3),
+        logits.float(),
+        [[]] * 3,
+        [[1, 2]] * 3,
+        torch.ones(3),
+        torch.zeros(3),
+        torch.ones(3),
     ).argmax(dim=1)
     assert out.token_ids == expected.tolist()
 
@@ -86,8 +90,9 @@ def test_mixed_batch_greedy_sampled_and_penalised_rows() -> None:
 # ---------------------------------------------------------------- reproducibility
 
 
-def _run_steps(rows: list[SamplingRequestState], logits: torch.Tensor, steps: int,
-               sampler: Sampler | None = None) -> list[list[int]]:
+def _run_steps(
+    rows: list[SamplingRequestState], logits: torch.Tensor, steps: int, sampler: Sampler | None = None
+) -> list[list[int]]:
     sampler = sampler or Sampler(seed=123)
     return [sampler(logits, rows).token_ids for _ in range(steps)]
 
@@ -197,10 +202,10 @@ def test_masks_compose_after_temperature_in_the_sampler() -> None:
 # ---------------------------------------------------------------- penalties
 
 
-def _penalise(logits: torch.Tensor, prompt: list[int], output: list[int],
-              rep: float = 1.0, pres: float = 0.0, freq: float = 0.0) -> torch.Tensor:
-    return apply_penalties(logits, [prompt], [output], torch.tensor([rep]),
-                           torch.tensor([pres]), torch.tensor([freq]))
+def _penalise(
+    logits: torch.Tensor, prompt: list[int], output: list[int], rep: float = 1.0, pres: float = 0.0, freq: float = 0.0
+) -> torch.Tensor:
+    return apply_penalties(logits, [prompt], [output], torch.tensor([rep]), torch.tensor([pres]), torch.tensor([freq]))
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
@@ -226,8 +231,11 @@ def test_frequency_penalty_subtracts_count_times_penalty_on_output_only() -> Non
 def test_penalties_are_per_row_and_neutral_rows_are_unchanged() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0]] * 3)
     out = apply_penalties(
-        logits, [[0], [0], [0]], [[1, 1], [1, 1], [1, 1]],
-        torch.tensor([1.0, 2.0, 1.0]), torch.tensor([0.0, 0.0, 1.0]),
+        logits,
+        [[0], [0], [0]],
+        [[1, 1], [1, 1], [1, 1]],
+        torch.tensor([1.0, 2.0, 1.0]),
+        torch.tensor([0.0, 0.0, 1.0]),
         torch.tensor([0.0, 0.0, 0.5]),
     )
     expected = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.0, 3.0], [1.0, 0.0, 3.0]])
@@ -238,8 +246,7 @@ def test_penalties_are_per_row_and_neutral_rows_are_unchanged() -> None:
 def test_sampler_applies_repetition_penalty_over_the_prompt() -> None:
     logits = torch.tensor([[4.0, 3.0, 1.0]])
     assert Sampler()(logits, [row(temperature=0.0, prompt=[0])]).token_ids == [0]
-    assert Sampler()(logits, [row(temperature=0.0, prompt=[0], repetition_penalty=2.0)]
-                     ).token_ids == [1]
+    assert Sampler()(logits, [row(temperature=0.0, prompt=[0], repetition_penalty=2.0)]).token_ids == [1]
 
 
 # ---------------------------------------------------------------- min_tokens

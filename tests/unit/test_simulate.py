@@ -37,10 +37,14 @@ def test_disagg_request_prefills_transfers_then_decodes_on_another_worker():
 
 
 def test_short_prompts_and_a_full_prefill_queue_run_on_the_decode_worker():
-    config = SimConfig(num_prefill=1, num_decode=1, mocker=_mocker(), max_local_prefill_length=64,
-                       max_prefill_queue_size=1)
-    requests = [SimRequest("short", PROMPT[:40], 2, 0.0), SimRequest("first", PROMPT, 2, 0.0),
-                SimRequest("busy", PROMPT[::-1], 2, 0.0)]
+    config = SimConfig(
+        num_prefill=1, num_decode=1, mocker=_mocker(), max_local_prefill_length=64, max_prefill_queue_size=1
+    )
+    requests = [
+        SimRequest("short", PROMPT[:40], 2, 0.0),
+        SimRequest("first", PROMPT, 2, 0.0),
+        SimRequest("busy", PROMPT[::-1], 2, 0.0),
+    ]
     paths = {r.request_id: r.path for r in Simulation(config).run(requests)}
     assert paths == {"short": "local_short", "first": "disaggregated", "busy": "local_busy"}
 

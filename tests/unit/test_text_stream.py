@@ -24,7 +24,7 @@ def run(stream: TextStream, ids: list[int], sizes: list[int] | None = None) -> t
     deltas, i, k = [], 0, 0
     while i < len(ids):
         size = max(1, sizes[k % len(sizes)])
-        deltas.append(stream.push(ids[i:i + size]))
+        deltas.append(stream.push(ids[i : i + size]))
         i, k = i + size, k + 1
     return deltas, stream.finish()
 
@@ -55,8 +55,9 @@ def test_pushing_tokens_gives_the_full_decode(tokenizer, text, chunk):
 
 
 def test_prompt_tokens_are_context_not_output(tokenizer):
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     answer = " Hello there, friend"
     ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     deltas, tail = run(TextStream(tokenizer, prompt), ids)
@@ -70,7 +71,7 @@ def test_multibyte_characters_never_emit_a_replacement_char(tokenizer):
     for stop in ([], ["日本"], ["zzz-never"]):
         deltas, tail = run(TextStream(tokenizer, stop=stop), ids)
         assert not any(REPLACEMENT_CHAR in d.text for d in deltas)
-        expected = text if not stop or stop[0] not in text else text[:text.index(stop[0])]
+        expected = text if not stop or stop[0] not in text else text[: text.index(stop[0])]
         assert joined(deltas, tail) == expected
 
 
@@ -102,7 +103,7 @@ def test_partial_stop_is_held_back_then_released_on_finish(tokenizer):
     deltas, tail = run(stream, ids)
     pushed = "".join(d.text for d in deltas)
     assert len(pushed) <= len(text) - (len("world!") - 1)  # the tail could still start a stop
-    assert text.startswith(pushed) and tail.text == text[len(pushed):]
+    assert text.startswith(pushed) and tail.text == text[len(pushed) :]
     assert not tail.stopped and stream.text == text
 
 
@@ -130,12 +131,15 @@ def test_stop_string_at_the_very_end_finishes_in_finish(tokenizer):
     assert joined(deltas, tail) == "count to " and stream.stopped
 
 
-@pytest.mark.parametrize(("stops", "expected", "which"), [
-    (["cde", "bcd"], "a", "bcd"),  # both complete in the same push: the earlier one wins
-    (["bcd", "bcdef"], "a", "bcdef"),  # same start: the longer one is reported
-    (["ef", "xyz", "b"], "a", "b"),
-    (["abcdefg"], "abcdef", None),  # never completes: everything comes out on finish
-])
+@pytest.mark.parametrize(
+    ("stops", "expected", "which"),
+    [
+        (["cde", "bcd"], "a", "bcd"),  # both complete in the same push: the earlier one wins
+        (["bcd", "bcdef"], "a", "bcdef"),  # same start: the longer one is reported
+        (["ef", "xyz", "b"], "a", "b"),
+        (["abcdefg"], "abcdef", None),  # never completes: everything comes out on finish
+    ],
+)
 def test_overlapping_stop_strings_earliest_wins(tokenizer, stops, expected, which):
     ids = tokenizer.encode("abcdef", add_special_tokens=False)
     stream = TextStream(tokenizer, stop=stops)
@@ -173,7 +177,7 @@ def test_property_output_is_the_text_up_to_the_first_stop(tokenizer, text, data)
     assume(full)
     if data.draw(st.booleans(), label="stop from the text"):
         start = data.draw(st.integers(0, len(full) - 1), label="start")
-        stop = full[start:start + data.draw(st.integers(1, 6), label="length")]
+        stop = full[start : start + data.draw(st.integers(1, 6), label="length")]
     else:
         stop = data.draw(st.lists(ALPHABET, min_size=1, max_size=3).map("".join), label="stop")
     sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=8), label="push sizes")
@@ -188,4 +192,4 @@ def test_property_output_is_the_text_up_to_the_first_stop(tokenizer, text, data)
     assert not any(REPLACEMENT_CHAR in piece for piece in emitted)
     if found >= 0:  # the stop is reported once, and nothing comes after it
         first = next(i for i, d in enumerate(deltas + [tail]) if d.stopped)
-        assert all(piece == "" for piece in emitted[first + 1:])
+        assert all(piece == "" for piece in emitted[first + 1 :])

@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     model.generation_config.eos_token_id = None  # like ignore_eos: never stop, never mask EOS
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def prompts(seed: int, lengths=(5, 17, 33, 40)) -> list[list[int]]:
@@ -37,7 +37,9 @@ def tiny(request, tmp_path_factory):
 
 def test_greedy_matches_hf_batched_and_cached(tiny):
     kind, path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_num_batched_tokens=32))
+    engine = LLMEngine(
+        EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_num_batched_tokens=32)
+    )
     ps = prompts(1)
     expected = [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps]
     assert engine.generate(ps, GREEDY) == expected, kind  # batched, chunked (budget 32)
@@ -99,8 +101,9 @@ def use_portable_path(engine: LLMEngine) -> None:
 
 def test_portable_path_matches_hf(tiny):
     kind, path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4,
-                                    max_num_batched_tokens=32))
+    engine = LLMEngine(
+        EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_num_batched_tokens=32)
+    )
     use_portable_path(engine)
     ps = prompts(4)
     assert engine.generate(ps, GREEDY) == [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps], kind

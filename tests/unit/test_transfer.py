@@ -71,8 +71,15 @@ def no_leaked_segments():
 
 def make_export(num_blocks: int = NUM_BLOCKS, first_token: int = 1000) -> KVBlockExport:
     tokens = list(range(first_token, first_token + num_blocks * BLOCK))
-    return KVBlockExport(BLOCK, "float32", list(BLOCK_SHAPE), 1337, block_hashes(tokens, BLOCK), tokens,
-                         os.urandom(num_blocks * BLOCK_BYTES))
+    return KVBlockExport(
+        BLOCK,
+        "float32",
+        list(BLOCK_SHAPE),
+        1337,
+        block_hashes(tokens, BLOCK),
+        tokens,
+        os.urandom(num_blocks * BLOCK_BYTES),
+    )
 
 
 def blocks_of(export: KVBlockExport, indices: list[int]) -> bytes:
@@ -166,8 +173,12 @@ def test_store_refuses_bad_holds_without_calling_back_and_survives_a_failing_cal
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["hold", "get", "pulled", "cancelled", "tick", "expire"]),
-                          st.integers(0, 4)), max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["hold", "get", "pulled", "cancelled", "tick", "expire"]), st.integers(0, 4)),
+        max_size=40,
+    )
+)
 def test_store_every_held_export_is_released_exactly_once_whatever_happens(ops):
     clock, released, holds = FakeClock(), [], 0
     store = TransferStore(TransferStoreConfig(ttl_s=3), clock=clock)
@@ -190,7 +201,8 @@ def test_store_every_held_export_is_released_exactly_once_whatever_happens(ops):
     stats = store.stats()
     assert (stats.held, stats.held_bytes) == (0, 0)
     assert [stats.pulled, stats.expired, stats.cancelled] == [
-        sum(1 for _, reason in released if reason == r) for r in ("pulled", "expired", "cancelled")]
+        sum(1 for _, reason in released if reason == r) for r in ("pulled", "expired", "cancelled")
+    ]
 
 
 # --- pulls over real sockets ---------------------------------------------------------------------
@@ -291,7 +303,8 @@ def test_auto_uses_shm_on_this_host_and_tcp_for_another_host(monkeypatch):
 
 def test_host_id_is_stable_and_shared_with_another_process():
     source = textwrap.dedent(inspect.getsource(protocol._read_first_line)) + textwrap.dedent(
-        inspect.getsource(host_id.__wrapped__))
+        inspect.getsource(host_id.__wrapped__)
+    )
     script = "import functools, os, socket, uuid, xxhash\n" + source + "\nprint(host_id())\n"
     other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=10, check=True)
     assert other.stdout.strip() == host_id() == host_id.__wrapped__()
@@ -362,15 +375,24 @@ class FakeServer:
 def honest_response(export: KVBlockExport, payload: bytes | None = None) -> bytes:
     """A correct header for all of ``export``'s blocks, followed by ``payload`` (default: the real one)."""
     header = PullResponse(
-        ok=True, transfer_id="t", dtype=export.dtype, block_shape=export.block_shape, block_size=BLOCK,
-        hash_seed=export.hash_seed, block_indices=list(range(NUM_BLOCKS)), block_hashes=export.block_hashes,
-        parent_hashes=[None, *export.block_hashes[:-1]], token_ids=export.token_ids, nbytes=len(export.data),
-        checksum=payload_checksum(export.data))
+        ok=True,
+        transfer_id="t",
+        dtype=export.dtype,
+        block_shape=export.block_shape,
+        block_size=BLOCK,
+        hash_seed=export.hash_seed,
+        block_indices=list(range(NUM_BLOCKS)),
+        block_hashes=export.block_hashes,
+        parent_hashes=[None, *export.block_hashes[:-1]],
+        token_ids=export.token_ids,
+        nbytes=len(export.data),
+        checksum=payload_checksum(export.data),
+    )
     return encode_message(header) + (export.data if payload is None else payload)
 
 
 def flip_one_byte(data: bytes, position: int) -> bytes:
-    return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1:]
+    return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1 :]
 
 
 def test_corrupted_tcp_payload_raises_and_is_rejected_to_the_server():
@@ -410,8 +432,10 @@ def test_wrong_sizes_and_hashes_in_the_header_raise():
     lying_hash.data = export.data
 
     async def body() -> None:
-        for lie, message, reason in ((lying_size, "announces", "size_mismatch"),
-                                     (lying_hash, "block hashes do not match", "hash_mismatch")):
+        for lie, message, reason in (
+            (lying_size, "announces", "size_mismatch"),
+            (lying_hash, "block hashes do not match", "hash_mismatch"),
+        ):
             async with FakeServer(lambda req, lie=lie: honest_response(lie)) as fake:
                 with pytest.raises(TransferError, match=message) as info:
                     await pull_blocks(fake.address, "t", metrics=TransferMetrics(CollectorRegistry()))
@@ -436,8 +460,9 @@ def test_corrupted_shm_payload_raises_and_the_transfer_stays_held_for_a_retry(mo
             with pytest.raises(TransferError, match="'retry-me'.*corrupt") as info:
                 await served.pull("retry-me", path="shm")
             assert info.value.reason == "checksum"
-            await until(lambda: served.sample("tandem_kv_transfer_failures_total", side="server",
-                                              reason="client_rejected") == 1)
+            await until(
+                lambda: served.sample("tandem_kv_transfer_failures_total", side="server", reason="client_rejected") == 1
+            )
             assert "retry-me" in served.store and served.releases == []
             assert served.sample("tandem_kv_transfer_failures_total", side="client", reason="checksum") == 1
             monkeypatch.setattr(server_module, "_copy_and_hash", honest_copy)
@@ -496,8 +521,13 @@ def test_server_survives_garbage_and_still_serves():
     async def body() -> None:
         async with Served() as served:
             served.hold("ok", make_export())
-            garbage = [b"\x00\x00\x00\x05hello", HEADER.pack(2**31) + b"x", encode_message(PullAck(ok=True)),
-                       HEADER.pack(3) + msgspec.msgpack.encode(["pull"])[:3], b"\xff" * 64]
+            garbage = [
+                b"\x00\x00\x00\x05hello",
+                HEADER.pack(2**31) + b"x",
+                encode_message(PullAck(ok=True)),
+                HEADER.pack(3) + msgspec.msgpack.encode(["pull"])[:3],
+                b"\xff" * 64,
+            ]
             for data in garbage:
                 assert await raw_exchange(served.address, data) == b""  # closed, no answer
             await raw_exchange(served.address, b"\x00\x00", read=False)  # half a header, then gone

@@ -50,6 +50,7 @@ async def _collect(client: RequestPlaneClient, address: str, payload: dict) -> l
 def _disagg(loaded, prefix_on_decode: list[int] | None = None, break_transfer: bool = False):
     """Run PROMPT prefill → decode; returns (tokens, decode's cached tokens, blocks the decode worker
     imported, prefill's held count)."""
+
     async def scenario():
         discovery, client = MemoryDiscovery(), RequestPlaneClient()
         prefill, decode = _service(loaded, discovery, "prefill"), _service(loaded, discovery, "decode")
@@ -57,21 +58,38 @@ def _disagg(loaded, prefix_on_decode: list[int] | None = None, break_transfer: b
         await decode.start()
         try:
             if prefix_on_decode:  # the decode worker already holds part of the prompt
-                await _collect(client, decode.server.address,
-                               {"request_id": "warm", "token_ids": prefix_on_decode, "sampling": _sampling(1)})
-            first = await _collect(client, prefill.server.address, {
-                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+                await _collect(
+                    client,
+                    decode.server.address,
+                    {"request_id": "warm", "token_ids": prefix_on_decode, "sampling": _sampling(1)},
+                )
+            first = await _collect(
+                client,
+                prefill.server.address,
+                {"request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True},
+            )
             params = first[-1]["kv_transfer"]
             assert params["num_blocks"] == len(PROMPT) // 16 and prefill.exporter.store.stats().held == 1
             if break_transfer:
                 params = {**params, "transfer_id": "no-such-transfer"}
             first_token = first[-1]["token_ids"][-1]
-            rest = await _collect(client, decode.server.address, {
-                "request_id": "d", "token_ids": PROMPT + [first_token], "sampling": _sampling(MAX_TOKENS - 1),
-                "kv_transfer": params})
+            rest = await _collect(
+                client,
+                decode.server.address,
+                {
+                    "request_id": "d",
+                    "token_ids": PROMPT + [first_token],
+                    "sampling": _sampling(MAX_TOKENS - 1),
+                    "kv_transfer": params,
+                },
+            )
             tokens = [first_token] + [t for d in rest for t in d["token_ids"]]
-            return (tokens, rest[-1].get("num_cached_tokens", 0), decode.kv_blocks_imported,
-                    prefill.exporter.store.stats().held)
+            return (
+                tokens,
+                rest[-1].get("num_cached_tokens", 0),
+                decode.kv_blocks_imported,
+                prefill.exporter.store.stats().held,
+            )
         finally:
             await client.close()
             await prefill.drain(timeout=1)
@@ -113,8 +131,11 @@ def test_export_kv_on_a_non_prefill_worker_is_a_bad_request(tiny_loaded):
         await agg.start()
         try:
             with pytest.raises(RemoteError) as err:
-                await _collect(client, agg.server.address,
-                               {"request_id": "x", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+                await _collect(
+                    client,
+                    agg.server.address,
+                    {"request_id": "x", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True},
+                )
             assert err.value.code == "bad_request"
             assert await client.call(agg.server.address, "kv_release", {"transfer_id": "x"}) == {"released": False}
         finally:
@@ -130,11 +151,15 @@ def test_kv_release_frees_a_held_export(tiny_loaded):
         prefill = _service(tiny_loaded, discovery, "prefill")
         await prefill.start()
         try:
-            first = await _collect(client, prefill.server.address, {
-                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            first = await _collect(
+                client,
+                prefill.server.address,
+                {"request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True},
+            )
             transfer_id = first[-1]["kv_transfer"]["transfer_id"]
-            assert await client.call(prefill.server.address, "kv_release", {"transfer_id": transfer_id}) == \
-                {"released": True}
+            assert await client.call(prefill.server.address, "kv_release", {"transfer_id": transfer_id}) == {
+                "released": True
+            }
             assert prefill.exporter.store.stats().held == 0
         finally:
             await client.close()
@@ -148,8 +173,15 @@ def test_kv_release_frees_a_held_export(tiny_loaded):
 LONG_PROMPT = list(range(10, 110))  # 6 full blocks + 4 tokens: above max_local_prefill_length 64
 
 
-def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill: bool = False,
-                   router: str = "round-robin", prefills_already_in_flight: int = 0, warm_decode: bool = False):
+def _frontend_flow(
+    loaded,
+    roles: tuple[str, ...],
+    max_tokens: int,
+    lose_prefill: bool = False,
+    router: str = "round-robin",
+    prefills_already_in_flight: int = 0,
+    warm_decode: bool = False,
+):
     """Generate LONG_PROMPT through DisaggregatedClient over workers with ``roles``; returns
     (tokens, the last delta, the client, the prefill workers' held exports). ``warm_decode``: the
     decode worker has run the prompt before. The client also gets ``outcomes`` and ``imported``
@@ -168,9 +200,11 @@ def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill
         pool = WorkerPool(discovery)
         await pool.start()
         outcomes: list[str] = []
-        flow = DisaggregatedClient(WorkerClient(pool, build_policy(router, pool, client), client),
-                                   DisaggConfig(max_prefill_queue_size=2),
-                                   on_outcome=lambda model, outcome: outcomes.append(outcome))
+        flow = DisaggregatedClient(
+            WorkerClient(pool, build_policy(router, pool, client), client),
+            DisaggConfig(max_prefill_queue_size=2),
+            on_outcome=lambda model, outcome: outcomes.append(outcome),
+        )
         flow.outcomes = outcomes
         flow.prefills_in_flight["tiny"] = prefills_already_in_flight
         try:
@@ -179,8 +213,11 @@ def _frontend_flow(loaded, roles: tuple[str, ...], max_tokens: int, lose_prefill
                 await prefill.server.stop(drain_timeout=0)
             if warm_decode:
                 decode = next(s for s in services if s.role == "decode")
-                await _collect(client, decode.server.address,
-                               {"request_id": "warm", "token_ids": LONG_PROMPT, "sampling": _sampling(1)})
+                await _collect(
+                    client,
+                    decode.server.address,
+                    {"request_id": "warm", "token_ids": LONG_PROMPT, "sampling": _sampling(1)},
+                )
             request = GenerateRequest("r", LONG_PROMPT, _sampling(max_tokens))
             deltas = [d async for d in flow.generate("tiny", request)]
             await asyncio.sleep(0.1)  # a best-effort kv_release runs in the background
@@ -208,8 +245,11 @@ def test_frontend_flow_prefills_then_decodes_with_the_aggregated_output(tiny_loa
     assert tokens == aggregated_long
     assert flow.disaggregated_total == 1 and flow.fallbacks_total == 0
     # Usage in the whole request's terms: the prefill's token is output, not prompt.
-    assert (last.num_prompt_tokens, last.num_output_tokens, last.finish_reason) == (len(LONG_PROMPT), MAX_TOKENS,
-                                                                                    "length")
+    assert (last.num_prompt_tokens, last.num_output_tokens, last.finish_reason) == (
+        len(LONG_PROMPT),
+        MAX_TOKENS,
+        "length",
+    )
     assert held == [0]  # pulled
 
 
@@ -220,11 +260,13 @@ def test_frontend_flow_without_prefill_workers_runs_on_the_decode_worker(tiny_lo
 
 
 @pytest.mark.parametrize("in_flight, outcome", [(1, "disaggregated"), (2, "local_busy")])
-def test_frontend_flow_prefills_locally_when_every_prefill_worker_is_busy(tiny_loaded, aggregated_long,
-                                                                          in_flight, outcome):
+def test_frontend_flow_prefills_locally_when_every_prefill_worker_is_busy(
+    tiny_loaded, aggregated_long, in_flight, outcome
+):
     # max_prefill_queue_size 2 with one prefill worker: a third prefill in flight would queue.
-    tokens, _, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS,
-                                           prefills_already_in_flight=in_flight)
+    tokens, _, flow, held = _frontend_flow(
+        tiny_loaded, ("prefill", "decode"), MAX_TOKENS, prefills_already_in_flight=in_flight
+    )
     assert tokens == aggregated_long and flow.outcomes == [outcome]
     assert flow.prefills_in_flight["tiny"] == in_flight  # the count is restored after the prefill half
     assert held == [0]
@@ -249,8 +291,9 @@ def test_a_failed_kv_pull_prefills_locally_and_the_export_is_released(tiny_loade
     assert held == [0]  # released with kv_release, not left to expire
 
 
-def test_a_decode_worker_holding_the_whole_prompt_pulls_nothing_and_the_export_is_released(tiny_loaded,
-                                                                                            aggregated_long):
+def test_a_decode_worker_holding_the_whole_prompt_pulls_nothing_and_the_export_is_released(
+    tiny_loaded, aggregated_long
+):
     tokens, _, flow, held = _frontend_flow(tiny_loaded, ("prefill", "decode"), MAX_TOKENS, warm_decode=True)
     assert tokens == aggregated_long and flow.outcomes == ["disaggregated"]
     assert flow.imported == [0]  # every block was cached already: nothing to pull
@@ -263,13 +306,18 @@ def test_a_decode_worker_holding_the_whole_prompt_pulls_nothing_and_the_export_i
 async def _leftovers(client: RequestPlaneClient, service: WorkerService) -> dict:
     """What the worker still holds for requests, from its ``stats`` endpoint and its engine."""
     stats = await client.call(service.server.address, "stats", {})
-    return {"engine_requests": len(service.engine.core.requests), "running": stats["num_running"],
-            "waiting": stats["num_waiting"], "kv_usage": stats["kv_usage"],
-            "exports_held": stats["kv_exports_held"]}
+    return {
+        "engine_requests": len(service.engine.core.requests),
+        "running": stats["num_running"],
+        "waiting": stats["num_waiting"],
+        "kv_usage": stats["kv_usage"],
+        "exports_held": stats["kv_exports_held"],
+    }
 
 
-async def _until_nothing_left(client: RequestPlaneClient, services: list[WorkerService],
-                              timeout_s: float = 5.0) -> list[dict]:
+async def _until_nothing_left(
+    client: RequestPlaneClient, services: list[WorkerService], timeout_s: float = 5.0
+) -> list[dict]:
     nothing = {"engine_requests": 0, "running": 0, "waiting": 0, "kv_usage": 0.0, "exports_held": 0}
     deadline = time.monotonic() + timeout_s
     while True:
@@ -356,8 +404,9 @@ def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
             await service.start()
         pool = WorkerPool(discovery)
         await pool.start()
-        flow = DisaggregatedClient(WorkerClient(pool, build_policy("round-robin", pool, client), client),
-                                   DisaggConfig())
+        flow = DisaggregatedClient(
+            WorkerClient(pool, build_policy("round-robin", pool, client), client), DisaggConfig()
+        )
         deltas = flow.generate("tiny", GenerateRequest("r", LONG_PROMPT, _sampling(MAX_TOKENS)))
         first_token = asyncio.Event()
 
@@ -389,9 +438,14 @@ def _abandoned_flow(loaded, monkeypatch, stage: str) -> Abandoned:
                 await client.close()  # ...when the frontend goes away too: its streams are cancelled once more
             await asyncio.sleep(0.6)  # past the slowed export/import
             left = await _until_nothing_left(stats_client, [prefill, decode])
-            return Abandoned(left, prefill.engine.stats().generation_tokens_total,
-                             decode.engine.stats().prompt_tokens_total, decode.kv_blocks_imported,
-                             [prefill.engine.is_running, decode.engine.is_running], import_errors)
+            return Abandoned(
+                left,
+                prefill.engine.stats().generation_tokens_total,
+                decode.engine.stats().prompt_tokens_total,
+                decode.kv_blocks_imported,
+                [prefill.engine.is_running, decode.engine.is_running],
+                import_errors,
+            )
         finally:
             await pool.stop()
             await client.close()
@@ -433,13 +487,20 @@ def _serving_again(monkeypatch) -> list[list[int] | str]:
     error it answered with)."""
     settle, served = _until_nothing_left, []
 
-    async def settle_then_serve(client: RequestPlaneClient, services: list[WorkerService],
-                                timeout_s: float = 5.0) -> list[dict]:
+    async def settle_then_serve(
+        client: RequestPlaneClient, services: list[WorkerService], timeout_s: float = 5.0
+    ) -> list[dict]:
         left = await settle(client, services, timeout_s)
         for service in services:
             try:
-                deltas = await asyncio.wait_for(_collect(client, service.server.address, {
-                    "request_id": "again", "token_ids": LONG_PROMPT, "sampling": _sampling(MAX_TOKENS)}), 5)
+                deltas = await asyncio.wait_for(
+                    _collect(
+                        client,
+                        service.server.address,
+                        {"request_id": "again", "token_ids": LONG_PROMPT, "sampling": _sampling(MAX_TOKENS)},
+                    ),
+                    5,
+                )
                 served.append([t for d in deltas for t in d["token_ids"]])
             except (RemoteError, TimeoutError) as exc:
                 served.append(repr(exc))
@@ -449,8 +510,9 @@ def _serving_again(monkeypatch) -> list[list[int] | str]:
     return served
 
 
-def test_a_client_leaving_while_the_prefill_worker_exports_keeps_its_engine_alive(tiny_loaded, monkeypatch,
-                                                                                 aggregated_long):
+def test_a_client_leaving_while_the_prefill_worker_exports_keeps_its_engine_alive(
+    tiny_loaded, monkeypatch, aggregated_long
+):
     # The engine thread is inside export_kv (slowed) when the prefill worker's handler is
     # cancelled: the cancelled call's future must not kill the thread that still completes it.
     served = _serving_again(monkeypatch)
@@ -469,6 +531,7 @@ def test_an_engine_call_cancelled_before_it_ran_is_skipped_and_the_engine_lives_
         engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), loaded=tiny_loaded))
         entered, release, ran = threading.Event(), threading.Event(), []
         try:
+
             def block(core):
                 entered.set()
                 return release.wait(5)
@@ -482,8 +545,7 @@ def test_an_engine_call_cancelled_before_it_ran_is_skipped_and_the_engine_lives_
             release.set()
             assert await asyncio.wait_for(blocking, 5) is True
             # The engine thread skipped the cancelled call and still serves the next one.
-            assert await asyncio.wait_for(engine.call(lambda core: core.num_cached_prompt_blocks(PROMPT, None)),
-                                          2) == 0
+            assert await asyncio.wait_for(engine.call(lambda core: core.num_cached_prompt_blocks(PROMPT, None)), 2) == 0
             assert ran == [] and engine.is_running
         finally:
             release.set()
@@ -523,8 +585,11 @@ def test_a_pull_cancelled_twice_is_not_released_under_the_engines_import(tiny_lo
         await prefill.start()
         await decode.start()
         try:
-            first = await _collect(client, prefill.server.address, {
-                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            first = await _collect(
+                client,
+                prefill.server.address,
+                {"request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True},
+            )
             params = KvTransferParams(**first[-1]["kv_transfer"])
             task = asyncio.create_task(worker_disagg.import_missing_blocks(decode.engine, PROMPT, None, params))
             assert await asyncio.to_thread(importing.wait, 5)
@@ -574,9 +639,12 @@ def test_worker_stats_report_held_exports_and_imported_blocks(tiny_loaded, monke
     def gauges(frontend: Frontend) -> dict[tuple[str, str], float]:
         """The frontend's tandem_worker_* gauges: (name, worker_id) → value."""
         text = frontend.metrics.render().decode()
-        return {(sample.name, sample.labels["worker_id"]): sample.value
-                for family in text_string_to_metric_families(text) if family.name.startswith("tandem_worker_")
-                for sample in family.samples}
+        return {
+            (sample.name, sample.labels["worker_id"]): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("tandem_worker_")
+            for sample in family.samples
+        }
 
     async def scenario():
         discovery, client = MemoryDiscovery(), RequestPlaneClient()
@@ -590,8 +658,10 @@ def test_worker_stats_report_held_exports_and_imported_blocks(tiny_loaded, monke
 
         async def figures() -> dict[str, tuple[int, int]]:
             """(kv_exports_held, kv_blocks_imported) of each worker, from its stats endpoint."""
-            stats = {role: await client.call(s.server.address, "stats", {}) for role, s in
-                     (("prefill", prefill), ("decode", decode))}
+            stats = {
+                role: await client.call(s.server.address, "stats", {})
+                for role, s in (("prefill", prefill), ("decode", decode))
+            }
             return {role: (s["kv_exports_held"], s["kv_blocks_imported"]) for role, s in stats.items()}
 
         async def exported() -> dict[str, tuple[float, float]]:
@@ -602,19 +672,34 @@ def test_worker_stats_report_held_exports_and_imported_blocks(tiny_loaded, monke
             values = gauges(frontend)
             assert values[("tandem_worker_kv_usage", "older")] == 0.25
             assert not {key for key in values if key[1] == "older"} - {("tandem_worker_kv_usage", "older")}
-            return {role: (values[("tandem_worker_kv_exports_held", wid)],
-                           values[("tandem_worker_kv_blocks_imported", wid)]) for role, wid in ids.items()}
+            return {
+                role: (
+                    values[("tandem_worker_kv_exports_held", wid)],
+                    values[("tandem_worker_kv_blocks_imported", wid)],
+                )
+                for role, wid in ids.items()
+            }
 
         try:
             assert await figures() == {"prefill": (0, 0), "decode": (0, 0)}
-            first = await _collect(client, prefill.server.address, {
-                "request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True})
+            first = await _collect(
+                client,
+                prefill.server.address,
+                {"request_id": "p", "token_ids": PROMPT, "sampling": _sampling(1), "export_kv": True},
+            )
             params = first[-1]["kv_transfer"]
             assert await figures() == {"prefill": (1, 0), "decode": (0, 0)}  # held for the decode worker
             assert await exported() == {"prefill": (1.0, 0.0), "decode": (0.0, 0.0)}
-            await _collect(client, decode.server.address, {
-                "request_id": "d", "token_ids": PROMPT + [first[-1]["token_ids"][-1]], "sampling": _sampling(2),
-                "kv_transfer": params})
+            await _collect(
+                client,
+                decode.server.address,
+                {
+                    "request_id": "d",
+                    "token_ids": PROMPT + [first[-1]["token_ids"][-1]],
+                    "sampling": _sampling(2),
+                    "kv_transfer": params,
+                },
+            )
             pulled = params["num_blocks"]
             assert pulled == 3
             assert await figures() == {"prefill": (0, 0), "decode": (0, pulled)}  # pulled: released, imported

@@ -40,15 +40,19 @@ async def started(loaded) -> tuple[WorkerService, MemoryDiscovery, RequestPlaneC
 
 def test_generate_streams_the_engines_greedy_tokens_and_registers(tiny_loaded):
     expected = LLMEngine(EngineConfig(num_kv_blocks=64), loaded=tiny_loaded).generate(
-        [PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+        [PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    )[0]
 
     async def scenario():
         service, discovery, client = await started(tiny_loaded)
         try:
             (card,) = await discovery.list("tiny")
             assert card.request_plane_address == service.server.address and card.block_size == 16
-            payload = {"request_id": "a", "token_ids": PROMPT,
-                       "sampling": {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}}
+            payload = {
+                "request_id": "a",
+                "token_ids": PROMPT,
+                "sampling": {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
+            }
             deltas = [d async for d in client.stream(card.request_plane_address, "generate", payload)]
             assert [t for d in deltas for t in d["token_ids"]] == expected
             assert deltas[-1]["finish_reason"] == "length" and deltas[-1]["num_prompt_tokens"] == len(PROMPT)
@@ -65,10 +69,13 @@ def test_bad_payloads_get_bad_request_and_the_worker_keeps_serving(tiny_loaded):
         service, _, client = await started(tiny_loaded)
         addr = service.server.address
         try:
-            for bad in ({"token_ids": PROMPT}, {"request_id": "x", "token_ids": []},
-                        {"request_id": "x", "token_ids": PROMPT, "sampling": {"temperature": -1}},
-                        {"request_id": "x", "token_ids": PROMPT, "sampling": {"bogus": 1}},
-                        {"request_id": "x", "token_ids": [10**9]}):
+            for bad in (
+                {"token_ids": PROMPT},
+                {"request_id": "x", "token_ids": []},
+                {"request_id": "x", "token_ids": PROMPT, "sampling": {"temperature": -1}},
+                {"request_id": "x", "token_ids": PROMPT, "sampling": {"bogus": 1}},
+                {"request_id": "x", "token_ids": [10**9]},
+            ):
                 with pytest.raises(RemoteError) as err:
                     _ = [d async for d in client.stream(addr, "generate", bad)]
                 assert err.value.code == "bad_request"
@@ -86,8 +93,11 @@ def test_client_leaving_early_frees_the_requests_blocks(tiny_loaded):
         service, _, client = await started(tiny_loaded)
         addr = service.server.address
         try:
-            payload = {"request_id": "long", "token_ids": PROMPT,
-                       "sampling": {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}}
+            payload = {
+                "request_id": "long",
+                "token_ids": PROMPT,
+                "sampling": {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True},
+            }
             stream = client.stream(addr, "generate", payload)
             async for delta in stream:
                 if delta["num_output_tokens"] >= 3:
@@ -131,8 +141,11 @@ def test_a_request_validates_its_prompt_once(tiny_loaded, monkeypatch):
     async def scenario():
         service, discovery, client = await started(tiny_loaded)
         try:
-            payload = {"request_id": "once", "token_ids": PROMPT,
-                       "sampling": {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True}}
+            payload = {
+                "request_id": "once",
+                "token_ids": PROMPT,
+                "sampling": {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True},
+            }
             deltas = [d async for d in client.stream(service.server.address, "generate", payload)]
             assert deltas[-1]["finish_reason"] == "length"
             bad = {"request_id": "bad", "token_ids": [10**9], "sampling": {"max_tokens": 2}}

@@ -28,16 +28,29 @@ def run(coro, timeout: float = 30.0):
 
 
 def mocker_service(discovery: MemoryDiscovery, role: str = "agg", step_ms: float = STEP_MS) -> WorkerService:
-    core = MockerEngine(MockerConfig(prefill_quadratic=0, prefill_linear=0, prefill_constant=step_ms,
-                                     decode_quadratic=0, decode_linear=0, decode_constant=step_ms,
-                                     kv_transfer_bandwidth_gbs=0))
-    return WorkerService(AsyncEngine(core), discovery, model_name="m", tokenizer_source="m", role=role,
-                         engine_kind="mocker", ttl_s=30.0)
+    core = MockerEngine(
+        MockerConfig(
+            prefill_quadratic=0,
+            prefill_linear=0,
+            prefill_constant=step_ms,
+            decode_quadratic=0,
+            decode_linear=0,
+            decode_constant=step_ms,
+            kv_transfer_bandwidth_gbs=0,
+        )
+    )
+    return WorkerService(
+        AsyncEngine(core), discovery, model_name="m", tokenizer_source="m", role=role, engine_kind="mocker", ttl_s=30.0
+    )
 
 
 def payload(request_id: str, max_tokens: int, **extra) -> dict:
-    return {"request_id": request_id, "token_ids": PROMPT,
-            "sampling": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
+    return {
+        "request_id": request_id,
+        "token_ids": PROMPT,
+        "sampling": {"max_tokens": max_tokens, "ignore_eos": True},
+        **extra,
+    }
 
 
 async def count_tokens(client: RequestPlaneClient, address: str, body: dict) -> int:
@@ -172,10 +185,19 @@ def test_a_failed_step_ends_its_streams_with_unavailable_so_the_frontend_migrate
 
     async def scenario():
         discovery, client = MemoryDiscovery(), RequestPlaneClient()
-        core = _OnceBrokenMocker(MockerConfig(prefill_quadratic=0, prefill_linear=0, prefill_constant=STEP_MS,
-                                              decode_quadratic=0, decode_linear=0, decode_constant=STEP_MS))
-        service = WorkerService(AsyncEngine(core), discovery, model_name="m", tokenizer_source="m",
-                                engine_kind="mocker", ttl_s=30.0)
+        core = _OnceBrokenMocker(
+            MockerConfig(
+                prefill_quadratic=0,
+                prefill_linear=0,
+                prefill_constant=STEP_MS,
+                decode_quadratic=0,
+                decode_linear=0,
+                decode_constant=STEP_MS,
+            )
+        )
+        service = WorkerService(
+            AsyncEngine(core), discovery, model_name="m", tokenizer_source="m", engine_kind="mocker", ttl_s=30.0
+        )
         await service.start()
         try:
             with pytest.raises(WorkerUnavailableError, match="engine step failed: transient device error"):

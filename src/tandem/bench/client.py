@@ -73,8 +73,10 @@ class BenchClient:
     async def __aenter__(self) -> BenchClient:
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-            headers={"Authorization": f"Bearer {self.config.api_key}"})
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            headers={"Authorization": f"Bearer {self.config.api_key}"},
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:

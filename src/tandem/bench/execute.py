@@ -37,16 +37,32 @@ def load_config(args: argparse.Namespace, *, concurrency: int | None = None, rat
     fixed = args.workload == "trace" and rate is None and concurrency is None
     if concurrency is None and rate is None and not fixed and args.workload != "multi-turn":
         concurrency = 1
-    return LoadConfig(concurrency=concurrency, rate=rate, rate_mode=args.rate_mode, max_concurrency=args.max_concurrency,
-                      fixed_schedule=fixed, num_requests=args.num_requests, duration_s=args.duration,
-                      warmup_requests=args.warmup_requests, grace_s=args.grace, seed=args.seed)
+    return LoadConfig(
+        concurrency=concurrency,
+        rate=rate,
+        rate_mode=args.rate_mode,
+        max_concurrency=args.max_concurrency,
+        fixed_schedule=fixed,
+        num_requests=args.num_requests,
+        duration_s=args.duration,
+        warmup_requests=args.warmup_requests,
+        grace_s=args.grace,
+        seed=args.seed,
+    )
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
     endpoint = "chat" if args.endpoint_type == "chat" else "completions"
-    return ClientConfig(url=args.url, model=args.model, endpoint_type=endpoint, stream=not args.no_stream,
-                        ignore_eos=not args.no_ignore_eos, temperature=args.temperature, api_key=args.api_key,
-                        timeout_s=args.timeout)
+    return ClientConfig(
+        url=args.url,
+        model=args.model,
+        endpoint_type=endpoint,
+        stream=not args.no_stream,
+        ignore_eos=not args.no_ignore_eos,
+        temperature=args.temperature,
+        api_key=args.api_key,
+        timeout_s=args.timeout,
+    )
 
 
 def _as_chat(request: BenchRequest, tokenizer: Any) -> BenchRequest:
@@ -88,8 +104,13 @@ async def _drive(args: argparse.Namespace, load: LoadConfig, runner: Runner, tok
         warmup = [_as_chat(r, tokenizer) for r in warmup]
     if args.workload == "multi-turn":
         config = multi_turn_config(args)
-        return await runner.run_sessions(lambda i: _ChatSession(new_session(config, i), args, tokenizer),
-                                         config.num_users, user_gap_s(config), _answer_tokens(tokenizer), warmup)
+        return await runner.run_sessions(
+            lambda i: _ChatSession(new_session(config, i), args, tokenizer),
+            config.num_users,
+            user_gap_s(config),
+            _answer_tokens(tokenizer),
+            warmup,
+        )
     requests = static_requests(args, load.num_requests if load.duration_s is None else None)
     if args.endpoint_type == "chat":
         requests = (_as_chat(r, tokenizer) for r in requests)
@@ -111,15 +132,27 @@ class _ChatSession:
         return _as_chat(request, self.tokenizer) if (self.chat and request is not None) else request
 
 
-def execute_run(args: argparse.Namespace, out_dir: Path, *, concurrency: int | None = None,
-                rate: float | None = None, name: str | None = None, console: Console | None = None) -> RunSummary:
+def execute_run(
+    args: argparse.Namespace,
+    out_dir: Path,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    name: str | None = None,
+    console: Console | None = None,
+) -> RunSummary:
     console = console or Console()
     load = load_config(args, concurrency=concurrency, rate=rate)
     slo = parse_slo(args.slo) if args.slo else None
     tokenizer = _tokenizer(args)
     label = name or args.name or f"{args.workload} {load.describe()}"
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[stats]}")]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+    ]
     with Progress(*columns, console=console, disable=args.no_progress, transient=False) as progress:
         total = load.num_requests if args.workload != "trace" or load.num_requests else None
         bar = _ProgressBar(progress, total)
@@ -129,12 +162,29 @@ def execute_run(args: argparse.Namespace, out_dir: Path, *, concurrency: int | N
                 return await _drive(args, load, Runner(client, load, bar), tokenizer)
 
         result = asyncio.run(main())
-    settings = {"workload": workload_settings(args), "load": vars(load), "endpoint_type": args.endpoint_type,
-                "stream": not args.no_stream, "ignore_eos": not args.no_ignore_eos, "temperature": args.temperature}
-    summary = summarize(result.records, name=label, url=args.url, model=args.model, workload=args.workload,
-                        load=load.describe(), settings=settings, started_at=result.started_at,
-                        duration_s=result.duration_s, slo=slo, client_cpu_percent=result.cpu_percent, target_rate=load.rate,
-                        concurrency=load.concurrency)
+    settings = {
+        "workload": workload_settings(args),
+        "load": vars(load),
+        "endpoint_type": args.endpoint_type,
+        "stream": not args.no_stream,
+        "ignore_eos": not args.no_ignore_eos,
+        "temperature": args.temperature,
+    }
+    summary = summarize(
+        result.records,
+        name=label,
+        url=args.url,
+        model=args.model,
+        workload=args.workload,
+        load=load.describe(),
+        settings=settings,
+        started_at=result.started_at,
+        duration_s=result.duration_s,
+        slo=slo,
+        client_cpu_percent=result.cpu_percent,
+        target_rate=load.rate,
+        concurrency=load.concurrency,
+    )
     write_run(out_dir, summary, result.records)
     return summary
 

@@ -137,9 +137,7 @@ def _sweep_x(summaries: list[RunSummary]) -> tuple[str, list[float | None]]:
     """The x axis of a throughput plot: target rate when any run has one, else concurrency."""
     if any(s.target_rate is not None for s in summaries):
         return "target rate (req/s)", [s.target_rate for s in summaries]
-    return "concurrency", [
-        float(s.concurrency) if s.concurrency is not None else None for s in summaries
-    ]
+    return "concurrency", [float(s.concurrency) if s.concurrency is not None else None for s in summaries]
 
 
 def _sweep_groups(summaries: list[RunSummary]) -> list[tuple[str, list[int]]]:
@@ -181,15 +179,11 @@ def _throughput_vs_rate(runs: Sequence[Run]):
             continue
         xs = [x for x, _ in points]
         ax_tok.plot(xs, [summaries[i].output_token_throughput for _, i in points], "o-", label=group)
-        ax_req.plot(
-            xs, [summaries[i].request_throughput for _, i in points], "o--", label=f"{group} ok req/s"
-        )
+        ax_req.plot(xs, [summaries[i].request_throughput for _, i in points], "o--", label=f"{group} ok req/s")
         good = [(x, summaries[i].goodput) for x, i in points if summaries[i].goodput is not None]
         if good:
             any_goodput = True
-            ax_req.plot(
-                [x for x, _ in good], [g for _, g in good], "s-", label=f"{group} goodput"
-            )
+            ax_req.plot([x for x, _ in good], [g for _, g in good], "s-", label=f"{group} goodput")
         drawn = True
     for ax, ylabel in ((ax_tok, "output tokens/s"), (ax_req, "requests/s")):
         ax.set_xlabel(xlabel)
@@ -219,9 +213,7 @@ def _ttft_over_time(runs: Sequence[Run], labels: list[str]):
     ax.set_ylabel("TTFT (ms)")
     drawn = False
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
-        pts = sorted(
-            (r.start_s, r.ttft_s * 1000.0) for r in run.records if r.ok and r.ttft_s is not None
-        )
+        pts = sorted((r.start_s, r.ttft_s * 1000.0) for r in run.records if r.ok and r.ttft_s is not None)
         if not pts:
             continue
         xs = [p[0] for p in pts]
@@ -264,5 +256,3 @@ def make_plots(runs: Sequence[Run], out_dir: str | os.PathLike[str]) -> PlotFile
         result.append(path)
         result.series[name] = _figure_series(fig)
     return result
-
-

@@ -10,9 +10,7 @@ from tandem.bench.plots import make_plots
 from tandem.bench.tables import load_runs, markdown_table, run_labels
 
 
-def write_report(
-    run_dirs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
-) -> list[Path]:
+def write_report(run_dirs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``report.md`` (the table, the runs and the plots) and the PNGs into ``out_dir``.
 
     Returns ``[report.md, *pngs]``.
@@ -24,9 +22,7 @@ def write_report(
     lines = ["# tandem bench report", "", markdown_table(runs), "## Runs", ""]
     for run, label in zip(runs, run_labels(runs), strict=True):
         s = run.summary
-        lines.append(
-            f"- **{label}**: `{run.path}`, {s.workload} against {s.url} ({s.model}), {s.load}"
-        )
+        lines.append(f"- **{label}**: `{run.path}`, {s.workload} against {s.url} ({s.model}), {s.load}")
     lines += ["", "## Plots", ""]
     for p in plots:
         lines.append(f"![{p.stem}]({p.name})")

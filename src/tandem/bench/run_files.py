@@ -99,9 +99,7 @@ def records_csv(records: Iterable[RequestRecord]) -> str:
     return out.getvalue()
 
 
-def write_run(
-    directory: str | os.PathLike[str], summary: RunSummary, records: Sequence[RequestRecord]
-) -> Path:
+def write_run(directory: str | os.PathLike[str], summary: RunSummary, records: Sequence[RequestRecord]) -> Path:
     """Write a run directory (created if needed) and return its path.
 
     ``requests.jsonl`` holds one :class:`RequestRecord` per line, ``requests.csv`` the same flat,

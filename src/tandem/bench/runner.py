@@ -46,7 +46,9 @@ class LoadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        shapes = sum(x is not None and x is not False for x in (self.concurrency, self.rate, self.fixed_schedule or None))
+        shapes = sum(
+            x is not None and x is not False for x in (self.concurrency, self.rate, self.fixed_schedule or None)
+        )
         if shapes > 1:
             raise ValueError("choose one load shape: concurrency, rate, or a fixed schedule")
         if self.concurrency is not None and self.concurrency < 1:
@@ -214,9 +216,14 @@ class Runner:
         gap = self._rng.expovariate(self.load.rate) if self.load.rate_mode == "poisson" else 1.0 / self.load.rate
         return due + gap
 
-    async def run_sessions(self, new_session: Callable[[int], Session], num_users: int, user_gap_s: float,
-                           answer_tokens: Callable[[Outcome, BenchRequest], list[int]],
-                           warmup: list[BenchRequest] | None = None) -> RunResult:
+    async def run_sessions(
+        self,
+        new_session: Callable[[int], Session],
+        num_users: int,
+        user_gap_s: float,
+        answer_tokens: Callable[[Outcome, BenchRequest], list[int]],
+        warmup: list[BenchRequest] | None = None,
+    ) -> RunResult:
         """Multi-turn: ``num_users`` users at a time, each sending its next turn ``user_gap_s``
         after the previous one (or when its answer is back, if later); a user who finished its
         rounds is replaced by a new one. User starts are staggered across one gap."""
@@ -250,10 +257,20 @@ def _cpu_seconds() -> float:
 
 def _record(index: int, start_s: float, request: BenchRequest, outcome: Outcome) -> RequestRecord:
     return RequestRecord(
-        index=index, start_s=start_s, ok=outcome.ok, ttft_s=outcome.ttft_s, e2e_s=outcome.e2e_s,
-        itl_s=outcome.itl_s, input_tokens=outcome.input_tokens or request.input_tokens,
-        output_tokens=outcome.output_tokens or 0, cached_tokens=outcome.cached_tokens, error=outcome.error,
-        error_detail=outcome.error_detail, session_id=request.session_id, turn=request.turn)
+        index=index,
+        start_s=start_s,
+        ok=outcome.ok,
+        ttft_s=outcome.ttft_s,
+        e2e_s=outcome.e2e_s,
+        itl_s=outcome.itl_s,
+        input_tokens=outcome.input_tokens or request.input_tokens,
+        output_tokens=outcome.output_tokens or 0,
+        cached_tokens=outcome.cached_tokens,
+        error=outcome.error,
+        error_detail=outcome.error_detail,
+        session_id=request.session_id,
+        turn=request.turn,
+    )
 
 
 class LiveStats:
@@ -266,7 +283,7 @@ class LiveStats:
         self.errors = 0
 
     def line(self, records: list[RequestRecord], elapsed_s: float) -> str:
-        for record in records[self._seen:]:
+        for record in records[self._seen :]:
             if record.ok and record.ttft_s is not None:
                 self._ttft.append(record.ttft_s)
                 self.output_tokens += record.output_tokens

@@ -98,10 +98,18 @@ class SimConfig:
 
 class _Worker:
     def __init__(self, index: int, role: str, config: MockerConfig) -> None:
-        self.card = WorkerCard(worker_id=f"{role}-{index}", model="sim", tokenizer="sim", chat_template="sim",
-                               context_length=config.max_model_len, block_size=config.block_size,
-                               total_kv_blocks=config.num_kv_blocks, role=role, request_plane_address=f"127.0.0.1:{index + 1}",
-                               engine="mocker")
+        self.card = WorkerCard(
+            worker_id=f"{role}-{index}",
+            model="sim",
+            tokenizer="sim",
+            chat_template="sim",
+            context_length=config.max_model_len,
+            block_size=config.block_size,
+            total_kv_blocks=config.num_kv_blocks,
+            role=role,
+            request_plane_address=f"127.0.0.1:{index + 1}",
+            engine="mocker",
+        )
         self.core = MockerEngine(dataclasses.replace(config, speedup_ratio=0.0, seed=index))
         self.busy = False
 
@@ -118,15 +126,22 @@ class Simulation:
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        roles = ([("agg", config.num_agg)] if config.num_agg else
-                 [("prefill", config.num_prefill), ("decode", config.num_decode)])
-        self.workers = {w.card.worker_id: w for role, n in roles for w in (_Worker(i, role, config.mocker)
-                                                                            for i in range(n))}
+        roles = (
+            [("agg", config.num_agg)]
+            if config.num_agg
+            else [("prefill", config.num_prefill), ("decode", config.num_decode)]
+        )
+        self.workers = {
+            w.card.worker_id: w for role, n in roles for w in (_Worker(i, role, config.mocker) for i in range(n))
+        }
         if config.router == "kv":
             from tandem.router.policies.kv import KvRouter, KvRouterConfig
 
-            self.policy: Any = KvRouter(_StaticPool(), None, KvRouterConfig(
-                block_size=config.mocker.block_size, **{"seed": 0, **config.kv_router}))
+            self.policy: Any = KvRouter(
+                _StaticPool(),
+                None,
+                KvRouterConfig(block_size=config.mocker.block_size, **{"seed": 0, **config.kv_router}),
+            )
         else:
             self.policy = RoundRobinPolicy()
         self._events: list[tuple[float, int, str, Any]] = []
@@ -193,8 +208,9 @@ class Simulation:
         if hook is not None:
             hook(engine_id)
 
-    def _start(self, request: SimRequest, half: str, roles: tuple[str, ...], prompt: list[int],
-               max_tokens: int, engine_id: str) -> _Worker:
+    def _start(
+        self, request: SimRequest, half: str, roles: tuple[str, ...], prompt: list[int], max_tokens: int, engine_id: str
+    ) -> _Worker:
         worker = self._route(roles, prompt, engine_id)
         worker.core.add_request(engine_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         self._pending[engine_id] = (request, half)
@@ -202,14 +218,21 @@ class Simulation:
         return worker
 
     def _on_arrival(self, request: SimRequest) -> None:
-        result = self.results[request.request_id] = SimResult(request.request_id, request.arrival_ms,
-                                                              prompt_tokens=len(request.prompt))
+        result = self.results[request.request_id] = SimResult(
+            request.request_id, request.arrival_ms, prompt_tokens=len(request.prompt)
+        )
         if self.config.num_agg:
             self._start(request, "whole", ("agg",), request.prompt, request.max_tokens, request.request_id)
             return
-        reason = local_prefill_reason(len(request.prompt), self.config.num_prefill, self._prefills_in_flight,
-                                      DisaggConfig(max_local_prefill_length=self.config.max_local_prefill_length,
-                                                   max_prefill_queue_size=self.config.max_prefill_queue_size))
+        reason = local_prefill_reason(
+            len(request.prompt),
+            self.config.num_prefill,
+            self._prefills_in_flight,
+            DisaggConfig(
+                max_local_prefill_length=self.config.max_local_prefill_length,
+                max_prefill_queue_size=self.config.max_prefill_queue_size,
+            ),
+        )
         if reason is None:
             result.path = "disaggregated"
             self._prefills_in_flight += 1
@@ -252,8 +275,9 @@ class Simulation:
             self.results[request.request_id].imported_blocks = worker.core.import_kv(export)
         except ValueError:  # no room: the decode worker prefills the prompt itself, as served
             pass
-        worker.core.add_request(request.request_id, prompt,
-                                SamplingParams(max_tokens=request.max_tokens - 1, ignore_eos=True))
+        worker.core.add_request(
+            request.request_id, prompt, SamplingParams(max_tokens=request.max_tokens - 1, ignore_eos=True)
+        )
         self._pending[request.request_id] = (request, "decode")
         self._kick(worker)
 

@@ -45,10 +45,7 @@ def run_labels(runs: Sequence[Run | RunSummary]) -> list[str]:
         labels.append(label)
     # Directories with the same basename: fall back to positions.
     if len(set(labels)) != len(labels):
-        labels = [
-            f"{label} #{i + 1}" if labels.count(label) > 1 else label
-            for i, label in enumerate(labels)
-        ]
+        labels = [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
     return labels
 
 
@@ -144,9 +141,7 @@ def markdown_table(runs: Sequence[Run | RunSummary]) -> str:
     return "\n".join(out) + "\n"
 
 
-def print_report(
-    run_dirs: Iterable[str | os.PathLike[str]], console: Console | None = None
-) -> list[Run]:
+def print_report(run_dirs: Iterable[str | os.PathLike[str]], console: Console | None = None) -> list[Run]:
     """Load the runs and print the comparison table; returns the loaded runs."""
     console = console or Console()
     runs = load_runs(run_dirs)

@@ -1,9 +1,9 @@
 """``tandem bench``: load against any OpenAI-compatible endpoint, and reports.
 
-    tandem bench run --url http://127.0.0.1:8000 --model M --workload random --concurrency 8
-    tandem bench sweep --url ... --model M --rates 1 2 4 8 --output runs/sweep
-    tandem bench report runs/a runs/b --output runs/report
-    tandem bench trace-gen --output trace.jsonl --num-requests 200 --rate 4
+tandem bench run --url http://127.0.0.1:8000 --model M --workload random --concurrency 8
+tandem bench sweep --url ... --model M --rates 1 2 4 8 --output runs/sweep
+tandem bench report runs/a runs/b --output runs/report
+tandem bench trace-gen --output trace.jsonl --num-requests 200 --rate 4
 """
 
 from __future__ import annotations
@@ -54,15 +54,21 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
     target.add_argument("--model", required=True, help="model name the server serves")
-    target.add_argument("--endpoint-type", choices=("completions", "chat"), default="completions",
-                        help="completions sends token-id prompts (exact lengths); chat sends text (default: %(default)s)")
+    target.add_argument(
+        "--endpoint-type",
+        choices=("completions", "chat"),
+        default="completions",
+        help="completions sends token-id prompts (exact lengths); chat sends text (default: %(default)s)",
+    )
     target.add_argument("--api-key", default="EMPTY")
     target.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s (default: %(default)s)")
     target.add_argument("--no-stream", action="store_true", help="whole responses (TTFT = end-to-end)")
     target.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers without it)")
     target.add_argument("--temperature", type=float, default=0.0)
-    target.add_argument("--tokenizer", help="tokenizer for chat text and multi-turn answers (default: the model's, "
-                                            "if this machine has it)")
+    target.add_argument(
+        "--tokenizer",
+        help="tokenizer for chat text and multi-turn answers (default: the model's, if this machine has it)",
+    )
     add_workload_args(parser)
     load = parser.add_argument_group("load")
     load.add_argument("--rate-mode", choices=("poisson", "constant"), default="poisson")
@@ -70,7 +76,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--num-requests", type=int, help="stop after this many (default: 100 unless --duration)")
     load.add_argument("--duration", type=float, help="stop issuing after this many seconds")
     load.add_argument("--warmup-requests", type=int, default=0, help="sent first, not recorded")
-    load.add_argument("--grace", type=float, default=30.0, help="s in-flight requests get after a bound (default: %(default)s)")
+    load.add_argument(
+        "--grace", type=float, default=30.0, help="s in-flight requests get after a bound (default: %(default)s)"
+    )
     load.add_argument("--seed", type=int, default=0)
     out = parser.add_argument_group("output")
     out.add_argument("--slo", help="goodput SLOs, e.g. ttft_ms=500,itl_ms=50,e2e_ms=10000")
@@ -150,9 +158,16 @@ def _report(args: argparse.Namespace) -> int:
 def _trace_gen(args: argparse.Namespace) -> int:
     from tandem.bench.workloads.trace import synthesize_trace, write_trace
 
-    entries = synthesize_trace(num_requests=args.num_requests, rate=args.rate, num_prefixes=args.num_prefixes,
-                               prefix_blocks=args.prefix_blocks, unique_blocks=args.unique_blocks,
-                               output_length=args.output_length, block_size=args.block_size, seed=args.seed)
+    entries = synthesize_trace(
+        num_requests=args.num_requests,
+        rate=args.rate,
+        num_prefixes=args.num_prefixes,
+        prefix_blocks=args.prefix_blocks,
+        unique_blocks=args.unique_blocks,
+        output_length=args.output_length,
+        block_size=args.block_size,
+        seed=args.seed,
+    )
     write_trace(entries, args.output)
     print(f"wrote {len(entries)} requests to {args.output}")
     return 0

@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from tandem.protocols.sampling_params import SamplingParams
 
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed)
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,7 +155,8 @@ def answer(chat: Chat, user_text: str, interrupt: SigintFlag) -> None:
     engine = chat.engine
     try:
         prompt = engine.loaded.tokenizer.apply_chat_template(
-            chat.messages(user_text), add_generation_prompt=True, tokenize=True, return_dict=False)
+            chat.messages(user_text), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         request_id = f"chat-{chat.turns}"
         chat.turns += 1
         engine.add_request(request_id, prompt, chat.params)
@@ -172,12 +174,15 @@ def answer(chat: Chat, user_text: str, interrupt: SigintFlag) -> None:
     chat.context_tokens = len(prompt) + num_tokens
     speed = num_tokens / elapsed if elapsed > 0 else 0.0
     note = " · hit --max-tokens" if reason == "length" else ""
-    chat.console.print(f"[dim]{num_tokens} tokens in {elapsed:.1f}s · {speed:.1f} tok/s · "
-                       f"prompt {len(prompt)} tokens ({cached} cached){note}[/dim]")
+    chat.console.print(
+        f"[dim]{num_tokens} tokens in {elapsed:.1f}s · {speed:.1f} tok/s · "
+        f"prompt {len(prompt)} tokens ({cached} cached){note}[/dim]"
+    )
 
 
-def stream(engine: LLMEngine, request_id: str, detok: IncrementalDetokenizer,
-           interrupt: SigintFlag) -> tuple[str | None, int, int]:
+def stream(
+    engine: LLMEngine, request_id: str, detok: IncrementalDetokenizer, interrupt: SigintFlag
+) -> tuple[str | None, int, int]:
     """Step the engine until the request finishes or Ctrl-C aborts it, printing stable text.
 
     Returns the finish reason (None when aborted), the output tokens and the cached prompt tokens.

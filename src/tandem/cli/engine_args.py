@@ -13,19 +13,28 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help="model-cache name, HF directory or .gguf file (default: %(default)s)")
-    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="weights and KV cache dtype; auto = bfloat16 on a CPU with AVX512-BF16/AMX and on "
-                            "CUDA, float32 on other CPUs (default: %(default)s)")
+    group.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model-cache name, HF directory or .gguf file (default: %(default)s)"
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights and KV cache dtype; auto = bfloat16 on a CPU with AVX512-BF16/AMX and on "
+        "CUDA, float32 on other CPUs (default: %(default)s)",
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget (default: %(default)s)")
-    group.add_argument("--num-kv-blocks", type=int,
-                       help="exact KV pool size in blocks, overriding --kv-cache-gib (default: from --kv-cache-gib)")
+    group.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        help="exact KV pool size in blocks, overriding --kv-cache-gib (default: from --kv-cache-gib)",
+    )
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    group.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                       help="token budget of one step (default: %(default)s)")
+    group.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step (default: %(default)s)"
+    )
     group.add_argument("--max-num-seqs", type=int, default=128, help="most running requests (default: %(default)s)")
     group.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
@@ -35,8 +44,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     from tandem.engine.config import EngineConfig
 
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
-        kv_cache_memory_gib=args.kv_cache_gib, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.threads,
+        kv_cache_memory_gib=args.kv_cache_gib,
+        num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
     )

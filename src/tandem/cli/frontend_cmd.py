@@ -23,43 +23,98 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
     group = parser.add_argument_group("frontend")
     group.add_argument("--host", default=d.host if defaults else None, help=f"HTTP bind address (default: {d.host})")
     group.add_argument("--port", type=int, default=d.port if defaults else None, help=f"HTTP port (default: {d.port})")
-    group.add_argument("--router", choices=ROUTER_NAMES,
-                       default=d.router if defaults else None, help=f"routing policy (default: {d.router})")
-    group.add_argument("--router-address",
-                       help="remote: host:port of a standalone `tandem router` (default: none; --router remote needs it)")
-    group.add_argument("--kv-overlap-credit", type=float, default=d.kv_overlap_credit if defaults else None,
-                       help=f"kv: weight of a cached block against a prefill block (default: {d.kv_overlap_credit})")
-    group.add_argument("--kv-prefill-load-scale", type=float, default=d.kv_prefill_load_scale if defaults else None,
-                       help=f"kv: weight of prefill work against decode blocks (default: {d.kv_prefill_load_scale}; "
-                            "Dynamo: 1.0)")
-    group.add_argument("--kv-temperature", type=float, default=d.kv_temperature if defaults else None,
-                       help=f"kv: 0 = cheapest worker; > 0 = softmax sampling (default: {d.kv_temperature})")
-    group.add_argument("--no-kv-events", action="store_true",
-                       help="kv: do not use workers' KV events; index the router's own decisions with a TTL")
-    group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes if defaults else None,
-                       help=f"request bodies above this get 413 (default: {d.max_body_bytes})")
-    group.add_argument("--default-max-tokens", type=int, default=None,
-                       help="completion length when a request gives none (default: up to the context length)")
-    group.add_argument("--max-local-prefill-length", type=int, default=None,
-                       help="disaggregated serving: prompts up to this many tokens are prefilled on the decode "
-                            f"worker (default: {d.max_local_prefill_length})")
-    group.add_argument("--max-prefill-queue-size", type=int, default=None,
-                       help="disaggregated serving: prefill on the decode worker when this many prefill requests "
-                            f"per prefill worker are already in flight; 0 = never (default: {d.max_prefill_queue_size})")
-    group.add_argument("--migration-limit", type=int, default=None,
-                       help="times a request may move to another worker when its worker is lost mid-stream; "
-                            "0 = off (default: 1 when more than one worker serves the model, else 0)")
+    group.add_argument(
+        "--router",
+        choices=ROUTER_NAMES,
+        default=d.router if defaults else None,
+        help=f"routing policy (default: {d.router})",
+    )
+    group.add_argument(
+        "--router-address",
+        help="remote: host:port of a standalone `tandem router` (default: none; --router remote needs it)",
+    )
+    group.add_argument(
+        "--kv-overlap-credit",
+        type=float,
+        default=d.kv_overlap_credit if defaults else None,
+        help=f"kv: weight of a cached block against a prefill block (default: {d.kv_overlap_credit})",
+    )
+    group.add_argument(
+        "--kv-prefill-load-scale",
+        type=float,
+        default=d.kv_prefill_load_scale if defaults else None,
+        help=f"kv: weight of prefill work against decode blocks (default: {d.kv_prefill_load_scale}; Dynamo: 1.0)",
+    )
+    group.add_argument(
+        "--kv-temperature",
+        type=float,
+        default=d.kv_temperature if defaults else None,
+        help=f"kv: 0 = cheapest worker; > 0 = softmax sampling (default: {d.kv_temperature})",
+    )
+    group.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="kv: do not use workers' KV events; index the router's own decisions with a TTL",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes if defaults else None,
+        help=f"request bodies above this get 413 (default: {d.max_body_bytes})",
+    )
+    group.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="completion length when a request gives none (default: up to the context length)",
+    )
+    group.add_argument(
+        "--max-local-prefill-length",
+        type=int,
+        default=None,
+        help="disaggregated serving: prompts up to this many tokens are prefilled on the decode "
+        f"worker (default: {d.max_local_prefill_length})",
+    )
+    group.add_argument(
+        "--max-prefill-queue-size",
+        type=int,
+        default=None,
+        help="disaggregated serving: prefill on the decode worker when this many prefill requests "
+        f"per prefill worker are already in flight; 0 = never (default: {d.max_prefill_queue_size})",
+    )
+    group.add_argument(
+        "--migration-limit",
+        type=int,
+        default=None,
+        help="times a request may move to another worker when its worker is lost mid-stream; "
+        "0 = off (default: 1 when more than one worker serves the model, else 0)",
+    )
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    group.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s if defaults else None,
-                       help="seconds requests in flight get to finish on shutdown (tandem serve: in the "
-                            "frontend and in the workers); past it, streams end with an error event "
-                            f"(default: {d.drain_timeout_s})")
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout_s if defaults else None,
+        help="seconds requests in flight get to finish on shutdown (tandem serve: in the "
+        "frontend and in the workers); past it, streams end with an error event "
+        f"(default: {d.drain_timeout_s})",
+    )
 
 
 # Flags that replace the base config's value only when given (None = not given).
-_OVERRIDABLE = ("host", "port", "router", "router_address", "max_body_bytes", "default_max_tokens",
-                "kv_overlap_credit", "kv_prefill_load_scale", "kv_temperature", "max_local_prefill_length",
-               "max_prefill_queue_size", "migration_limit")
+_OVERRIDABLE = (
+    "host",
+    "port",
+    "router",
+    "router_address",
+    "max_body_bytes",
+    "default_max_tokens",
+    "kv_overlap_credit",
+    "kv_prefill_load_scale",
+    "kv_temperature",
+    "max_local_prefill_length",
+    "max_prefill_queue_size",
+    "migration_limit",
+)
 
 
 def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | None = None) -> FrontendConfig:
@@ -86,6 +141,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     from tandem.frontend.server import FrontendServer
+
     config = frontend_config_from_args(args)
     if args.event_plane == "nats":
         config.nats_url = args.nats_url

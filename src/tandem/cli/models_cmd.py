@@ -67,7 +67,9 @@ def _list(args: argparse.Namespace) -> int:
         table.add_row(model.name, _human_size(model.size_bytes), str(model.path))
     for name, entry in sorted(REGISTRY.items()):
         if name not in cached:
-            table.add_row(name, "[dim]not pulled[/dim]", f"[dim]tandem models pull {name} (~{entry.approx_size_mb} MB)[/dim]")
+            table.add_row(
+                name, "[dim]not pulled[/dim]", f"[dim]tandem models pull {name} (~{entry.approx_size_mb} MB)[/dim]"
+            )
     Console().print(table)
     return 0
 

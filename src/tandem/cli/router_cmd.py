@@ -27,16 +27,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=0, help="request-plane port (0: a free one)")
     parser.add_argument("--policy", choices=("kv", "least-loaded"), default="kv")
     d = KvCostConfig()
-    parser.add_argument("--kv-overlap-credit", type=float, default=d.overlap_credit,
-                        help="weight of a cached block against a prefill block (default: %(default)s)")
-    parser.add_argument("--kv-prefill-load-scale", type=float, default=d.prefill_load_scale,
-                        help="weight of prefill work against decode blocks (default: %(default)s; Dynamo: 1.0)")
-    parser.add_argument("--kv-temperature", type=float, default=d.temperature,
-                        help="0 = cheapest worker; > 0 = softmax sampling (default: %(default)s)")
+    parser.add_argument(
+        "--kv-overlap-credit",
+        type=float,
+        default=d.overlap_credit,
+        help="weight of a cached block against a prefill block (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-prefill-load-scale",
+        type=float,
+        default=d.prefill_load_scale,
+        help="weight of prefill work against decode blocks (default: %(default)s; Dynamo: 1.0)",
+    )
+    parser.add_argument(
+        "--kv-temperature",
+        type=float,
+        default=d.temperature,
+        help="0 = cheapest worker; > 0 = softmax sampling (default: %(default)s)",
+    )
     parser.add_argument("--no-kv-events", action="store_true", help="index own decisions with a TTL instead")
-    parser.add_argument("--no-replica-sync", action="store_true",
-                        help="NATS workers: do not share load bookings with the namespace's other routers "
-                             "(each replica then sees only the requests it routed)")
+    parser.add_argument(
+        "--no-replica-sync",
+        action="store_true",
+        help="NATS workers: do not share load bookings with the namespace's other routers "
+        "(each replica then sees only the requests it routed)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -44,12 +59,17 @@ async def serve(args: argparse.Namespace) -> None:
     from tandem.router.policies.kv import KvRouterConfig
     from tandem.router.router_service import RouterService
 
-    config = KvRouterConfig(overlap_credit=args.kv_overlap_credit, prefill_load_scale=args.kv_prefill_load_scale,
-                            temperature=args.kv_temperature, use_kv_events=not args.no_kv_events,
-                            nats_url=args.nats_url if args.event_plane == "nats" else None,
-                            replica_sync=not args.no_replica_sync)
-    service = RouterService(discovery_from_args(args), policy=args.policy, config=config, host=args.host,
-                            port=args.port)
+    config = KvRouterConfig(
+        overlap_credit=args.kv_overlap_credit,
+        prefill_load_scale=args.kv_prefill_load_scale,
+        temperature=args.kv_temperature,
+        use_kv_events=not args.no_kv_events,
+        nats_url=args.nats_url if args.event_plane == "nats" else None,
+        replica_sync=not args.no_replica_sync,
+    )
+    service = RouterService(
+        discovery_from_args(args), policy=args.policy, config=config, host=args.host, port=args.port
+    )
     stop = stop_event()
     await service.start()
     print(f"router ({args.policy}) listening on {service.address}", flush=True)

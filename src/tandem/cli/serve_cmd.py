@@ -27,8 +27,19 @@ from tandem.cli.signals import StopEvent, exit_code
 from tandem.runtime.event_plane.config import DEFAULT_NATS_URL, EVENT_PLANES
 
 # Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
-_FORWARDED_FLAGS = ("dtype", "device", "threads", "kv_cache_gib", "num_kv_blocks", "block_size",
-                    "max_num_batched_tokens", "max_num_seqs", "max_model_len", "no_prefix_caching", "speedup_ratio")
+_FORWARDED_FLAGS = (
+    "dtype",
+    "device",
+    "threads",
+    "kv_cache_gib",
+    "num_kv_blocks",
+    "block_size",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "max_model_len",
+    "no_prefix_caching",
+    "speedup_ratio",
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,16 +47,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("graph", nargs="?", help="deployment graph YAML (default: one builtin worker)")
     parser.add_argument("--workers", type=int, help="number of workers (default: 1, or the graph's)")
     parser.add_argument("--engine", choices=("builtin", "mocker"), help="engine of every worker (default: builtin)")
-    parser.add_argument("--speedup-ratio", type=float, default=1.0,
-                        help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
-    parser.add_argument("--discovery", help="discovery spec: file, file:/dir or etcd://host:port[,host:port] "
-                                            "(default: the graph's, else a private directory for this run)")
-    parser.add_argument("--event-plane", choices=EVENT_PLANES,
-                        help="how workers send KV events to the router: zmq or nats (default: the graph's, else zmq)")
-    parser.add_argument("--nats-url", help="nats: server URL(s) (default: the graph's, else $TANDEM_NATS_URL or "
-                                           f"{DEFAULT_NATS_URL})")
-    parser.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="logging level of the worker processes (default: %(default)s)")
+    parser.add_argument(
+        "--speedup-ratio",
+        type=float,
+        default=1.0,
+        help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--discovery",
+        help="discovery spec: file, file:/dir or etcd://host:port[,host:port] "
+        "(default: the graph's, else a private directory for this run)",
+    )
+    parser.add_argument(
+        "--event-plane",
+        choices=EVENT_PLANES,
+        help="how workers send KV events to the router: zmq or nats (default: the graph's, else zmq)",
+    )
+    parser.add_argument(
+        "--nats-url", help=f"nats: server URL(s) (default: the graph's, else $TANDEM_NATS_URL or {DEFAULT_NATS_URL})"
+    )
+    parser.add_argument(
+        "--worker-log-level",
+        default="WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level of the worker processes (default: %(default)s)",
+    )
     add_frontend_args(parser, defaults=False)
     add_engine_args(parser)
     parser.set_defaults(func=run, _parser=parser)
@@ -91,8 +117,9 @@ async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
     from tandem.deploy.local import LocalDeployment
 
     # One drain timeout for the frontend's requests in flight and for the workers.
-    deployment = LocalDeployment(graph, discovery, drain_timeout=graph.frontend.drain_timeout_s,
-                                 worker_log_level=args.worker_log_level)
+    deployment = LocalDeployment(
+        graph, discovery, drain_timeout=graph.frontend.drain_timeout_s, worker_log_level=args.worker_log_level
+    )
     stop = StopEvent()
     loop = asyncio.get_running_loop()
 
@@ -115,12 +142,17 @@ async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
         return 1
     if not stop.is_set():
         url = deployment.server.url
-        print(f"Tandem is serving {', '.join(graph.models)} at {url}/v1 "
-              f"({deployment.num_workers} worker{'s' * (deployment.num_workers != 1)}, "
-              f"router {graph.frontend.router}; ready {_since_launch():.1f}s after launch)", flush=True)
-        print(f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{graph.models[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
-              flush=True)
+        print(
+            f"Tandem is serving {', '.join(graph.models)} at {url}/v1 "
+            f"({deployment.num_workers} worker{'s' * (deployment.num_workers != 1)}, "
+            f"router {graph.frontend.router}; ready {_since_launch():.1f}s after launch)",
+            flush=True,
+        )
+        print(
+            f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{graph.models[0]}", "messages": [{{"role": "user", "content": "Hi!"}}]}}\'',
+            flush=True,
+        )
         print(f"  add workers: tandem worker --discovery {discovery} --model {graph.workers[0].model}", flush=True)
         print("  Ctrl-C stops", flush=True)
         await _watch(deployment, stop)

@@ -34,60 +34,123 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("worker", help="serve one engine on the request plane")
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=0,
-                        help="request-plane port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--role", default="agg", choices=("agg", "prefill", "decode"),
-                        help="agg runs whole requests; prefill and decode run the two halves of disaggregated "
-                             "serving (default: %(default)s)")
-    parser.add_argument("--engine", default="builtin", choices=("builtin", "mocker"),
-                        help="builtin runs the model; mocker only models step times (default: %(default)s)")
-    parser.add_argument("--speedup-ratio", type=float, default=1.0,
-                        help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)")
-    parser.add_argument("--mocker-prefill-coeffs", type=float, nargs=3, metavar=("A", "B", "C"),
-                        help="mocker: prefill_ms = A·T² + B·T + C for T uncached tokens "
-                             "(default: Dynamo's 4.21e-7 0.01518 16.5; `0 0 50` = a fixed 50 ms)")
-    parser.add_argument("--mocker-decode-coeffs", type=float, nargs=3, metavar=("D", "E", "F"),
-                        help="mocker: decode_ms = max(1, D·u² + E·u + F) for KV usage u "
-                             "(default: Dynamo's -25.74 54.01 5.74; `0 0 10` = a fixed 10 ms)")
-    parser.add_argument("--kv-transfer-bandwidth", type=float, default=64.0, metavar="GBS",
-                        help="mocker: modeled prefill → decode KV transfer bandwidth in GB/s; 0 = instant "
-                             "(default: %(default)s)")
-    parser.add_argument("--kv-bytes-per-token", type=int, default=131072,
-                        help="mocker: KV bytes per token for the transfer model (default: %(default)s, "
-                             "Llama-3.1-8B in bf16)")
-    parser.add_argument("--mocker-workers", type=int, default=1,
-                        help="mocker: run this many independent workers in this one process, each with its own "
-                             "engine, port and card (scale runs; default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=0, help="request-plane port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--role",
+        default="agg",
+        choices=("agg", "prefill", "decode"),
+        help="agg runs whole requests; prefill and decode run the two halves of disaggregated "
+        "serving (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="builtin",
+        choices=("builtin", "mocker"),
+        help="builtin runs the model; mocker only models step times (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--speedup-ratio",
+        type=float,
+        default=1.0,
+        help="mocker: divide modeled step times by this; 0 = no delay (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mocker-prefill-coeffs",
+        type=float,
+        nargs=3,
+        metavar=("A", "B", "C"),
+        help="mocker: prefill_ms = A·T² + B·T + C for T uncached tokens "
+        "(default: Dynamo's 4.21e-7 0.01518 16.5; `0 0 50` = a fixed 50 ms)",
+    )
+    parser.add_argument(
+        "--mocker-decode-coeffs",
+        type=float,
+        nargs=3,
+        metavar=("D", "E", "F"),
+        help="mocker: decode_ms = max(1, D·u² + E·u + F) for KV usage u "
+        "(default: Dynamo's -25.74 54.01 5.74; `0 0 10` = a fixed 10 ms)",
+    )
+    parser.add_argument(
+        "--kv-transfer-bandwidth",
+        type=float,
+        default=64.0,
+        metavar="GBS",
+        help="mocker: modeled prefill → decode KV transfer bandwidth in GB/s; 0 = instant (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=131072,
+        help="mocker: KV bytes per token for the transfer model (default: %(default)s, Llama-3.1-8B in bf16)",
+    )
+    parser.add_argument(
+        "--mocker-workers",
+        type=int,
+        default=1,
+        help="mocker: run this many independent workers in this one process, each with its own "
+        "engine, port and card (scale runs; default: %(default)s)",
+    )
     parser.add_argument("--served-model-name", help="name clients use (default: the model's name)")
     parser.add_argument("--ttl", type=float, default=10.0, help="discovery lease TTL in seconds (default: %(default)s)")
-    parser.add_argument("--discovery-wait", type=float, default=60.0, metavar="SECONDS",
-                        help="at start, how long to keep retrying discovery that cannot be reached (etcd not up "
-                             "yet) before exiting with an error; 0 = fail at once (default: %(default)s)")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests may take to finish on shutdown; those still running "
-                             "then end with 'unavailable' and migrate (default: %(default)s)")
-    parser.add_argument("--shutdown-grace", type=float, default=1.0,
-                        help="seconds a withdrawn worker keeps accepting requests on shutdown, for routers with "
-                             "a stale view of discovery (default: %(default)s)")
-    parser.add_argument("--no-kv-events", action="store_true",
-                        help="do not publish KV events (a KV router then cannot index this worker)")
-    parser.add_argument("--kv-events-port", type=int, default=0,
-                        help="ZMQ PUB port of the KV event publisher, bound on --host; 0 picks a free one "
-                             "(default: %(default)s)")
-    parser.add_argument("--kv-replay-port", type=int, default=0,
-                        help="ZMQ replay port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve this process's Prometheus metrics (KV transfer bytes, seconds and failures; "
-                             "held exports) at http://HOST:PORT/metrics; 0 picks a free port (default: off)")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="logging level (default: %(default)s)")
+    parser.add_argument(
+        "--discovery-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="at start, how long to keep retrying discovery that cannot be reached (etcd not up "
+        "yet) before exiting with an error; 0 = fail at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish on shutdown; those still running "
+        "then end with 'unavailable' and migrate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=1.0,
+        help="seconds a withdrawn worker keeps accepting requests on shutdown, for routers with "
+        "a stale view of discovery (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="do not publish KV events (a KV router then cannot index this worker)",
+    )
+    parser.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=0,
+        help="ZMQ PUB port of the KV event publisher, bound on --host; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-replay-port", type=int, default=0, help="ZMQ replay port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve this process's Prometheus metrics (KV transfer bytes, seconds and failures; "
+        "held exports) at http://HOST:PORT/metrics; 0 picks a free port (default: off)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default: %(default)s)",
+    )
     add_discovery_args(parser)
     add_event_plane_args(parser)
     parser.set_defaults(func=run)
 
 
-async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None,
-                host: MainThreadEngineHost | None = None) -> int:
+async def serve(
+    args: argparse.Namespace, builtin_core: EngineCore | None = None, host: MainThreadEngineHost | None = None
+) -> int:
     """Serve the worker(s) until stopped: mocker engines on their own threads, or ``builtin_core``
     (loaded by the main thread) stepped by the main thread through ``host``, which also relays
     signals."""
@@ -98,14 +161,24 @@ async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None
     if args.engine == "mocker":
         from tandem.engine.mocker import MockerConfig, MockerEngine
 
-        cores = [MockerEngine(MockerConfig(
-            block_size=args.block_size, num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len or MockerConfig.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching, speedup_ratio=args.speedup_ratio, seed=index,
-            kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth, kv_bytes_per_token=args.kv_bytes_per_token,
-            **_mocker_coeffs(args)))
-            for index in range(args.mocker_workers)]
+        cores = [
+            MockerEngine(
+                MockerConfig(
+                    block_size=args.block_size,
+                    num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_num_seqs=args.max_num_seqs,
+                    max_model_len=args.max_model_len or MockerConfig.max_model_len,
+                    enable_prefix_caching=not args.no_prefix_caching,
+                    speedup_ratio=args.speedup_ratio,
+                    seed=index,
+                    kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth,
+                    kv_bytes_per_token=args.kv_bytes_per_token,
+                    **_mocker_coeffs(args),
+                )
+            )
+            for index in range(args.mocker_workers)
+        ]
         name, tokenizer_source = args.served_model_name or args.model, args.model
     else:
         assert builtin_core is not None and host is not None, "the builtin engine is loaded and stepped by run()"
@@ -120,8 +193,13 @@ async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None
             from tandem.runtime.event_plane.factory import make_kv_publisher
 
             try:  # ZMQ or NATS (--event-plane)
-                publisher = make_kv_publisher(event_plane_from_args(args), index, host=args.host,
-                                              events_port=args.kv_events_port, replay_port=args.kv_replay_port)
+                publisher = make_kv_publisher(
+                    event_plane_from_args(args),
+                    index,
+                    host=args.host,
+                    events_port=args.kv_events_port,
+                    replay_port=args.kv_replay_port,
+                )
             except ValueError as exc:
                 raise SystemExit(f"error: {exc}") from None
         engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None, own_thread=host is None)
@@ -129,11 +207,23 @@ async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None
             from tandem.runtime.event_plane.factory import attach_load_source
 
             attach_load_source(publisher, engine.stats)  # NATS: load metrics
-        services.append(WorkerService(engine, discovery, model_name=name, tokenizer_source=tokenizer_source,
-                                      role=args.role, engine_kind=args.engine, host=args.host, port=args.port,
-                                      ttl_s=args.ttl, kv_publisher=publisher, metrics_address=metrics_address,
-                                      worker_id=getattr(publisher, "worker_id", None),
-                                      discovery_wait_s=args.discovery_wait))
+        services.append(
+            WorkerService(
+                engine,
+                discovery,
+                model_name=name,
+                tokenizer_source=tokenizer_source,
+                role=args.role,
+                engine_kind=args.engine,
+                host=args.host,
+                port=args.port,
+                ttl_s=args.ttl,
+                kv_publisher=publisher,
+                metrics_address=metrics_address,
+                worker_id=getattr(publisher, "worker_id", None),
+                discovery_wait_s=args.discovery_wait,
+            )
+        )
     stop = asyncio.Event()
     if host is not None:
         host.hand_over(services[0].engine, lambda: _on_signal(stop))
@@ -146,9 +236,13 @@ async def serve(args: argparse.Namespace, builtin_core: EngineCore | None = None
             try:
                 await service.start()
             except ConnectionError as exc:  # discovery still unreachable after --discovery-wait
-                print(f"error: worker {service.worker_id} could not register in discovery within "
-                      f"{args.discovery_wait:.0f}s: {exc}", file=sys.stderr, flush=True)
-                for started in services[:index + 1]:
+                print(
+                    f"error: worker {service.worker_id} could not register in discovery within "
+                    f"{args.discovery_wait:.0f}s: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                for started in services[: index + 1]:
                     await started.drain(timeout=0.0)
                 return 1
             print(f"worker {service.worker_id} serving {service.model_name} on {service.server.address}", flush=True)

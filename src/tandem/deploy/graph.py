@@ -107,8 +107,15 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
 
 
 # FrontendConfig field annotation → the YAML value types it accepts (bool is never an int here).
-_FRONTEND_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-                   "int | None": (int, type(None)), "str | None": (str, type(None)), "float | None": (int, float, type(None))}
+_FRONTEND_KINDS = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "int | None": (int, type(None)),
+    "str | None": (str, type(None)),
+    "float | None": (int, float, type(None)),
+}
 
 
 def _frontend(data: Any) -> FrontendConfig:
@@ -151,8 +158,10 @@ def _group(data: Any, where: str) -> WorkerGroup:
         if name in ("discovery", "engine", "role", "model"):
             raise GraphError(f"{where}.flags.{name}: set it as a key of the worker group, not a flag")
         if name in ("event-plane", "nats-url", "event_plane", "nats_url"):
-            raise GraphError(f"{where}.flags.{name}: set it at the top of the graph (event_plane, nats_url): "
-                             "every worker and the frontend must agree on it")
+            raise GraphError(
+                f"{where}.flags.{name}: set it at the top of the graph (event_plane, nats_url): "
+                "every worker and the frontend must agree on it"
+            )
         for item in value if isinstance(value, list) else [value]:
             _expect(item, (str, int, float, bool), f"{where}.flags.{name}")
     return group
@@ -173,8 +182,11 @@ def parse_graph(data: Any, source: str = "graph") -> Graph:
     nats_url = data.get("nats_url")
     if nats_url is not None:
         _expect(nats_url, str, "nats_url")
-    graph = Graph(frontend=_frontend(data.get("frontend")),
-                  workers=[_group(g, f"workers[{i}]") for i, g in enumerate(groups)], discovery=discovery)
+    graph = Graph(
+        frontend=_frontend(data.get("frontend")),
+        workers=[_group(g, f"workers[{i}]") for i, g in enumerate(groups)],
+        discovery=discovery,
+    )
     graph.set_event_plane(_expect(data.get("event_plane", "zmq"), str, "event_plane"), nats_url)
     return graph
 

@@ -48,8 +48,9 @@ class StartupError(RuntimeError):
 
 
 class LocalDeployment:
-    def __init__(self, graph: Graph, discovery: str, *, drain_timeout: float = 10.0,
-                 worker_log_level: str = "WARNING") -> None:
+    def __init__(
+        self, graph: Graph, discovery: str, *, drain_timeout: float = 10.0, worker_log_level: str = "WARNING"
+    ) -> None:
         self.graph = graph
         self.discovery_spec = discovery
         self.drain_timeout = drain_timeout
@@ -69,9 +70,20 @@ class LocalDeployment:
     def _spawn_argv(self, group: WorkerGroup) -> list[str]:
         """The command line of one worker of ``group``."""
         # The workers drain within this deployment's budget (a graph's own drain-timeout flag wins).
-        argv = [sys.executable, "-m", "tandem", "worker", "--discovery", self.discovery_spec,
-                "--log-level", self.worker_log_level, "--drain-timeout", str(self.drain_timeout),
-                *self.graph.event_plane_argv(), *group.worker_argv()]
+        argv = [
+            sys.executable,
+            "-m",
+            "tandem",
+            "worker",
+            "--discovery",
+            self.discovery_spec,
+            "--log-level",
+            self.worker_log_level,
+            "--drain-timeout",
+            str(self.drain_timeout),
+            *self.graph.event_plane_argv(),
+            *group.worker_argv(),
+        ]
         builtin_workers = sum(g.count for g in self.graph.workers if g.engine == "builtin")
         if group.engine == "builtin" and "threads" not in group.flags and builtin_workers > 1:
             # Several engines on one machine: split the cores instead of oversubscribing them.
@@ -94,8 +106,10 @@ class LocalDeployment:
                 if proc.poll() is not None:
                     raise StartupError(f"a worker exited during startup with code {proc.returncode}")
             if time.monotonic() > deadline:
-                raise StartupError(f"only {len(frontend.live_workers())} of {self.num_workers} workers "
-                                   f"registered within {timeout:.0f}s")
+                raise StartupError(
+                    f"only {len(frontend.live_workers())} of {self.num_workers} workers "
+                    f"registered within {timeout:.0f}s"
+                )
             await asyncio.sleep(0.05)
         await asyncio.gather(*(frontend.tokenizers.get(card.tokenizer) for card in frontend.live_workers()))
 

@@ -49,9 +49,13 @@ class EngineFatalError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: EngineCore,
-                 kv_event_sink: Callable[[int, KVEventBatch], None] | None = None,
-                 max_step_failures: int = 3, own_thread: bool = True) -> None:
+    def __init__(
+        self,
+        engine: EngineCore,
+        kv_event_sink: Callable[[int, KVEventBatch], None] | None = None,
+        max_step_failures: int = 3,
+        own_thread: bool = True,
+    ) -> None:
         self.core = engine
         self.kv_event_sink = kv_event_sink
         """Called on the engine thread with (sequence number, batch) after each step that changed
@@ -78,9 +82,15 @@ class AsyncEngine:
 
     # --- caller side (any thread with an event loop) ---
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       cache_salt: str | None = None, on_finish: Callable[[EngineCore], Any] | None = None,
-                       prompt_validated: bool = False) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+        on_finish: Callable[[EngineCore], Any] | None = None,
+        prompt_validated: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early aborts the request.
 
         The prompt is validated once, on the engine thread (a bad one raises ValueError from the

@@ -159,9 +159,7 @@ class BlockPool:
         if run:
             self._emit_stored(run, block_hashes, token_ids, parent)
 
-    def _emit_stored(
-        self, run: list[int], hashes: list[int], token_ids: list[int], parent: int | None
-    ) -> None:
+    def _emit_stored(self, run: list[int], hashes: list[int], token_ids: list[int], parent: int | None) -> None:
         if not self.enable_kv_events:
             return
         bs = self.block_size

@@ -41,8 +41,9 @@ class EngineStats:
     steps_total: int
 
 
-def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int],
-               max_model_len: int) -> RequestStatus | None:
+def check_stop(
+    request: Request, token_id: int, eos_token_ids: frozenset[int], max_model_len: int
+) -> RequestStatus | None:
     """How a request ends after appending ``token_id``, or None if it goes on."""
     params = request.sampling_params
     may_stop = request.num_output_tokens >= params.min_tokens
@@ -54,9 +55,19 @@ def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int],
 
 
 class EngineCore:
-    def __init__(self, *, num_blocks: int, block_size: int, max_model_len: int, vocab_size: int,
-                 eos_token_ids: frozenset[int], max_num_batched_tokens: int, max_num_seqs: int,
-                 enable_prefix_caching: bool, enable_kv_events: bool) -> None:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: frozenset[int],
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        enable_prefix_caching: bool,
+        enable_kv_events: bool,
+    ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -78,8 +89,14 @@ class EngineCore:
 
     # --- requests ---
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None, prompt_validated: bool = False) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        prompt_validated: bool = False,
+    ) -> None:
         """Queue a request; raises ValueError for a bad prompt or a duplicate id.
 
         ``prompt_validated``: the caller already ran ``validate_prompt`` on this prompt."""
@@ -87,8 +104,14 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt_validated:
             self.validate_prompt(prompt_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, self.block_size, cache_salt=cache_salt,
-                          eos_token_ids=self.eos_token_ids)
+        request = Request(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            self.block_size,
+            cache_salt=cache_salt,
+            eos_token_ids=self.eos_token_ids,
+        )
         self._on_added(request)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
@@ -101,8 +124,9 @@ class EngineCore:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}")
         if cdiv(len(prompt_token_ids) + 1, self.block_size) > self.pool.num_blocks:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens cannot fit in a KV cache of "
-                             f"{self.pool.num_blocks} blocks")
+            raise ValueError(
+                f"prompt of {len(prompt_token_ids)} tokens cannot fit in a KV cache of {self.pool.num_blocks} blocks"
+            )
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
@@ -132,9 +156,13 @@ class EngineCore:
         if request.num_output_tokens == 1:
             self._prompt_tokens += request.num_prompt_tokens
             self._cached_tokens += max(0, request.num_cached_tokens)
-        output = RequestOutput(request.request_id, [token_id], num_prompt_tokens=request.num_prompt_tokens,
-                               num_cached_tokens=max(0, request.num_cached_tokens),
-                               num_output_tokens=request.num_output_tokens)
+        output = RequestOutput(
+            request.request_id,
+            [token_id],
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(0, request.num_cached_tokens),
+            num_output_tokens=request.num_output_tokens,
+        )
         status = check_stop(request, token_id, self.eos_token_ids, self.max_model_len)
         if status is not None:
             output.finished, output.finish_reason = True, status.value
@@ -162,11 +190,16 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_usage=self.pool.usage, num_total_blocks=self.pool.num_blocks,
-            num_free_blocks=self.pool.num_free_blocks, prefix_cache_hit_rate=self.pool.prefix_cache_hit_rate,
-            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
-            cached_prompt_tokens_total=self._cached_tokens, generation_tokens_total=self._generated_tokens,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.pool.usage,
+            num_total_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free_blocks,
+            prefix_cache_hit_rate=self.pool.prefix_cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens,
+            cached_prompt_tokens_total=self._cached_tokens,
+            generation_tokens_total=self._generated_tokens,
             steps_total=self._steps,
         )
 
@@ -206,20 +239,29 @@ class EngineCore:
             count += 1
         return count
 
-    def _cached_prefix(self, prompt_token_ids: list[int], cache_salt: str | None) -> tuple[int, list[int], list[KVBlock]]:
+    def _cached_prefix(
+        self, prompt_token_ids: list[int], cache_salt: str | None
+    ) -> tuple[int, list[int], list[KVBlock]]:
         """(hash seed, the prompt's full-block hashes, the cached blocks of its leading run)."""
         seed = seed_for_salt(cache_salt)
         hashes = block_hashes(prompt_token_ids, self.block_size, seed)
         return seed, hashes, self.pool.find_cached_blocks(hashes)
 
-    def _import_blocks(self, hashes: list[int], token_ids: list[int],
-                       write: Callable[[list[int], int], None], parent_hash: int | None = None) -> int:
+    def _import_blocks(
+        self,
+        hashes: list[int],
+        token_ids: list[int],
+        write: Callable[[list[int], int], None],
+        parent_hash: int | None = None,
+    ) -> int:
         """Publish blocks to the prefix cache; ``write(block_ids, first)`` fills the new blocks with
         the payload of blocks ``first..``. Returns how many were new (cached blocks are skipped).
         ``parent_hash``: the run continues that cached block (its prefix must be here already, or
         the imported blocks could never be reached by a prompt)."""
         if parent_hash is not None and not self.pool.is_cached(parent_hash):
-            raise ValueError("the imported blocks continue a block this engine does not hold: import their prefix first")
+            raise ValueError(
+                "the imported blocks continue a block this engine does not hold: import their prefix first"
+            )
         present = self.pool.find_cached_blocks(hashes)
         num_present = len(present)
         new = len(hashes) - num_present
@@ -234,7 +276,7 @@ class EngineCore:
         write([b.block_id for b in blocks], num_present)
         bs = self.block_size
         parent = hashes[num_present - 1] if num_present else parent_hash
-        self.pool.cache_full_blocks(blocks, hashes[num_present:], token_ids[num_present * bs:], parent)
+        self.pool.cache_full_blocks(blocks, hashes[num_present:], token_ids[num_present * bs :], parent)
         self.pool.free(list(reversed(present + blocks)))
         return new
 

@@ -27,8 +27,9 @@ class KVCacheManager:
         max_blocks = (request.num_tokens - 1) // self.block_size
         return self.pool.find_cached_blocks(request.block_hashes[:max_blocks])
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVBlock] | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVBlock] | None = None
+    ) -> bool:
         """Give the request blocks for ``num_new_tokens`` more tokens (after any cache hits).
 
         Returns False, changing nothing, when the pool cannot supply them.

@@ -15,15 +15,19 @@ from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
 
 
-def tensor_to_export(data: torch.Tensor, hashes: list[int], token_ids: list[int], block_size: int,
-                     hash_seed: int) -> KVBlockExport:
+def tensor_to_export(
+    data: torch.Tensor, hashes: list[int], token_ids: list[int], block_size: int, hash_seed: int
+) -> KVBlockExport:
     cpu = data.contiguous().cpu()
     raw = cpu.view(torch.uint8).numpy().tobytes()
-    return KVBlockExport(block_size, str(cpu.dtype).removeprefix("torch."), list(cpu.shape[1:]), hash_seed,
-                         hashes, token_ids, raw)
+    return KVBlockExport(
+        block_size, str(cpu.dtype).removeprefix("torch."), list(cpu.shape[1:]), hash_seed, hashes, token_ids, raw
+    )
 
 
-def export_to_tensor(export: KVBlockExport, expected_block_shape: list[int], expected_dtype: torch.dtype) -> torch.Tensor:
+def export_to_tensor(
+    export: KVBlockExport, expected_block_shape: list[int], expected_dtype: torch.dtype
+) -> torch.Tensor:
     """Validate an export against this engine's layout and return its blocks as a tensor."""
     dtype = getattr(torch, export.dtype, None)
     if not isinstance(dtype, torch.dtype):

@@ -33,14 +33,22 @@ class LLMEngine(EngineCore):
         self.model_config = cfg
         dtype = self.loaded.dtype
         num_blocks = config.num_kv_blocks or max(
-            1, int(config.kv_cache_memory_gib * 2**30) // kv_bytes_per_block(cfg, config.block_size, dtype))
+            1, int(config.kv_cache_memory_gib * 2**30) // kv_bytes_per_block(cfg, config.block_size, dtype)
+        )
         super().__init__(
-            num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.loaded.max_model_len,
-            vocab_size=cfg.vocab_size, eos_token_ids=frozenset(self.loaded.eos_token_ids),
-            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            enable_prefix_caching=config.enable_prefix_caching, enable_kv_events=config.enable_kv_events)
-        self.runner = ModelRunner(self.loaded.model, cfg, num_blocks, config.block_size, self.loaded.device, dtype,
-                                  seed=config.seed)
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_model_len=self.loaded.max_model_len,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=frozenset(self.loaded.eos_token_ids),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_kv_events=config.enable_kv_events,
+        )
+        self.runner = ModelRunner(
+            self.loaded.model, cfg, num_blocks, config.block_size, self.loaded.device, dtype, seed=config.seed
+        )
 
     def _on_added(self, request: Request) -> None:
         if request.sampling_params.seed is not None:
@@ -81,8 +89,11 @@ class LLMEngine(EngineCore):
         shape = [cfg.num_hidden_layers, 2, self.block_size, cfg.num_key_value_heads, cfg.head_dim]
         data = export_to_tensor(export, shape, self.runner.dtype)
         try:
-            return self._import_blocks(list(export.block_hashes), list(export.token_ids),
-                                       lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),  # noqa: F821 - runs before the del
-                                       export.parent_hash)
+            return self._import_blocks(
+                list(export.block_hashes),
+                list(export.token_ids),
+                lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),  # noqa: F821 - runs before the del
+                export.parent_hash,
+            )
         finally:
             del data  # may view the caller's buffer (a pulled payload): let it be released

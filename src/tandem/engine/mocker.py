@@ -154,10 +154,16 @@ class MockerEngine(EngineCore):
         config = config or MockerConfig()
         self.config = config
         super().__init__(
-            num_blocks=config.num_kv_blocks, block_size=config.block_size, max_model_len=config.max_model_len,
-            vocab_size=config.vocab_size, eos_token_ids=frozenset([config.eos_token_id]),
-            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            enable_prefix_caching=config.enable_prefix_caching, enable_kv_events=config.enable_kv_events)
+            num_blocks=config.num_kv_blocks,
+            block_size=config.block_size,
+            max_model_len=config.max_model_len,
+            vocab_size=config.vocab_size,
+            eos_token_ids=frozenset([config.eos_token_id]),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_kv_events=config.enable_kv_events,
+        )
         self._rngs: dict[str, random.Random] = {}
         self.last_step_ms = 0.0
         """Modeled time of the latest non-empty step (before the speedup ratio)."""
@@ -171,7 +177,8 @@ class MockerEngine(EngineCore):
     def _on_added(self, request: Request) -> None:
         seed = request.sampling_params.seed
         self._rngs[request.request_id] = random.Random(
-            seed if seed is not None else _request_seed(self.config.seed, request.request_id))
+            seed if seed is not None else _request_seed(self.config.seed, request.request_id)
+        )
 
     def _on_removed(self, request_id: str) -> None:
         self._rngs.pop(request_id, None)
@@ -183,8 +190,11 @@ class MockerEngine(EngineCore):
         prefill_tokens = decode_rows = 0
         for chunk in sched.chunks:
             request = chunk.request
-            is_decode = (chunk.num_tokens == 1 and request.num_output_tokens > 0
-                         and request.num_computed_tokens == request.num_tokens - 1)
+            is_decode = (
+                chunk.num_tokens == 1
+                and request.num_output_tokens > 0
+                and request.num_computed_tokens == request.num_tokens - 1
+            )
             if is_decode:
                 decode_rows += 1
             else:
@@ -238,12 +248,14 @@ class MockerEngine(EngineCore):
         """The prompt's leading cached blocks as an export with an empty payload (block_shape [0])."""
         seed, hashes, blocks = self._cached_prefix(prompt_token_ids, cache_salt)
         n = len(blocks)
-        return KVBlockExport(self.block_size, "float32", [0], seed, hashes[:n],
-                             list(prompt_token_ids[: n * self.block_size]), b"")
+        return KVBlockExport(
+            self.block_size, "float32", [0], seed, hashes[:n], list(prompt_token_ids[: n * self.block_size]), b""
+        )
 
     def import_kv(self, export: KVBlockExport) -> int:
         """Publish an export's blocks to this prefix cache (hashes checked, bytes ignored); returns how many were new."""
         self._check_import_block_size(export.block_size)
         verify_block_hashes(export, block_hashes)
-        return self._import_blocks(list(export.block_hashes), list(export.token_ids), lambda block_ids, first: None,
-                                   export.parent_hash)
+        return self._import_blocks(
+            list(export.block_hashes), list(export.token_ids), lambda block_ids, first: None, export.parent_hash
+        )

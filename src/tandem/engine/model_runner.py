@@ -37,32 +37,53 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ) -> None:
         self.model, self.cfg = model, cfg
         self.block_size, self.num_blocks = block_size, num_blocks
         self.device, self.dtype = device, dtype
-        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_blocks * block_size,
-                                    cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers,
+            2,
+            num_blocks * block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
+        )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_hidden_layers)]
         self.sampler = Sampler(seed=seed, device=device)
-        self.decode_kernel = cpu_paged.supports(self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                cfg.head_dim, block_size)
+        self.decode_kernel = cpu_paged.supports(
+            self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, block_size
+        )
         """Decode attention runs in the C paged-attention kernel (CPU), else gather + SDPA."""
-        self.prefill_kernel = cpu_prefill.supports(self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                   cfg.head_dim)
+        self.prefill_kernel = cpu_prefill.supports(
+            self.kv_cache, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        )
         """Prefill attention runs in the AMX kernel (CPU with AMX, bfloat16 cache), else SDPA."""
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], eos_token_ids: frozenset[int]) -> tuple[list[Request], SamplerOutput | None]:
+    def execute(
+        self, chunks: list[ScheduledChunk], eos_token_ids: frozenset[int]
+    ) -> tuple[list[Request], SamplerOutput | None]:
         """Run one step; returns the requests that got a token and the sampler's output for them."""
         inputs = self.prepare_inputs(chunks)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         if not inputs.sampled_requests:
             return [], None
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
-        rows = [SamplingRequestState(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.generator)
-                for r in inputs.sampled_requests]
+        rows = [
+            SamplingRequestState(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            for r in inputs.sampled_requests
+        ]
         return inputs.sampled_requests, self.sampler(logits, rows, eos_token_ids)
 
     def prepare_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
@@ -98,7 +119,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             pos = torch.arange(0 if start > 0 and not self.prefill_kernel else start, end)
             ctx_slots = tables[id(c)][pos // bs] * bs + pos % bs
-            slots.append(ctx_slots[-c.num_tokens:])
+            slots.append(ctx_slots[-c.num_tokens :])
             chunk = PrefillChunk(token_start, c.num_tokens, end, None)
             if start > 0 and not self.prefill_kernel:
                 chunk.context_slots = ctx_slots.to(self.device)
@@ -126,11 +147,17 @@ class ModelRunner:
         for row, t in enumerate(tables):
             table[row, : t.numel()] = t
         meta.prefill_block_table = table
-        meta.prefill_chunk_info = torch.tensor([(p.token_start, p.num_tokens, p.context_len) for p in meta.prefills],
-                                               dtype=torch.long)
+        meta.prefill_chunk_info = torch.tensor(
+            [(p.token_start, p.num_tokens, p.context_len) for p in meta.prefills], dtype=torch.long
+        )
 
-    def _prepare_decode(self, decodes: list[ScheduledChunk], tables: dict[int, torch.Tensor],
-                        meta: AttentionMetadata, slots: list[torch.Tensor]) -> None:
+    def _prepare_decode(
+        self,
+        decodes: list[ScheduledChunk],
+        tables: dict[int, torch.Tensor],
+        meta: AttentionMetadata,
+        slots: list[torch.Tensor],
+    ) -> None:
         """Padded block table and padding mask of the decode rows; appends their new slots."""
         bs, n = self.block_size, len(decodes)
         ctx_lens = torch.tensor([c.request.num_computed_tokens + 1 for c in decodes])
@@ -157,14 +184,26 @@ class ModelRunner:
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """KV of the given blocks as a CPU tensor [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
-        view = self.kv_cache.view(self.cfg.num_hidden_layers, 2, self.num_blocks, self.block_size,
-                                  self.cfg.num_key_value_heads, self.cfg.head_dim)
+        view = self.kv_cache.view(
+            self.cfg.num_hidden_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         return view.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Inverse of read_blocks."""
-        view = self.kv_cache.view(self.cfg.num_hidden_layers, 2, self.num_blocks, self.block_size,
-                                  self.cfg.num_key_value_heads, self.cfg.head_dim)
+        view = self.kv_cache.view(
+            self.cfg.num_hidden_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         view.index_copy_(2, index, data.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5))

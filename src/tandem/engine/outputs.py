@@ -39,6 +39,14 @@ class RequestOutput:
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
         return RequestOutput(
-            self.request_id, self.new_token_ids + later.new_token_ids, later.finished, later.finish_reason,
-            later.num_prompt_tokens, later.num_cached_tokens, later.num_output_tokens, logprobs,
-            later.stop_token_id, later.on_finish_result)
+            self.request_id,
+            self.new_token_ids + later.new_token_ids,
+            later.finished,
+            later.finish_reason,
+            later.num_prompt_tokens,
+            later.num_cached_tokens,
+            later.num_output_tokens,
+            logprobs,
+            later.stop_token_id,
+            later.on_finish_result,
+        )

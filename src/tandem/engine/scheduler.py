@@ -42,8 +42,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_manager: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, kv_manager: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
+    ) -> None:
         self.kv = kv_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs

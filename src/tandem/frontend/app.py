@@ -128,8 +128,13 @@ def create_app(frontend: Frontend) -> FastAPI:
         err = internal_error()
         return JSONResponse(err.error_body(), status_code=err.status)
 
-    async def generate(request: Request, cls: type, endpoint: str,
-                       full: Callable[..., Awaitable[Any]], stream: Callable[..., AsyncIterator[bytes]]) -> Response:
+    async def generate(
+        request: Request,
+        cls: type,
+        endpoint: str,
+        full: Callable[..., Awaitable[Any]],
+        stream: Callable[..., AsyncIterator[bytes]],
+    ) -> Response:
         arrival = time.perf_counter()
         model = "unknown"
         status, streaming = 500, False
@@ -143,8 +148,11 @@ def create_app(frontend: Frontend) -> FastAPI:
             if parsed.stream:
                 status, streaming = 200, True  # counted when the stream ends
                 body = _counted_stream(stream(chunks, spec.model, parsed.include_usage), model, endpoint)
-                return _SSEResponse(body, media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return _SSEResponse(
+                    body,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
             metrics.inflight.labels(model).inc()
             try:
                 extra = (bool(getattr(parsed, "logprobs", False)),) if endpoint == "chat" else ()

@@ -63,8 +63,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def not_supported(field: str, what: str | None = None) -> OpenAIError:
     """400 for a field this server knows about but does not implement."""
-    return bad_request(f"'{field}' is not supported yet{': ' + what if what else ''}", field,
-                       "unsupported_parameter")
+    return bad_request(f"'{field}' is not supported yet{': ' + what if what else ''}", field, "unsupported_parameter")
 
 
 def malformed_json(detail: str) -> OpenAIError:
@@ -74,9 +73,7 @@ def malformed_json(detail: str) -> OpenAIError:
 
 def not_found_model(name: str) -> OpenAIError:
     """404: no such model, with OpenAI's ``model_not_found`` code."""
-    return OpenAIError(
-        404, f"The model '{name}' does not exist.", INVALID_REQUEST, "model", "model_not_found"
-    )
+    return OpenAIError(404, f"The model '{name}' does not exist.", INVALID_REQUEST, "model", "model_not_found")
 
 
 def context_too_long(
@@ -128,8 +125,7 @@ def shutting_down(drain_timeout_s: float) -> OpenAIError:
     """503: the server stopped and the request did not finish within its drain timeout."""
     return OpenAIError(
         503,
-        f"The server is shutting down and the request did not finish within {drain_timeout_s:g}s. "
-        "Please retry.",
+        f"The server is shutting down and the request did not finish within {drain_timeout_s:g}s. Please retry.",
         SERVICE_UNAVAILABLE,
         None,
         "server_shutting_down",
@@ -174,7 +170,7 @@ def from_validation_error(exc: ValidationError) -> OpenAIError:
         param = _loc_to_param(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if first.get("type") == "missing":
         msg = f"'{param}' is a required property" if param else "Missing required field"
     elif param and not msg.startswith(f"'{param}'"):

@@ -56,12 +56,17 @@ class Frontend:
         self.dispatcher = MigratingClient(
             DisaggregatedClient(
                 WorkerClient(self.pool, self.policy, self.client, config.max_attempts),
-                DisaggConfig(max_local_prefill_length=config.max_local_prefill_length,
-                             max_prefill_queue_size=config.max_prefill_queue_size),
-                on_outcome=lambda model, outcome: self.metrics.disagg_requests.labels(model, outcome).inc()),
-            self.pool, config.migration_limit,
+                DisaggConfig(
+                    max_local_prefill_length=config.max_local_prefill_length,
+                    max_prefill_queue_size=config.max_prefill_queue_size,
+                ),
+                on_outcome=lambda model, outcome: self.metrics.disagg_requests.labels(model, outcome).inc(),
+            ),
+            self.pool,
+            config.migration_limit,
             on_outcome=lambda model, outcome: self.metrics.migrations.labels(model, outcome).inc(),
-            on_limit=lambda model, limit: self.metrics.migration_limit.labels(model).set(limit))
+            on_limit=lambda model, limit: self.metrics.migration_limit.labels(model).set(limit),
+        )
         self.tokenizers = Tokenizers()
         self.metrics.router_stats.status = self.router_status
         self.known_models: set[str] = set(models or [])
@@ -77,10 +82,13 @@ class Frontend:
             return RemoteRouter(self.client, config.router_address)
         from tandem.router.policies.kv import KvRouterConfig
 
-        kv_config = KvRouterConfig(overlap_credit=config.kv_overlap_credit,
-                                   prefill_load_scale=config.kv_prefill_load_scale,
-                                   temperature=config.kv_temperature, use_kv_events=config.kv_events,
-                                   nats_url=config.nats_url)
+        kv_config = KvRouterConfig(
+            overlap_credit=config.kv_overlap_credit,
+            prefill_load_scale=config.kv_prefill_load_scale,
+            temperature=config.kv_temperature,
+            use_kv_events=config.kv_events,
+            nats_url=config.nats_url,
+        )
         return build_policy(config.router, self.pool, self.client, kv_config)
 
     def router_status(self) -> dict[str, Any]:
@@ -159,11 +167,21 @@ class Frontend:
         info = self.model_info(request.model)
         tokenizer = await self.tokenizers.get(info.tokenizer_source)
         prompt = await prepare_prompt(self.tokenizers, tokenizer, request)
-        params = to_sampling_params(request, default_max_tokens=self.config.default_max_tokens,
-                                    context_length=info.context_length, prompt_len=len(prompt.token_ids))
-        return GenerationSpec(model=info.name, prompt_token_ids=prompt.token_ids, params=params,
-                              stop=stop_strings(request), tokenizer=tokenizer, cache_salt=request.cache_salt,
-                              arrival=arrival)
+        params = to_sampling_params(
+            request,
+            default_max_tokens=self.config.default_max_tokens,
+            context_length=info.context_length,
+            prompt_len=len(prompt.token_ids),
+        )
+        return GenerationSpec(
+            model=info.name,
+            prompt_token_ids=prompt.token_ids,
+            params=params,
+            stop=stop_strings(request),
+            tokenizer=tokenizer,
+            cache_salt=request.cache_salt,
+            arrival=arrival,
+        )
 
     # --- worker stats (for /metrics and /health) ---
 
@@ -180,8 +198,9 @@ class Frontend:
         results = await asyncio.gather(*(self._stats_of(card) for card in cards))
         fresh = {card.worker_id: stats for card, stats in zip(cards, results, strict=True) if stats is not None}
         self.worker_stats = fresh
-        self.metrics.worker_stats.latest = {wid: (card.model, fresh[wid]) for card in cards
-                                            if (wid := card.worker_id) in fresh}
+        self.metrics.worker_stats.latest = {
+            wid: (card.model, fresh[wid]) for card in cards if (wid := card.worker_id) in fresh
+        }
         for model in self.known_models | {c.model for c in cards}:
             self.metrics.workers.labels(model).set(sum(c.model == model for c in cards))
             self.metrics.migration_limit.labels(model).set(self.dispatcher.limit_for(model))
@@ -196,10 +215,15 @@ class Frontend:
     def health(self) -> dict[str, Any]:
         models: dict[str, list[dict[str, Any]]] = {m: [] for m in sorted(self.known_models)}
         for card in self.pool.workers():
-            models.setdefault(card.model, []).append({
-                "worker_id": card.worker_id, "address": card.request_plane_address, "role": card.role,
-                "engine": card.engine, "context_length": card.context_length,
-                "stats": self.worker_stats.get(card.worker_id),
-            })
+            models.setdefault(card.model, []).append(
+                {
+                    "worker_id": card.worker_id,
+                    "address": card.request_plane_address,
+                    "role": card.role,
+                    "engine": card.engine,
+                    "context_length": card.context_length,
+                    "stats": self.worker_stats.get(card.worker_id),
+                }
+            )
         ready = any(models.values())
         return {"status": "ready" if ready else "no_workers", "models": models}

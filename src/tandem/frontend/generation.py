@@ -72,8 +72,12 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def _logprobs_text(tokenizer: Any, items: list[TokenLogprobPayload]) -> list[TokenLogprobText]:
-    return [TokenLogprobText(_token_text(tokenizer, lp.token_id), lp.logprob,
-                             [(_token_text(tokenizer, t), v) for t, v in lp.top]) for lp in items]
+    return [
+        TokenLogprobText(
+            _token_text(tokenizer, lp.token_id), lp.logprob, [(_token_text(tokenizer, t), v) for t, v in lp.top]
+        )
+        for lp in items
+    ]
 
 
 def _sampling_payload(params: SamplingParams) -> dict[str, Any]:
@@ -117,14 +121,14 @@ class _Timer:
             m.cached_tokens.labels(self.model).inc(usage.cached_tokens)
 
 
-async def generate_chunks(spec: GenerationSpec, workers: MigratingClient | DisaggregatedClient | WorkerClient,
-                          metrics: FrontendMetrics) -> AsyncIterator[OutputChunk]:
+async def generate_chunks(
+    spec: GenerationSpec, workers: MigratingClient | DisaggregatedClient | WorkerClient, metrics: FrontendMetrics
+) -> AsyncIterator[OutputChunk]:
     """Final text chunks of one choice; the last one has ``finish_reason`` and full usage."""
     text = TextStream(spec.tokenizer, spec.prompt_token_ids, spec.stop) if spec.tokenizer is not None else None
     timer = _Timer(metrics, spec.model, spec.arrival)
     usage = UsageCounts(prompt_tokens=len(spec.prompt_token_ids))
-    request = GenerateRequest(spec.request_id, spec.prompt_token_ids, _sampling_payload(spec.params),
-                              spec.cache_salt)
+    request = GenerateRequest(spec.request_id, spec.prompt_token_ids, _sampling_payload(spec.params), spec.cache_salt)
     deltas = workers.generate(spec.model, request)
     try:
         async for delta in deltas:
@@ -142,8 +146,13 @@ async def generate_chunks(spec: GenerationSpec, workers: MigratingClient | Disag
         raise from_router_error(exc) from None
     finally:
         await deltas.aclose()
-    raise OpenAIError(502, "the worker ended the stream without finishing the request", "server_error",
-                      None, "worker_stream_incomplete")
+    raise OpenAIError(
+        502,
+        "the worker ended the stream without finishing the request",
+        "server_error",
+        None,
+        "worker_stream_incomplete",
+    )
 
 
 def _to_chunk(delta: GenerateDelta, text: TextStream | None, tokenizer: Any, usage: UsageCounts) -> OutputChunk:
@@ -169,5 +178,4 @@ def _finish_reason(reason: str | None) -> str | None:
         return None
     if reason in ("stop", "length"):
         return reason
-    raise OpenAIError(502, f"the worker ended the request with {reason!r}", "server_error", None,
-                      "worker_aborted")
+    raise OpenAIError(502, f"the worker ended the request with {reason!r}", "server_error", None, "worker_aborted")

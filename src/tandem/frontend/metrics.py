@@ -22,17 +22,22 @@ _TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # (name, help, EngineStats field)
 _WORKER_GAUGES = (
     ("tandem_worker_kv_usage", "Fraction of the worker's KV blocks in use (0-1)", "kv_usage"),
-    ("tandem_worker_prefix_cache_hit_rate", "Prefix-cache hits / lookups on the worker since start",
-     "prefix_cache_hit_rate"),
+    (
+        "tandem_worker_prefix_cache_hit_rate",
+        "Prefix-cache hits / lookups on the worker since start",
+        "prefix_cache_hit_rate",
+    ),
     ("tandem_worker_running_requests", "Requests running on the worker", "num_running"),
     ("tandem_worker_waiting_requests", "Requests waiting on the worker", "num_waiting"),
     ("tandem_worker_kv_blocks_total", "Size of the worker's KV block pool", "num_total_blocks"),
     ("tandem_worker_kv_blocks_free", "Free KV blocks on the worker", "num_free_blocks"),
     ("tandem_worker_preemptions", "Requests preempted on the worker since start", "num_preemptions"),
-    ("tandem_worker_kv_exports_held", "Prefill exports the worker holds for a decode worker's pull",
-     "kv_exports_held"),
-    ("tandem_worker_kv_blocks_imported", "KV blocks the worker pulled from prefill workers since start",
-     "kv_blocks_imported"),
+    ("tandem_worker_kv_exports_held", "Prefill exports the worker holds for a decode worker's pull", "kv_exports_held"),
+    (
+        "tandem_worker_kv_blocks_imported",
+        "KV blocks the worker pulled from prefill workers since start",
+        "kv_blocks_imported",
+    ),
 )
 
 
@@ -59,8 +64,11 @@ _ROUTER_WORKER_GAUGES = (
     ("tandem_router_kv_last_seq", "Sequence number of the worker's latest KV event batch applied", "last_seq"),
     ("tandem_router_kv_blocks_indexed", "Blocks the router's index holds for the worker", "blocks_indexed"),
     ("tandem_router_kv_gaps_recovered", "Missed KV event batches recovered by replay or dump", "gaps_recovered"),
-    ("tandem_router_kv_events_missing", "1 when the worker served requests but published no KV events",
-     "events_missing"),
+    (
+        "tandem_router_kv_events_missing",
+        "1 when the worker served requests but published no KV events",
+        "events_missing",
+    ),
 )
 
 
@@ -74,11 +82,15 @@ class RouterStatsCollector:
         status = self.status() if self.status is not None else None
         if not status or "workers" not in status:
             return
-        for name, doc, key in (("tandem_router_hit_rate", "Cached blocks / prompt blocks of routed requests",
-                                "hit_rate"),
-                               ("tandem_router_requests_routed", "Requests routed by the KV policy", "requests_routed"),
-                               ("tandem_router_overhead_ms_mean", "Mean routing time per request (hash, match, score)",
-                                "overhead_ms_mean")):
+        for name, doc, key in (
+            ("tandem_router_hit_rate", "Cached blocks / prompt blocks of routed requests", "hit_rate"),
+            ("tandem_router_requests_routed", "Requests routed by the KV policy", "requests_routed"),
+            (
+                "tandem_router_overhead_ms_mean",
+                "Mean routing time per request (hash, match, score)",
+                "overhead_ms_mean",
+            ),
+        ):
             family = GaugeMetricFamily(name, doc)
             family.add_metric([], float(status[key]))
             yield family
@@ -95,38 +107,70 @@ class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tandem_frontend_requests", "Finished HTTP requests by status",
-                                ["model", "endpoint", "status"], registry=r)
-        self.inflight = Gauge("tandem_frontend_inflight_requests", "Requests being served",
-                              ["model"], registry=r)
-        self.ttft = Histogram("tandem_frontend_time_to_first_token_seconds", "Time to first token",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tandem_frontend_inter_token_latency_seconds", "Time between output tokens",
-                             ["model"], buckets=_ITL_BUCKETS, registry=r)
-        self.duration = Histogram("tandem_frontend_request_duration_seconds", "Whole request time",
-                                  ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.input_tokens = Histogram("tandem_frontend_input_tokens", "Prompt tokens per request",
-                                      ["model"], buckets=_TOKEN_BUCKETS, registry=r)
-        self.output_tokens = Histogram("tandem_frontend_output_tokens", "Completion tokens per request",
-                                       ["model"], buckets=_TOKEN_BUCKETS, registry=r)
-        self.cached_tokens = Counter("tandem_frontend_cached_prompt_tokens", "Prompt tokens served from cache",
-                                     ["model"], registry=r)
-        self.cancellations = Counter("tandem_frontend_cancellations", "Requests the client abandoned",
-                                     ["model"], registry=r)
+        self.requests = Counter(
+            "tandem_frontend_requests", "Finished HTTP requests by status", ["model", "endpoint", "status"], registry=r
+        )
+        self.inflight = Gauge("tandem_frontend_inflight_requests", "Requests being served", ["model"], registry=r)
+        self.ttft = Histogram(
+            "tandem_frontend_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tandem_frontend_inter_token_latency_seconds",
+            "Time between output tokens",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "tandem_frontend_request_duration_seconds",
+            "Whole request time",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "tandem_frontend_input_tokens", "Prompt tokens per request", ["model"], buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.output_tokens = Histogram(
+            "tandem_frontend_output_tokens",
+            "Completion tokens per request",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "tandem_frontend_cached_prompt_tokens", "Prompt tokens served from cache", ["model"], registry=r
+        )
+        self.cancellations = Counter(
+            "tandem_frontend_cancellations", "Requests the client abandoned", ["model"], registry=r
+        )
         self.disagg_requests = Counter(
-            "tandem_frontend_disaggregated_requests", "Requests by how they ran when prefill workers existed: "
+            "tandem_frontend_disaggregated_requests",
+            "Requests by how they ran when prefill workers existed: "
             "disaggregated (prefill + decode worker); whole on a decode worker: fallback (the prefill failed), "
             "local_short (prompt within --max-local-prefill-length), local_busy (prefill queue full)",
-            ["model", "outcome"], registry=r)
+            ["model", "outcome"],
+            registry=r,
+        )
         self.migrations = Counter(
-            "tandem_frontend_migrations", "Requests whose worker was lost mid-stream, by outcome: migrated (moved "
+            "tandem_frontend_migrations",
+            "Requests whose worker was lost mid-stream, by outcome: migrated (moved "
             "to another worker), exhausted (--migration-limit used up), disabled (limit 0), no_worker (no other "
-            "worker took it over)", ["model", "outcome"], registry=r)
-        self.migration_limit = Gauge("tandem_frontend_migration_limit",
-                                     "Effective migration limit per request (--migration-limit, or its default "
-                                     "from the live worker count)", ["model"], registry=r)
-        self.workers = Gauge("tandem_frontend_workers", "Live workers known to the frontend", ["model"],
-                             registry=r)
+            "worker took it over)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.migration_limit = Gauge(
+            "tandem_frontend_migration_limit",
+            "Effective migration limit per request (--migration-limit, or its default from the live worker count)",
+            ["model"],
+            registry=r,
+        )
+        self.workers = Gauge("tandem_frontend_workers", "Live workers known to the frontend", ["model"], registry=r)
         self.worker_stats = WorkerStatsCollector()
         r.register(self.worker_stats)
         self.router_stats = RouterStatsCollector()

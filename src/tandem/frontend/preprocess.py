@@ -92,13 +92,16 @@ def _load(source: str) -> Any:
 def render_chat(tokenizer: Any, request: ChatCompletionRequest) -> str:
     """The prompt text of a chat request, from the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model has no chat template: use /v1/completions", "messages",
-                          "chat_template_missing")
+        raise bad_request("this model has no chat template: use /v1/completions", "messages", "chat_template_missing")
     messages = [m.as_template_message() for m in request.messages]
     add_generation_prompt = messages[-1]["role"] != "assistant"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=not add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
     except Exception as exc:  # template errors (e.g. "roles must alternate") are the client's to fix
         raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
 
@@ -113,8 +116,9 @@ def _render_and_encode(tokenizer: Any, request: ChatCompletionRequest) -> Prepar
     return PreparedPrompt(_encode(tokenizer, text, False), text)
 
 
-async def prepare_prompt(tokenizers: Tokenizers, tokenizer: Any,
-                         request: ChatCompletionRequest | CompletionRequest) -> PreparedPrompt:
+async def prepare_prompt(
+    tokenizers: Tokenizers, tokenizer: Any, request: ChatCompletionRequest | CompletionRequest
+) -> PreparedPrompt:
     """Token ids for a request (chat: template + tokenize; completion: tokenize or as given)."""
     if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
         vocab_size = len(tokenizer) if tokenizer is not None else None

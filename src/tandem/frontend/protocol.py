@@ -72,8 +72,7 @@ def _err(message: str, param: str | None = None, code: str | None = None) -> Pyd
 
 
 def _unsupported(field: str, what: str = "") -> PydanticCustomError:
-    return _err(f"'{field}' is not supported yet{': ' + what if what else ''}", field,
-                "unsupported_parameter")
+    return _err(f"'{field}' is not supported yet{': ' + what if what else ''}", field, "unsupported_parameter")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,9 +108,7 @@ def flatten_content(content: Any) -> str:
                 raise ValueError(f"content part {i} of type 'text' needs a string 'text'")
             texts.append(text)
         elif ptype in _IMAGE_PART_TYPES:
-            raise ValueError(
-                "image content parts are not supported: this server serves text-only models"
-            )
+            raise ValueError("image content parts are not supported: this server serves text-only models")
         elif ptype in _AUDIO_FILE_PART_TYPES:
             raise ValueError(f"'{ptype}' content parts are not supported: only 'text' parts are")
         else:
@@ -305,10 +302,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def _normalize_prompt(v: Any) -> str | list[int]:
-    batch_msg = (
-        "batched prompts are not supported: send a single prompt (a string or a list of "
-        "token ids) per request"
-    )
+    batch_msg = "batched prompts are not supported: send a single prompt (a string or a list of token ids) per request"
 
     def token_list(x: list[Any]) -> list[int]:
         if not x:
@@ -426,4 +420,3 @@ def parse_request(
         raise from_validation_error(e) from None
     except RecursionError:
         raise bad_request("Request body is nested too deeply") from None
-

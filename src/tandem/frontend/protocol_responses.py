@@ -66,16 +66,12 @@ class ChatTokenLogprob(BaseModel):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
     @classmethod
-    def make(
-        cls, token: str, logprob: float, top: list[tuple[str, float]] | None = None
-    ) -> ChatTokenLogprob:
+    def make(cls, token: str, logprob: float, top: list[tuple[str, float]] | None = None) -> ChatTokenLogprob:
         return cls(
             token=token,
             logprob=logprob,
             bytes=token_bytes(token),
-            top_logprobs=[
-                TopLogprob(token=t, logprob=lp, bytes=token_bytes(t)) for t, lp in (top or [])
-            ],
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=token_bytes(t)) for t, lp in (top or [])],
         )
 
 
@@ -146,9 +142,7 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
-    def append(
-        self, token: str, logprob: float, top: list[tuple[str, float]] | None, offset: int
-    ) -> None:
+    def append(self, token: str, logprob: float, top: list[tuple[str, float]] | None, offset: int) -> None:
         self.tokens.append(token)
         self.token_logprobs.append(logprob)
         self.top_logprobs.append(dict(top) if top else {})

@@ -57,9 +57,11 @@ async def chat_full(chunks: AsyncIterator[OutputChunk], model: str, want_logprob
         logprobs.extend(chunk.logprobs or [])
         last = chunk
     choice = ChatCompletionChoice(
-        index=0, message=ChatResponseMessage(content="".join(texts)),
+        index=0,
+        message=ChatResponseMessage(content="".join(texts)),
         logprobs=_chat_logprobs(logprobs) if want_logprobs else None,
-        finish_reason=last.finish_reason or "stop")
+        finish_reason=last.finish_reason or "stop",
+    )
     return ChatCompletionResponse(model=model, choices=[choice], usage=_usage(last.usage))
 
 
@@ -69,8 +71,11 @@ async def chat_stream(chunks: AsyncIterator[OutputChunk], model: str, include_us
     def event(choices: list[dict], usage: Usage | None = None) -> bytes:
         # Plain dicts through msgspec: several times cheaper than pydantic per streamed chunk,
         # and the same JSON as ChatCompletionChunk.
-        return sse(_json({**head, "choices": choices, "usage": usage.model_dump() if usage else None,
-                          "system_fingerprint": None}))
+        return sse(
+            _json(
+                {**head, "choices": choices, "usage": usage.model_dump() if usage else None, "system_fingerprint": None}
+            )
+        )
 
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
     last: OutputChunk | None = None
@@ -78,9 +83,16 @@ async def chat_stream(chunks: AsyncIterator[OutputChunk], model: str, include_us
         async for chunk in chunks:
             last = chunk
             logprobs = _chat_logprobs(chunk.logprobs)
-            yield event([{"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
-                          "logprobs": logprobs.model_dump() if logprobs else None,
-                          "finish_reason": chunk.finish_reason}])
+            yield event(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"content": chunk.text} if chunk.text else {},
+                        "logprobs": logprobs.model_dump() if logprobs else None,
+                        "finish_reason": chunk.finish_reason,
+                    }
+                ]
+            )
     except OpenAIError as exc:
         yield sse(_json(exc.error_body()))
         yield DONE
@@ -93,8 +105,9 @@ async def chat_stream(chunks: AsyncIterator[OutputChunk], model: str, include_us
 # --- legacy completions ---------------------------------------------------------------------
 
 
-def _completion_logprobs(items: list[TokenLogprobText] | None, offset: int,
-                         into: CompletionLogprobs | None = None) -> CompletionLogprobs | None:
+def _completion_logprobs(
+    items: list[TokenLogprobText] | None, offset: int, into: CompletionLogprobs | None = None
+) -> CompletionLogprobs | None:
     if items is None:
         return into
     out = into or CompletionLogprobs()
@@ -114,11 +127,15 @@ async def completion_full(chunks: AsyncIterator[OutputChunk], model: str) -> Com
         texts.append(chunk.text)
         offset += len(chunk.text)
         last = chunk
-    choice = CompletionChoice(index=0, text="".join(texts), logprobs=logprobs, finish_reason=last.finish_reason or "stop")
+    choice = CompletionChoice(
+        index=0, text="".join(texts), logprobs=logprobs, finish_reason=last.finish_reason or "stop"
+    )
     return CompletionResponse(model=model, choices=[choice], usage=_usage(last.usage))
 
 
-async def completion_stream(chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def completion_stream(
+    chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
     head = {"id": random_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
     offset = 0
     last: OutputChunk | None = None
@@ -127,8 +144,12 @@ async def completion_stream(chunks: AsyncIterator[OutputChunk], model: str, incl
             last = chunk
             logprobs = _completion_logprobs(chunk.logprobs, offset)
             offset += len(chunk.text)
-            choice = {"index": 0, "text": chunk.text, "logprobs": logprobs.model_dump() if logprobs else None,
-                      "finish_reason": chunk.finish_reason}
+            choice = {
+                "index": 0,
+                "text": chunk.text,
+                "logprobs": logprobs.model_dump() if logprobs else None,
+                "finish_reason": chunk.finish_reason,
+            }
             yield sse(_json({**head, "choices": [choice], "usage": None, "system_fingerprint": None}))
     except OpenAIError as exc:
         yield sse(_json(exc.error_body()))

@@ -58,8 +58,7 @@ def to_sampling_params(
     """
     prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     if request.n is not None and request.n > 1:
-        raise bad_request("n>1 is not supported: request one choice (n=1) at a time", "n",
-                          "unsupported_parameter")
+        raise bad_request("n>1 is not supported: request one choice (n=1) at a time", "n", "unsupported_parameter")
     if prompt_len >= context_length:
         raise context_too_long(context_length, prompt_len, None, prompt_param)
     room = context_length - prompt_len
@@ -73,8 +72,7 @@ def to_sampling_params(
     min_tokens = request.min_tokens or 0
     if min_tokens > max_tokens:
         raise bad_request(
-            f"min_tokens ({min_tokens}) must not exceed the maximum completion length "
-            f"({max_tokens})",
+            f"min_tokens ({min_tokens}) must not exceed the maximum completion length ({max_tokens})",
             "min_tokens",
         )
     try:
@@ -88,9 +86,7 @@ def to_sampling_params(
             seed=request.seed,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=(
-                1.0 if request.repetition_penalty is None else request.repetition_penalty
-            ),
+            repetition_penalty=(1.0 if request.repetition_penalty is None else request.repetition_penalty),
             stop_token_ids=list(request.stop_token_ids or []),
             ignore_eos=bool(request.ignore_eos),
             logprobs=_logprobs(request),

@@ -66,9 +66,14 @@ class FrontendServer:
         await self.frontend.start()
         # uvicorn's own shutdown timeout cancels handlers (a traceback, a bare cut): it is only a
         # backstop here, past the frontend's drain, which ends late streams with an error event.
-        uv_config = uvicorn.Config(self.app, log_level="warning", access_log=self.config.access_log,
-                                   lifespan="off", timeout_graceful_shutdown=self.config.drain_timeout_s + _BACKSTOP_S,
-                                   backlog=2048)
+        uv_config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=self.config.access_log,
+            lifespan="off",
+            timeout_graceful_shutdown=self.config.drain_timeout_s + _BACKSTOP_S,
+            backlog=2048,
+        )
         self._server = _Server(uv_config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:

@@ -27,8 +27,7 @@ class TextDelta:
 class TextStream:
     """Turns a request's output token ids into final text chunks, honouring stop strings."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int] | None = None,
-                 stop: Iterable[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int] | None = None, stop: Iterable[str] = ()) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids)
         self.stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self.stop), default=1) - 1
@@ -64,12 +63,12 @@ class TextStream:
             hit = self._find_stop(self._emitted)
             if hit is not None:
                 start, stop = hit
-                delta = self._text[self._emitted:start]
+                delta = self._text[self._emitted : start]
                 self._emitted = start
                 self.stopped, self.stop_string = True, stop
                 return TextDelta(delta, True)
         end = len(self._text) if final else max(self._emitted, len(self._text) - self._hold)
-        delta = self._text[self._emitted:end]
+        delta = self._text[self._emitted : end]
         self._emitted = end
         return TextDelta(delta)
 

@@ -25,8 +25,15 @@ _SIGNATURES = {
     "tandem_amx_linear_available": ([], ctypes.c_int),
     "tandem_amx_linear_bf16": ([_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], ctypes.c_int),
 }
-load = LazyLibrary("tandem_amx_linear", SOURCES, FLAGS, _SIGNATURES, HEADERS,
-                   disable_env="TANDEM_DISABLE_CPU_AMX_LINEAR", fallback="decode batches use oneDNN")
+load = LazyLibrary(
+    "tandem_amx_linear",
+    SOURCES,
+    FLAGS,
+    _SIGNATURES,
+    HEADERS,
+    disable_env="TANDEM_DISABLE_CPU_AMX_LINEAR",
+    fallback="decode batches use oneDNN",
+)
 """The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 
 
@@ -39,8 +46,14 @@ def available() -> bool:
 
 def supports(weight: torch.Tensor) -> bool:
     out_features, in_features = weight.shape
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.is_contiguous()
-            and in_features % 32 == 0 and out_features % 16 == 0 and available())
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and in_features % 32 == 0
+        and out_features % 16 == 0
+        and available()
+    )
 
 
 class AmxLinear:
@@ -61,9 +74,18 @@ class AmxLinear:
         if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
             x = x.to(torch.bfloat16).contiguous()
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)
-        status = self._fn(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self._weight_ptr,
-                          self.out_features, self._bias_ptr, out.data_ptr(), self.out_features,
-                          torch.get_num_threads())
+        status = self._fn(
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[0],
+            self.in_features,
+            self._weight_ptr,
+            self.out_features,
+            self._bias_ptr,
+            out.data_ptr(),
+            self.out_features,
+            torch.get_num_threads(),
+        )
         if status != 0:
             raise RuntimeError(f"AMX linear kernel failed (status {status})")
         return out

@@ -39,19 +39,31 @@ def native_hashing() -> bool:
         _native_tried = True
         usable = sys.byteorder == "little" and array.array("I").itemsize == 4 and array.array("Q").itemsize == 8
         if usable and os.environ.get("TANDEM_NATIVE_HASH", "1") != "0":
-            signature = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
-                          ctypes.c_int32, ctypes.c_void_p], None)
+            signature = (
+                [
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_int64,
+                    ctypes.c_uint64,
+                    ctypes.c_uint64,
+                    ctypes.c_int32,
+                    ctypes.c_void_p,
+                ],
+                None,
+            )
             try:
-                lib = load_library("tandem_block_hash", [_NATIVE_SOURCE], _NATIVE_FLAGS,
-                                   {"tandem_block_hashes": signature})
+                lib = load_library(
+                    "tandem_block_hash", [_NATIVE_SOURCE], _NATIVE_FLAGS, {"tandem_block_hashes": signature}
+                )
                 _native_fn = lib.tandem_block_hashes
             except NativeUnavailable as exc:
                 logger.warning("native block hashing unavailable (%s); hashing in Python", exc)
     return _native_fn is not None
 
 
-def _native_block_hashes(token_ids: Sequence[int], num_full: int, block_size: int, seed: int,
-                         parent_hash: int | None) -> list[int]:
+def _native_block_hashes(
+    token_ids: Sequence[int], num_full: int, block_size: int, seed: int, parent_hash: int | None
+) -> list[int]:
     assert _native_fn is not None
     # array.array converts a list ~3x faster than numpy and hands out its address without
     # numpy's per-call ctypes object: this call must stay cheap for 1-4-block KV events too.
@@ -62,8 +74,15 @@ def _native_block_hashes(token_ids: Sequence[int], num_full: int, block_size: in
         tokens_array = array.array("I", token_ids[: num_full * block_size])  # OverflowError outside uint32
         tokens_address = tokens_array.buffer_info()[0]
     out = array.array("Q", bytes(8 * num_full))
-    _native_fn(tokens_address, num_full, block_size, seed & _U64_MASK, (parent_hash or 0) & _U64_MASK,
-               parent_hash is not None, out.buffer_info()[0])
+    _native_fn(
+        tokens_address,
+        num_full,
+        block_size,
+        seed & _U64_MASK,
+        (parent_hash or 0) & _U64_MASK,
+        parent_hash is not None,
+        out.buffer_info()[0],
+    )
     return out.tolist()
 
 

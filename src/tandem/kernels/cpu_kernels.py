@@ -25,9 +25,15 @@ HEADERS = [Path(__file__).with_name("dot.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _GEMV_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 _SIGNATURES = {"tandem_gemv_f32": _GEMV_ARGS, "tandem_gemv_bf16": _GEMV_ARGS}
-load = LazyLibrary("tandem_cpu", SOURCES, FLAGS + ["-lm"],
-                   {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()}, HEADERS,
-                   disable_env="TANDEM_DISABLE_CPU_GEMV", fallback="falling back to oneDNN")
+load = LazyLibrary(
+    "tandem_cpu",
+    SOURCES,
+    FLAGS + ["-lm"],
+    {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()},
+    HEADERS,
+    disable_env="TANDEM_DISABLE_CPU_GEMV",
+    fallback="falling back to oneDNN",
+)
 """The compiled kernel library (built on first use), or None if that is impossible."""
 
 
@@ -55,8 +61,16 @@ class Gemv:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         out = torch.empty(x32.shape[0], self.out_features, dtype=torch.float32)
-        self._fn(x32.data_ptr(), self._weight_ptr, self._bias_ptr, out.data_ptr(), x32.shape[0],
-                 self.out_features, self.in_features, torch.get_num_threads())
+        self._fn(
+            x32.data_ptr(),
+            self._weight_ptr,
+            self._bias_ptr,
+            out.data_ptr(),
+            x32.shape[0],
+            self.out_features,
+            self.in_features,
+            torch.get_num_threads(),
+        )
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 

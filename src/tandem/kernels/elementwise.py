@@ -26,8 +26,15 @@ _SIGNATURES = {
     "tandem_rope_store": ([_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _B, _B], None),
     "tandem_argmax_rows": ([_P, _I, _I, _B, _P, _B], None),
 }
-load = LazyLibrary("tandem_elementwise", SOURCES, FLAGS, _SIGNATURES, [Path(__file__).with_name(name) for name in ("avx512_math.h", "dot.h")],
-                   disable_env="TANDEM_DISABLE_CPU_ELEMENTWISE", fallback="using PyTorch ops")
+load = LazyLibrary(
+    "tandem_elementwise",
+    SOURCES,
+    FLAGS,
+    _SIGNATURES,
+    [Path(__file__).with_name(name) for name in ("avx512_math.h", "dot.h")],
+    disable_env="TANDEM_DISABLE_CPU_ELEMENTWISE",
+    fallback="using PyTorch ops",
+)
 """The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 
 
@@ -43,8 +50,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm of x [T, n] (float32 math, rounded to x's dtype before the weight)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    load().tandem_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, _bf16(x),
-                          torch.get_num_threads())
+    load().tandem_rmsnorm(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, _bf16(x), torch.get_num_threads()
+    )
     return out
 
 
@@ -57,14 +65,34 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
     """Rotate the q and k heads of ``qkv`` [T, (Hq + 2 Hkv) D] in place (cos/sin float32 [T, D]) and
     store each token's k and v in the caches [slots, Hkv, D] at ``slots`` [T]."""
     assert qkv.is_contiguous() and cos.dtype == torch.float32 and k_cache.dtype == qkv.dtype
-    load().tandem_rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
-                             v_cache.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, head_dim, _bf16(qkv),
-                             torch.get_num_threads())
+    load().tandem_rope_store(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        slots.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        qkv.shape[0],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        _bf16(qkv),
+        torch.get_num_threads(),
+    )
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

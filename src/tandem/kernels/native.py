@@ -99,8 +99,13 @@ def _libraries(flags: list[str]) -> list[str]:
     return [f for f in flags if f.startswith("-l")]
 
 
-def load_library(name: str, sources: list[Path], flags: list[str],
-                 signatures: dict[str, tuple[list, object]], headers: list[Path] = ()) -> ctypes.CDLL:
+def load_library(
+    name: str,
+    sources: list[Path],
+    flags: list[str],
+    signatures: dict[str, tuple[list, object]],
+    headers: list[Path] = (),
+) -> ctypes.CDLL:
     """Build (once) and load a C library; ``signatures`` maps function → (argtypes, restype).
 
     Raises :class:`NativeUnavailable` when it cannot be built or loaded.
@@ -124,8 +129,16 @@ class LazyLibrary:
     Calling it returns the library, or None when it cannot be built (logged once, with what the
     caller falls back to) or when the environment variable ``disable_env`` is ``1``."""
 
-    def __init__(self, name: str, sources: list[Path], flags: list[str], signatures: dict[str, tuple[list, object]],
-                 headers: list[Path] = (), disable_env: str | None = None, fallback: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        sources: list[Path],
+        flags: list[str],
+        signatures: dict[str, tuple[list, object]],
+        headers: list[Path] = (),
+        disable_env: str | None = None,
+        fallback: str = "",
+    ) -> None:
         self.name, self.sources, self.flags, self.signatures = name, sources, flags, signatures
         self.headers, self.disable_env, self.fallback = headers, disable_env, fallback
         self._lib: ctypes.CDLL | None = None

@@ -24,13 +24,27 @@ HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention.h", "dot
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-lm"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 32, 256, 64
 """Shape limits of the C kernel (query heads per KV head, head size, tokens per block)."""
-_ARGS = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
-         + [ctypes.c_float, ctypes.c_int])
-_SIGNATURES = {"tandem_paged_attention_f32": (_ARGS, ctypes.c_int),
-               "tandem_paged_attention_bf16": (_ARGS, ctypes.c_int),
-               "tandem_paged_attention_bf16_path": ([ctypes.c_int64], ctypes.c_int)}
-load = LazyLibrary("tandem_attention", SOURCES, FLAGS, _SIGNATURES, HEADERS,
-                   disable_env="TANDEM_DISABLE_CPU_ATTENTION", fallback="using gather + SDPA")
+_ARGS = (
+    [ctypes.c_void_p] * 4
+    + [ctypes.c_int64]
+    + [ctypes.c_void_p] * 3
+    + [ctypes.c_int64] * 5
+    + [ctypes.c_float, ctypes.c_int]
+)
+_SIGNATURES = {
+    "tandem_paged_attention_f32": (_ARGS, ctypes.c_int),
+    "tandem_paged_attention_bf16": (_ARGS, ctypes.c_int),
+    "tandem_paged_attention_bf16_path": ([ctypes.c_int64], ctypes.c_int),
+}
+load = LazyLibrary(
+    "tandem_attention",
+    SOURCES,
+    FLAGS,
+    _SIGNATURES,
+    HEADERS,
+    disable_env="TANDEM_DISABLE_CPU_ATTENTION",
+    fallback="using gather + SDPA",
+)
 """The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 
 
@@ -43,14 +57,28 @@ def bf16_path(head_dim: int) -> str:
 
 def supports(k_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
     """Whether the kernel can serve this cache and shape (else the caller uses gather + SDPA)."""
-    return (k_cache.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
-            and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP
-            and head_dim <= MAX_HEAD_DIM and block_size <= MAX_BLOCK and load() is not None)
+    return (
+        k_cache.device.type == "cpu"
+        and k_cache.dtype in (torch.float32, torch.bfloat16)
+        and num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads <= MAX_GROUP
+        and head_dim <= MAX_HEAD_DIM
+        and block_size <= MAX_BLOCK
+        and load() is not None
+    )
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    row_table: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    row_table: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of q ``[rows, Hq, D]`` over the paged caches ``[slots, Hkv, D]``.
 
     Row r attends to the first ``ctx_lens[r]`` tokens of the sequence whose block table is
@@ -63,9 +91,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q32 = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
     result = out if out is not None else torch.empty(rows, num_heads, head_dim, dtype=torch.float32)
     fn = lib.tandem_paged_attention_f32 if k_cache.dtype == torch.float32 else lib.tandem_paged_attention_bf16
-    status = fn(q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                block_tables.shape[1], row_table.data_ptr(), ctx_lens.data_ptr(), result.data_ptr(),
-                rows, num_heads, num_kv_heads, head_dim, block_size, scale, torch.get_num_threads())
+    status = fn(
+        q32.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.shape[1],
+        row_table.data_ptr(),
+        ctx_lens.data_ptr(),
+        result.data_ptr(),
+        rows,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        torch.get_num_threads(),
+    )
     if status != 0:
         raise ValueError("shape outside the C paged-attention kernel's limits")
     return result if q.dtype == torch.float32 or out is not None else result.to(q.dtype)

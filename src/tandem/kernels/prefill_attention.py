@@ -26,11 +26,20 @@ MAX_HEAD_DIM = 256
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "tandem_prefill_attention_available": ([], ctypes.c_int),
-    "tandem_prefill_attention_bf16": ([_P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float,
-                                       ctypes.c_int], ctypes.c_int),
+    "tandem_prefill_attention_bf16": (
+        [_P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int],
+        ctypes.c_int,
+    ),
 }
-load = LazyLibrary("tandem_prefill_attention", SOURCES, FLAGS, _SIGNATURES, HEADERS,
-                   disable_env="TANDEM_DISABLE_CPU_PREFILL_ATTENTION", fallback="prefill attention uses SDPA")
+load = LazyLibrary(
+    "tandem_prefill_attention",
+    SOURCES,
+    FLAGS,
+    _SIGNATURES,
+    HEADERS,
+    disable_env="TANDEM_DISABLE_CPU_PREFILL_ATTENTION",
+    fallback="prefill attention uses SDPA",
+)
 """The compiled kernel library (built on first use), or None if that is impossible or disabled."""
 
 
@@ -43,12 +52,26 @@ def available() -> bool:
 
 def supports(k_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel can serve this cache and shape (else the caller uses SDPA)."""
-    return (k_cache.device.type == "cpu" and k_cache.dtype == torch.bfloat16 and head_dim % 32 == 0
-            and head_dim <= MAX_HEAD_DIM and num_heads % num_kv_heads == 0 and available())
+    return (
+        k_cache.device.type == "cpu"
+        and k_cache.dtype == torch.bfloat16
+        and head_dim % 32 == 0
+        and head_dim <= MAX_HEAD_DIM
+        and num_heads % num_kv_heads == 0
+        and available()
+    )
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      chunk_info: torch.Tensor, block_size: int, scale: float, out: torch.Tensor) -> None:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    chunk_info: torch.Tensor,
+    block_size: int,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
     """Causal attention of every prefill chunk of a step, written into ``out``.
 
     q and out ``[tokens, Hq, D]`` bf16 (rows may be strided: q is often a view of the fused QKV
@@ -62,8 +85,22 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert q.stride(1) == head_dim and q.stride(2) == 1 and out.stride(1) == head_dim and out.stride(2) == 1
     assert block_tables.is_contiguous() and chunk_info.is_contiguous()
     status = lib.tandem_prefill_attention_bf16(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-        block_tables.shape[1], chunk_info.data_ptr(), chunk_info.shape[0], out.data_ptr(), out.stride(0),
-        num_heads, k_cache.shape[1], head_dim, block_size, scale, torch.get_num_threads())
+        q.data_ptr(),
+        q.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.shape[1],
+        chunk_info.data_ptr(),
+        chunk_info.shape[0],
+        out.data_ptr(),
+        out.stride(0),
+        num_heads,
+        k_cache.shape[1],
+        head_dim,
+        block_size,
+        scale,
+        torch.get_num_threads(),
+    )
     if status != 0:
         raise ValueError(f"C prefill-attention kernel failed (status {status})")

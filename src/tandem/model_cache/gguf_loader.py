@@ -26,6 +26,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
 }
 
+
 @dataclass
 class GGUFModel:
     """A GGUF file read into HF form."""
@@ -74,8 +75,7 @@ def _architecture(reader: Any, path: Path) -> str:
     arch = _scalar(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
-            f"unsupported GGUF architecture {arch!r} in {path}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported GGUF architecture {arch!r} in {path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return arch
 

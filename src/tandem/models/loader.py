@@ -80,8 +80,13 @@ def _eos_ids(cfg: ModelConfig, tokenizer: Any, hf_dir: Path | None) -> list[int]
     return sorted(ids)
 
 
-def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                max_model_len: int) -> LlamaForCausalLM:
+def build_model(
+    cfg: ModelConfig,
+    weights: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+) -> LlamaForCausalLM:
     """Instantiate without random init (meta device), then load weights on the target device."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=max_model_len)
@@ -94,8 +99,9 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | 
     return model.eval()
 
 
-def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
-               max_model_len: int | None = None) -> LoadedModel:
+def load_model(
+    name_or_path: str, dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None
+) -> LoadedModel:
     """Resolve (pulling a known model into the cache on first use) and load a model.
 
     ``dtype`` may be ``auto`` (see `tandem.models.dtype.resolve_dtype`)."""

@@ -35,5 +35,3 @@ def load_tokenizer(name_or_path: str) -> Any:
     from tandem.model_cache.gguf_loader import load_gguf_tokenizer
 
     return load_gguf_tokenizer(resolved.gguf_path)
-
-

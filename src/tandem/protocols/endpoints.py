@@ -95,9 +95,16 @@ class GenerateDelta(msgspec.Struct, omit_defaults=True):
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
-        return GenerateDelta(self.token_ids + later.token_ids, later.num_prompt_tokens, later.num_cached_tokens,
-                             later.num_output_tokens, later.finish_reason, later.stop_token_id, logprobs,
-                             later.kv_transfer or self.kv_transfer)
+        return GenerateDelta(
+            self.token_ids + later.token_ids,
+            later.num_prompt_tokens,
+            later.num_cached_tokens,
+            later.num_output_tokens,
+            later.finish_reason,
+            later.stop_token_id,
+            logprobs,
+            later.kv_transfer or self.kv_transfer,
+        )
 
 
 class HealthReply(msgspec.Struct):

@@ -23,13 +23,15 @@ class RoutingPolicy(abc.ABC):
     def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
         """One of ``candidates`` (never empty) for a request with these prompt tokens."""
 
-    def route(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
-              cache_salt: str | None) -> WorkerCard:
+    def route(
+        self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None, cache_salt: str | None
+    ) -> WorkerCard:
         """``select``, for a request the policy may book under ``request_id`` (load-aware policies do)."""
         return self.select(candidates, token_ids)
 
-    async def choose(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
-                     cache_salt: str | None) -> WorkerCard:
+    async def choose(
+        self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None, cache_salt: str | None
+    ) -> WorkerCard:
         """What the dispatcher awaits: ``route`` here; a remote router asks over the network."""
         return self.route(candidates, token_ids, request_id, cache_salt)
 

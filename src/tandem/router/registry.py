@@ -45,12 +45,17 @@ def _least_loaded(pool: WorkerPool, client: RequestPlaneClient, config: KvRouter
 
 
 POLICIES: dict[str, Callable[[WorkerPool, RequestPlaneClient, KvRouterConfig], RoutingPolicy]] = {
-    "round-robin": _round_robin, "random": _random, "kv": _kv, "least-loaded": _least_loaded}
+    "round-robin": _round_robin,
+    "random": _random,
+    "kv": _kv,
+    "least-loaded": _least_loaded,
+}
 """The policies a router process can run itself (``remote`` is built by the frontend)."""
 
 
-def build_policy(name: str, pool: WorkerPool, client: RequestPlaneClient,
-                 kv_config: KvRouterConfig | None = None) -> RoutingPolicy:
+def build_policy(
+    name: str, pool: WorkerPool, client: RequestPlaneClient, kv_config: KvRouterConfig | None = None
+) -> RoutingPolicy:
     """The policy ``name`` (one of POLICIES): the load-tracking ones follow ``pool`` and use
     ``client`` for the workers' KV dumps; ``kv_config`` tunes them (defaults otherwise)."""
     from tandem.router.policies.kv import KvRouterConfig

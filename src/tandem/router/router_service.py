@@ -36,8 +36,15 @@ logger = logging.getLogger(__name__)
 
 
 class RouterService:
-    def __init__(self, discovery: Discovery, *, policy: str = "kv", config: KvRouterConfig | None = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        *,
+        policy: str = "kv",
+        config: KvRouterConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.pool = WorkerPool(discovery)
         self.client = RequestPlaneClient()
         if policy not in ("kv", "least-loaded"):
@@ -90,7 +97,10 @@ class RouterService:
             raise EndpointError("not_found", f"policy {self.policy.name!r} keeps no KV index")
         token_ids = payload.get("token_ids") if isinstance(payload, dict) else None
         salt = payload.get("cache_salt") if isinstance(payload, dict) else None
-        if not isinstance(token_ids, list) or not all(isinstance(t, int) and t >= 0 for t in token_ids) \
-                or not (salt is None or isinstance(salt, str)):
+        if (
+            not isinstance(token_ids, list)
+            or not all(isinstance(t, int) and t >= 0 for t in token_ids)
+            or not (salt is None or isinstance(salt, str))
+        ):
             raise EndpointError("bad_request", "overlap needs {token_ids: [int], cache_salt?: str}")
         yield indexer.find_matches(indexer.sequence_hashes(token_ids, salt))

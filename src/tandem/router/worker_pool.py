@@ -73,8 +73,11 @@ class WorkerPool:
     def workers(self, model: str | None = None) -> list[WorkerCard]:
         """Live workers (optionally for one model), minus those recently seen failing."""
         now = time.monotonic()
-        return [card for wid, card in self._workers.items()
-                if (model is None or card.model == model) and self._down_until.get(wid, 0.0) <= now]
+        return [
+            card
+            for wid, card in self._workers.items()
+            if (model is None or card.model == model) and self._down_until.get(wid, 0.0) <= now
+        ]
 
     def models(self) -> list[str]:
         return sorted({card.model for card in self._workers.values()})

@@ -50,8 +50,13 @@ logger = logging.getLogger(__name__)
 class PulledBlocks:
     """Blocks received by `pull_blocks`: the response metadata and a zero-copy payload view."""
 
-    def __init__(self, header: PullResponse, payload: memoryview, transport: asyncio.BaseTransport | None,
-                 segment: SharedMemory | None = None) -> None:
+    def __init__(
+        self,
+        header: PullResponse,
+        payload: memoryview,
+        transport: asyncio.BaseTransport | None,
+        segment: SharedMemory | None = None,
+    ) -> None:
         self.header = header
         self.payload = payload
         """Raw bytes of the blocks, block after block (read-only; valid until `close`)."""
@@ -64,7 +69,7 @@ class PulledBlocks:
 
     @property
     def path(self) -> str:
-        """"tcp" or "shm": how the payload travelled."""
+        """ "tcp" or "shm": how the payload travelled."""
         return self.header.path
 
     @property
@@ -95,9 +100,16 @@ class PulledBlocks:
         if any(later - earlier != 1 for earlier, later in zip(indices, indices[1:])):
             raise ValueError(f"blocks {indices} are not one contiguous run: pull them as separate runs")
         parent = header.parent_hashes[0] if header.parent_hashes else None
-        return KVBlockExport(header.block_size, header.dtype, list(header.block_shape), header.hash_seed,
-                             list(header.block_hashes), list(header.token_ids),
-                            bytes(self.payload) if copy else self.payload, parent)
+        return KVBlockExport(
+            header.block_size,
+            header.dtype,
+            list(header.block_shape),
+            header.hash_seed,
+            list(header.block_hashes),
+            list(header.token_ids),
+            bytes(self.payload) if copy else self.payload,
+            parent,
+        )
 
     def close(self) -> None:
         """Release the payload; for a pooled shm segment, tell the server it may reuse it (the
@@ -123,9 +135,15 @@ class PulledBlocks:
         self.close()
 
 
-async def pull_blocks(address: str, transfer_id: str, block_indices: list[int] | None = None, *,
-                      path: PathChoice = "auto", timeout_s: float = 30.0,
-                      metrics: TransferMetrics | None = None) -> PulledBlocks:
+async def pull_blocks(
+    address: str,
+    transfer_id: str,
+    block_indices: list[int] | None = None,
+    *,
+    path: PathChoice = "auto",
+    timeout_s: float = 30.0,
+    metrics: TransferMetrics | None = None,
+) -> PulledBlocks:
     """Pull a transfer's blocks (all, or ``block_indices``) from the server at ``address``.
 
     ``path``: "auto" uses shared memory when the server shares this host (falling back to TCP if
@@ -157,8 +175,9 @@ class _ShmUnavailableError(Exception):
     """The server's segment cannot be opened here (the pull may be retried over TCP)."""
 
 
-async def _pull_once(address: str, transfer_id: str, block_indices: list[int] | None, path: str,
-                     timeout_s: float) -> PulledBlocks:
+async def _pull_once(
+    address: str, transfer_id: str, block_indices: list[int] | None, path: str, timeout_s: float
+) -> PulledBlocks:
     try:
         host, port = parse_address(address)
     except ValueError as exc:
@@ -179,8 +198,9 @@ async def _pull_once(address: str, transfer_id: str, block_indices: list[int] | 
             return _finish_tcp(header, payload, protocol.checksum(), transport)
     except TimeoutError:
         _abort(transport, protocol)
-        raise TransferError(f"pull of transfer {transfer_id!r} from {address} timed out after {timeout_s}s",
-                            "timeout") from None
+        raise TransferError(
+            f"pull of transfer {transfer_id!r} from {address} timed out after {timeout_s}s", "timeout"
+        ) from None
     except OSError as exc:
         _abort(transport, protocol)
         raise TransferError(f"pull of transfer {transfer_id!r} from {address} failed: {exc}", "connection") from None
@@ -189,8 +209,7 @@ async def _pull_once(address: str, transfer_id: str, block_indices: list[int] | 
         raise
 
 
-def _finish_tcp(header: PullResponse, payload: memoryview, checksum: int,
-                transport: asyncio.Transport) -> PulledBlocks:
+def _finish_tcp(header: PullResponse, payload: memoryview, checksum: int, transport: asyncio.Transport) -> PulledBlocks:
     try:
         _check_checksum(header, checksum)
         _check_hashes(header)
@@ -207,13 +226,16 @@ def _finish_shm(header: PullResponse, transport: asyncio.Transport) -> PulledBlo
         segment = attach_cache.attach(header.shm_name) if header.shm_recycle else attach_segment(header.shm_name)
     except (FileNotFoundError, ValueError) as exc:
         _reject(transport, TransferError(f"cannot open shm segment {header.shm_name!r}: {exc}", "shm_attach"))
-        raise _ShmUnavailableError(f"shared memory segment {header.shm_name!r} of transfer "
-                                   f"{header.transfer_id!r} is not visible here ({exc})") from None
+        raise _ShmUnavailableError(
+            f"shared memory segment {header.shm_name!r} of transfer {header.transfer_id!r} is not visible here ({exc})"
+        ) from None
     payload = None
     try:
         if segment.size < header.nbytes:
-            raise TransferError(f"shm segment {header.shm_name!r} holds {segment.size} bytes, the response "
-                                f"announced {header.nbytes}", "truncated")
+            raise TransferError(
+                f"shm segment {header.shm_name!r} holds {segment.size} bytes, the response announced {header.nbytes}",
+                "truncated",
+            )
         payload = segment.buf[: header.nbytes].toreadonly()
         _check_checksum(header, xxhash.xxh3_64_intdigest(payload))
         _check_hashes(header)
@@ -236,30 +258,42 @@ def _finish_shm(header: PullResponse, transport: asyncio.Transport) -> PulledBlo
 def _check_header(header: PullResponse, address: str, transfer_id: str, wanted: list[int] | None) -> None:
     """Everything checkable before the payload: refusal, echoes, counts and sizes."""
     if not header.ok:
-        raise TransferError(f"server {address} refused pull of transfer {transfer_id!r}: {header.error}",
-                            "server_error")
+        raise TransferError(
+            f"server {address} refused pull of transfer {transfer_id!r}: {header.error}", "server_error"
+        )
     n = len(header.block_indices)
     if header.transfer_id != transfer_id or (wanted is not None and list(wanted) != header.block_indices):
-        raise TransferError(f"server {address} answered for transfer {header.transfer_id!r} blocks "
-                            f"{header.block_indices[:8]}..., not the ones asked for", "protocol")
+        raise TransferError(
+            f"server {address} answered for transfer {header.transfer_id!r} blocks "
+            f"{header.block_indices[:8]}..., not the ones asked for",
+            "protocol",
+        )
     counts = (len(header.block_hashes), len(header.parent_hashes), len(header.token_ids))
     if header.block_size <= 0 or counts != (n, n, n * header.block_size):
-        raise TransferError(f"response for transfer {transfer_id!r} lists {n} blocks but {counts[0]} hashes, "
-                            f"{counts[1]} parents and {counts[2]} tokens (block size {header.block_size})", "protocol")
+        raise TransferError(
+            f"response for transfer {transfer_id!r} lists {n} blocks but {counts[0]} hashes, "
+            f"{counts[1]} parents and {counts[2]} tokens (block size {header.block_size})",
+            "protocol",
+        )
     try:
         expected = n * block_nbytes(list(header.block_shape), header.dtype)
     except ValueError as exc:
         raise TransferError(f"response for transfer {transfer_id!r}: {exc}", "protocol") from None
     if header.nbytes != expected:
-        raise TransferError(f"response for transfer {transfer_id!r} announces {header.nbytes} bytes, but {n} blocks "
-                            f"of {header.block_shape} {header.dtype} are {expected}", "size_mismatch")
+        raise TransferError(
+            f"response for transfer {transfer_id!r} announces {header.nbytes} bytes, but {n} blocks "
+            f"of {header.block_shape} {header.dtype} are {expected}",
+            "size_mismatch",
+        )
 
 
 def _check_checksum(header: PullResponse, actual: int) -> None:
     if actual != header.checksum:
-        raise TransferError(f"payload of transfer {header.transfer_id!r} ({header.nbytes} bytes over "
-                            f"{header.path}) is corrupt: xxh3_64 {actual:016x}, expected {header.checksum:016x}",
-                            "checksum")
+        raise TransferError(
+            f"payload of transfer {header.transfer_id!r} ({header.nbytes} bytes over "
+            f"{header.path}) is corrupt: xxh3_64 {actual:016x}, expected {header.checksum:016x}",
+            "checksum",
+        )
 
 
 def _check_hashes(header: PullResponse) -> None:
@@ -267,8 +301,10 @@ def _check_hashes(header: PullResponse) -> None:
     indices, size, seed = header.block_indices, header.block_size, header.hash_seed
     try:
         if indices == list(range(len(indices))):
-            verify_block_hashes(KVBlockExport(size, header.dtype, header.block_shape, seed, header.block_hashes,
-                                              header.token_ids, b""), block_hashes)
+            verify_block_hashes(
+                KVBlockExport(size, header.dtype, header.block_shape, seed, header.block_hashes, header.token_ids, b""),
+                block_hashes,
+            )
             return
         start = 0
         for pos in range(1, len(indices) + 1):
@@ -278,8 +314,9 @@ def _check_hashes(header: PullResponse) -> None:
                 continue
             tokens = header.token_ids[start * size : pos * size]
             if block_hashes(tokens, size, seed, header.parent_hashes[start]) != header.block_hashes[start:pos]:
-                raise ValueError(f"block hashes of blocks {indices[start]}..{indices[pos - 1]} do not match "
-                                 "their tokens")
+                raise ValueError(
+                    f"block hashes of blocks {indices[start]}..{indices[pos - 1]} do not match their tokens"
+                )
             start = pos
     except (ValueError, OverflowError, struct.error) as exc:  # out-of-range ids or hashes cannot match either
         raise TransferError(f"transfer {header.transfer_id!r}: {exc}", "hash_mismatch") from None

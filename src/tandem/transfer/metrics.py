@@ -20,16 +20,25 @@ class TransferMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = REGISTRY if registry is None else registry
-        self.bytes = Counter("tandem_kv_transfer_bytes", "KV payload bytes pulled, by path (tcp|shm)",
-                             ["path"], registry=registry)
-        self.seconds = Histogram("tandem_kv_transfer_seconds",
-                                 "Seconds per successful pull (connect to verified payload), by path",
-                                 ["path"], buckets=_SECONDS_BUCKETS, registry=registry)
-        self.failures = Counter("tandem_kv_transfer_failures",
-                                "Failed pulls, by side (client|server) and reason", ["side", "reason"],
-                                registry=registry)
-        self.held = Gauge("tandem_kv_transfers_held", "Exports held by a prefill worker, waiting for a pull",
-                          registry=registry)
+        self.bytes = Counter(
+            "tandem_kv_transfer_bytes", "KV payload bytes pulled, by path (tcp|shm)", ["path"], registry=registry
+        )
+        self.seconds = Histogram(
+            "tandem_kv_transfer_seconds",
+            "Seconds per successful pull (connect to verified payload), by path",
+            ["path"],
+            buckets=_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.failures = Counter(
+            "tandem_kv_transfer_failures",
+            "Failed pulls, by side (client|server) and reason",
+            ["side", "reason"],
+            registry=registry,
+        )
+        self.held = Gauge(
+            "tandem_kv_transfers_held", "Exports held by a prefill worker, waiting for a pull", registry=registry
+        )
 
     def record_pull(self, path: str, nbytes: int, seconds: float) -> None:
         """One successful pull of ``nbytes`` over ``path``."""

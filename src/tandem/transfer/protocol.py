@@ -175,8 +175,10 @@ def host_id() -> str:
     even when containers share an image's machine-id) and the device number of /dev/shm (differs
     between containers on one host that each mount their own). Falls back to the hostname and MAC
     address where these files do not exist."""
-    parts = [_read_first_line("/etc/machine-id") or _read_first_line("/var/lib/dbus/machine-id"),
-             _read_first_line("/proc/sys/kernel/random/boot_id")]
+    parts = [
+        _read_first_line("/etc/machine-id") or _read_first_line("/var/lib/dbus/machine-id"),
+        _read_first_line("/proc/sys/kernel/random/boot_id"),
+    ]
     try:
         parts.append(str(os.stat("/dev/shm").st_dev))
     except OSError:

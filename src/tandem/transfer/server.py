@@ -102,8 +102,14 @@ class _RefusedError(Exception):
 class KvTransferServer:
     """Serves pulls of ``store``'s exports on ``host:port`` (see module docstring)."""
 
-    def __init__(self, store: TransferStore, host: str = "127.0.0.1", port: int = 0,
-                 config: KvTransferServerConfig | None = None, metrics: TransferMetrics | None = None) -> None:
+    def __init__(
+        self,
+        store: TransferStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: KvTransferServerConfig | None = None,
+        metrics: TransferMetrics | None = None,
+    ) -> None:
         self.store = store
         self.host = host
         self.port = port
@@ -144,8 +150,7 @@ class KvTransferServer:
         for task in [*self._tasks, self._expiry_task]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*self._tasks, *([self._expiry_task] if self._expiry_task else []),
-                             return_exceptions=True)
+        await asyncio.gather(*self._tasks, *([self._expiry_task] if self._expiry_task else []), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         self.pool.close()
@@ -226,14 +231,23 @@ class KvTransferServer:
     def _choose_path(self, request: PullRequest) -> str:
         same_host = request.host_id == self.host_id
         if request.path == "shm" and not same_host:
-            raise _RefusedError(f"shared memory requested, but the client's host id {request.host_id!r} is not "
-                                f"this server's ({self.host_id!r}); pull with path 'tcp' or 'auto'", "shm_other_host")
+            raise _RefusedError(
+                f"shared memory requested, but the client's host id {request.host_id!r} is not "
+                f"this server's ({self.host_id!r}); pull with path 'tcp' or 'auto'",
+                "shm_other_host",
+            )
         if request.path == "shm" or (request.path == "auto" and same_host):
             return "shm"
         return "tcp"
 
-    async def _send_tcp(self, header: PullResponse, runs: list[memoryview], reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, fault: TransferFault | None = None) -> None:
+    async def _send_tcp(
+        self,
+        header: PullResponse,
+        runs: list[memoryview],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        fault: TransferFault | None = None,
+    ) -> None:
         header.checksum = await _off_loop(header.nbytes, payload_checksum, *runs)
         if fault is not None and fault.kind != "delay":  # tests only: a bad payload under a good checksum
             runs = corrupt_runs(runs) if fault.kind == "corrupt" else truncate_runs(runs)
@@ -248,8 +262,14 @@ class KvTransferServer:
             return  # hang up mid-payload (the connection handler closes the socket)
         await self._await_ack(header, reader)
 
-    async def _send_shm(self, header: PullResponse, runs: list[memoryview], reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, fault: TransferFault | None = None) -> None:
+    async def _send_shm(
+        self,
+        header: PullResponse,
+        runs: list[memoryview],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        fault: TransferFault | None = None,
+    ) -> None:
         segment = self.pool.acquire(header.nbytes)
         reusable = False
         try:
@@ -274,13 +294,17 @@ class KvTransferServer:
             message = await asyncio.wait_for(self._read_message(reader), self.config.ack_timeout_s)
         except TimeoutError:
             self.metrics.record_failure("server", "ack_timeout")
-            logger.warning("pull of transfer %r: no acknowledgement within %.1fs", header.transfer_id,
-                           self.config.ack_timeout_s)
+            logger.warning(
+                "pull of transfer %r: no acknowledgement within %.1fs", header.transfer_id, self.config.ack_timeout_s
+            )
             return False
         except (ValueError, ConnectionError, asyncio.IncompleteReadError) as exc:
             self.metrics.record_failure("server", "no_ack")
-            logger.warning("pull of transfer %r: connection ended without a valid acknowledgement (%s)",
-                           header.transfer_id, exc or type(exc).__name__)
+            logger.warning(
+                "pull of transfer %r: connection ended without a valid acknowledgement (%s)",
+                header.transfer_id,
+                exc or type(exc).__name__,
+            )
             return False
         if not isinstance(message, PullAck) or not message.ok:
             reason = message.error if isinstance(message, PullAck) else f"unexpected {type(message).__name__}"
@@ -304,8 +328,9 @@ def _check_indices(block_indices: list[int] | None, num_blocks: int) -> list[int
         return list(range(num_blocks))
     bad = [index for index in block_indices if not 0 <= index < num_blocks]
     if bad:
-        raise _RefusedError(f"block indices {bad[:8]} out of range: the transfer holds {num_blocks} blocks",
-                            "bad_indices")
+        raise _RefusedError(
+            f"block indices {bad[:8]} out of range: the transfer holds {num_blocks} blocks", "bad_indices"
+        )
     if len(set(block_indices)) != len(block_indices):
         raise _RefusedError("block indices must be unique", "bad_indices")
     return list(block_indices)
@@ -329,8 +354,13 @@ def _response_header(transfer_id: str, export: KVBlockExport, indices: list[int]
     """Metadata of the returned blocks (checksum and path are filled in by the sender)."""
     size, hashes = export.block_size, export.block_hashes
     return PullResponse(
-        ok=True, transfer_id=transfer_id, dtype=export.dtype, block_shape=list(export.block_shape),
-        block_size=size, hash_seed=export.hash_seed, block_indices=indices,
+        ok=True,
+        transfer_id=transfer_id,
+        dtype=export.dtype,
+        block_shape=list(export.block_shape),
+        block_size=size,
+        hash_seed=export.hash_seed,
+        block_indices=indices,
         block_hashes=[hashes[i] for i in indices],
         parent_hashes=[hashes[i - 1] if i > 0 else None for i in indices],
         token_ids=[t for i in indices for t in export.token_ids[i * size : (i + 1) * size]],

@@ -66,8 +66,13 @@ class _Entry:
 class TransferStore:
     """Holds exports by transfer id until pulled, expired or cancelled (see module docstring)."""
 
-    def __init__(self, config: TransferStoreConfig | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 metrics: TransferMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: TransferStoreConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: TransferMetrics | None = None,
+    ) -> None:
         self.config = config or TransferStoreConfig()
         self._clock = clock
         self._metrics = metrics
@@ -138,8 +143,13 @@ class TransferStore:
 
     def stats(self) -> TransferStoreStats:
         with self._lock:
-            return TransferStoreStats(len(self._entries), self._held_bytes, self._released["pulled"],
-                                      self._released["expired"], self._released["cancelled"])
+            return TransferStoreStats(
+                len(self._entries),
+                self._held_bytes,
+                self._released["pulled"],
+                self._released["expired"],
+                self._released["cancelled"],
+            )
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -173,9 +183,13 @@ def _check_export(transfer_id: str, export: KVBlockExport) -> None:
         raise ValueError(f"transfer id must be a non-empty string, got {transfer_id!r}")
     num_blocks = len(export.block_hashes)
     if len(export.token_ids) != num_blocks * export.block_size:
-        raise ValueError(f"transfer {transfer_id!r}: {len(export.token_ids)} token ids do not cover "
-                         f"{num_blocks} blocks of {export.block_size}")
+        raise ValueError(
+            f"transfer {transfer_id!r}: {len(export.token_ids)} token ids do not cover "
+            f"{num_blocks} blocks of {export.block_size}"
+        )
     expected = num_blocks * block_nbytes(list(export.block_shape), export.dtype)
     if len(export.data) != expected:
-        raise ValueError(f"transfer {transfer_id!r}: payload is {len(export.data)} bytes, expected {expected} "
-                         f"({num_blocks} blocks of {export.block_shape} {export.dtype})")
+        raise ValueError(
+            f"transfer {transfer_id!r}: payload is {len(export.data)} bytes, expected {expected} "
+            f"({num_blocks} blocks of {export.block_shape} {export.dtype})"
+        )

@@ -78,16 +78,18 @@ def export_on_finish(token_ids: list[int], cache_salt: str | None) -> Callable[[
     return lambda core: core.export_kv(token_ids, cache_salt)
 
 
-async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_salt: str | None,
-                                params: KvTransferParams, timeout_s: float = 30.0) -> int:
+async def import_missing_blocks(
+    engine: AsyncEngine, prompt: list[int], cache_salt: str | None, params: KvTransferParams, timeout_s: float = 30.0
+) -> int:
     """Pull and import the prompt blocks this engine lacks; returns how many it imported (0 on
     any failure, after logging it: the request then prefills them itself)."""
     have = await engine.call(lambda core: core.num_cached_prompt_blocks(prompt, cache_salt))
     if have >= params.num_blocks:
         return 0
     try:
-        pulled = await pull_blocks(params.address, params.transfer_id, list(range(have, params.num_blocks)),
-                                   timeout_s=timeout_s)
+        pulled = await pull_blocks(
+            params.address, params.transfer_id, list(range(have, params.num_blocks)), timeout_s=timeout_s
+        )
         try:
             modeled_s = engine.core.modeled_transfer_s(params.num_blocks - have)  # the mocker's bandwidth model
             if modeled_s > 0:
@@ -103,6 +105,7 @@ async def import_missing_blocks(engine: AsyncEngine, prompt: list[int], cache_sa
         importing.add_done_callback(lambda _: pulled.close())
         return await asyncio.shield(importing)
     except (TransferError, ValueError, OSError) as exc:
-        logger.warning("KV transfer %s from %s failed (%s); prefilling locally", params.transfer_id,
-                       params.address, exc)
+        logger.warning(
+            "KV transfer %s from %s failed (%s); prefilling locally", params.transfer_id, params.address, exc
+        )
         return 0

@@ -99,6 +99,7 @@ class MainThreadEngineHost:
                 handoff.loop.call_soon_threadsafe(handoff.on_signal)
             except RuntimeError:  # the loop is closed: the process is on its way out
                 pass
+
         return relay
 
     def _io_main(self) -> None:

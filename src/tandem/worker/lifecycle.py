@@ -41,12 +41,18 @@ class ShutdownConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-async def serve_until_stopped(services: Sequence[WorkerService], stop: asyncio.Event, config: ShutdownConfig,
-                              announce: Callable[[str], None] = print) -> int:
+async def serve_until_stopped(
+    services: Sequence[WorkerService],
+    stop: asyncio.Event,
+    config: ShutdownConfig,
+    announce: Callable[[str], None] = print,
+) -> int:
     """Serve until ``stop`` is set or an engine fails, shut every service down, and return the
     process's exit code: 0, or `EXIT_ENGINE_FAILED`. ``announce`` prints the milestones."""
-    waiters = [asyncio.ensure_future(stop.wait()),
-               *(asyncio.ensure_future(service.engine_failed.wait()) for service in services)]
+    waiters = [
+        asyncio.ensure_future(stop.wait()),
+        *(asyncio.ensure_future(service.engine_failed.wait()) for service in services),
+    ]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -54,11 +54,24 @@ WITHDRAW_TIMEOUT_S = 5.0
 
 
 class WorkerService:
-    def __init__(self, engine: AsyncEngine, discovery: Discovery, *, model_name: str, tokenizer_source: str,
-                 role: Role = "agg", engine_kind: str = "builtin", host: str = "127.0.0.1", port: int = 0,
-                 ttl_s: float | None = None, worker_id: str | None = None,
-                 kv_publisher: KvEventPublisher | None = None, kv_hold_s: float = 60.0,
-                 metrics_address: str | None = None, discovery_wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        discovery: Discovery,
+        *,
+        model_name: str,
+        tokenizer_source: str,
+        role: Role = "agg",
+        engine_kind: str = "builtin",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ttl_s: float | None = None,
+        worker_id: str | None = None,
+        kv_publisher: KvEventPublisher | None = None,
+        kv_hold_s: float = 60.0,
+        metrics_address: str | None = None,
+        discovery_wait_s: float = 0.0,
+    ) -> None:
         self.engine = engine
         self.discovery = discovery
         self.model_name, self.tokenizer_source = model_name, tokenizer_source
@@ -66,8 +79,12 @@ class WorkerService:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.server = RequestPlaneServer(host, port)
         self.server.register(Endpoint.GENERATE, self.generate)
-        for name, control in ((Endpoint.HEALTH, self.health), (Endpoint.STATS, self.stats),
-                              (Endpoint.KV_DUMP, self.kv_dump), (Endpoint.KV_RELEASE, self.kv_release)):
+        for name, control in (
+            (Endpoint.HEALTH, self.health),
+            (Endpoint.STATS, self.stats),
+            (Endpoint.KV_DUMP, self.kv_dump),
+            (Endpoint.KV_RELEASE, self.kv_release),
+        ):
             self.server.register(name, control, while_draining=True)
         self.kv_publisher = kv_publisher
         self.metrics_address = metrics_address
@@ -95,9 +112,15 @@ class WorkerService:
     def card(self) -> WorkerCard:
         core = self.engine.core
         return WorkerCard(
-            worker_id=self.worker_id, model=self.model_name, tokenizer=self.tokenizer_source,
-            chat_template=self.tokenizer_source, context_length=core.max_model_len, block_size=core.block_size,
-            total_kv_blocks=core.pool.num_blocks, role=self.role, request_plane_address=self.server.address,
+            worker_id=self.worker_id,
+            model=self.model_name,
+            tokenizer=self.tokenizer_source,
+            chat_template=self.tokenizer_source,
+            context_length=core.max_model_len,
+            block_size=core.block_size,
+            total_kv_blocks=core.pool.num_blocks,
+            role=self.role,
+            request_plane_address=self.server.address,
             engine=self.engine_kind,
             kv_events_address=self.kv_publisher.address if self.kv_publisher else None,
             kv_replay_address=self.kv_publisher.replay_address if self.kv_publisher else None,
@@ -111,8 +134,9 @@ class WorkerService:
         await self.server.start()
         self._started_at = time.monotonic()
         self._engine_watch = asyncio.create_task(self._watch_engine(), name=f"engine watch {self.worker_id}")
-        self.registration = await register_when_reachable(self.discovery, self.card(), self.ttl_s,
-                                                          self.discovery_wait_s)
+        self.registration = await register_when_reachable(
+            self.discovery, self.card(), self.ttl_s, self.discovery_wait_s
+        )
         logger.info("worker %s serving %s at %s", self.worker_id, self.model_name, self.server.address)
 
     async def drain(self, timeout: float = 30.0, grace: float = 0.0) -> None:
@@ -135,11 +159,16 @@ class WorkerService:
         if grace > 0 and self.engine.failure is None:
             await asyncio.sleep(grace)
         self.server.start_draining()
-        logger.info("worker %s: withdrawn; refusing new requests, %d in flight", self.worker_id,
-                    self.server.num_inflight)
+        logger.info(
+            "worker %s: withdrawn; refusing new requests, %d in flight", self.worker_id, self.server.num_inflight
+        )
         if not await self.server.wait_drained(max(0.0, deadline - time.monotonic())):
-            logger.warning("worker %s: %d streams still running after the %.1fs drain timeout; ending them",
-                           self.worker_id, self.server.num_inflight, timeout)
+            logger.warning(
+                "worker %s: %d streams still running after the %.1fs drain timeout; ending them",
+                self.worker_id,
+                self.server.num_inflight,
+                timeout,
+            )
             await self.server.end_streams("unavailable", DRAINED_MESSAGE)
         if self.exporter is not None:
             await self._wait_for_exports(deadline)
@@ -159,8 +188,7 @@ class WorkerService:
         while len(self.exporter.store) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if len(self.exporter.store):
-            logger.warning("worker %s: dropping %d KV exports nobody pulled", self.worker_id,
-                           len(self.exporter.store))
+            logger.warning("worker %s: dropping %d KV exports nobody pulled", self.worker_id, len(self.exporter.store))
 
     async def _withdraw(self) -> None:
         """Remove the card from discovery now (idempotent); a failure is logged, not raised."""
@@ -169,8 +197,9 @@ class WorkerService:
         try:
             await asyncio.wait_for(self.registration.withdraw(), WITHDRAW_TIMEOUT_S)
         except Exception as exc:  # discovery away: the lease expires by itself
-            logger.warning("worker %s: could not withdraw from discovery (%r); its lease will expire",
-                           self.worker_id, exc)
+            logger.warning(
+                "worker %s: could not withdraw from discovery (%r); its lease will expire", self.worker_id, exc
+            )
 
     async def _watch_engine(self) -> None:
         """On engine death: refuse new requests, withdraw the card, set ``engine_failed``.
@@ -187,10 +216,18 @@ class WorkerService:
         """``{status, worker_id, model, role, engine_alive, num_running, num_waiting, uptime_s}``;
         status is ``ok``, ``draining`` or ``failed``. Answered while draining too."""
         stats = self.engine.stats()
-        return msgspec.to_builtins(HealthReply(
-            status=self.status, worker_id=self.worker_id, model=self.model_name, role=self.role,
-            engine_alive=self.engine.is_running, num_running=stats.num_running, num_waiting=stats.num_waiting,
-            uptime_s=round(time.monotonic() - self._started_at, 3)))
+        return msgspec.to_builtins(
+            HealthReply(
+                status=self.status,
+                worker_id=self.worker_id,
+                model=self.model_name,
+                role=self.role,
+                engine_alive=self.engine.is_running,
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
+                uptime_s=round(time.monotonic() - self._started_at, 3),
+            )
+        )
 
     async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
         try:
@@ -207,19 +244,27 @@ class WorkerService:
         if request.kv_transfer is not None:
             prompt = request.token_ids[:-1]  # the last token is the prefill's first output
             try:
-                self.kv_blocks_imported += await import_missing_blocks(self.engine, prompt, request.cache_salt,
-                                                                       request.kv_transfer)
+                self.kv_blocks_imported += await import_missing_blocks(
+                    self.engine, prompt, request.cache_salt, request.kv_transfer
+                )
             except EngineDeadError as exc:
                 raise EndpointError("unavailable", str(exc)) from None
         on_finish = export_on_finish(request.token_ids, request.cache_salt) if request.export_kv else None
-        stream = self.engine.generate(request.token_ids, params, request_id=request.request_id,
-                                      cache_salt=request.cache_salt, on_finish=on_finish, prompt_validated=True)
+        stream = self.engine.generate(
+            request.token_ids,
+            params,
+            request_id=request.request_id,
+            cache_salt=request.cache_salt,
+            on_finish=on_finish,
+            prompt_validated=True,
+        )
         try:
             async for out in stream:
                 delta = delta_from_output(out)
                 if request.export_kv and out.finish_reason is not None:
-                    delta.kv_transfer = self.exporter.hold(request.request_id, out.on_finish_result,
-                                                           self.server.address)
+                    delta.kv_transfer = self.exporter.hold(
+                        request.request_id, out.on_finish_result, self.server.address
+                    )
                 yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None
@@ -242,8 +287,9 @@ class WorkerService:
         ``kv_exports_held`` (prefill exports waiting for a pull; 0 on other roles) and
         ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
         held = len(self.exporter.store) if self.exporter is not None else 0
-        reply = StatsReply(**asdict(self.engine.stats()), kv_exports_held=held,
-                           kv_blocks_imported=self.kv_blocks_imported)
+        reply = StatsReply(
+            **asdict(self.engine.stats()), kv_exports_held=held, kv_blocks_imported=self.kv_blocks_imported
+        )
         return msgspec.to_builtins(reply)
 
     async def kv_dump(self, payload: Any, ctx: RequestContext) -> dict:
@@ -259,5 +305,12 @@ def delta_from_output(out: RequestOutput) -> GenerateDelta:
     logprobs = None
     if out.logprobs is not None:
         logprobs = [TokenLogprobPayload(lp.token_id, lp.logprob, list(lp.top_logprobs)) for lp in out.logprobs]
-    return GenerateDelta(out.new_token_ids, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens,
-                         out.finish_reason, out.stop_token_id, logprobs)
+    return GenerateDelta(
+        out.new_token_ids,
+        out.num_prompt_tokens,
+        out.num_cached_tokens,
+        out.num_output_tokens,
+        out.finish_reason,
+        out.stop_token_id,
+        logprobs,
+    )

@@ -37,7 +37,6 @@ WORKLOAD_TAG = 21
 """Mixed into every seed so two workloads with the same --seed never draw the same tokens."""
 
 
-
 @dataclass
 class MultiTurnConfig:
     """Multi-round QA (defaults: the CPU-scale shape of research anchors §5; production-stack's

@@ -29,11 +29,19 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--workload", choices=WORKLOADS, default="random", help="(default: %(default)s)")
     w.add_argument("--input-len", type=int, default=550, help="random: prompt tokens (default: %(default)s)")
     w.add_argument("--input-len-stddev", type=float, default=0.0, help="random: spread of prompt tokens")
-    w.add_argument("--output-len", type=int, default=150, help="random, shared-prefix: output tokens (default: %(default)s)")
+    w.add_argument(
+        "--output-len", type=int, default=150, help="random, shared-prefix: output tokens (default: %(default)s)"
+    )
     w.add_argument("--output-len-stddev", type=float, default=0.0, help="random: spread of output tokens")
-    w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: shared system prompts (default: %(default)s)")
-    w.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix: tokens per shared prompt (default: %(default)s)")
-    w.add_argument("--question-len", type=int, default=50, help="shared-prefix, multi-turn: question tokens (default: %(default)s)")
+    w.add_argument(
+        "--num-prefixes", type=int, default=4, help="shared-prefix: shared system prompts (default: %(default)s)"
+    )
+    w.add_argument(
+        "--prefix-len", type=int, default=1000, help="shared-prefix: tokens per shared prompt (default: %(default)s)"
+    )
+    w.add_argument(
+        "--question-len", type=int, default=50, help="shared-prefix, multi-turn: question tokens (default: %(default)s)"
+    )
     w.add_argument("--num-users", type=int, default=4, help="multi-turn: concurrent users (default: %(default)s)")
     w.add_argument("--num-rounds", type=int, default=5, help="multi-turn: turns per user (default: %(default)s)")
     w.add_argument("--system-prompt-len", type=int, default=200, help="multi-turn: shared system prompt tokens")
@@ -44,8 +52,12 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--qps", type=float, default=1.0, help="multi-turn: overall request rate (default: %(default)s)")
     w.add_argument("--trace", help="trace: Mooncake-format JSONL file")
     w.add_argument("--trace-block-size", type=int, default=512, help="trace: tokens per hash id (default: %(default)s)")
-    w.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply the trace's gaps (0.5 = twice as fast)")
-    w.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this (default: %(default)s)")
+    w.add_argument(
+        "--time-scale", type=float, default=1.0, help="trace: multiply the trace's gaps (0.5 = twice as fast)"
+    )
+    w.add_argument(
+        "--vocab-size", type=int, default=32000, help="token ids are drawn below this (default: %(default)s)"
+    )
 
 
 def _vocab(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,23 +65,43 @@ def _vocab(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def random_config(args: argparse.Namespace, num_requests: int, seed: int) -> RandomWorkloadConfig:
-    return RandomWorkloadConfig(input_len=args.input_len, input_len_stddev=args.input_len_stddev,
-                                output_len=args.output_len, output_len_stddev=args.output_len_stddev,
-                                num_requests=num_requests, seed=seed, **_vocab(args))
+    return RandomWorkloadConfig(
+        input_len=args.input_len,
+        input_len_stddev=args.input_len_stddev,
+        output_len=args.output_len,
+        output_len_stddev=args.output_len_stddev,
+        num_requests=num_requests,
+        seed=seed,
+        **_vocab(args),
+    )
 
 
 def shared_prefix_config(args: argparse.Namespace, num_requests: int, seed: int) -> SharedPrefixConfig:
-    return SharedPrefixConfig(num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
-                              question_len=args.question_len, output_len=args.output_len,
-                              num_requests=num_requests, seed=seed, **_vocab(args))
+    return SharedPrefixConfig(
+        num_prefixes=args.num_prefixes,
+        prefix_len=args.prefix_len,
+        question_len=args.question_len,
+        output_len=args.output_len,
+        num_requests=num_requests,
+        seed=seed,
+        **_vocab(args),
+    )
 
 
 def multi_turn_config(args: argparse.Namespace) -> MultiTurnConfig:
-    return MultiTurnConfig(num_users=args.num_users, num_rounds=args.num_rounds,
-                           system_prompt_len=args.system_prompt_len, user_history_len=args.user_history_len,
-                           answer_len=args.answer_len, qps=args.qps, question_len=args.question_len,
-                           num_system_prompts=args.num_system_prompts, answer_len_stddev=args.answer_len_stddev,
-                           seed=args.seed, **_vocab(args))
+    return MultiTurnConfig(
+        num_users=args.num_users,
+        num_rounds=args.num_rounds,
+        system_prompt_len=args.system_prompt_len,
+        user_history_len=args.user_history_len,
+        answer_len=args.answer_len,
+        qps=args.qps,
+        question_len=args.question_len,
+        num_system_prompts=args.num_system_prompts,
+        answer_len_stddev=args.answer_len_stddev,
+        seed=args.seed,
+        **_vocab(args),
+    )
 
 
 def static_requests(args: argparse.Namespace, num_requests: int | None) -> Iterator[BenchRequest]:
@@ -77,7 +109,9 @@ def static_requests(args: argparse.Namespace, num_requests: int | None) -> Itera
     if args.workload == "trace":
         if not args.trace:
             raise ValueError("--workload trace needs --trace FILE")
-        config = TraceConfig(block_size=args.trace_block_size, seed=args.seed, time_scale=args.time_scale, **_vocab(args))
+        config = TraceConfig(
+            block_size=args.trace_block_size, seed=args.seed, time_scale=args.time_scale, **_vocab(args)
+        )
         return iter(trace_requests(load_trace(args.trace), config))
     build = random_requests if args.workload == "random" else shared_prefix_requests
     make = random_config if args.workload == "random" else shared_prefix_config

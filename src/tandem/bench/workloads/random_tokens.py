@@ -30,9 +30,7 @@ DEFAULT_VOCAB_SIZE = 32000
 def check_vocab(first_token_id: int, vocab_size: int) -> None:
     """Raise ValueError unless ``0 <= first_token_id < vocab_size``."""
     if not 0 <= first_token_id < vocab_size:
-        raise ValueError(
-            f"token range [first_token_id={first_token_id}, vocab_size={vocab_size}) is empty or negative"
-        )
+        raise ValueError(f"token range [first_token_id={first_token_id}, vocab_size={vocab_size}) is empty or negative")
 
 
 def random_token_ids(rng: np.random.Generator, n: int, first_token_id: int, vocab_size: int) -> list[int]:

@@ -29,7 +29,6 @@ WORKLOAD_TAG = 31
 """Mixed into every seed so two workloads with the same --seed never draw the same tokens."""
 
 
-
 @dataclass
 class SharedPrefixConfig:
     """Prefix-cache traffic: a small pool of long shared system prompts."""

@@ -203,7 +203,6 @@ def synthesize_trace(
     block_size: int = MOONCAKE_BLOCK_SIZE,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-
     """A small Mooncake-format trace: Poisson arrivals at ``rate`` requests/s starting at 0 ms.
 
     Each request takes one of ``num_prefixes`` shared prefixes (``prefix_blocks`` hash ids each,

@@ -107,8 +107,16 @@ def paged_attention(
     out = torch.empty_like(q)
     n_dec = meta.num_decode_tokens
     if n_dec and meta.decode_ctx_lens is not None:
-        out[:n_dec] = cpu_paged.paged_attention(q[:n_dec], k_cache, v_cache, meta.decode_block_table, meta.decode_rows,
-                                                meta.decode_ctx_lens, meta.block_size, scale)
+        out[:n_dec] = cpu_paged.paged_attention(
+            q[:n_dec],
+            k_cache,
+            v_cache,
+            meta.decode_block_table,
+            meta.decode_rows,
+            meta.decode_ctx_lens,
+            meta.block_size,
+            scale,
+        )
     elif n_dec:
         group = num_heads // num_kv_heads
         # Query heads h = kv * group + g all read KV head kv: fold g into the query axis.
@@ -122,8 +130,9 @@ def paged_attention(
         )
         out[:n_dec] = od.reshape(n_dec, num_heads, head_dim)
     if meta.prefill_chunk_info is not None:
-        cpu_prefill.prefill_attention(q, k_cache, v_cache, meta.prefill_block_table, meta.prefill_chunk_info,
-                                      meta.block_size, scale, out)
+        cpu_prefill.prefill_attention(
+            q, k_cache, v_cache, meta.prefill_block_table, meta.prefill_chunk_info, meta.block_size, scale, out
+        )
         return out
     for chunk in meta.prefills:
         s, n = chunk.token_start, chunk.num_tokens
@@ -136,8 +145,13 @@ def paged_attention(
             vp = v_cache.index_select(0, chunk.context_slots)
             mask, causal = chunk.causal_mask, False
         op = F.scaled_dot_product_attention(
-            qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=num_heads != num_kv_heads,
+            qp,
+            kp.transpose(0, 1).unsqueeze(0),
+            vp.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
         )
         out[s : s + n] = op[0].transpose(0, 1)
     return out

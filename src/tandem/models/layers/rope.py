@@ -92,8 +92,14 @@ def rope_inv_freq(
 class RotaryEmbedding(torch.nn.Module):
     """Applies RoPE to flattened q/k of shape [tokens, heads, head_dim] at given positions."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
-                 max_position_embeddings: int) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        max_position_embeddings: int,
+    ) -> None:
         super().__init__()
         self._args = (head_dim, max_positions, theta, scaling, max_position_embeddings)
         self.register_buffer("cos", torch.empty(0), persistent=False)
@@ -116,7 +122,9 @@ class RotaryEmbedding(torch.nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by the looked-up cos/sin."""
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

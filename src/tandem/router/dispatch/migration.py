@@ -71,8 +71,12 @@ class _Carry:
             self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
             return delta
         output = delta.num_output_tokens + self.carried if delta.num_output_tokens else 0
-        return msgspec.structs.replace(delta, num_prompt_tokens=self.num_prompt_tokens,
-                                       num_cached_tokens=self.num_cached_tokens, num_output_tokens=output)
+        return msgspec.structs.replace(
+            delta,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            num_output_tokens=output,
+        )
 
     def next_request(self) -> GenerateRequest | None:
         """The request that continues from here (None when nothing is left to generate)."""
@@ -87,8 +91,13 @@ class _Carry:
         self.attempt += 1
         self.carried = done
         return msgspec.structs.replace(
-            self.request, request_id=f"{self.request.request_id}:m{self.attempt}",
-            token_ids=self.request.token_ids + self.token_ids, sampling=sampling, export_kv=False, kv_transfer=None)
+            self.request,
+            request_id=f"{self.request.request_id}:m{self.attempt}",
+            token_ids=self.request.token_ids + self.token_ids,
+            sampling=sampling,
+            export_kv=False,
+            kv_transfer=None,
+        )
 
     def finished(self) -> GenerateDelta:
         """The last delta of a request whose every token arrived before its stream broke."""
@@ -99,9 +108,14 @@ class _Carry:
 class MigratingClient:
     """``generate`` of the wrapped client, with lost mid-stream requests moved to another worker."""
 
-    def __init__(self, inner: WorkerClient | DisaggregatedClient, pool: WorkerPool, limit: int | None = None,
-                 on_outcome: Callable[[str, str], None] | None = None,
-                 on_limit: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        inner: WorkerClient | DisaggregatedClient,
+        pool: WorkerPool,
+        limit: int | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
+        on_limit: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.inner, self.pool = inner, pool
         self.limit = limit
         """Migrations per request; None: :func:`default_migration_limit` of the live workers."""
@@ -138,8 +152,10 @@ class MigratingClient:
                 if carry.attempt == 0:
                     raise
                 self._report(model, "no_worker")  # every other worker is gone or failed to answer
-                raise RequestLostError(f"{_lost_message(lost, carry)}; migration {carry.attempt} of {limit} found "
-                                       f"no worker to continue it ({exc.message})") from None
+                raise RequestLostError(
+                    f"{_lost_message(lost, carry)}; migration {carry.attempt} of {limit} found "
+                    f"no worker to continue it ({exc.message})"
+                ) from None
             finally:
                 await deltas.aclose()
             lost_workers.add(lost.worker_id)
@@ -155,9 +171,16 @@ class MigratingClient:
                 yield carry.finished()
                 return
             self._report(model, "migrated")
-            logger.info("migrating request %s off lost worker %s to another worker as %s (%d tokens carried; "
-                        "migration %d of %d)", request.request_id, lost.worker_id, attempt.request_id,
-                        carry.carried, carry.attempt, limit)
+            logger.info(
+                "migrating request %s off lost worker %s to another worker as %s (%d tokens carried; "
+                "migration %d of %d)",
+                request.request_id,
+                lost.worker_id,
+                attempt.request_id,
+                carry.carried,
+                carry.attempt,
+                limit,
+            )
 
     def _report(self, model: str, outcome: str) -> None:
         if self.on_outcome is not None:
@@ -170,7 +193,11 @@ def _lost_message(lost: StreamBrokenError, carry: _Carry) -> str:
 
 def _cannot_migrate(lost: StreamBrokenError, carry: _Carry, limit: int) -> RequestLostError:
     if limit == 0:
-        return RequestLostError(f"{_lost_message(lost, carry)}; request migration is off (--migration-limit 0, "
-                                "or only one worker served the model)")
-    return RequestLostError(f"{_lost_message(lost, carry)}; gave up after {carry.attempt} migration(s) "
-                            f"(--migration-limit {limit})", "migration_exhausted")
+        return RequestLostError(
+            f"{_lost_message(lost, carry)}; request migration is off (--migration-limit 0, "
+            "or only one worker served the model)"
+        )
+    return RequestLostError(
+        f"{_lost_message(lost, carry)}; gave up after {carry.attempt} migration(s) (--migration-limit {limit})",
+        "migration_exhausted",
+    )

@@ -61,8 +61,9 @@ class DisaggConfig:
     """How long a ``kv_release`` to a prefill worker may take (best effort)."""
 
 
-def local_prefill_reason(num_prompt_tokens: int, num_prefill_workers: int, prefills_in_flight: int,
-                         config: DisaggConfig) -> str | None:
+def local_prefill_reason(
+    num_prompt_tokens: int, num_prefill_workers: int, prefills_in_flight: int, config: DisaggConfig
+) -> str | None:
     """Conditional disaggregation: why a request runs whole on a decode worker
     ("no_prefill_workers", "local_short", "local_busy"), or None to run it in two halves."""
     if num_prefill_workers == 0:
@@ -78,8 +79,12 @@ def local_prefill_reason(num_prompt_tokens: int, num_prefill_workers: int, prefi
 class DisaggregatedClient:
     """`WorkerClient.generate` with the two-halves flow when prefill workers exist."""
 
-    def __init__(self, workers: WorkerClient, config: DisaggConfig | None = None,
-                 on_outcome: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        workers: WorkerClient,
+        config: DisaggConfig | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.workers = workers
         self.config = config or DisaggConfig()
         self.on_outcome = on_outcome
@@ -92,8 +97,9 @@ class DisaggregatedClient:
         self.fallbacks_total = 0
         """Requests that had prefill workers but ran whole on a decode worker after a prefill failure."""
 
-    async def generate(self, model: str, request: GenerateRequest,
-                       exclude: frozenset[str] = frozenset()) -> AsyncIterator[GenerateDelta]:
+    async def generate(
+        self, model: str, request: GenerateRequest, exclude: frozenset[str] = frozenset()
+    ) -> AsyncIterator[GenerateDelta]:
         """Deltas of the whole request; ``exclude``: workers not to use (lost ones, on migration)."""
         local = self._run_locally(model, request)
         if local is not None:
@@ -127,19 +133,22 @@ class DisaggregatedClient:
     def _run_locally(self, model: str, request: GenerateRequest) -> str | None:
         """Why the request should run whole on a decode worker, or None to disaggregate it."""
         prefill_workers = sum(card.role == "prefill" for card in self.workers.pool.workers(model))
-        return local_prefill_reason(len(request.token_ids), prefill_workers, self.prefills_in_flight.get(model, 0),
-                                    self.config)
+        return local_prefill_reason(
+            len(request.token_ids), prefill_workers, self.prefills_in_flight.get(model, 0), self.config
+        )
 
     def _report(self, model: str, outcome: str) -> None:
         if self.on_outcome is not None:
             self.on_outcome(model, outcome)
 
-    async def _prefill(self, model: str, request: GenerateRequest,
-                       exclude: frozenset[str] = frozenset()) -> GenerateDelta | None:
+    async def _prefill(
+        self, model: str, request: GenerateRequest, exclude: frozenset[str] = frozenset()
+    ) -> GenerateDelta | None:
         """The prefill half's merged deltas; None when it could not run (the caller falls back)."""
         sampling = {**request.sampling, "max_tokens": 1, "min_tokens": min(1, request.sampling.get("min_tokens", 0))}
-        half = msgspec.structs.replace(request, request_id=f"{request.request_id}:prefill", sampling=sampling,
-                                       export_kv=True)
+        half = msgspec.structs.replace(
+            request, request_id=f"{request.request_id}:prefill", sampling=sampling, export_kv=True
+        )
         merged: GenerateDelta | None = None
         deltas = self.workers.generate(model, half, PREFILL_ROLES, exclude)
         self.prefills_in_flight[model] = self.prefills_in_flight.get(model, 0) + 1
@@ -167,9 +176,12 @@ class DisaggregatedClient:
     async def _release(self, params: KvTransferParams) -> None:
         """Free the held blocks on the prefill worker (best effort; they expire anyway)."""
         try:
-            await self.workers.client.call(params.worker_address, Endpoint.KV_RELEASE,
-                                           msgspec.to_builtins(KvReleaseRequest(params.transfer_id)),
-                                           timeout=self.config.release_timeout_s)
+            await self.workers.client.call(
+                params.worker_address,
+                Endpoint.KV_RELEASE,
+                msgspec.to_builtins(KvReleaseRequest(params.transfer_id)),
+                timeout=self.config.release_timeout_s,
+            )
         except Exception as exc:  # best effort: the export expires on its own
             logger.debug("kv_release of %s failed: %s", params.transfer_id, exc)
 
@@ -180,13 +192,17 @@ def _decode_request(request: GenerateRequest, first: GenerateDelta, params: KvTr
     sampling["max_tokens"] = sampling.get("max_tokens", _DEFAULT_MAX_TOKENS) - 1
     if sampling.get("min_tokens"):
         sampling["min_tokens"] -= 1
-    return msgspec.structs.replace(request, token_ids=request.token_ids + first.token_ids, sampling=sampling,
-                                   kv_transfer=params)
+    return msgspec.structs.replace(
+        request, token_ids=request.token_ids + first.token_ids, sampling=sampling, kv_transfer=params
+    )
 
 
 def _as_whole_request(delta: GenerateDelta, first: GenerateDelta) -> GenerateDelta:
     """A decode-half delta in the whole request's terms: the prefill's token is output, not
     prompt, and cached tokens are what the prefill worker found (imported blocks are not hits)."""
     return msgspec.structs.replace(
-        delta, num_prompt_tokens=first.num_prompt_tokens, num_cached_tokens=first.num_cached_tokens,
-        num_output_tokens=delta.num_output_tokens + len(first.token_ids) if delta.num_output_tokens else 0)
+        delta,
+        num_prompt_tokens=first.num_prompt_tokens,
+        num_cached_tokens=first.num_cached_tokens,
+        num_output_tokens=delta.num_output_tokens + len(first.token_ids) if delta.num_output_tokens else 0,
+    )

@@ -43,13 +43,19 @@ class RoutedStream:
 
 
 class WorkerClient:
-    def __init__(self, pool: WorkerPool, policy: RoutingPolicy, client: RequestPlaneClient,
-                 max_attempts: int = 3) -> None:
+    def __init__(
+        self, pool: WorkerPool, policy: RoutingPolicy, client: RequestPlaneClient, max_attempts: int = 3
+    ) -> None:
         self.pool, self.policy, self.client = pool, policy, client
         self.max_attempts = max_attempts
 
-    async def generate(self, model: str, request: GenerateRequest, roles: tuple[str, ...] = SERVING_ROLES,
-                       exclude: frozenset[str] = frozenset()) -> AsyncIterator[GenerateDelta]:
+    async def generate(
+        self,
+        model: str,
+        request: GenerateRequest,
+        roles: tuple[str, ...] = SERVING_ROLES,
+        exclude: frozenset[str] = frozenset(),
+    ) -> AsyncIterator[GenerateDelta]:
         """Stream the request's deltas from a worker with one of ``roles`` (never one in
         ``exclude``). Raises NoWorkerError when no worker is left, WorkerRejectedError when the
         worker refused the request, WorkerFailedError, or StreamBrokenError mid-stream.

@@ -52,8 +52,7 @@ class _WorkerLoad:
 class ActiveLoad:
     """Prefill tokens and KV blocks of the requests routed to each worker."""
 
-    def __init__(self, block_size: int, expiry_s: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, block_size: int, expiry_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if not expiry_s > 0:
@@ -69,8 +68,9 @@ class ActiveLoad:
 
     # -- booking -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, worker_id: str, seq_hashes: list[int],
-                    num_prompt_tokens: int, num_cached_tokens: int = 0) -> None:
+    def add_request(
+        self, request_id: str, worker_id: str, seq_hashes: list[int], num_prompt_tokens: int, num_cached_tokens: int = 0
+    ) -> None:
         """Book a request routed to ``worker_id``.
 
         ``seq_hashes`` are the sequence hashes of the prompt's full blocks (DESIGN §4 block
@@ -83,10 +83,13 @@ class ActiveLoad:
         num_prompt_tokens = max(0, int(num_prompt_tokens))
         hashes = tuple(dict.fromkeys(seq_hashes))  # a hash listed twice is still one block
         total_blocks = -(-num_prompt_tokens // self.block_size)
-        entry = _Request(worker_id=worker_id, seq_hashes=hashes,
-                         private_blocks=max(0, total_blocks - len(hashes)),
-                         prefill_tokens=max(0, num_prompt_tokens - max(0, int(num_cached_tokens))),
-                         touched_at=self._clock())
+        entry = _Request(
+            worker_id=worker_id,
+            seq_hashes=hashes,
+            private_blocks=max(0, total_blocks - len(hashes)),
+            prefill_tokens=max(0, num_prompt_tokens - max(0, int(num_cached_tokens))),
+            touched_at=self._clock(),
+        )
         self._requests[request_id] = entry
         load = self._workers.setdefault(worker_id, _WorkerLoad())
         load.requests += 1
@@ -180,8 +183,9 @@ class ActiveLoad:
         """``(prefill_tokens, decode_blocks)`` of each worker, expiring stale entries once."""
         self.expire()
         get = self._workers.get
-        return {wid: ((load.prefill_tokens, load.decode_blocks) if (load := get(wid)) else (0, 0))
-                for wid in worker_ids}
+        return {
+            wid: ((load.prefill_tokens, load.decode_blocks) if (load := get(wid)) else (0, 0)) for wid in worker_ids
+        }
 
     def workers(self) -> list[str]:
         """Workers with at least one active request."""
@@ -202,6 +206,11 @@ class ActiveLoad:
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per worker ``{prefill_tokens, decode_blocks, active_requests}`` (for status pages)."""
         self.expire()
-        return {wid: {"prefill_tokens": load.prefill_tokens, "decode_blocks": load.decode_blocks,
-                      "active_requests": load.requests}
-                for wid, load in sorted(self._workers.items())}
+        return {
+            wid: {
+                "prefill_tokens": load.prefill_tokens,
+                "decode_blocks": load.decode_blocks,
+                "active_requests": load.requests,
+            }
+            for wid, load in sorted(self._workers.items())
+        }

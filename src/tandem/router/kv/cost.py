@@ -63,19 +63,31 @@ class KvCostConfig:
         return random.Random(self.seed)
 
 
-def worker_cost(active_prefill_tokens: int, new_prompt_tokens: int, cached_blocks: int,
-                active_decode_blocks: int, block_size: int, config: KvCostConfig) -> float:
+def worker_cost(
+    active_prefill_tokens: int,
+    new_prompt_tokens: int,
+    cached_blocks: int,
+    active_decode_blocks: int,
+    block_size: int,
+    config: KvCostConfig,
+) -> float:
     """Cost of sending a prompt of ``new_prompt_tokens`` tokens to one worker (DESIGN.md §4).
 
     ``cached_blocks`` is how many of the prompt's blocks the worker already holds (tiered hits may
     pass a fractional, partially credited count). Lower is better; never negative.
     """
-    return worker_costs({"": (active_prefill_tokens, active_decode_blocks)}, new_prompt_tokens,
-                        {"": cached_blocks}, block_size, config)[""]
+    return worker_costs(
+        {"": (active_prefill_tokens, active_decode_blocks)}, new_prompt_tokens, {"": cached_blocks}, block_size, config
+    )[""]
 
 
-def worker_costs(loads: dict[str, tuple[int, int]], new_prompt_tokens: int, matches: dict[str, int],
-                 block_size: int, config: KvCostConfig) -> dict[str, float]:
+def worker_costs(
+    loads: dict[str, tuple[int, int]],
+    new_prompt_tokens: int,
+    matches: dict[str, int],
+    block_size: int,
+    config: KvCostConfig,
+) -> dict[str, float]:
     """:func:`worker_cost` of every worker in ``loads`` (worker → (active prefill tokens, active
     decode blocks)); ``matches`` gives cached blocks (absent = 0). One loop with the constants
     hoisted: the router runs this for every candidate of every request."""

@@ -54,8 +54,14 @@ class NatsFollowerConfig:
 class NatsKvEventFollower(KvEventFollowerCore):
     transport = "nats"
 
-    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient, plane: NatsRouterPlane,
-                 config: NatsFollowerConfig | None = None) -> None:
+    def __init__(
+        self,
+        card: WorkerCard,
+        indexer,
+        client: RequestPlaneClient,
+        plane: NatsRouterPlane,
+        config: NatsFollowerConfig | None = None,
+    ) -> None:
         super().__init__(card, indexer, client)
         if card.kv_events_subject is None:
             raise ValueError(f"worker {card.worker_id} publishes no NATS subject")
@@ -75,8 +81,9 @@ class NatsKvEventFollower(KvEventFollowerCore):
                 await self._follow()
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 self.stats.error(f"subscription lost: {exc!r}")
-                logger.warning("worker %s: KV subscription lost (%r); resuming from the stream", self.card.worker_id,
-                               exc)
+                logger.warning(
+                    "worker %s: KV subscription lost (%r); resuming from the stream", self.card.worker_id, exc
+                )
             await self._unsubscribe()
             await asyncio.sleep(self.config.retry_s)
 
@@ -103,8 +110,13 @@ class NatsKvEventFollower(KvEventFollowerCore):
     async def _subscribe(self) -> None:
         js = await self.plane.jetstream()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._position + 1)
-        self._sub = await js.subscribe(self.subject, stream=self.stream, config=config, ordered_consumer=True,
-                                       idle_heartbeat=self.config.idle_heartbeat_s)
+        self._sub = await js.subscribe(
+            self.subject,
+            stream=self.stream,
+            config=config,
+            ordered_consumer=True,
+            idle_heartbeat=self.config.idle_heartbeat_s,
+        )
 
     async def _follow(self) -> None:
         if self._sub is None:

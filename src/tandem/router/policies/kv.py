@@ -69,9 +69,12 @@ class KvRouter(RoutingPolicy):
 
     def __init__(self, pool: WorkerPool, client: RequestPlaneClient, config: KvRouterConfig | None = None) -> None:
         self.config = config or KvRouterConfig()
-        self.cost = KvCostConfig(overlap_credit=self.config.overlap_credit,
-                                 prefill_load_scale=self.config.prefill_load_scale,
-                                 temperature=self.config.temperature, seed=self.config.seed)
+        self.cost = KvCostConfig(
+            overlap_credit=self.config.overlap_credit,
+            prefill_load_scale=self.config.prefill_load_scale,
+            temperature=self.config.temperature,
+            seed=self.config.seed,
+        )
         self._rng = self.cost.make_rng()
         self.client = client
         self.block_size = self.config.block_size
@@ -142,13 +145,16 @@ class KvRouter(RoutingPolicy):
     def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
         return self.route(candidates, token_ids, None, None)
 
-    def route(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
-              cache_salt: str | None) -> WorkerCard:
+    def route(
+        self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None, cache_salt: str | None
+    ) -> WorkerCard:
         """Pick the cheapest candidate for this prompt and book the request's load on it."""
         start = time.perf_counter()
         hashes = self.indexer.sequence_hashes(token_ids, cache_salt)
         now = time.monotonic()
-        matches = self.indexer.find_matches(hashes) if self.config.use_kv_events else self.approx.find_matches(hashes, now)
+        matches = (
+            self.indexer.find_matches(hashes) if self.config.use_kv_events else self.approx.find_matches(hashes, now)
+        )
         loads = self.load.loads([c.worker_id for c in candidates])
         costs = worker_costs(loads, len(token_ids), matches, self.block_size, self.cost)
         chosen = select_worker(costs, self.cost.temperature, self._rng)
@@ -180,9 +186,12 @@ class KvRouter(RoutingPolicy):
         self.routed[worker] = self.routed.get(worker, 0) + 1
         if self.config.use_kv_events and worker not in self._warned and self._events_missing(worker):
             self._warned.add(worker)
-            logger.warning("KV routing is on but worker %s has published no KV events after serving %d requests: "
-                           "its cache is invisible to the router (start it without --no-kv-events)",
-                           worker, self.routed[worker])
+            logger.warning(
+                "KV routing is on but worker %s has published no KV events after serving %d requests: "
+                "its cache is invisible to the router (start it without --no-kv-events)",
+                worker,
+                self.routed[worker],
+            )
 
     def _events_missing(self, worker: str) -> bool:
         if self.routed.get(worker, 0) < WARN_AFTER_REQUESTS:
@@ -218,10 +227,16 @@ class KvRouter(RoutingPolicy):
                 "active_decode_blocks": self.load.decode_blocks(card.worker_id),
             }
         return {
-            "policy": self.name, "use_kv_events": self.config.use_kv_events, "block_size": self.block_size,
-            "overlap_credit": self.cost.overlap_credit, "prefill_load_scale": self.cost.prefill_load_scale,
-            "temperature": self.cost.temperature, "requests_routed": self.requests_routed,
-            "hit_rate": self.hit_rate, "prompt_blocks": self.prompt_blocks, "cached_blocks": self.cached_blocks,
+            "policy": self.name,
+            "use_kv_events": self.config.use_kv_events,
+            "block_size": self.block_size,
+            "overlap_credit": self.cost.overlap_credit,
+            "prefill_load_scale": self.cost.prefill_load_scale,
+            "temperature": self.cost.temperature,
+            "requests_routed": self.requests_routed,
+            "hit_rate": self.hit_rate,
+            "prompt_blocks": self.prompt_blocks,
+            "cached_blocks": self.cached_blocks,
             "overhead_ms_mean": 1e3 * self.overhead_s_total / self.requests_routed if self.requests_routed else 0.0,
             "workers": workers,
             "nats": self._nats_status(),
@@ -232,6 +247,9 @@ class KvRouter(RoutingPolicy):
             return None
         status: dict[str, Any] = {"url": self.nats.url, "load_malformed": self.nats.load_malformed}
         if self.sync is not None:
-            status.update(router_id=self.sync.router_id, bookings_applied=self.sync.applied,
-                          bookings_malformed=self.sync.malformed)
+            status.update(
+                router_id=self.sync.router_id,
+                bookings_applied=self.sync.applied,
+                bookings_malformed=self.sync.malformed,
+            )
         return status

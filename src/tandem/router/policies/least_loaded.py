@@ -42,8 +42,9 @@ class LeastLoadedPolicy(RoutingPolicy):
         loads = {worker_id: self.load(worker_id) for worker_id in by_id}
         return by_id[select_worker(loads, 0.0, self._rng)]
 
-    def route(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
-              cache_salt: str | None) -> WorkerCard:
+    def route(
+        self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None, cache_salt: str | None
+    ) -> WorkerCard:
         """Select, then book the request on the chosen worker (released by the hooks below)."""
         card = self.select(candidates, token_ids)
         if request_id is not None:

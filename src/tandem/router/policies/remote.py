@@ -30,13 +30,23 @@ class RemoteRouter(RoutingPolicy):
     def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
         raise RuntimeError("RemoteRouter routes asynchronously: use choose()")
 
-    async def choose(self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None,
-                     cache_salt: str | None) -> WorkerCard:
+    async def choose(
+        self, candidates: list[WorkerCard], token_ids: list[int], request_id: str | None, cache_salt: str | None
+    ) -> WorkerCard:
         """The router's choice; a random candidate (and a warning) when the router cannot answer."""
         try:
-            reply = await self.client.call(self.address, "route", {
-                "model": candidates[0].model, "token_ids": token_ids, "request_id": request_id,
-                "cache_salt": cache_salt, "candidates": [c.worker_id for c in candidates]}, timeout=5.0)
+            reply = await self.client.call(
+                self.address,
+                "route",
+                {
+                    "model": candidates[0].model,
+                    "token_ids": token_ids,
+                    "request_id": request_id,
+                    "cache_salt": cache_salt,
+                    "candidates": [c.worker_id for c in candidates],
+                },
+                timeout=5.0,
+            )
             return next(c for c in candidates if c.worker_id == reply["worker_id"])
         except (RequestPlaneError, StopIteration, KeyError, TypeError) as exc:
             logger.warning("router %s did not answer (%s); routing at random", self.address, exc)
@@ -59,8 +69,10 @@ class RemoteRouter(RoutingPolicy):
 
     async def refresh(self) -> None:
         try:
-            self.last_status = {"address": self.address, **await self.client.call(self.address, "status", None,
-                                                                                   timeout=2.0)}
+            self.last_status = {
+                "address": self.address,
+                **await self.client.call(self.address, "status", None, timeout=2.0),
+            }
         except Exception as exc:  # status is informational
             self.last_status = {"policy": "remote", "address": self.address, "error": str(exc)}
 

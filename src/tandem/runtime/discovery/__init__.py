@@ -11,8 +11,9 @@ from __future__ import annotations
 from tandem.runtime.discovery.base import Discovery, DiscoveryConfig
 
 
-def make_discovery(spec: str, config: DiscoveryConfig | None = None, *, etcd_endpoints: str | None = None,
-                   namespace: str = "tandem") -> Discovery:
+def make_discovery(
+    spec: str, config: DiscoveryConfig | None = None, *, etcd_endpoints: str | None = None, namespace: str = "tandem"
+) -> Discovery:
     """Build a discovery client from a spec.
 
     ``memory`` (the process-wide in-memory store), ``memory:NAME`` (a named one), ``file``
@@ -34,5 +35,6 @@ def make_discovery(spec: str, config: DiscoveryConfig | None = None, *, etcd_end
         from tandem.runtime.discovery.etcd import EtcdDiscovery
 
         return EtcdDiscovery(endpoints, namespace=namespace, config=config)
-    raise ValueError(f"unknown discovery spec {spec!r}: expected 'memory', 'file', 'file:/dir', 'etcd' "
-                     "or 'etcd://host:port'")
+    raise ValueError(
+        f"unknown discovery spec {spec!r}: expected 'memory', 'file', 'file:/dir', 'etcd' or 'etcd://host:port'"
+    )

@@ -177,8 +177,9 @@ class Discovery(abc.ABC):
         await self.close()
 
 
-async def register_when_reachable(discovery: Discovery, card: WorkerCard, ttl_s: float | None = None,
-                                  wait_s: float = 0.0) -> Registration:
+async def register_when_reachable(
+    discovery: Discovery, card: WorkerCard, ttl_s: float | None = None, wait_s: float = 0.0
+) -> Registration:
     """``discovery.register``, retried with backoff while discovery is unreachable (a
     ``ConnectionError``, e.g. etcd not up yet) for up to ``wait_s`` seconds; then the last error
     is raised. Other errors (a duplicate worker_id) are raised at once."""
@@ -194,13 +195,17 @@ async def register_when_reachable(discovery: Discovery, card: WorkerCard, ttl_s:
                 raise
             if waiting_since is None:
                 waiting_since = time.monotonic()
-                log.warning("worker %s: discovery unreachable (%s); retrying for up to %.0fs", card.worker_id, exc,
-                            remaining)
+                log.warning(
+                    "worker %s: discovery unreachable (%s); retrying for up to %.0fs", card.worker_id, exc, remaining
+                )
             await asyncio.sleep(min(backoff.next(), remaining))
             continue
         if waiting_since is not None:
-            log.info("worker %s: registered after waiting %.1fs for discovery", card.worker_id,
-                     time.monotonic() - waiting_since)
+            log.info(
+                "worker %s: registered after waiting %.1fs for discovery",
+                card.worker_id,
+                time.monotonic() - waiting_since,
+            )
         return registration
 
 

@@ -141,8 +141,16 @@ def _short(exc: BaseException) -> str:
 
 def _is_transient(exc: BaseException) -> bool:
     """A failure of the connection (retry elsewhere / later), not of the request itself."""
-    if isinstance(exc, (aetcd.RevisionCompactedError, aetcd.InvalidArgumentError, aetcd.PreconditionFailedError,
-                        aetcd.DuplicateLeaseError, aetcd.exceptions.UnauthenticatedError)):
+    if isinstance(
+        exc,
+        (
+            aetcd.RevisionCompactedError,
+            aetcd.InvalidArgumentError,
+            aetcd.PreconditionFailedError,
+            aetcd.DuplicateLeaseError,
+            aetcd.exceptions.UnauthenticatedError,
+        ),
+    ):
         return False
     return isinstance(exc, (aetcd.ClientError, TimeoutError, OSError, grpc.RpcError, grpc.aio.UsageError))
 
@@ -349,15 +357,17 @@ class EtcdDiscovery(Discovery):
         succeeded, responses = await client.transaction(
             compare=[_LeaseIs(key, lease_id)],
             success=[t.put(key, value, lease=lease_id)],
-            failure=[t.txn(compare=[t.version(key) == 0], success=[t.put(key, value, lease=lease_id)],
-                           failure=[t.get(key)])],
+            failure=[
+                t.txn(compare=[t.version(key) == 0], success=[t.put(key, value, lease=lease_id)], failure=[t.get(key)])
+            ],
         )
         if succeeded or responses[0].response_txn.succeeded:
             return
         kvs = responses[0].response_txn.responses[0].response_range.kvs
         holder = f"lease {kvs[0].lease:x}" if kvs and kvs[0].lease else "a key without a lease"
         raise WorkerAlreadyRegisteredError(
-            f"worker_id {card.worker_id!r} is already registered in etcd ({holder}; ours is {lease_id:x})")
+            f"worker_id {card.worker_id!r} is already registered in etcd ({holder}; ours is {lease_id:x})"
+        )
 
     async def _delete_if_ours(self, client: aetcd.Client, worker_id: str, lease_id: int) -> None:
         key, t = self.key(worker_id), client.transactions
@@ -371,8 +381,9 @@ class EtcdDiscovery(Discovery):
             if self._ttl_s is None:
                 self._ttl_s = ttl
             elif ttl != self._ttl_s:
-                log.debug("register %s: ttl %.1fs ignored, the client's lease has %.1fs", card.worker_id, ttl,
-                          self._ttl_s)
+                log.debug(
+                    "register %s: ttl %.1fs ignored, the client's lease has %.1fs", card.worker_id, ttl, self._ttl_s
+                )
             for attempt in range(2):
                 if self._lease_id is None:
                     await self._grant_locked(any_endpoint=True)
@@ -455,8 +466,12 @@ class EtcdDiscovery(Discovery):
             except _LeaseLostError:
                 async with self._lease_lock:
                     if self._lease_id is not None:
-                        log.warning("etcd lease %x is gone (expired while etcd was away, or etcd lost its data): "
-                                    "registering %d worker(s) again", self._lease_id, len(self._registrations))
+                        log.warning(
+                            "etcd lease %x is gone (expired while etcd was away, or etcd lost its data): "
+                            "registering %d worker(s) again",
+                            self._lease_id,
+                            len(self._registrations),
+                        )
                         self._lease_id = None
                 delay = 0.0
             except _UnreachableError:
@@ -517,15 +532,18 @@ class EtcdDiscovery(Discovery):
                     got = await c.get(key)
                     if got is not None and got.lease == lease_id:
                         t = c.transactions
-                        await c.transaction(compare=[_LeaseIs(key, lease_id)],
-                                            success=[t.put(key, got.value, lease=orphan.id)], failure=[])
+                        await c.transaction(
+                            compare=[_LeaseIs(key, lease_id)],
+                            success=[t.put(key, got.value, lease=orphan.id)],
+                            failure=[],
+                        )
 
                 await self._call(move)
 
     # ------------------------------------------------------------------ reading
 
     def _decode(self, key: bytes, value: bytes) -> WorkerCard | None:
-        worker_id = key[len(self.prefix):].decode(errors="replace")
+        worker_id = key[len(self.prefix) :].decode(errors="replace")
         try:
             card = WorkerCard.from_json(value)
         except WorkerCardError as exc:
@@ -588,7 +606,7 @@ class EtcdDiscovery(Discovery):
                             yield event
                         continue
                     if isinstance(item, aetcd.Event):
-                        worker_id = item.kv.key[len(self.prefix):].decode(errors="replace")
+                        worker_id = item.kv.key[len(self.prefix) :].decode(errors="replace")
                         card = self._decode(item.kv.key, item.kv.value) if item.kind == "PUT" else None
                         for event in view.put(worker_id, card) if card is not None else view.delete(worker_id):
                             yield event
@@ -643,8 +661,9 @@ class EtcdDiscovery(Discovery):
                 try:
                     await self._call_any(lambda c: c.revoke_lease(lease_id))
                 except Exception as exc:  # it expires by itself after its TTL
-                    log.warning("could not revoke etcd lease %x (%s); it expires in %ss", lease_id, _short(exc),
-                                self._lease_ttl)
+                    log.warning(
+                        "could not revoke etcd lease %x (%s); it expires in %ss", lease_id, _short(exc), self._lease_ttl
+                    )
             self._lease_id = None
         self._shut = True
         client, self._client = self._client, None

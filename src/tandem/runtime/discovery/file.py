@@ -126,9 +126,7 @@ def _stat_key(st: os.stat_result) -> _StatKey:
 class FileDiscovery(SnapshotDiscovery):
     """Discovery through a directory shared by the processes of one machine."""
 
-    def __init__(
-        self, directory: str | os.PathLike | None = None, config: DiscoveryConfig | None = None
-    ) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, config: DiscoveryConfig | None = None) -> None:
         super().__init__(config)
         self.directory = Path(directory).expanduser() if directory else default_directory()
         self.directory.mkdir(parents=True, exist_ok=True)

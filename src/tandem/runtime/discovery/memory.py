@@ -110,9 +110,7 @@ def shared_store(name: str = "default") -> MemoryStore:
 class MemoryDiscovery(SnapshotDiscovery):
     """Discovery in this process's memory; ``MemoryDiscovery()`` gets a private store."""
 
-    def __init__(
-        self, store: MemoryStore | None = None, config: DiscoveryConfig | None = None
-    ) -> None:
+    def __init__(self, store: MemoryStore | None = None, config: DiscoveryConfig | None = None) -> None:
         super().__init__(config)
         self.store = store if store is not None else MemoryStore()
 

@@ -13,8 +13,9 @@ from tandem.runtime.event_plane.config import EventPlaneConfig
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, PublisherConfig
 
 
-def make_kv_publisher(plane: EventPlaneConfig, index: int, *, host: str = "127.0.0.1", events_port: int = 0,
-                      replay_port: int = 0) -> Any:
+def make_kv_publisher(
+    plane: EventPlaneConfig, index: int, *, host: str = "127.0.0.1", events_port: int = 0, replay_port: int = 0
+) -> Any:
     """The publisher of a process's ``index``-th engine (several with ``--mocker-workers``).
 
     ZMQ: a ``KvEventPublisher`` bound on ``host`` (``events_port``/``replay_port`` for the first
@@ -22,8 +23,10 @@ def make_kv_publisher(plane: EventPlaneConfig, index: int, *, host: str = "127.0
     must use. Raises ValueError for ports given with NATS (nothing would bind them)."""
     if plane.kind == "nats":
         if events_port or replay_port:
-            raise ValueError("--kv-events-port and --kv-replay-port are for --event-plane zmq; "
-                             "with nats the events go to the NATS server at --nats-url")
+            raise ValueError(
+                "--kv-events-port and --kv-replay-port are for --event-plane zmq; "
+                "with nats the events go to the NATS server at --nats-url"
+            )
         from tandem.runtime.event_plane.nats_publisher import NatsKvEventPublisher, NatsPublisherConfig
 
         # Unique per process start: a restarted container may reuse hostname and pid, and must

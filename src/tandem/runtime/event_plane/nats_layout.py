@@ -90,12 +90,19 @@ def servers(url: str) -> list[str]:
 
 async def connect(url: str, name: str, *, connect_timeout_s: float = 2.0) -> NatsClient:
     """One connection attempt; once connected, nats-py reconnects on its own, forever."""
+
     async def on_error(exc: Exception) -> None:
         logger.debug("nats (%s): %r", name, exc)
 
-    return await nats.connect(servers(url), name=name, connect_timeout=connect_timeout_s,
-                              max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
-                              error_cb=on_error)
+    return await nats.connect(
+        servers(url),
+        name=name,
+        connect_timeout=connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        error_cb=on_error,
+    )
 
 
 async def connect_with_retry(url: str, name: str, *, max_backoff_s: float = 5.0) -> NatsClient:
@@ -128,13 +135,23 @@ async def ensure_stream(js: JetStreamContext, namespace: str, limits: StreamLimi
         return name
     except NotFoundError:
         pass
-    config = StreamConfig(name=name, subjects=[f"tandem.{namespace}.kv.>"], retention=RetentionPolicy.LIMITS,
-                          discard=DiscardPolicy.OLD, storage=StorageType.FILE, max_age=limits.max_age_s,
-                          max_msgs_per_subject=limits.max_msgs_per_subject)
+    config = StreamConfig(
+        name=name,
+        subjects=[f"tandem.{namespace}.kv.>"],
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        max_age=limits.max_age_s,
+        max_msgs_per_subject=limits.max_msgs_per_subject,
+    )
     try:
         await js.add_stream(config)
-        logger.info("created JetStream stream %s (max age %.0fs, %d batches per worker)", name,
-                    limits.max_age_s, limits.max_msgs_per_subject)
+        logger.info(
+            "created JetStream stream %s (max age %.0fs, %d batches per worker)",
+            name,
+            limits.max_age_s,
+            limits.max_msgs_per_subject,
+        )
     except BadRequestError as exc:  # someone else created it meanwhile, maybe with other limits
         await js.stream_info(name)  # raises if it still does not exist
         logger.info("JetStream stream %s already exists (%s)", name, exc.description)

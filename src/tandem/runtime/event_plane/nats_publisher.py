@@ -97,8 +97,10 @@ class NatsKvEventPublisher:
                 self._queue.popleft()
                 self.batches_dropped += 1
                 if self.batches_dropped == 1 or self.batches_dropped % 1000 == 0:
-                    logger.warning("NATS is not keeping up: %d KV event batches dropped so far (routers will "
-                                   "take dumps)", self.batches_dropped)
+                    logger.warning(
+                        "NATS is not keeping up: %d KV event batches dropped so far (routers will take dumps)",
+                        self.batches_dropped,
+                    )
             self._queue.append((seq, payload))
         self._wake()
 
@@ -193,8 +195,10 @@ class NatsKvEventPublisher:
                         self._queue.popleft()
             if acked < len(window):
                 if not failing:
-                    logger.warning("KV event batches not acknowledged by JetStream (%s); retrying",
-                                   "no stream captures the subject" if stream_missing else "NATS away or slow")
+                    logger.warning(
+                        "KV event batches not acknowledged by JetStream (%s); retrying",
+                        "no stream captures the subject" if stream_missing else "NATS away or slow",
+                    )
                 failing = True
                 if stream_missing:
                     await self._ensure_stream(js)
@@ -209,8 +213,11 @@ class NatsKvEventPublisher:
         futures = []
         try:
             for seq, payload in window:
-                headers = {nats_layout.MSG_ID_HEADER: f"{self.token}:{seq}", nats_layout.SEQ_HEADER: str(seq),
-                           nats_layout.WORKER_HEADER: self.worker_id}
+                headers = {
+                    nats_layout.MSG_ID_HEADER: f"{self.token}:{seq}",
+                    nats_layout.SEQ_HEADER: str(seq),
+                    nats_layout.WORKER_HEADER: self.worker_id,
+                }
                 futures.append(await js.publish_async(self.subject, payload, headers=headers, wait_stall=1.0))
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             logger.debug("KV batch send failed: %r", exc)

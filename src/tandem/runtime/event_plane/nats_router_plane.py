@@ -21,8 +21,7 @@ from tandem.runtime.event_plane import nats_layout
 
 logger = logging.getLogger(__name__)
 
-LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_total_blocks",
-               "prefix_cache_hit_rate")
+LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate")
 """Load-metric fields the router keeps and shows (of the worker's EngineStats)."""
 
 
@@ -64,7 +63,9 @@ class NatsRouterPlane:
                 self._load_subs[namespace] = await nc.subscribe(nats_layout.load_wildcard(namespace), cb=self._on_load)
                 await nats_layout.confirm_subscriptions(nc)
             if namespace not in self._namespaces:
-                self._namespaces[namespace] = await nats_layout.ensure_stream(await self.jetstream(), namespace, self.limits)
+                self._namespaces[namespace] = await nats_layout.ensure_stream(
+                    await self.jetstream(), namespace, self.limits
+                )
         return self._namespaces[namespace]
 
     async def _on_load(self, msg) -> None:  # a nats Msg

@@ -33,8 +33,9 @@ OPS = ("add", "prefill_done", "free")
 class BookingSink(Protocol):
     """Where another router's bookings land: the router's ``ActiveLoad``."""
 
-    def add_request(self, request_id: str, worker_id: str, seq_hashes: list[int], num_prompt_tokens: int,
-                    num_cached_tokens: int = 0) -> None: ...
+    def add_request(
+        self, request_id: str, worker_id: str, seq_hashes: list[int], num_prompt_tokens: int, num_cached_tokens: int = 0
+    ) -> None: ...
 
     def mark_prefill_done(self, request_id: str) -> None: ...
 
@@ -86,8 +87,9 @@ class ReplicaSync:
 
     # --- this router's bookings ---
 
-    def add(self, request_id: str, worker_id: str, seq_hashes: list[int], prompt_tokens: int,
-            cached_tokens: int) -> None:
+    def add(
+        self, request_id: str, worker_id: str, seq_hashes: list[int], prompt_tokens: int, cached_tokens: int
+    ) -> None:
         self._send(Booking(self.router_id, "add", request_id, worker_id, seq_hashes, prompt_tokens, cached_tokens))
 
     def prefill_done(self, request_id: str) -> None:
@@ -122,8 +124,9 @@ class ReplicaSync:
             return
         load, request_id = self._load(), f"{booking.router}/{booking.request_id}"
         if booking.op == "add":
-            load.add_request(request_id, booking.worker_id, booking.seq_hashes, booking.prompt_tokens,
-                             booking.cached_tokens)
+            load.add_request(
+                request_id, booking.worker_id, booking.seq_hashes, booking.prompt_tokens, booking.cached_tokens
+            )
         elif booking.op == "prefill_done":
             load.mark_prefill_done(request_id)
         else:

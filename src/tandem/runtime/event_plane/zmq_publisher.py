@@ -64,7 +64,7 @@ class BlockTable:
             if isinstance(event, BlockStored):
                 parent, size = event.parent_block_hash, event.block_size
                 for i, block_hash in enumerate(event.block_hashes):
-                    self.blocks[block_hash] = (parent, list(event.token_ids[i * size:(i + 1) * size]), size)
+                    self.blocks[block_hash] = (parent, list(event.token_ids[i * size : (i + 1) * size]), size)
                     parent = block_hash
             elif isinstance(event, BlockRemoved):
                 for block_hash in event.block_hashes:
@@ -74,8 +74,10 @@ class BlockTable:
 
     def as_events(self) -> list[BlockStored]:
         """One BlockStored per block, parents before children (insertion order keeps that)."""
-        return [BlockStored(block_hashes=[h], parent_block_hash=parent, token_ids=tokens, block_size=size)
-                for h, (parent, tokens, size) in self.blocks.items()]
+        return [
+            BlockStored(block_hashes=[h], parent_block_hash=parent, token_ids=tokens, block_size=size)
+            for h, (parent, tokens, size) in self.blocks.items()
+        ]
 
 
 class KvEventPublisher:

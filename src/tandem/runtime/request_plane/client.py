@@ -122,8 +122,13 @@ class _ClientConnection:
         self._keepalive: Keepalive | None = None
         if config.keepalive_interval is not None:
             self._keepalive = Keepalive(
-                config.keepalive_interval, config.keepalive_timeout, has_streams=lambda: bool(self._inboxes),
-                send_ping=lambda: self.write_nowait(Ping(next(self._ids))), on_lost=self._lost, name=address)
+                config.keepalive_interval,
+                config.keepalive_timeout,
+                has_streams=lambda: bool(self._inboxes),
+                send_ping=lambda: self.write_nowait(Ping(next(self._ids))),
+                on_lost=self._lost,
+                name=address,
+            )
 
     def open_stream(self) -> tuple[int, _Inbox]:
         """Allocate a stream id and its inbox."""
@@ -288,9 +293,7 @@ class RequestPlaneClient:
         finally:
             conn.close_stream(stream_id, cancel=not finished)
 
-    async def call(
-        self, address: str, endpoint: str, payload: Any, timeout: Timeout = FROM_CONFIG
-    ) -> Any:
+    async def call(self, address: str, endpoint: str, payload: Any, timeout: Timeout = FROM_CONFIG) -> Any:
         """Call a single-response endpoint: its one item (None if it sent none)."""
         items = self.stream(address, endpoint, payload, timeout)
         results: list[Any] = []
@@ -322,9 +325,7 @@ class RequestPlaneClient:
         await asyncio.gather(*(conn.close() for conn in self._connections.values()))
         self._connections.clear()
 
-    async def _next_frame(
-        self, conn: _ClientConnection, inbox: _Inbox, endpoint: str, timeout: float | None
-    ) -> Frame:
+    async def _next_frame(self, conn: _ClientConnection, inbox: _Inbox, endpoint: str, timeout: float | None) -> Frame:
         try:
             item = await inbox.get(timeout)
         except TimeoutError:
@@ -379,4 +380,3 @@ def _remote_error(address: str, frame: Error) -> RequestPlaneError:
     if frame.code == "unavailable":
         return WorkerUnavailableError(address, frame.message)
     return RemoteError(frame.code, frame.message, frame.exc_type)
-

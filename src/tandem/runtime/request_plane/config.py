@@ -56,8 +56,10 @@ class RequestPlaneConfig:
         if self.read_chunk_size <= 0:
             raise ValueError(f"read_chunk_size must be > 0, got {self.read_chunk_size}")
         if self.keepalive_interval is not None and not 0 < self.keepalive_interval < self.keepalive_timeout:
-            raise ValueError(f"keepalive_interval must be > 0 and < keepalive_timeout "
-                             f"({self.keepalive_timeout}), got {self.keepalive_interval}")
+            raise ValueError(
+                f"keepalive_interval must be > 0 and < keepalive_timeout "
+                f"({self.keepalive_timeout}), got {self.keepalive_interval}"
+            )
 
 
 class RequestPlaneError(Exception):

@@ -141,8 +141,7 @@ class FrameDecoder:
                     (body_size,) = HEADER.unpack_from(view, pos)
                     if body_size > self.max_frame_size:
                         raise FrameTooLargeError(
-                            f"peer announced a frame of {body_size} bytes; the maximum is "
-                            f"{self.max_frame_size}"
+                            f"peer announced a frame of {body_size} bytes; the maximum is {self.max_frame_size}"
                         )
                     end = pos + HEADER_SIZE + body_size
                     if end > len(buf):

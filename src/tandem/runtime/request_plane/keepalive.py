@@ -21,8 +21,16 @@ from collections.abc import Callable
 class Keepalive:
     """Pings one connection while it has streams; calls ``on_lost(reason)`` once on silence."""
 
-    def __init__(self, interval: float, timeout: float, *, has_streams: Callable[[], bool],
-                 send_ping: Callable[[], None], on_lost: Callable[[str], None], name: str) -> None:
+    def __init__(
+        self,
+        interval: float,
+        timeout: float,
+        *,
+        has_streams: Callable[[], bool],
+        send_ping: Callable[[], None],
+        on_lost: Callable[[str], None],
+        name: str,
+    ) -> None:
         self.interval, self.timeout = interval, timeout
         self._has_streams, self._send_ping, self._on_lost = has_streams, send_ping, on_lost
         self.last_heard = time.monotonic()

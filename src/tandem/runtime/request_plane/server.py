@@ -74,9 +74,7 @@ Handler = Callable[[Any, RequestContext], AsyncIterator[Any] | Awaitable[Any]]
 class RequestPlaneServer:
     """TCP server for request-plane endpoints (see module docstring)."""
 
-    def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, config: RequestPlaneConfig | None = None
-    ) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, config: RequestPlaneConfig | None = None) -> None:
         self.host = host
         self.port = port
         self.config = config or RequestPlaneConfig()
@@ -174,12 +172,14 @@ class RequestPlaneServer:
             await self._server.wait_closed()
 
     def _work_streams(self) -> list[asyncio.Task[None]]:
-        return [task for conn in self._connections for stream_id, task in conn.streams.items()
-                if conn.endpoint_of.get(stream_id) not in self._control]
+        return [
+            task
+            for conn in self._connections
+            for stream_id, task in conn.streams.items()
+            if conn.endpoint_of.get(stream_id) not in self._control
+        ]
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _ServerConnection(self, reader, writer)
         self._connections.add(conn)
         try:
@@ -191,9 +191,7 @@ class RequestPlaneServer:
 class _ServerConnection:
     """One client connection: reads frames, runs a task per stream, writes responses."""
 
-    def __init__(
-        self, server: RequestPlaneServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, server: RequestPlaneServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -215,8 +213,13 @@ class _ServerConnection:
         self._keepalive: Keepalive | None = None
         if config.keepalive_interval is not None:
             self._keepalive = Keepalive(
-                config.keepalive_interval, config.keepalive_timeout, has_streams=lambda: bool(self.streams),
-                send_ping=lambda: self.write_nowait(Ping(0)), on_lost=self._lost, name=self.peer)
+                config.keepalive_interval,
+                config.keepalive_timeout,
+                has_streams=lambda: bool(self.streams),
+                send_ping=lambda: self.write_nowait(Ping(0)),
+                on_lost=self._lost,
+                name=self.peer,
+            )
 
     async def serve(self) -> None:
         """Read loop. A protocol violation closes this connection (logged), nothing more."""
@@ -283,8 +286,9 @@ class _ServerConnection:
 
     def _lost(self, reason: str) -> None:
         """The keepalive gave up on the client: cancel its streams (freeing their resources)."""
-        logger.warning("request plane: client %s lost (%s); cancelling its %d streams", self.peer, reason,
-                       len(self.streams))
+        logger.warning(
+            "request plane: client %s lost (%s); cancelling its %d streams", self.peer, reason, len(self.streams)
+        )
         self.writer.transport.abort()  # the read loop sees the end and closes the rest
 
     async def _run_stream(self, request: Request) -> None:
