@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PYTHONPATH=src .venv/bin/lint-imports  # the layer rules of docs/architecture.md
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
 .venv/bin/python -m pytest -q -m "not e2e" tests "$@"
 .venv/bin/python -m pytest -q -m e2e tests "$@"
