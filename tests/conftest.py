@@ -1,4 +1,5 @@
-"""Test-suite settings: the e2e marker for tests/e2e, and the hypothesis profile for CI."""
+"""Test-suite settings: the tier markers (integration, e2e) by directory, and the hypothesis
+profile for CI."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+TIERS = {"/tests/integration/": pytest.mark.integration, "/tests/e2e/": pytest.mark.e2e}
+
+
 def pytest_collection_modifyitems(config, items):
-    # Everything under tests/e2e is end-to-end: mark it so `-m "not e2e"` gives the fast tier.
+    # A test's tier is its directory: `-m "not integration and not e2e"` gives the fast unit tier.
     for item in items:
-        if "/tests/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.e2e)
+        path = str(item.fspath)
+        for directory, marker in TIERS.items():
+            if directory in path:
+                item.add_marker(marker)
 
 
 # Shared fixtures: real etcd / NATS servers on free loopback ports (tests/infra_servers.py) and

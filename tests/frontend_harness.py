@@ -12,9 +12,8 @@ import http.client
 import json
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from tandem.engine.async_engine import AsyncEngine
@@ -124,14 +123,6 @@ class Deployment:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 def assert_openai_error(status: int, body: Any, expected_status: int | None = None) -> dict[str, Any]:

@@ -20,15 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support import free_port
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 NATS_BIN = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:

@@ -14,7 +14,8 @@ import urllib.error
 import urllib.request
 
 import openai
-from tests.infra_servers import EtcdServer, free_port
+from tests.infra_servers import EtcdServer
+from tests.support import free_port
 from tests.tandem_process import TandemProcess
 
 from tandem.runtime.discovery.etcd import DiscoveryUnavailableError, EtcdDiscovery

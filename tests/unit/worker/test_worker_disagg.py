@@ -12,12 +12,10 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from tests.tiny_models import make_tiny_model
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.models.loader import load_model
 from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient
@@ -25,13 +23,6 @@ from tandem.worker.service import WorkerService
 
 PROMPT = list(range(10, 60))  # 3 full blocks + 2 tokens
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-disagg")
-    make_tiny_model("llama", path)
-    return load_model(str(path))
 
 
 def _service(loaded, discovery: MemoryDiscovery, role: str, **engine_config) -> WorkerService:

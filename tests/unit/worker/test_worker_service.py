@@ -5,29 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tests.tiny_models import make_tiny_model
+from tests.support import run
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.models.loader import load_model
 from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient, WorkerUnavailableError
 from tandem.worker.service import WorkerService
 
 PROMPT = list(range(10, 50))
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-worker")
-    make_tiny_model("llama", path)
-    return load_model(str(path))
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def started(loaded) -> tuple[WorkerService, MemoryDiscovery, RequestPlaneClient]:

@@ -6,27 +6,14 @@ import asyncio
 from collections import Counter
 
 import pytest
+from tests.support import card, wait_until
 
-from tandem.protocols.worker_card import WorkerCard
 from tandem.router.errors import NoWorkerError
 from tandem.router.policies.random_choice import RandomPolicy
 from tandem.router.policies.round_robin import RoundRobinPolicy
 from tandem.router.registry import POLICIES, ROUTER_NAMES, build_policy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.memory import MemoryDiscovery
-
-
-def card(worker_id: str, model: str = "m") -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id,
-        model=model,
-        tokenizer=model,
-        chat_template=model,
-        context_length=128,
-        block_size=16,
-        total_kv_blocks=64,
-        request_plane_address="127.0.0.1:9",
-    )
 
 
 def test_round_robin_cycles_in_order_and_skips_departed_workers():
@@ -80,14 +67,14 @@ def test_worker_pool_follows_discovery_and_blacklists_failures():
         try:
             assert [c.worker_id for c in pool.candidates("m")] == ["a"]
             second = await discovery.register(card("b"))
-            await _until(lambda: len(pool.workers("m")) == 2)
+            await wait_until(lambda: len(pool.workers("m")) == 2)
             pool.mark_down("a")
             assert [c.worker_id for c in pool.candidates("m")] == ["b"]
             await asyncio.sleep(0.25)
             assert len(pool.workers("m")) == 2  # back after down_for_s
             await first.withdraw()
             await second.withdraw()
-            await _until(lambda: not pool.workers())
+            await wait_until(lambda: not pool.workers())
             with pytest.raises(NoWorkerError, match="'m'"):
                 pool.candidates("m")
             with pytest.raises(NoWorkerError):
@@ -97,10 +84,3 @@ def test_worker_pool_follows_discovery_and_blacklists_failures():
             await discovery.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
-
-
-async def _until(condition, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)

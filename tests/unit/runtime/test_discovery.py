@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from tests.support import card as make_card
+from tests.support import run, wait_until
 
 from tandem.protocols.worker_card import WorkerCard, WorkerCardError
 from tandem.runtime.discovery import file as discovery_file
@@ -38,39 +40,24 @@ from tandem.runtime.discovery.memory import MemoryDiscovery, MemoryStore, shared
 FAST = DiscoveryConfig(ttl_s=5.0, poll_interval_s=0.05)
 
 
+DISCOVERY_CARD_FIELDS: dict[str, Any] = {
+    "tokenizer": "/models/m",
+    "chat_template": "/models/m",
+    "context_length": 2048,
+    "total_kv_blocks": 1000,
+    "request_plane_address": "127.0.0.1:7001",
+    "kv_events_address": "tcp://127.0.0.1:7002",
+    "started_at": 1700000000.0,
+}
+
+
 def card(worker_id: str = "w1", model: str = "m-a", **overrides: Any) -> WorkerCard:
-    fields: dict[str, Any] = dict(
-        worker_id=worker_id,
-        model=model,
-        tokenizer="/models/m",
-        chat_template="/models/m",
-        context_length=2048,
-        block_size=16,
-        total_kv_blocks=1000,
-        request_plane_address="127.0.0.1:7001",
-        kv_events_address="tcp://127.0.0.1:7002",
-        started_at=1700000000.0,
-    )
-    fields.update(overrides)
-    return WorkerCard(**fields)
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run one test coroutine with a hard time bound."""
-    return asyncio.run(asyncio.wait_for(coro, timeout=10.0))
+    """A card with the optional fields set too, so each backend's round trip checks them."""
+    return make_card(worker_id, model, **{**DISCOVERY_CARD_FIELDS, **overrides})
 
 
 async def next_event(events: AsyncIterator[DiscoveryEvent], timeout: float = 2.0) -> DiscoveryEvent:
     return await asyncio.wait_for(anext(events), timeout)
-
-
-async def wait_until(predicate: Callable[[], Coroutine[Any, Any, bool]], timeout: float) -> float:
-    """Poll ``predicate`` until true; return the seconds it took (fail after ``timeout``)."""
-    start = time.monotonic()
-    while not await predicate():
-        assert time.monotonic() - start < timeout, "condition not reached in time"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def ids(client: Discovery, model: str | None = None) -> list[str]:

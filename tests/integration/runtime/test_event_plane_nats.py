@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import msgspec
 import nats
 import pytest
-from tests.unit.test_kv_event_follower import BLOCK, _stored
+from tests.support import block_stored, run, wait_until
 
 from tandem.protocols.block_hash import block_hashes
 from tandem.protocols.kv_events import BlockRemoved, KVEventBatch, encode_batch, make_batch
@@ -27,6 +26,8 @@ from tandem.runtime.event_plane.factory import make_kv_publisher
 from tandem.runtime.event_plane.nats_publisher import NatsKvEventPublisher, NatsPublisherConfig
 from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneError, RequestPlaneServer
+
+BLOCK = 16
 
 NAMESPACE = "unit"
 
@@ -44,9 +45,9 @@ def _batches(count: int, start: int = 0) -> list[KVEventBatch]:
         events: list = []
         if i % 4 == 3:  # continue prompt i-1 by one block
             base = _prompt(i - 1)
-            events.append(_stored(list(range(77_000 + i * BLOCK, 77_000 + (i + 1) * BLOCK)), base))
+            events.append(block_stored(list(range(77_000 + i * BLOCK, 77_000 + (i + 1) * BLOCK)), base))
         else:
-            events.append(_stored(_prompt(i)))
+            events.append(block_stored(_prompt(i)))
         if i % 3 == 2 and i >= 3 and (i - 3) % 4 != 2:
             events.append(BlockRemoved(block_hashes=[block_hashes(_prompt(i - 3), BLOCK)[-1]]))
         out.append(make_batch(events))
@@ -65,14 +66,6 @@ def _reference(batches: list[KVEventBatch], worker: str = "w") -> KvIndexer:
         for event in batch.events:
             indexer.apply(worker, event)
     return indexer
-
-
-async def _until(predicate, timeout: float = 10.0, what="condition") -> None:
-    """Wait for ``predicate()``; ``what`` (a string, or a callable for details at the time) names it."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
-        await asyncio.sleep(0.02)
 
 
 class Worker:
@@ -120,7 +113,9 @@ class Worker:
         self.published.append(batch)
 
     async def flushed(self) -> None:
-        await _until(lambda: self.publisher.connected.is_set() and self.publisher.queued == 0, 15, "publisher flush")
+        await wait_until(
+            lambda: self.publisher.connected.is_set() and self.publisher.queued == 0, 15, "publisher flush"
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self.publisher.close)
@@ -152,16 +147,12 @@ async def _follower(worker: Worker, url: str) -> AsyncIterator[tuple[NatsKvEvent
         await client.close()
 
 
-def _run(scenario, timeout: float = 60) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout))
-
-
 def test_published_batches_reach_the_stream_with_headers_and_the_follower_index_matches(nats_server):
     async def scenario() -> None:
         async with _worker(nats_server.url) as worker, _follower(worker, nats_server.url) as (follower, indexer, _):
-            await _until(lambda: follower.stats.dumps == 1, what="the initial dump")
+            await wait_until(lambda: follower.stats.dumps == 1, what="the initial dump")
             worker.publish(_batches(12))
-            await _until(lambda: follower.stats.last_seq == 11, what="all batches")
+            await wait_until(lambda: follower.stats.last_seq == 11, what="all batches")
             assert _state(indexer, "w") == _state(_reference(worker.published), "w") != {}
             assert follower.stats.batches_received == 12 and follower.stats.gaps_recovered == 0
             # On the wire: the ZMQ plane's msgpack batch, with seq, worker and dedupe id headers.
@@ -177,7 +168,7 @@ def test_published_batches_reach_the_stream_with_headers_and_the_follower_index_
             finally:
                 await nc.close()
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_router_started_late_rebuilds_from_the_stream_alone(nats_server):
@@ -186,14 +177,14 @@ def test_a_router_started_late_rebuilds_from_the_stream_alone(nats_server):
             worker.publish(_batches(20))
             await worker.flushed()
             async with _follower(worker, nats_server.url) as (follower, indexer, _):
-                await _until(lambda: follower.stats.last_seq == 19, what="the replayed history")
+                await wait_until(lambda: follower.stats.last_seq == 19, what="the replayed history")
                 assert follower.stats.dumps == 0 and worker.dumps_served == 0
                 assert _state(indexer, "w") == _state(_reference(worker.published), "w")
                 worker.publish(_batches(3, start=20))  # and it keeps following
-                await _until(lambda: follower.stats.last_seq == 22, what="new batches")
+                await wait_until(lambda: follower.stats.last_seq == 22, what="new batches")
                 assert _state(indexer, "w") == _state(_reference(worker.published), "w")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_history_that_no_longer_starts_at_seq_0_means_a_dump(nats_server):
@@ -203,19 +194,19 @@ def test_a_history_that_no_longer_starts_at_seq_0_means_a_dump(nats_server):
             worker.publish(_batches(12))
             await worker.flushed()
             async with _follower(worker, nats_server.url) as (follower, indexer, _):
-                await _until(lambda: follower.stats.dumps == 1, what="a dump")
+                await wait_until(lambda: follower.stats.dumps == 1, what="a dump")
                 assert follower.stats.last_seq == 11
                 worker.publish(_batches(2, start=12))
-                await _until(lambda: follower.stats.last_seq == 13, what="new batches")
+                await wait_until(lambda: follower.stats.last_seq == 13, what="new batches")
                 assert _state(indexer, "w") == _state(_reference(worker.published), "w")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_missed_delivery_is_replayed_from_the_stream(nats_server):
     async def scenario() -> None:
         async with _worker(nats_server.url) as worker, _follower(worker, nats_server.url) as (follower, indexer, _):
-            await _until(lambda: follower.stats.dumps == 1, what="the initial dump")
+            await wait_until(lambda: follower.stats.dumps == 1, what="the initial dump")
             receive = follower._receive
             dropped = []
 
@@ -227,13 +218,13 @@ def test_a_missed_delivery_is_replayed_from_the_stream(nats_server):
 
             follower._receive = lossy_receive
             worker.publish(_batches(8))
-            await _until(lambda: follower.stats.last_seq == 7, what="all batches")
+            await wait_until(lambda: follower.stats.last_seq == 7, what="all batches")
             assert dropped == [4]
             assert follower.stats.gaps_recovered == 1 and follower.stats.replayed == 1
             assert follower.stats.dumps == 1 and worker.dumps_served == 1  # no second dump
             assert _state(indexer, "w") == _state(_reference(worker.published), "w")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_batch_stored_after_later_ones_is_found_in_the_stream(nats_server):
@@ -253,28 +244,28 @@ def test_a_batch_stored_after_later_ones_is_found_in_the_stream(nats_server):
                 await nc.close()
             worker.published.extend(batches[4:])
             async with _follower(worker, nats_server.url) as (follower, indexer, _):
-                await _until(lambda: follower.stats.last_seq == 6, what="seq 6")
+                await wait_until(lambda: follower.stats.last_seq == 6, what="seq 6")
                 assert follower.stats.gaps_recovered == 1 and follower.stats.replayed == 1
                 assert follower.stats.dumps == 0
                 assert _state(indexer, "w") == _state(_reference(worker.published), "w")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_gap_the_stream_does_not_have_is_closed_by_a_dump(nats_server):
     async def scenario() -> None:
         async with _worker(nats_server.url) as worker, _follower(worker, nats_server.url) as (follower, indexer, _):
-            await _until(lambda: follower.stats.dumps == 1, what="the initial dump")
+            await wait_until(lambda: follower.stats.dumps == 1, what="the initial dump")
             batches = _batches(7)
             worker.publish(batches[:4])  # seqs 0-3
-            await _until(lambda: follower.stats.last_seq == 3, what="seq 3")
+            await wait_until(lambda: follower.stats.last_seq == 3, what="seq 3")
             worker.skip(batches[4])  # seq 4 never reaches NATS
             worker.publish(batches[5:])  # seqs 5, 6
-            await _until(lambda: follower.stats.last_seq == 6, what="seq 6")
+            await wait_until(lambda: follower.stats.last_seq == 6, what="seq 6")
             assert follower.stats.gaps_recovered == 1 and follower.stats.dumps == 2
             assert _state(indexer, "w") == _state(_reference(worker.published), "w")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_malformed_messages_are_counted_and_dropped(nats_server):
@@ -283,9 +274,9 @@ def test_malformed_messages_are_counted_and_dropped(nats_server):
             _worker(nats_server.url, load_interval_s=0.05) as worker,
             _follower(worker, nats_server.url) as (follower, indexer, plane),
         ):
-            await _until(lambda: follower.stats.dumps == 1, what="the initial dump")
+            await wait_until(lambda: follower.stats.dumps == 1, what="the initial dump")
             worker.publish(_batches(2))
-            await _until(lambda: follower.stats.last_seq == 1, what="seq 1")
+            await wait_until(lambda: follower.stats.last_seq == 1, what="seq 1")
             nc = await nats.connect(nats_server.url)
             try:
                 js, subject = nc.jetstream(), worker.publisher.subject
@@ -300,13 +291,13 @@ def test_malformed_messages_are_counted_and_dropped(nats_server):
                 await nc.flush()
             finally:
                 await nc.close()
-            await _until(lambda: follower.stats.malformed == 5, what="5 malformed")
+            await wait_until(lambda: follower.stats.malformed == 5, what="5 malformed")
             worker.publish(_batches(3, start=2))  # the real seq 2 onwards still apply
-            await _until(lambda: follower.stats.last_seq == 4, what="seq 4")
+            await wait_until(lambda: follower.stats.last_seq == 4, what="seq 4")
             assert _state(indexer, "w") == _state(_reference(worker.published), "w")
-            await _until(lambda: plane.load_malformed == 2, what="2 malformed load messages")
+            await wait_until(lambda: plane.load_malformed == 2, what="2 malformed load messages")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_load_metrics_reach_the_router(nats_server):
@@ -321,20 +312,20 @@ def test_load_metrics_reach_the_router(nats_server):
                 "kv_usage": 0.25,
                 "steps_total": 9,
             }
-            await _until(lambda: plane.load_of("w") is not None, what="load metrics")
+            await wait_until(lambda: plane.load_of("w") is not None, what="load metrics")
             load = plane.load_of("w")
             assert (load["num_running"], load["num_waiting"], load["kv_usage"]) == (3, 1, 0.25)
             assert "steps_total" not in load and load["age_s"] < 5
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_publisher_and_follower_ride_out_a_nats_restart(nats_server):
     async def scenario() -> None:
         async with _worker(nats_server.url) as worker, _follower(worker, nats_server.url) as (follower, indexer, _):
-            await _until(lambda: follower.stats.dumps == 1, what="the initial dump")
+            await wait_until(lambda: follower.stats.dumps == 1, what="the initial dump")
             worker.publish(_batches(5))
-            await _until(lambda: follower.stats.last_seq == 4, what="seq 4")
+            await wait_until(lambda: follower.stats.last_seq == 4, what="seq 4")
             nats_server.kill()
             worker.publish(_batches(5, start=5))  # queued while NATS is away
             await asyncio.sleep(0.5)
@@ -342,11 +333,11 @@ def test_publisher_and_follower_ride_out_a_nats_restart(nats_server):
             await asyncio.to_thread(nats_server.start)
             worker.publish(_batches(5, start=10))
             await worker.flushed()
-            await _until(lambda: follower.stats.last_seq == 14, timeout=20, what="seq 14 after the restart")
+            await wait_until(lambda: follower.stats.last_seq == 14, timeout=20, what="seq 14 after the restart")
             assert _state(indexer, "w") == _state(_reference(worker.published), "w")
             assert worker.publisher.batches_dropped == 0
 
-    _run(scenario, timeout=90)
+    run(scenario, timeout=90)
 
 
 def test_router_replicas_follow_nats_workers_answer_overlap_and_share_bookings(nats_server):
@@ -365,7 +356,7 @@ def test_router_replicas_follow_nats_workers_answer_overlap_and_share_bookings(n
                     followers = [r.policy.followers.get("w") for r in routers]
                     return all(f is not None and f.stats.last_seq == 3 for f in followers)
 
-                await _until(caught_up, what="both routers' followers")
+                await wait_until(caught_up, what="both routers' followers")
                 a, b = (r.address for r in routers)
                 for address in (a, b):
                     assert await client.call(address, "overlap", {"token_ids": _prompt(0) + [1, 2, 3]}) == {"w": 2}
@@ -375,21 +366,21 @@ def test_router_replicas_follow_nats_workers_answer_overlap_and_share_bookings(n
                 status = await client.call(a, "status", None)
                 assert status["workers"]["w"]["event_transport"] == "nats"
                 # A request routed by replica A is booked on replica B too, and released there.
-                await _until(
+                await wait_until(
                     lambda: all(r.policy.sync is not None and r.policy.sync._nc is not None for r in routers),
                     what="replica sync",
                 )
                 await client.call(a, "route", {"model": "m", "token_ids": _prompt(7, blocks=4), "request_id": "q1"})
                 b_load = routers[1].policy.load
-                await _until(lambda: b_load.prefill_tokens("w") == 4 * BLOCK, what="A's booking on B")
+                await wait_until(lambda: b_load.prefill_tokens("w") == 4 * BLOCK, what="A's booking on B")
                 await client.call(a, "finished", {"request_id": "q1"})
-                await _until(lambda: b_load.decode_blocks("w") == 0, what="A's release on B")
+                await wait_until(lambda: b_load.decode_blocks("w") == 0, what="A's release on B")
             finally:
                 await client.close()
                 for router in routers:
                     await router.stop()
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_cards_name_a_nats_subject_and_old_cards_still_decode():
@@ -444,23 +435,23 @@ def test_router_replicas_share_their_load_bookings(nats_server):
             hashes = block_hashes(_prompt(0), BLOCK)
             loads[0].add_request("r1", "w", hashes, 40, 0)  # what KvRouter.route does on replica 0
             syncs[0].add("r1", "w", hashes, 40, 0)
-            await _until(
+            await wait_until(
                 lambda: loads[1].loads(["w"])["w"] == (40, 3),
                 what=lambda: f"the booking on replica 1 (load there: {loads[1].loads(['w'])})",
             )
             assert loads[0].loads(["w"])["w"] == (40, 3)  # replica 0 ignores its own echo
             syncs[0].prefill_done("r1")
-            await _until(lambda: loads[1].loads(["w"])["w"] == (0, 3), what="prefill done")
+            await wait_until(lambda: loads[1].loads(["w"])["w"] == (0, 3), what="prefill done")
             syncs[0].free("r1")
-            await _until(lambda: loads[1].loads(["w"])["w"] == (0, 0), what="free")
+            await wait_until(lambda: loads[1].loads(["w"])["w"] == (0, 0), what="free")
             nc = await planes[0].connection()
             await nc.publish(bookings_subject(NAMESPACE), b"\xc1")
             await nc.publish(bookings_subject(NAMESPACE), msgspec.msgpack.encode(["x", "drop", "r"]))
-            await _until(lambda: syncs[1].malformed == 2, what="2 malformed bookings")
+            await wait_until(lambda: syncs[1].malformed == 2, what="2 malformed bookings")
             assert syncs[1].applied == 3 and syncs[0].applied == 0
         finally:
             for sync, plane in zip(syncs, planes):
                 await sync.stop()
                 await plane.close()
 
-    _run(scenario)
+    run(scenario)

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import aetcd
 import pytest
-from tests.infra_servers import EtcdCluster, EtcdServer, free_port
-from tests.unit.test_discovery import card
+from tests.infra_servers import EtcdCluster, EtcdServer
+from tests.support import card, free_port, run
 
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.discovery.base import (
@@ -32,10 +31,6 @@ from tandem.runtime.discovery.etcd import DiscoveryUnavailableError, EtcdDiscove
 
 TTL_S = 2.0
 CONFIG = DiscoveryConfig(ttl_s=TTL_S)
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 class Recorder:
@@ -306,7 +301,7 @@ def test_close_revokes_the_lease_and_is_idempotent(etcd_server: EtcdServer) -> N
 CHILD = """
 import asyncio, sys
 from tandem.runtime.discovery.etcd import EtcdDiscovery
-from tests.unit.test_discovery import card
+from tests.support import card
 
 async def main():
     client = EtcdDiscovery(sys.argv[1])

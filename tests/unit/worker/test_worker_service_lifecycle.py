@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import pytest
+from tests.support import run
 
 from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from tandem.engine.faults import ENV_VAR, EngineFault, parse_engine_fault
@@ -21,10 +22,6 @@ from tandem.worker.service import WorkerService
 
 PROMPT = list(range(10, 60))  # 3 full blocks + 2 tokens
 STEP_MS = 20.0  # every mocker step (prefill or decode) takes this long
-
-
-def run(coro, timeout: float = 30.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def mocker_service(discovery: MemoryDiscovery, role: str = "agg", step_ms: float = STEP_MS) -> WorkerService:

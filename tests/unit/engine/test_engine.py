@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tests.tiny_models import make_tiny_model
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.models.loader import load_model
 from tandem.protocols.block_hash import block_hashes
 from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from tandem.protocols.kv_export import KVBlockExport
@@ -18,13 +16,6 @@ from tandem.protocols.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPT = list(range(10, 50))  # 40 tokens: 2 full blocks of 16 and a partial one
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", path)
-    return load_model(str(path))
 
 
 def make_engine(loaded, **kw) -> LLMEngine:

@@ -18,7 +18,9 @@ def tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
-def run(stream: TextStream, ids: list[int], sizes: list[int] | None = None) -> tuple[list[TextDelta], TextDelta]:
+def stream_through(
+    stream: TextStream, ids: list[int], sizes: list[int] | None = None
+) -> tuple[list[TextDelta], TextDelta]:
     """Push ``ids`` in chunks of ``sizes`` (cycled; default one token at a time), then finish."""
     sizes = sizes or [1]
     deltas, i, k = [], 0, 0
@@ -48,7 +50,7 @@ TEXTS = [
 def test_pushing_tokens_gives_the_full_decode(tokenizer, text, chunk):
     ids = tokenizer.encode(text, add_special_tokens=False)
     stream = TextStream(tokenizer)
-    deltas, tail = run(stream, ids, [chunk])
+    deltas, tail = stream_through(stream, ids, [chunk])
     assert joined(deltas, tail) == tokenizer.decode(ids, skip_special_tokens=True) == text
     assert stream.text == text and not stream.stopped and stream.stop_string is None
     assert not any(d.stopped for d in deltas) and not tail.stopped
@@ -60,7 +62,7 @@ def test_prompt_tokens_are_context_not_output(tokenizer):
     )
     answer = " Hello there, friend"
     ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    deltas, tail = run(TextStream(tokenizer, prompt), ids)
+    deltas, tail = stream_through(TextStream(tokenizer, prompt), ids)
     assert joined(deltas, tail) == answer  # leading space kept, EOS skipped
 
 
@@ -69,7 +71,7 @@ def test_multibyte_characters_never_emit_a_replacement_char(tokenizer):
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert any(REPLACEMENT_CHAR in tokenizer.decode([i]) for i in ids)  # premise: characters span tokens
     for stop in ([], ["日本"], ["zzz-never"]):
-        deltas, tail = run(TextStream(tokenizer, stop=stop), ids)
+        deltas, tail = stream_through(TextStream(tokenizer, stop=stop), ids)
         assert not any(REPLACEMENT_CHAR in d.text for d in deltas)
         expected = text if not stop or stop[0] not in text else text[: text.index(stop[0])]
         assert joined(deltas, tail) == expected
@@ -100,7 +102,7 @@ def test_partial_stop_is_held_back_then_released_on_finish(tokenizer):
     text = "Hello wor"
     ids = tokenizer.encode(text, add_special_tokens=False)
     stream = TextStream(tokenizer, stop=["world!"])
-    deltas, tail = run(stream, ids)
+    deltas, tail = stream_through(stream, ids)
     pushed = "".join(d.text for d in deltas)
     assert len(pushed) <= len(text) - (len("world!") - 1)  # the tail could still start a stop
     assert text.startswith(pushed) and tail.text == text[len(pushed) :]
@@ -110,7 +112,7 @@ def test_partial_stop_is_held_back_then_released_on_finish(tokenizer):
 def test_held_back_text_is_released_once_the_stop_can_no_longer_match(tokenizer):
     ids = tokenizer.encode("abc and more words here", add_special_tokens=False)
     stream = TextStream(tokenizer, stop=["abcX"])
-    deltas, tail = run(stream, ids)
+    deltas, tail = stream_through(stream, ids)
     assert joined(deltas, tail) == "abc and more words here"
     assert "".join(d.text for d in deltas).startswith("abc")  # released before finish()
 
@@ -118,7 +120,7 @@ def test_held_back_text_is_released_once_the_stop_can_no_longer_match(tokenizer)
 def test_stop_string_at_the_very_start(tokenizer):
     ids = tokenizer.encode("Hello there", add_special_tokens=False)
     stream = TextStream(tokenizer, stop=["Hello"])
-    deltas, tail = run(stream, ids)
+    deltas, tail = stream_through(stream, ids)
     assert joined(deltas, tail) == "" and stream.stopped and stream.stop_string == "Hello"
     first_stop = next(i for i, d in enumerate(deltas) if d.stopped)
     assert all(d == TextDelta("", True) for d in deltas[first_stop:])
@@ -127,7 +129,7 @@ def test_stop_string_at_the_very_start(tokenizer):
 def test_stop_string_at_the_very_end_finishes_in_finish(tokenizer):
     ids = tokenizer.encode("count to three", add_special_tokens=False)
     stream = TextStream(tokenizer, stop=["three"])
-    deltas, tail = run(stream, ids)
+    deltas, tail = stream_through(stream, ids)
     assert joined(deltas, tail) == "count to " and stream.stopped
 
 
@@ -152,13 +154,13 @@ def test_overlapping_stop_strings_token_by_token(tokenizer):
     # Streaming: the earliest complete stop string in the text seen so far wins.
     ids = tokenizer.encode("one two three four", add_special_tokens=False)
     stream = TextStream(tokenizer, stop=["three four", "two three"])
-    deltas, tail = run(stream, ids)
+    deltas, tail = stream_through(stream, ids)
     assert joined(deltas, tail) == "one " and stream.stop_string == "two three"
 
 
 def test_empty_stop_strings_are_ignored(tokenizer):
     ids = tokenizer.encode("plain text", add_special_tokens=False)
-    deltas, tail = run(TextStream(tokenizer, stop=["", ""]), ids)
+    deltas, tail = stream_through(TextStream(tokenizer, stop=["", ""]), ids)
     assert joined(deltas, tail) == "plain text"
     assert all(d.text for d in deltas)  # no hold-back without real stop strings
 
@@ -183,7 +185,7 @@ def test_property_output_is_the_text_up_to_the_first_stop(tokenizer, text, data)
     sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=8), label="push sizes")
 
     stream = TextStream(tokenizer, stop=[stop])
-    deltas, tail = run(stream, ids, sizes)
+    deltas, tail = stream_through(stream, ids, sizes)
     found = full.find(stop)
     expected = full if found < 0 else full[:found]
     assert joined(deltas, tail) == expected

@@ -10,7 +10,7 @@ import pytest
 from tandem.deploy.graph import DEFAULT_MODEL, GraphError, WorkerGroup, load_graph, parse_graph
 from tandem.frontend.config import FrontendConfig
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "graphs"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "graphs"
 
 
 def test_empty_graph_gets_the_defaults():

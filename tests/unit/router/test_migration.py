@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from tests.support import run
 
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.generation import GenerationSpec, OutputChunk, generate_chunks
@@ -135,14 +136,14 @@ class _EndStream(Exception):
 
 
 def _ending(stream: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
-    async def run() -> AsyncIterator[list[dict]]:
+    async def passthrough() -> AsyncIterator[list[dict]]:
         try:
             async for batch in stream:
                 yield batch
         except _EndStream:
             return
 
-    return run()
+    return passthrough()
 
 
 class _Plane(FakePlane):
@@ -187,7 +188,7 @@ class Outcome:
         return self.metrics.migrations.labels(MODEL, outcome)._value.get()
 
 
-def run(
+def route_one(
     tokenizer,
     script: list[int],
     workers: dict[str, FakeWorker],
@@ -231,7 +232,7 @@ def run(
             await discovery.close()
         return chunks, error, client
 
-    chunks, error, client = asyncio.run(asyncio.wait_for(scenario(), 30))
+    chunks, error, client = run(scenario, 30)
     return Outcome(chunks, error, plane, metrics, client)
 
 
@@ -245,8 +246,8 @@ def two_workers(fault: Fault | None, **first: Any) -> dict[str, FakeWorker]:
 @pytest.mark.parametrize("kind", ["reset", "unavailable", "end"])
 @pytest.mark.parametrize("after", [1, 5, 12])
 def test_lost_stream_continues_on_another_worker_with_every_token_once(tokenizer, script, kind, after):
-    reference = run(tokenizer, script, two_workers(None, cached=3), logprobs=0)
-    migrated = run(tokenizer, script, two_workers(Fault(after, kind), cached=3), logprobs=0)
+    reference = route_one(tokenizer, script, two_workers(None, cached=3), logprobs=0)
+    migrated = route_one(tokenizer, script, two_workers(Fault(after, kind), cached=3), logprobs=0)
     assert reference.error is None and migrated.error is None, migrated.error
     assert migrated.text == reference.text == tokenizer.decode(script[:24])
     assert migrated.chunks[-1].finish_reason == "length"
@@ -266,8 +267,8 @@ def test_lost_stream_continues_on_another_worker_with_every_token_once(tokenizer
 @pytest.mark.parametrize("after", [7, 8, 9])
 def test_stop_strings_and_min_tokens_carry_across_the_switch(tokenizer, script, after):
     stop = ("lazy dog",)  # tokens 7 and 8: the break comes before, inside and after it
-    reference = run(tokenizer, script, two_workers(None), stop=stop, min_tokens=10)
-    migrated = run(tokenizer, script, two_workers(Fault(after)), stop=stop, min_tokens=10)
+    reference = route_one(tokenizer, script, two_workers(None), stop=stop, min_tokens=10)
+    migrated = route_one(tokenizer, script, two_workers(Fault(after)), stop=stop, min_tokens=10)
     assert migrated.error is None
     assert migrated.text == reference.text == tokenizer.decode(script[:24]).split("lazy dog")[0]
     assert migrated.chunks[-1].finish_reason == reference.chunks[-1].finish_reason == "stop"
@@ -277,7 +278,7 @@ def test_stop_strings_and_min_tokens_carry_across_the_switch(tokenizer, script, 
 def test_the_lost_worker_is_excluded_even_when_it_would_be_picked(tokenizer, script):
     # Three workers, round-robin: the third request would go back to w-a; each loses its stream.
     workers = {"w-a": FakeWorker(fault=Fault(4)), "w-b": FakeWorker(fault=Fault(4)), "w-c": FakeWorker()}
-    outcome = run(tokenizer, script, workers, limit=2)
+    outcome = route_one(tokenizer, script, workers, limit=2)
     assert outcome.error is None and outcome.text == tokenizer.decode(script[:24])
     assert [address for address, _ in outcome.plane.requests] == ["w-a:1", "w-b:1", "w-c:1"]
     assert [p["request_id"] for _, p in outcome.plane.requests] == ["req", "req:m1", "req:m2"]
@@ -286,7 +287,7 @@ def test_the_lost_worker_is_excluded_even_when_it_would_be_picked(tokenizer, scr
 
 
 def test_limit_zero_ends_the_request_with_a_clear_error(tokenizer, script):
-    outcome = run(tokenizer, script, two_workers(Fault(5)), limit=0)
+    outcome = route_one(tokenizer, script, two_workers(Fault(5)), limit=0)
     assert outcome.error is not None and outcome.error.status == 502 and outcome.error.code == "worker_lost"
     assert "worker w-a was lost after 5 generated tokens" in outcome.error.message
     assert "--migration-limit 0" in outcome.error.message
@@ -297,7 +298,7 @@ def test_limit_zero_ends_the_request_with_a_clear_error(tokenizer, script):
 
 def test_exhausted_limit_ends_the_request_with_a_clear_error(tokenizer, script):
     workers = {"w-a": FakeWorker(fault=Fault(3)), "w-b": FakeWorker(fault=Fault(4)), "w-c": FakeWorker()}
-    outcome = run(tokenizer, script, workers, limit=1)
+    outcome = route_one(tokenizer, script, workers, limit=1)
     assert outcome.error is not None and outcome.error.code == "migration_exhausted", outcome.error
     assert "worker w-b was lost after 7 generated tokens" in outcome.error.message
     assert "gave up after 1 migration(s) (--migration-limit 1)" in outcome.error.message
@@ -306,7 +307,7 @@ def test_exhausted_limit_ends_the_request_with_a_clear_error(tokenizer, script):
 
 
 def test_no_other_worker_ends_the_request_with_a_clear_error(tokenizer, script):
-    outcome = run(tokenizer, script, {"w-a": FakeWorker(fault=Fault(5))}, limit=3)
+    outcome = route_one(tokenizer, script, {"w-a": FakeWorker(fault=Fault(5))}, limit=3)
     assert outcome.error is not None and outcome.error.code == "worker_lost" and outcome.error.status == 502
     assert "migration 1 of 3 found no worker to continue it" in outcome.error.message
     assert outcome.count("no_worker") == 1
@@ -314,14 +315,14 @@ def test_no_other_worker_ends_the_request_with_a_clear_error(tokenizer, script):
 
 @pytest.mark.parametrize("kind, status", [("bad_request", 400), ("internal", 500)])
 def test_worker_errors_that_are_not_a_lost_worker_are_never_migrated(tokenizer, script, kind, status):
-    outcome = run(tokenizer, script, two_workers(Fault(5, kind)))
+    outcome = route_one(tokenizer, script, two_workers(Fault(5, kind)))
     assert outcome.error is not None and outcome.error.status == status
     assert outcome.requests_to("w-b") == []
     assert outcome.count("migrated") == 0
 
 
 def test_failure_before_the_first_token_is_a_retry_not_a_migration(tokenizer, script):
-    outcome = run(tokenizer, script, two_workers(Fault(0)))
+    outcome = route_one(tokenizer, script, two_workers(Fault(0)))
     assert outcome.error is None and outcome.text == tokenizer.decode(script[:24])
     [retried] = outcome.requests_to("w-b")
     assert retried["request_id"] == "req" and retried["token_ids"] == list(range(1000, 1010))
@@ -331,14 +332,14 @@ def test_failure_before_the_first_token_is_a_retry_not_a_migration(tokenizer, sc
 def test_default_limit_is_one_with_several_serving_workers_else_zero(tokenizer, script):
     assert default_migration_limit(0) == default_migration_limit(1) == 0
     assert default_migration_limit(2) == default_migration_limit(5) == 1
-    alone = run(tokenizer, script, {"w-a": FakeWorker(fault=Fault(5)), "p": FakeWorker(role="prefill")})
+    alone = route_one(tokenizer, script, {"w-a": FakeWorker(fault=Fault(5)), "p": FakeWorker(role="prefill")})
     assert alone.error is not None and "--migration-limit 0" in alone.error.message  # a prefill worker cannot serve
     assert alone.metrics.migration_limit.labels(MODEL)._value.get() == 0
-    pair = run(tokenizer, script, two_workers(Fault(5)))
+    pair = route_one(tokenizer, script, two_workers(Fault(5)))
     assert pair.error is None and pair.count("migrated") == 1
     assert pair.metrics.migration_limit.labels(MODEL)._value.get() == 1  # decided when the request started
     assert pair.client.limit_for(MODEL) == 0  # now that w-a is marked down, one worker is left
-    explicit = run(tokenizer, script, two_workers(Fault(5)), limit=0)
+    explicit = route_one(tokenizer, script, two_workers(Fault(5)), limit=0)
     assert explicit.error is not None and explicit.error.code == "worker_lost"
 
 
@@ -377,7 +378,7 @@ def test_disaggregated_request_migrates_and_is_disaggregated_again(tokenizer, sc
         "d-a": FakeWorker(role="decode", fault=Fault(6), cached=32),
         "d-b": FakeWorker(role="decode"),
     }
-    outcome = run(tokenizer, script, workers, prompt=prompt, logprobs=0)
+    outcome = route_one(tokenizer, script, workers, prompt=prompt, logprobs=0)
     assert outcome.error is None, outcome.error
     assert outcome.text == tokenizer.decode(script[:24])
     usage = outcome.chunks[-1].usage

@@ -12,7 +12,8 @@ import socket
 import openai
 import pytest
 import requests
-from tests.frontend_harness import Deployment, assert_openai_error, raw_request, wait_until
+from tests.frontend_harness import Deployment, assert_openai_error, raw_request
+from tests.support import poll_until
 
 from tandem.frontend.config import FrontendConfig
 from tandem.runtime.discovery import make_discovery
@@ -366,7 +367,7 @@ def test_metrics_after_requests(deployment, client):
     def scrape() -> str:
         return requests.get(deployment.url + "/metrics", timeout=10).text
 
-    wait_until(lambda: 'tandem_worker_kv_usage{model="mock"' in scrape(), timeout=10)
+    poll_until(lambda: 'tandem_worker_kv_usage{model="mock"' in scrape(), timeout=10)
     text = scrape()
     assert 'tandem_frontend_requests_total{endpoint="chat",model="mock",status="200"}' in text
     # Model names no worker serves are not label values (any client could mint new series).
@@ -385,7 +386,7 @@ def test_model_whose_only_worker_drained_gets_503(deployment):
     assert post(deployment, COMPLETIONS, body).status_code == 200
     deployment.drain(deployment.drain_target)
     frontend = deployment.server.frontend
-    wait_until(lambda: not frontend.live_workers("mock-drain"))
+    poll_until(lambda: not frontend.live_workers("mock-drain"))
     for path, request in ((COMPLETIONS, body), (CHAT, {"model": "mock-drain", "messages": MESSAGES, "stream": True})):
         reply = post(deployment, path, request)
         error = assert_openai_error(reply.status_code, reply.json(), 503)
@@ -418,7 +419,7 @@ def test_unreachable_worker_is_skipped_and_marked_down(deployment):
 def test_model_with_only_an_unreachable_worker_gets_503(deployment):
     deployment.register_dead_worker("mock-dead-only", "dead-only-worker")
     frontend = deployment.server.frontend
-    wait_until(lambda: bool(frontend.live_workers("mock-dead-only")))
+    poll_until(lambda: bool(frontend.live_workers("mock-dead-only")))
     reply = post(deployment, COMPLETIONS, {"model": "mock-dead-only", "prompt": "hi", "max_tokens": 2})
     assert assert_openai_error(reply.status_code, reply.json(), 503)["code"] == "no_worker_available"
     assert not frontend.live_workers("mock-dead-only")  # marked down
@@ -432,7 +433,7 @@ def test_worker_lost_while_the_prompt_was_prepared_gets_503(deployment):
     # tokenized on the thread pool): 503, not a 500 from the pool's NoWorkerError.
     service = deployment.add_worker("mock-race")
     frontend = deployment.server.frontend
-    wait_until(lambda: bool(frontend.live_workers("mock-race")))
+    poll_until(lambda: bool(frontend.live_workers("mock-race")))
     prepare = frontend.prepare
 
     async def prepare_then_lose_the_worker(request, arrival):

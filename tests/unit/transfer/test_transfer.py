@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -20,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from tests.support import run, wait_until
 
 from tandem.engine.kv_transfer import export_to_tensor, tensor_to_export
 from tandem.protocols.block_hash import block_hashes
@@ -48,16 +49,6 @@ BLOCK = 16
 NUM_BLOCKS = 6
 BLOCK_SHAPE = [2, 2, BLOCK, 2, 4]  # 2,048 bytes per float32 block
 BLOCK_BYTES = 2 * 2 * BLOCK * 2 * 4 * 4
-
-
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    """Run one async test body with a hard deadline."""
-
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_DEADLINE_S):
-            await test()
-
-    asyncio.run(bounded())
 
 
 @pytest.fixture(autouse=True)
@@ -113,13 +104,6 @@ class Served:
 
     def sample(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Wait for something the server does after the client returned (e.g. handling the ack)."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 # --- store -----------------------------------------------------------------------------------------
@@ -224,7 +208,7 @@ def test_pull_returns_the_held_bytes_exactly_and_releases_the_transfer(path, ind
                 assert pulled.header.token_ids == tokens
                 assert pulled.header.block_hashes == [export.block_hashes[i] for i in wanted]
                 assert pulled.payload.readonly
-            await until(lambda: served.releases == [("req-1", "pulled")])
+            await wait_until(lambda: served.releases == [("req-1", "pulled")])
             assert served.sample("tandem_kv_transfer_bytes_total", path=path) == len(blocks_of(export, wanted))
             assert served.sample("tandem_kv_transfer_seconds_count", path=path) == 1
             assert served.sample("tandem_kv_transfers_held") == 0
@@ -279,7 +263,7 @@ def test_payloadless_mocker_export_pulls_its_metadata_only():
             with await served.pull("mock", path="shm") as pulled:
                 assert pulled.nbytes == 0 and pulled.path == "tcp" and pulled.header.token_ids == tokens
                 verify_block_hashes(pulled.to_export())
-            await until(lambda: served.releases == [("mock", "pulled")])
+            await wait_until(lambda: served.releases == [("mock", "pulled")])
 
     run(body)
 
@@ -316,7 +300,7 @@ def test_pooled_segment_is_reused_and_fresh_segments_are_unlinked_on_ack():
         for name in ("a", "b"):
             served.hold(name, make_export())
             (await served.pull(name, path="shm")).close()
-            await until(lambda: name not in served.store)
+            await wait_until(lambda: name not in served.store)
 
     async def body() -> None:
         async with Served() as pooled, Served(KvTransferServerConfig(shm_pool_bytes=0)) as fresh:
@@ -403,7 +387,7 @@ def test_corrupted_tcp_payload_raises_and_is_rejected_to_the_server():
             with pytest.raises(TransferError, match="corrupt: xxh3_64") as info:
                 await pull_blocks(fake.address, "t", metrics=TransferMetrics(CollectorRegistry()))
             assert info.value.reason == "checksum"
-            await until(lambda: len(fake.received) == 2)
+            await wait_until(lambda: len(fake.received) == 2)
             ack = fake.received[1]
             assert isinstance(ack, PullAck) and not ack.ok and "corrupt" in ack.error
 
@@ -460,7 +444,7 @@ def test_corrupted_shm_payload_raises_and_the_transfer_stays_held_for_a_retry(mo
             with pytest.raises(TransferError, match="'retry-me'.*corrupt") as info:
                 await served.pull("retry-me", path="shm")
             assert info.value.reason == "checksum"
-            await until(
+            await wait_until(
                 lambda: served.sample("tandem_kv_transfer_failures_total", side="server", reason="client_rejected") == 1
             )
             assert "retry-me" in served.store and served.releases == []
@@ -468,7 +452,7 @@ def test_corrupted_shm_payload_raises_and_the_transfer_stays_held_for_a_retry(mo
             monkeypatch.setattr(server_module, "_copy_and_hash", honest_copy)
             with await served.pull("retry-me", path="shm") as pulled:
                 assert bytes(pulled.payload) == export.data
-            await until(lambda: served.releases == [("retry-me", "pulled")])
+            await wait_until(lambda: served.releases == [("retry-me", "pulled")])
 
     run(body)
 
@@ -565,7 +549,7 @@ def test_shm_segment_is_unlinked_when_the_client_vanishes_or_never_acks():
                     writer.close()
                 else:
                     await asyncio.sleep(0.3)  # past the ack timeout
-                await until(lambda: header.shm_name not in list_segments())
+                await wait_until(lambda: header.shm_name not in list_segments())
                 writer.close()
             assert "v" in served.store and served.releases == []  # never acknowledged: still held
             assert served.sample("tandem_kv_transfer_failures_total", side="server", reason="ack_timeout") == 1
@@ -578,11 +562,11 @@ def test_stop_unlinks_pool_and_cancels_held_and_expiry_runs_on_its_own():
         config = KvTransferServerConfig(expire_interval_s=0.05)
         async with Served(config, ttl_s=0.1) as served:
             served.hold("late", make_export())
-            await until(lambda: served.releases == [("late", "expired")])
+            await wait_until(lambda: served.releases == [("late", "expired")])
             served.store.config = TransferStoreConfig(ttl_s=60)
             served.hold("kept", make_export())
             (await served.pull("kept", [0], path="shm")).close()
-            await until(lambda: "kept" not in served.store)
+            await wait_until(lambda: "kept" not in served.store)
             served.hold("left", make_export())
             assert any(str(os.getpid()) in name for name in list_segments())  # the idle pooled segment
         assert not any(str(os.getpid()) in name for name in list_segments())

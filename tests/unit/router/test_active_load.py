@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 
 import pytest
+from tests.support import card as make_card
 
-from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.active_load import ActiveLoad
 from tandem.router.policies.least_loaded import LeastLoadedPolicy
 
 BS = 4
+card = functools.partial(make_card, block_size=BS)
 
 
 class FakeClock:
@@ -20,19 +22,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def card(worker_id: str) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id,
-        model="m",
-        tokenizer="m",
-        chat_template="m",
-        context_length=128,
-        block_size=BS,
-        total_kv_blocks=64,
-        request_plane_address="127.0.0.1:9",
-    )
 
 
 def state(load: ActiveLoad, worker: str) -> tuple[int, int, int]:

@@ -8,9 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import msgspec
+from tests.support import block_stored, wait_until
 
-from tandem.protocols.block_hash import block_hashes
-from tandem.protocols.kv_events import BlockStored, encode_batch, make_batch
+from tandem.protocols.kv_events import encode_batch, make_batch
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.indexer import KvIndexer
 from tandem.router.kv.zmq_follower import KvEventFollower
@@ -18,16 +18,6 @@ from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, Publisher
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
 
 BLOCK = 16
-
-
-def _stored(tokens: list[int], parent_tokens: list[int] | None = None) -> BlockStored:
-    """A BlockStored for ``tokens`` (whole blocks) continuing ``parent_tokens``."""
-    prefix = parent_tokens or []
-    hashes = block_hashes(prefix + tokens, BLOCK)
-    parent = hashes[len(prefix) // BLOCK - 1] if prefix else None
-    return BlockStored(
-        block_hashes=hashes[len(prefix) // BLOCK :], parent_block_hash=parent, token_ids=tokens, block_size=BLOCK
-    )
 
 
 @contextlib.asynccontextmanager
@@ -64,32 +54,25 @@ async def _following(publisher: KvEventPublisher) -> AsyncIterator[tuple[KvEvent
         publisher.close()
 
 
-async def _until(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def test_dump_at_start_then_stream_then_replay_closes_a_gap():
     async def scenario() -> None:
         publisher = KvEventPublisher()
         a = list(range(100, 100 + 2 * BLOCK))
-        publisher.publish(0, make_batch([_stored(a)]))  # before the router knows the worker
+        publisher.publish(0, make_batch([block_stored(a)]))  # before the router knows the worker
         async with _following(publisher) as (follower, indexer):
-            await _until(lambda: follower.stats.dumps == 1)
+            await wait_until(lambda: follower.stats.dumps == 1)
             assert indexer.find_matches(indexer.sequence_hashes(a)) == {"w": 2}
             b = list(range(500, 500 + BLOCK))
-            publisher.publish(1, make_batch([_stored(b)]))
-            await _until(lambda: follower.stats.last_seq == 1)
+            publisher.publish(1, make_batch([block_stored(b)]))
+            await wait_until(lambda: follower.stats.last_seq == 1)
             # A batch the subscriber never saw (seq 2 goes only into the replay buffer)...
             c = list(range(900, 900 + BLOCK))
             with publisher._lock:
-                publisher._buffer.append((2, encode_batch(make_batch([_stored(c)]))))
-                publisher._table.apply(make_batch([_stored(c)]))
+                publisher._buffer.append((2, encode_batch(make_batch([block_stored(c)]))))
+                publisher._table.apply(make_batch([block_stored(c)]))
             d = list(range(1300, 1300 + BLOCK))
-            publisher.publish(3, make_batch([_stored(d)]))
-            await _until(lambda: follower.stats.last_seq == 3)
+            publisher.publish(3, make_batch([block_stored(d)]))
+            await wait_until(lambda: follower.stats.last_seq == 3)
             # ...is recovered by replay, not by a new dump.
             assert follower.stats.gaps_recovered == 1 and follower.stats.dumps == 1
             for tokens in (b, c, d):
@@ -102,13 +85,13 @@ def test_a_gap_older_than_the_replay_buffer_is_closed_by_a_dump():
     async def scenario() -> None:
         publisher = KvEventPublisher(PublisherConfig(buffer_size=1))
         async with _following(publisher) as (follower, indexer):
-            await _until(lambda: follower.stats.dumps == 1)
+            await wait_until(lambda: follower.stats.dumps == 1)
             e = list(range(2000, 2000 + BLOCK))
             f = list(range(3000, 3000 + BLOCK))
             with publisher._lock:  # seq 0 reaches only the table: the subscriber misses it
-                publisher._table.apply(make_batch([_stored(e)]))
-            publisher.publish(1, make_batch([_stored(f)]))  # the buffer (size 1) now holds only seq 1
-            await _until(lambda: follower.stats.dumps == 2)
+                publisher._table.apply(make_batch([block_stored(e)]))
+            publisher.publish(1, make_batch([block_stored(f)]))  # the buffer (size 1) now holds only seq 1
+            await wait_until(lambda: follower.stats.dumps == 2)
             assert follower.stats.gaps_recovered == 1
             for tokens in (e, f):
                 assert indexer.find_matches(indexer.sequence_hashes(tokens)) == {"w": 1}

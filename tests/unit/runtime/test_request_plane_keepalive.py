@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from tests.support import run
 
 from tandem.runtime.request_plane import (
     RequestContext,
@@ -23,14 +24,6 @@ from tandem.runtime.request_plane.frames import Data, FrameDecoder, FrameEncoder
 
 FAST = RequestPlaneConfig(keepalive_interval=0.1, keepalive_timeout=0.5, read_timeout=None)
 """Keepalive in tenths of a second; no read timeout, so only the keepalive can notice silence."""
-
-
-def run(body, deadline: float = 10.0) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(deadline):
-            await body()
-
-    asyncio.run(bounded())
 
 
 class FreezableProxy:

@@ -4,7 +4,6 @@ timeouts, hostile bytes, graceful shutdown, and a fuzz of the frame decoder."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,6 +12,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.support import free_port, run, wait_until
 
 from tandem.runtime.request_plane import (
     EndpointError,
@@ -37,16 +37,6 @@ from tandem.runtime.request_plane.frames import (
 TEST_DEADLINE_S = 10.0
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    """Run one async test body with a hard deadline."""
-
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_DEADLINE_S):
-            await test()
-
-    asyncio.run(bounded())
-
-
 async def count_up(payload: dict[str, Any], ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
     """Yield ``n`` items tagged with the caller's tag, letting other streams run in between."""
     for index in range(payload["n"]):
@@ -64,19 +54,6 @@ async def started_server(config: RequestPlaneConfig | None = None, port: int = 0
     server.register("echo", echo)
     await server.start()
     return server
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def test_round_trip_stream_call_and_ping() -> None:
