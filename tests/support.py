@@ -74,7 +74,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def card(worker_id: str = "w1", model: str = "m", **overrides: Any) -> WorkerCard:
-    """A worker card with small, valid defaults; pass any field to override it."""
+    """A worker card with small, valid, deterministic defaults; pass any field to override it."""
     fields: dict[str, Any] = {
         "worker_id": worker_id,
         "model": model,
@@ -84,6 +84,7 @@ def card(worker_id: str = "w1", model: str = "m", **overrides: Any) -> WorkerCar
         "block_size": 16,
         "total_kv_blocks": 64,
         "request_plane_address": "127.0.0.1:9",
+        "started_at": 1700000000.0,  # fixed, so two cards built alike are equal
     }
     fields.update(overrides)
     return WorkerCard(**fields)

@@ -47,7 +47,6 @@ DISCOVERY_CARD_FIELDS: dict[str, Any] = {
     "total_kv_blocks": 1000,
     "request_plane_address": "127.0.0.1:7001",
     "kv_events_address": "tcp://127.0.0.1:7002",
-    "started_at": 1700000000.0,
 }
 
 
