@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Literal, get_args
+from typing import Literal, TypedDict, get_args
 
 import msgspec
 
@@ -34,6 +34,26 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 class WorkerCardError(ValueError):
     """A worker card is malformed: bad JSON/msgpack, a missing field or an invalid value."""
+
+
+class WorkerCardDict(TypedDict):
+    """A card as plain builtins (:meth:`WorkerCard.to_dict`): one key per field of :class:`WorkerCard`."""
+
+    worker_id: str
+    model: str
+    tokenizer: str
+    chat_template: str
+    context_length: int
+    block_size: int
+    total_kv_blocks: int
+    role: Role
+    request_plane_address: str
+    kv_events_address: str | None
+    kv_events_subject: str | None
+    kv_replay_address: str | None
+    metrics_address: str | None
+    engine: EngineKind
+    started_at: float
 
 
 class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,9 +135,10 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
         except msgspec.DecodeError as exc:
             raise WorkerCardError(f"malformed worker card (msgpack): {exc}") from None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> WorkerCardDict:
         """Plain builtins (for embedding in other JSON documents)."""
-        return msgspec.to_builtins(self)
+        builtins: WorkerCardDict = msgspec.to_builtins(self)  # msgspec types its result as Any
+        return builtins
 
     @classmethod
     def from_dict(cls, data: object) -> WorkerCard:
@@ -148,6 +169,9 @@ def _check_kv_subject(address: str | None, subject: str | None) -> None:
     if _SUBJECT.match(subject) is None:
         raise ValueError(f"kv_events_subject must be a literal NATS subject, got {subject!r}")
 
+
+if set(WorkerCardDict.__annotations__) != set(WorkerCard.__struct_fields__):  # keep the two in step
+    raise TypeError("WorkerCardDict must have exactly the fields of WorkerCard")
 
 _SUBJECT = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
 _JSON_ENCODER = msgspec.json.Encoder()

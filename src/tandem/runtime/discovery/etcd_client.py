@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -30,7 +30,7 @@ T = TypeVar("T")
 RPC_TIMEOUT_S = 3.0
 """Deadline of one etcd call (also of creating a watch): a blackholed endpoint fails within it."""
 
-_GRPC_OPTIONS: dict[str, Any] = {
+_GRPC_OPTIONS: dict[str, int] = {
     # A fresh channel connects at once; these bound gRPC's own reconnect backoff (default: up to
     # 120 s) for a channel that stays up across an outage.
     "grpc.initial_reconnect_backoff_ms": int(BACKOFF_INITIAL_S * 1000),
@@ -45,7 +45,7 @@ _GRPC_OPTIONS: dict[str, Any] = {
 }
 
 
-class _LeaderAwareClient(aetcd.Client):
+class _LeaderAwareClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
     """aetcd's client, with watch streams that require a leader.
 
     A member cut off from the rest of its cluster keeps serving the watches it has, silently:
@@ -165,7 +165,7 @@ class EtcdConnection:
         """close began: loops stop, and the calls that closing itself makes still go through."""
         self._shut = False  # close finished: no more calls
         self._closed_event = asyncio.Event()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[object]] = set()
 
     def current(self) -> tuple[aetcd.Client, int]:
         """The client (created on first use) and its generation; DiscoveryClosedError once shut."""
@@ -190,7 +190,7 @@ class EtcdConnection:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), RPC_TIMEOUT_S)
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[object]) -> None:
         """Run ``coro`` in the background; :meth:`shut` waits for it."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
 
 import aetcd
 import aetcd.rpc
@@ -40,14 +39,14 @@ from tandem.runtime.discovery.etcd_client import (
 log = logging.getLogger("tandem.runtime.discovery.etcd")  # one logger for the whole backend
 
 
-class _LeaseIs(aetcd.transactions.BaseCompare):
+class _LeaseIs(aetcd.transactions.BaseCompare):  # type: ignore[misc]  # aetcd ships no type information
     """Transaction compare on the lease a key carries (aetcd has no helper for it; etcd >= 3.3)."""
 
     def __init__(self, key: bytes, lease_id: int) -> None:
         super().__init__(key)
         self.value, self.op = lease_id, aetcd.rpc.Compare.EQUAL
 
-    def build_compare(self, compare: Any) -> None:
+    def build_compare(self, compare: aetcd.rpc.Compare) -> None:
         compare.target = aetcd.rpc.Compare.LEASE
         compare.lease = int(self.value)
 

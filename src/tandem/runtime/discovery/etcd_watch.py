@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator
 
 import aetcd
 
@@ -82,7 +81,7 @@ class PrefixWatcher:
         self._conn = conn
         self.prefix = prefix
         self.grace_s = grace_s
-        self._queues: set[asyncio.Queue[Any]] = set()
+        self._queues: set[asyncio.Queue[object]] = set()
 
     def _decode(self, key: bytes, value: bytes) -> WorkerCard | None:
         worker_id = key[len(self.prefix) :].decode(errors="replace")
@@ -131,7 +130,7 @@ class PrefixWatcher:
                 await self._conn.sleep(backoff.next())
                 continue
             backoff.reset()
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            queue: asyncio.Queue[object] = asyncio.Queue()
             self._queues.add(queue)
             pump = asyncio.get_running_loop().create_task(self._pump(watch, queue))
             try:
@@ -166,7 +165,7 @@ class PrefixWatcher:
                     await asyncio.wait_for(watch.cancel(), 1.0)
 
     @staticmethod
-    async def _pump(watch: Any, queue: asyncio.Queue[Any]) -> None:
+    async def _pump(watch: AsyncIterable[object], queue: asyncio.Queue[object]) -> None:
         """Move a watch stream's events into ``queue``, then its end (_END) or its error."""
         try:
             async for event in watch:

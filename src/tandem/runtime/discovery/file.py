@@ -126,7 +126,7 @@ def _stat_key(st: os.stat_result) -> _StatKey:
 class FileDiscovery(SnapshotDiscovery):
     """Discovery through a directory shared by the processes of one machine."""
 
-    def __init__(self, directory: str | os.PathLike | None = None, config: DiscoveryConfig | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str] | None = None, config: DiscoveryConfig | None = None) -> None:
         super().__init__(config)
         self.directory = Path(directory).expanduser() if directory else default_directory()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ class FileDiscovery(SnapshotDiscovery):
                 del self._cache[name]
             return {wid: (r.lease_id, r.card) for wid, r in live.items()}
 
-    def _read_cached(self, entry: os.DirEntry) -> FileRecord | None:
+    def _read_cached(self, entry: os.DirEntry[str]) -> FileRecord | None:
         """The record of ``entry``, re-read only when its stat key changed."""
         try:
             key = _stat_key(entry.stat())
@@ -241,7 +241,7 @@ class FileDiscovery(SnapshotDiscovery):
         except OSError as exc:
             log.debug("discovery: cannot remove expired %s: %s", path, exc)
 
-    def _maybe_remove_stale_tmp(self, entry: os.DirEntry, now: float) -> None:
+    def _maybe_remove_stale_tmp(self, entry: os.DirEntry[str], now: float) -> None:
         """Delete a temporary file left by a writer that died between write and rename."""
         if not entry.name.endswith(".tmp"):
             return

@@ -27,6 +27,9 @@ from typing import Any
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
 
 from tandem.protocols.kv_events import BlockStored, KVEventBatch, encode_batch
@@ -138,14 +141,14 @@ class NatsKvEventPublisher:
             self._loop.close()
 
     async def _main(self) -> None:
-        self._wakeup = asyncio.Event()
+        self._wakeup = wakeup = asyncio.Event()
         nc = await self._connect()
         if nc is None:
             return
         js = nc.jetstream()
         load_task = asyncio.create_task(self._send_load(nc)) if self.config.load_interval_s > 0 else None
         try:
-            await self._send_batches(nc, js)
+            await self._send_batches(nc, js, wakeup)
         finally:
             if load_task is not None:
                 load_task.cancel()
@@ -154,7 +157,8 @@ class NatsKvEventPublisher:
             except (TimeoutError, nats.errors.Error):
                 pass
 
-    async def _connect(self):  # a nats Client or None when closed before connecting
+    async def _connect(self) -> NatsClient | None:
+        """The connected client; None when closed before connecting."""
         connecting = asyncio.ensure_future(nats_layout.connect_with_retry(self.config.url, f"worker {self.worker_id}"))
         while not connecting.done():
             if self._stopping:
@@ -166,7 +170,8 @@ class NatsKvEventPublisher:
         logger.info("KV events of worker %s go to NATS subject %s", self.worker_id, self.subject)
         return nc
 
-    async def _send_batches(self, nc, js) -> None:
+    async def _send_batches(self, nc: NatsClient, js: JetStreamContext, wakeup: asyncio.Event) -> None:
+        """Send the queue in windows until closing; ``wakeup`` is set when ``publish`` queues a batch."""
         await self._ensure_stream(js)
         deadline = None
         failing = False  # log a run of failures once, not every retry
@@ -176,8 +181,8 @@ class NatsKvEventPublisher:
             if not window:
                 if self._stopping:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             if self._stopping:
                 deadline = deadline or time.monotonic() + self.config.close_timeout_s
@@ -207,10 +212,10 @@ class NatsKvEventPublisher:
                 logger.info("KV event batches reach JetStream again")
                 failing = False
 
-    async def _send_window(self, js, window: list[tuple[int, bytes]]) -> tuple[int, bool]:
+    async def _send_window(self, js: JetStreamContext, window: list[tuple[int, bytes]]) -> tuple[int, bool]:
         """Send a window in order. Returns (how many batches from its start were acknowledged in a
         row, whether no stream captured the subject)."""
-        futures = []
+        futures: list[asyncio.Future[PubAck]] = []
         try:
             for seq, payload in window:
                 headers = {
@@ -238,14 +243,14 @@ class NatsKvEventPublisher:
             future.cancel()
         return acked, stream_missing
 
-    async def _ensure_stream(self, js) -> str | None:
+    async def _ensure_stream(self, js: JetStreamContext) -> str | None:
         try:
             return await nats_layout.ensure_stream(js, self.config.namespace, self.config.limits)
         except (TimeoutError, nats.errors.Error) as exc:
             logger.debug("could not create the KV stream yet: %r", exc)
             return None
 
-    async def _send_load(self, nc) -> None:
+    async def _send_load(self, nc: NatsClient) -> None:
         while True:
             await asyncio.sleep(self.config.load_interval_s)
             source = self.load_source

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tandem.runtime.event_plane import nats_layout
@@ -68,7 +69,7 @@ class NatsRouterPlane:
                 )
         return self._namespaces[namespace]
 
-    async def _on_load(self, msg) -> None:  # a nats Msg
+    async def _on_load(self, msg: Msg) -> None:
         try:
             load = msgspec.msgpack.decode(msg.data)
         except msgspec.DecodeError:

@@ -20,6 +20,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from tandem.runtime.background import spawn
 from tandem.runtime.event_plane import nats_layout
@@ -67,8 +70,8 @@ class ReplicaSync:
         self.applied = 0
         """Other routers' bookings applied here."""
         self.malformed = 0
-        self._nc = None
-        self._sub = None
+        self._nc: NatsClient | None = None
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
         nc = await self.plane.connection()
@@ -104,14 +107,18 @@ class ReplicaSync:
         spawn(self._publish(_encoder.encode(booking)))
 
     async def _publish(self, data: bytes) -> None:
+        nc = self._nc
+        if nc is None:  # stopped since _send
+            logger.debug("booking not shared: stopped")
+            return
         try:
-            await self._nc.publish(self.subject, data)
+            await nc.publish(self.subject, data)
         except Exception as exc:  # best effort, like the delivery
             logger.debug("booking not shared: %r", exc)
 
     # --- the other routers' bookings ---
 
-    async def _on_message(self, msg) -> None:  # a nats Msg
+    async def _on_message(self, msg: Msg) -> None:
         try:
             booking = _decoder.decode(msg.data)
         except msgspec.DecodeError:

@@ -83,7 +83,7 @@ class BlockTable:
 class KvEventPublisher:
     def __init__(self, config: PublisherConfig | None = None) -> None:
         self.config = config or PublisherConfig()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.SyncContext = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._replay = self._ctx.socket(zmq.ROUTER)
@@ -148,7 +148,7 @@ def _parse_seq(frame: bytes) -> int | None:
     return SEQ_FRAME.unpack(frame)[0] if len(frame) == SEQ_FRAME.size else None
 
 
-def _bind(socket: zmq.Socket, host: str, port: int) -> str:
+def _bind(socket: zmq.SyncSocket, host: str, port: int) -> str:
     if port:
         address = f"tcp://{host}:{port}"
         socket.bind(address)
@@ -159,14 +159,14 @@ def _bind(socket: zmq.Socket, host: str, port: int) -> str:
 
 def replay(address: str, start_seq: int, timeout_s: float = 5.0) -> list[tuple[int, bytes]]:
     """Ask a publisher's replay endpoint for every buffered batch from ``start_seq`` on."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     socket.connect(address)
     try:
         socket.send_multipart([b"", SEQ_FRAME.pack(start_seq)])
-        batches = []
+        batches: list[tuple[int, bytes]] = []
         while True:
             _, seq_frame, payload = socket.recv_multipart()
             seq = SEQ_FRAME.unpack(seq_frame)[0]

@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 from tandem.runtime.background import spawn
@@ -65,21 +65,25 @@ class _Lost:
         self.reason = reason
 
 
+_StreamFrame = Data | End | Error
+"""The frames the worker sends on a stream (the others are per connection)."""
+
+
 class _Inbox:
     """Frames received for one stream, with one waiting reader."""
 
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: deque[Frame | _Lost] = deque()
+        self._items: deque[_StreamFrame | _Lost] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put(self, item: Frame | _Lost) -> None:
+    def put(self, item: _StreamFrame | _Lost) -> None:
         self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self, timeout: float | None) -> Frame | _Lost:
+    async def get(self, timeout: float | None) -> _StreamFrame | _Lost:
         """Next item; raises TimeoutError after ``timeout`` seconds of nothing."""
         if not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -93,8 +97,12 @@ class _Inbox:
     def pop_data_nowait(self) -> list[Any]:
         """Payloads of the Data frames at the head of the inbox, without waiting."""
         payloads = []
-        while self._items and isinstance(self._items[0], Data):
-            payloads.append(self._items.popleft().payload)
+        while self._items:
+            head = self._items[0]
+            if not isinstance(head, Data):
+                break
+            self._items.popleft()
+            payloads.append(head.payload)
         return payloads
 
 
@@ -250,7 +258,7 @@ class RequestPlaneClient:
 
     async def stream_batches(
         self, address: str, endpoint: str, payload: Any, timeout: Timeout = FROM_CONFIG
-    ) -> AsyncIterator[list[Any]]:
+    ) -> AsyncGenerator[list[Any], None]:
         """Like `stream`, but yields every item already received as one list: a consumer that
         fell behind catches up in one step (at least one item per list)."""
         async with contextlib.aclosing(self._stream(address, endpoint, payload, timeout, batch=True)) as items:
@@ -259,7 +267,7 @@ class RequestPlaneClient:
 
     async def stream(
         self, address: str, endpoint: str, payload: Any, timeout: Timeout = FROM_CONFIG
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Call ``endpoint`` on the worker at ``address`` and yield its response items.
 
         ``timeout`` is the longest wait for each next frame (default ``config.read_timeout``;
@@ -273,7 +281,7 @@ class RequestPlaneClient:
 
     async def _stream(
         self, address: str, endpoint: str, payload: Any, timeout: Timeout, batch: bool
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         read_timeout = self.config.read_timeout if isinstance(timeout, _UseConfig) else timeout
         conn = await self._connection(address)
         stream_id, inbox = conn.open_stream()
@@ -325,7 +333,9 @@ class RequestPlaneClient:
         await asyncio.gather(*(conn.close() for conn in self._connections.values()))
         self._connections.clear()
 
-    async def _next_frame(self, conn: _ClientConnection, inbox: _Inbox, endpoint: str, timeout: float | None) -> Frame:
+    async def _next_frame(
+        self, conn: _ClientConnection, inbox: _Inbox, endpoint: str, timeout: float | None
+    ) -> _StreamFrame:
         try:
             item = await inbox.get(timeout)
         except TimeoutError:
