@@ -1,4 +1,4 @@
-"""The block-hashing contract (DESIGN.md §4), shared by router, engines, KV events and kvbm.
+"""The block-hashing contract, shared by router, engines, KV events and KV cache tiers.
 
 Prompt tokens are cut into blocks of ``block_size`` tokens and only full blocks are hashed:
 

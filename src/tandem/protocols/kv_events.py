@@ -1,4 +1,4 @@
-"""KV cache events in vLLM's wire format (DESIGN.md §4).
+"""KV cache events in vLLM's wire format.
 
 An engine reports what its block pool stores and evicts so a KV-aware router can index it.
 The structs mirror vLLM's ``EventBatch``/``BlockStored``/``BlockRemoved``/``AllBlocksCleared``
