@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import LazyLibrary
+from tandem.kernels.native import LazyLibrary, Signatures
 
 SOURCES = [Path(__file__).with_name("amx_linear.c")]
 HEADERS = [Path(__file__).with_name("amx_gemm.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
+_SIGNATURES: Signatures = {
     "tandem_amx_linear_available": ([], ctypes.c_int),
     "tandem_amx_linear_bf16": ([_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], ctypes.c_int),
 }

@@ -21,6 +21,7 @@ from tandem.kernels import paged_attention
 from tandem.kernels.native import LazyLibrary
 
 if TYPE_CHECKING:
+    from tandem.models.layers.linear import Linear
     from tandem.models.llama import LlamaForCausalLM
 
 
@@ -55,6 +56,16 @@ class _Model(ctypes.Structure):
 
 def _addresses(tensors: list[torch.Tensor | None]) -> torch.Tensor:
     return torch.tensor([t.data_ptr() if t is not None else 0 for t in tensors], dtype=torch.int64)
+
+
+def _bias32(linear: Linear) -> torch.Tensor | None:
+    """The float32 copy of a projection's bias that its GEMV kernel keeps (None without a bias)."""
+    if linear.bias is None:
+        return None
+    # Only the GEMV kernel keeps that copy: a biased projection without one fails here, as before
+    # (supported() does not check for it).
+    assert linear.gemv is not None, "the fused decoder reads a bias from its projection's GEMV kernel"
+    return linear.gemv.bias32
 
 
 def supported(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> bool:
@@ -116,7 +127,7 @@ class FusedDecoder:
         attn = [layer.self_attn for layer in layers]
         self._keep = {  # address tables; the tensors they point into are the model's and the cache's own
             "qkv_w": _addresses([a.qkv_proj.weight for a in attn]),
-            "qkv_b": _addresses([a.qkv_proj.gemv.bias32 if a.qkv_proj.bias is not None else None for a in attn]),
+            "qkv_b": _addresses([_bias32(a.qkv_proj) for a in attn]),
             "o_w": _addresses([a.o_proj.weight for a in attn]),
             "gate_up_w": _addresses([layer.mlp.gate_up_proj.weight for layer in layers]),
             "down_w": _addresses([layer.mlp.down_proj.weight for layer in layers]),

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import LazyLibrary
+from tandem.kernels.native import LazyLibrary, Signatures
 
 SOURCES = [Path(__file__).with_name("elementwise.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
 MAX_NORM_DIM = 16384
 _P, _I, _F, _B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_SIGNATURES = {
+_SIGNATURES: Signatures = {
     "tandem_rmsnorm": ([_P, _P, _P, _I, _I, _F, _B, _B], None),
     "tandem_silu_mul": ([_P, _P, _I, _I, _B, _B], None),
     "tandem_rope_store": ([_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _B, _B], None),
@@ -50,7 +50,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm of x [T, n] (float32 math, rounded to x's dtype before the weight)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    load().tandem_rmsnorm(
+    lib = load()
+    assert lib is not None, "callers check supports() first"
+    lib.tandem_rmsnorm(
         x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, _bf16(x), torch.get_num_threads()
     )
     return out
@@ -61,7 +63,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
-    load().tandem_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, _bf16(gate_up), torch.get_num_threads())
+    lib = load()
+    assert lib is not None, "callers check supports() first"
+    lib.tandem_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, _bf16(gate_up), torch.get_num_threads())
     return out
 
 
@@ -79,7 +83,9 @@ def rope_store(
     """Rotate the q and k heads of ``qkv`` [T, (Hq + 2 Hkv) D] in place (cos/sin float32 [T, D]) and
     store each token's k and v in the caches [slots, Hkv, D] at ``slots`` [T]."""
     assert qkv.is_contiguous() and cos.dtype == torch.float32 and k_cache.dtype == qkv.dtype
-    load().tandem_rope_store(
+    lib = load()
+    assert lib is not None, "callers check supports() first"
+    lib.tandem_rope_store(
         qkv.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
@@ -100,5 +106,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     bfloat16 ``[rows, n]`` on CPU, contiguous."""
     assert x.dim() == 2 and x.is_contiguous() and supports(x)
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    load().tandem_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], _bf16(x), out.data_ptr(), torch.get_num_threads())
+    lib = load()
+    assert lib is not None, "callers check supports() first"
+    lib.tandem_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], _bf16(x), out.data_ptr(), torch.get_num_threads())
     return out

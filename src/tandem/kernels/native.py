@@ -18,7 +18,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeAlias
+
+Signatures: TypeAlias = Mapping[str, tuple[Sequence[type], object]]
+"""C function name → (ctypes argtypes, ctypes restype or None), as given to :func:`load_library`."""
 
 
 class NativeUnavailable(RuntimeError):
@@ -49,7 +54,7 @@ BUILD_RECIPE = 2
 """Bumped when `_build` changes how it builds (2: compile and link as separate steps)."""
 
 
-def library_path(name: str, sources: list[Path], flags: list[str], headers: list[Path] = ()) -> Path:
+def library_path(name: str, sources: list[Path], flags: list[str], headers: Sequence[Path] = ()) -> Path:
     """Where the build of ``sources`` (including ``headers``) with ``flags`` lives in the cache."""
     from tandem.model_cache import cache_dir
 
@@ -103,8 +108,8 @@ def load_library(
     name: str,
     sources: list[Path],
     flags: list[str],
-    signatures: dict[str, tuple[list, object]],
-    headers: list[Path] = (),
+    signatures: Signatures,
+    headers: Sequence[Path] = (),
 ) -> ctypes.CDLL:
     """Build (once) and load a C library; ``signatures`` maps function → (argtypes, restype).
 
@@ -134,8 +139,8 @@ class LazyLibrary:
         name: str,
         sources: list[Path],
         flags: list[str],
-        signatures: dict[str, tuple[list, object]],
-        headers: list[Path] = (),
+        signatures: Signatures,
+        headers: Sequence[Path] = (),
         disable_env: str | None = None,
         fallback: str = "",
     ) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import LazyLibrary
+from tandem.kernels.native import LazyLibrary, Signatures
 
 SOURCES = [Path(__file__).with_name("paged_attention.c"), Path(__file__).with_name("decode_forward.c")]
 """One library: the fused decode forward (tandem.kernels.decode_forward) calls the attention items."""
@@ -31,7 +31,7 @@ _ARGS = (
     + [ctypes.c_int64] * 5
     + [ctypes.c_float, ctypes.c_int]
 )
-_SIGNATURES = {
+_SIGNATURES: Signatures = {
     "tandem_paged_attention_f32": (_ARGS, ctypes.c_int),
     "tandem_paged_attention_bf16": (_ARGS, ctypes.c_int),
     "tandem_paged_attention_bf16_path": ([ctypes.c_int64], ctypes.c_int),

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels.native import LazyLibrary
+from tandem.kernels.native import LazyLibrary, Signatures
 
 SOURCES = [Path(__file__).with_name("prefill_attention.c")]
 HEADERS = [Path(__file__).with_name("amx_gemm.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
 MAX_HEAD_DIM = 256
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
+_SIGNATURES: Signatures = {
     "tandem_prefill_attention_available": ([], ctypes.c_int),
     "tandem_prefill_attention_bf16": (
         [_P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int],
