@@ -8,8 +8,9 @@ time (fewer, larger matmuls); attention is delegated to ``tandem.models.layers.a
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,11 @@ row on: docs/benchmarks.md)."""
 @dataclass
 class RopeTables:
     """RoPE cos/sin of the step's positions, looked up once per forward for every layer: in the
-    model dtype ``[T, 1, D]`` for the PyTorch ops, or float32 ``[T, D]`` for the fused C kernel."""
+    model dtype ``[T, 1, D]`` for the PyTorch ops, or float32 ``[T, D]`` where the attention layers
+    are fused (the C RoPE + KV store; every layer is, or none)."""
 
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
-    cos32: torch.Tensor | None = None
-    sin32: torch.Tensor | None = None
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +58,9 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:
             return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    if TYPE_CHECKING:
+        __call__ = forward
 
 
 class Attention(nn.Module):
@@ -86,8 +89,8 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
             elementwise.rope_store(
                 qkv,
-                rope.cos32,
-                rope.sin32,
+                rope.cos,
+                rope.sin,
                 meta.slot_mapping,
                 kv_cache[0],
                 kv_cache[1],
@@ -97,19 +100,23 @@ class Attention(nn.Module):
             )
             q, k, v = (
                 t.view(num_tokens, -1, self.head_dim)
-                for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                for t in qkv.split_with_sizes([self.q_size, self.kv_size, self.kv_size], dim=-1)
             )
             out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_stored=True)
             return self.o_proj(out.view(num_tokens, self.q_size))
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # split_with_sizes: the op Tensor.split calls for a list of sizes (typed, where split is not)
+        q, k, v = self.qkv_proj(x).split_with_sizes([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (cfg.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, rope.cos, rope.sin)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.view(num_tokens, self.q_size))
+
+    if TYPE_CHECKING:
+        __call__ = forward
 
 
 class MLP(nn.Module):
@@ -124,8 +131,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return self.down_proj(elementwise.silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, 2I]: gate | up, as split(I) would
         return self.down_proj(F.silu(gate) * up)
+
+    if TYPE_CHECKING:
+        __call__ = forward
 
 
 class DecoderLayer(nn.Module):
@@ -136,9 +146,31 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, rope, x, kv_cache, meta):
+    def forward(
+        self, rope: RopeTables, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    if TYPE_CHECKING:
+        __call__ = forward
+
+
+if TYPE_CHECKING:
+
+    class DecoderLayers(nn.ModuleList):
+        """What mypy knows of ``LlamaForCausalLM.layers``: an nn.ModuleList (not generic in torch)
+        holding only DecoderLayer."""
+
+        def __iter__(self) -> Iterator[DecoderLayer]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> DecoderLayer: ...
+
+        def __getitem__(self, idx: int | slice) -> DecoderLayer | nn.ModuleList: ...
 
 
 class LlamaForCausalLM(nn.Module):
@@ -151,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = cast("DecoderLayers", nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -169,6 +201,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         fused = self._fused_decoder(kv_caches, meta)
         if fused is not None:
+            assert meta.decode_ctx_lens is not None  # _fused_decoder returns a decoder only then
             hidden = fused(
                 x.float(),
                 self.rotary.cos[positions],
@@ -179,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
             )
             return self.norm(hidden.to(x.dtype))
         if self.layers[0].self_attn.fused:  # the C RoPE + KV store takes float32 tables
-            rope = RopeTables(cos32=self.rotary.cos[positions], sin32=self.rotary.sin[positions])
+            rope = RopeTables(self.rotary.cos[positions], self.rotary.sin[positions])
         else:
             rope = RopeTables(*self.rotary.lookup(positions, x.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches):

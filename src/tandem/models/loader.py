@@ -113,12 +113,14 @@ def load_model(
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
     torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
     resolved = resolve_model(name_or_path)
+    weights: Iterable[tuple[str, torch.Tensor]]
     if resolved.hf_dir is not None:
         hf_config, weights = read_hf_dir(resolved.hf_dir)
         tokenizer = load_hf_tokenizer(resolved.hf_dir)
     else:
         from tandem.model_cache.gguf_loader import load_gguf, load_gguf_tokenizer
 
+        assert resolved.gguf_path is not None  # a resolved model has an HF directory or a GGUF file
         gguf = load_gguf(resolved.gguf_path)
         hf_config, weights = gguf.config, gguf.state_dict.items()
         tokenizer = load_gguf_tokenizer(resolved.gguf_path, chat_template=gguf.chat_template or "")

@@ -34,4 +34,5 @@ def load_tokenizer(name_or_path: str) -> Any:
         return load_hf_tokenizer(resolved.hf_dir)
     from tandem.model_cache.gguf_loader import load_gguf_tokenizer
 
+    assert resolved.gguf_path is not None  # a resolved model has an HF directory or a GGUF file
     return load_gguf_tokenizer(resolved.gguf_path)

@@ -78,6 +78,7 @@ class AttentionMetadata:
     @property
     def decode_block_table(self) -> torch.Tensor:
         """decode_block_ids as ``[num_decode, max_blocks]``."""
+        assert self.decode_block_ids is not None  # read only in steps with decode rows, which set it
         return self.decode_block_ids.view(self.num_decode_tokens, self.decode_max_blocks)
 
 
@@ -107,6 +108,7 @@ def paged_attention(
     out = torch.empty_like(q)
     n_dec = meta.num_decode_tokens
     if n_dec and meta.decode_ctx_lens is not None:
+        assert meta.decode_rows is not None  # set together with decode_ctx_lens
         out[:n_dec] = cpu_paged.paged_attention(
             q[:n_dec],
             k_cache,
@@ -118,6 +120,7 @@ def paged_attention(
             scale,
         )
     elif n_dec:
+        assert meta.decode_block_ids is not None  # every step with decode rows sets it
         group = num_heads // num_kv_heads
         # Query heads h = kv * group + g all read KV head kv: fold g into the query axis.
         qd = q[:n_dec].view(n_dec, num_kv_heads, group, head_dim)
@@ -130,6 +133,7 @@ def paged_attention(
         )
         out[:n_dec] = od.reshape(n_dec, num_heads, head_dim)
     if meta.prefill_chunk_info is not None:
+        assert meta.prefill_block_table is not None  # set together with prefill_chunk_info
         cpu_prefill.prefill_attention(
             q, k_cache, v_cache, meta.prefill_block_table, meta.prefill_chunk_info, meta.block_size, scale, out
         )

@@ -14,6 +14,9 @@ plain ``F.linear`` (cuBLAS) is used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,15 +33,20 @@ has AMX (measured on a 2-core Sapphire Rapids, 30 layers of SmolLM2-135M weights
 oneDNN at 3-32 rows, a tie at 48-64)."""
 
 
+_mkldnn_is_available: Callable[[], bool] = torch.backends.mkldnn.is_available
+"""torch.backends.mkldnn.is_available, typed (torch leaves it unannotated)."""
+
+
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _mkldnn_is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight: torch.Tensor | None = nn.Parameter(torch.empty(out_features, in_features))
+        """The plain [out, in] weight (a Parameter); None on CPU once only the packed copy is needed."""
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed_weight: torch.Tensor | None = None
         """oneDNN-layout copy used for more than GEMV_MAX_ROWS rows (opaque; CPU only)."""
@@ -54,11 +62,17 @@ class Linear(nn.Module):
         if self.amx is not None and rows <= AMX_MAX_ROWS:
             return self.amx(x)
         if self.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+            return out
+        assert self.weight is not None  # dropped only when packed_weight is set
         return F.linear(x, self.weight, self.bias)
+
+    if TYPE_CHECKING:
+        __call__ = forward
 
     def prepare_for_cpu(self) -> None:
         """Add a oneDNN-packed copy of the weight, and route small batches to the C kernels."""
+        assert self.weight is not None  # prepared once, before any weight is dropped
         weight = self.weight.detach()
         if onednn_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)

@@ -72,25 +72,30 @@ def rope_inv_freq(
     Dynamic NTK is evaluated once at ``max_len`` (the longest sequence the engine will run), so
     every position shares one table; this matches HF for sequences at that length.
     """
-    rope_type = (scaling or {}).get("rope_type", "default")
+    s = scaling or {}
+    rope_type = s.get("rope_type", "default")
     if rope_type == "default":
         return _default_inv_freq(theta, dim), 1.0
     if rope_type == "linear":
-        return _default_inv_freq(theta, dim) / scaling["factor"], 1.0
+        return _default_inv_freq(theta, dim) / s["factor"], 1.0
     if rope_type == "dynamic":
-        factor = scaling["factor"]
+        factor = s["factor"]
         if max_len > max_position_embeddings:
             theta = theta * ((factor * max_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
         return _default_inv_freq(theta, dim), 1.0
     if rope_type == "llama3":
-        return _llama3_inv_freq(_default_inv_freq(theta, dim), scaling), 1.0
+        return _llama3_inv_freq(_default_inv_freq(theta, dim), s), 1.0
     if rope_type == "yarn":
-        return _yarn_inv_freq(theta, dim, scaling, max_position_embeddings)
+        return _yarn_inv_freq(theta, dim, s, max_position_embeddings)
     raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, linear, dynamic, llama3, yarn)")
 
 
 class RotaryEmbedding(torch.nn.Module):
     """Applies RoPE to flattened q/k of shape [tokens, heads, head_dim] at given positions."""
+
+    cos: torch.Tensor
+    """float32 [max_positions, head_dim] (a non-persistent buffer)."""
+    sin: torch.Tensor
 
     def __init__(
         self,
