@@ -68,7 +68,7 @@ class RouterService:
         await self.pool.stop()
         await self.client.close()
 
-    async def _route(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+    async def _route(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         if not isinstance(payload, dict) or not isinstance(payload.get("token_ids"), list):
             raise EndpointError("bad_request", "route needs {model, token_ids, request_id}")
         cards = self.pool.workers(payload.get("model"))
@@ -80,18 +80,18 @@ class RouterService:
         card = self.policy.route(cards, payload["token_ids"], payload.get("request_id"), payload.get("cache_salt"))
         yield {"worker_id": card.worker_id}
 
-    async def _first_token(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+    async def _first_token(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         self.policy.on_first_token(str(payload.get("request_id")))
         yield {}
 
-    async def _finished(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+    async def _finished(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         self.policy.on_finished(str(payload.get("request_id")))
         yield {}
 
-    async def _status(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+    async def _status(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         yield self.policy.status(self.pool.workers())
 
-    async def _overlap(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+    async def _overlap(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         indexer = self.policy.indexer if isinstance(self.policy, KvRouter) else None
         if indexer is None:
             raise EndpointError("not_found", f"policy {self.policy.name!r} keeps no KV index")

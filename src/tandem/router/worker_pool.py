@@ -26,7 +26,7 @@ class WorkerPool:
         self.down_for_s = down_for_s
         self._workers: dict[str, WorkerCard] = {}
         self._down_until: dict[str, float] = {}
-        self._watch_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._listeners: list[tuple[Callable[[WorkerCard], None], Callable[[WorkerCard], None]]] = []
 

@@ -28,7 +28,7 @@ and is unaffected).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 
@@ -133,7 +133,7 @@ class MigratingClient:
         others = sum(card.role in SERVING_ROLES and card.worker_id not in exclude for card in self.pool.workers(model))
         return default_migration_limit(others + (1 if exclude else 0))
 
-    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+    async def generate(self, model: str, request: GenerateRequest) -> AsyncGenerator[GenerateDelta, None]:
         """Deltas of the whole request, across migrations. Raises what the wrapped client raises,
         or RequestLostError when a lost stream cannot migrate."""
         limit = self.limit_for(model)  # decided up front: the lost worker leaves the pool when it fails
@@ -166,10 +166,11 @@ class MigratingClient:
             if carry.attempt >= limit:
                 self._report(model, "disabled" if limit == 0 else "exhausted")
                 raise _cannot_migrate(lost, carry, limit)
-            attempt = carry.next_request()
-            if attempt is None:
+            next_attempt = carry.next_request()
+            if next_attempt is None:
                 yield carry.finished()
                 return
+            attempt = next_attempt
             self._report(model, "migrated")
             logger.info(
                 "migrating request %s off lost worker %s to another worker as %s (%d tokens carried; "

@@ -31,7 +31,7 @@ is the same token for token.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -99,7 +99,7 @@ class DisaggregatedClient:
 
     async def generate(
         self, model: str, request: GenerateRequest, exclude: frozenset[str] = frozenset()
-    ) -> AsyncIterator[GenerateDelta]:
+    ) -> AsyncGenerator[GenerateDelta, None]:
         """Deltas of the whole request; ``exclude``: workers not to use (lost ones, on migration)."""
         local = self._run_locally(model, request)
         if local is not None:

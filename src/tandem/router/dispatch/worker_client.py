@@ -10,7 +10,7 @@ request to another worker from there. Other failures are :mod:`tandem.router.err
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
@@ -55,7 +55,7 @@ class WorkerClient:
         request: GenerateRequest,
         roles: tuple[str, ...] = SERVING_ROLES,
         exclude: frozenset[str] = frozenset(),
-    ) -> AsyncIterator[GenerateDelta]:
+    ) -> AsyncGenerator[GenerateDelta, None]:
         """Stream the request's deltas from a worker with one of ``roles`` (never one in
         ``exclude``). Raises NoWorkerError when no worker is left, WorkerRejectedError when the
         worker refused the request, WorkerFailedError, or StreamBrokenError mid-stream.
@@ -90,8 +90,7 @@ class WorkerClient:
                     raise StreamBrokenError(card.worker_id, "the stream ended before the request finished")
                 return
             except (WorkerUnavailableError, RemoteError) as exc:
-                lost = isinstance(exc, WorkerUnavailableError) or exc.code == "unavailable"
-                if not lost:
+                if isinstance(exc, RemoteError) and exc.code != "unavailable":  # it answered: not lost
                     if exc.code == "bad_request":
                         raise WorkerRejectedError(exc.message) from None
                     raise WorkerFailedError(f"worker {card.worker_id} failed: {exc.message}") from None

@@ -23,6 +23,7 @@ import msgspec
 from tandem.protocols.endpoints import Endpoint, KvDumpReply
 from tandem.protocols.kv_events import AllBlocksCleared, KVEventBatch, decode_batch
 from tandem.protocols.worker_card import WorkerCard
+from tandem.router.kv.indexer import KvIndexer
 from tandem.runtime.request_plane import RequestPlaneClient, RequestPlaneError
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ class KvEventFollowerCore:
 
     transport = "none"
 
-    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient) -> None:
+    def __init__(self, card: WorkerCard, indexer: KvIndexer, client: RequestPlaneClient) -> None:
         self.card, self.indexer, self.client = card, indexer, client
         self.stats = FollowerStats()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---
 

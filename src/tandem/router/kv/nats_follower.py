@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.follower_core import KvEventFollowerCore
+from tandem.router.kv.indexer import KvIndexer
 from tandem.runtime.event_plane import nats_layout
 from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
 from tandem.runtime.request_plane import RequestPlaneClient
@@ -51,13 +53,24 @@ class NatsFollowerConfig:
     """Pause before subscribing again after the subscription failed."""
 
 
+@dataclass(frozen=True)
+class _StoredMessage:
+    """One of the worker's messages as read back from the stream."""
+
+    position: int
+    """Its stream sequence."""
+    seq: int | None
+    """Its ``Tandem-Seq`` header (None: missing or invalid)."""
+    data: bytes
+
+
 class NatsKvEventFollower(KvEventFollowerCore):
     transport = "nats"
 
     def __init__(
         self,
         card: WorkerCard,
-        indexer,
+        indexer: KvIndexer,
         client: RequestPlaneClient,
         plane: NatsRouterPlane,
         config: NatsFollowerConfig | None = None,
@@ -72,7 +85,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
         self._position = 0
         """Stream sequence up to which every message of the worker is accounted for (applied, or
         covered by a dump or replay); a gap scan starts after it."""
-        self._sub = None
+        self._sub: JetStreamContext.PushSubscription | None = None
 
     async def _run(self) -> None:
         await self._begin()
@@ -94,8 +107,8 @@ class NatsKvEventFollower(KvEventFollowerCore):
                 js = await self.plane.jetstream()
                 self.stream = await self.plane.stream_for(self.namespace)
                 first = await self._next_message(1)
-                if first is not None and _seq_of(first.headers) == 0:
-                    self._position = first.seq - 1
+                if first is not None and first.seq == 0:
+                    self._position = first.position - 1
                     await self._subscribe()
                     return
                 self._position = (await js.stream_info(self.stream)).state.last_seq
@@ -121,6 +134,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
     async def _follow(self) -> None:
         if self._sub is None:
             await self._subscribe()
+        assert self._sub is not None  # _subscribe sets it or raises
         async for msg in self._sub.messages:
             try:
                 position = msg.metadata.sequence.stream
@@ -145,10 +159,10 @@ class NatsKvEventFollower(KvEventFollowerCore):
                 msg = await self._next_message(position + 1)
                 if msg is None:
                     break
-                position = msg.seq
-                seq = _seq_of(msg.headers)
+                position = msg.position
+                seq = msg.seq
                 if seq == want + len(found):
-                    found.append((seq, msg.data or b""))
+                    found.append((seq, msg.data))
                     if seq >= until - 1:
                         break
                 elif seq is not None and seq >= until:
@@ -161,13 +175,16 @@ class NatsKvEventFollower(KvEventFollowerCore):
             self.stats.error(f"replay from the stream failed: {exc!r}")
         return found
 
-    async def _next_message(self, start: int):  # a RawStreamMsg or None
+    async def _next_message(self, start: int) -> _StoredMessage | None:
         """The worker's first message at or after stream sequence ``start`` (None: there is none)."""
+        assert self.stream is not None  # _begin looks the stream up before reading from it
         js = await self.plane.jetstream()
         try:
-            return await js.get_msg(self.stream, seq=start, subject=self.subject, next=True)
+            msg = await js.get_msg(self.stream, seq=start, subject=self.subject, next=True)
         except NotFoundError:
             return None
+        assert msg.seq is not None  # a message read from a stream has its stream sequence
+        return _StoredMessage(position=msg.seq, seq=_seq_of(msg.headers), data=msg.data or b"")
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
@@ -181,7 +198,7 @@ class NatsKvEventFollower(KvEventFollowerCore):
         await self._unsubscribe()
 
 
-def _seq_of(headers: dict | None) -> int | None:
+def _seq_of(headers: dict[str, str] | None) -> int | None:
     """The ``Tandem-Seq`` header as a non-negative int, or None."""
     value = (headers or {}).get(nats_layout.SEQ_HEADER)
     try:

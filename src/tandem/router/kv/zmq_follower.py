@@ -18,6 +18,7 @@ import zmq.asyncio
 from tandem.protocols.kv_events import SEQ_FRAME
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.follower_core import KvEventFollowerCore
+from tandem.router.kv.indexer import KvIndexer
 from tandem.runtime.event_plane.zmq_publisher import replay
 from tandem.runtime.request_plane import RequestPlaneClient
 
@@ -25,7 +26,7 @@ from tandem.runtime.request_plane import RequestPlaneClient
 class KvEventFollower(KvEventFollowerCore):
     transport = "zmq"
 
-    def __init__(self, card: WorkerCard, indexer, client: RequestPlaneClient) -> None:
+    def __init__(self, card: WorkerCard, indexer: KvIndexer, client: RequestPlaneClient) -> None:
         super().__init__(card, indexer, client)
         self._socket: zmq.asyncio.Socket | None = None
 

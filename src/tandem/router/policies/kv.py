@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.active_load import ActiveLoad
@@ -34,6 +34,10 @@ from tandem.router.policy import RoutingPolicy
 from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.background import spawn
 from tandem.runtime.request_plane import RequestPlaneClient
+
+if TYPE_CHECKING:  # imported when the first NATS worker appears (nats-py is loaded only then)
+    from tandem.runtime.event_plane.nats_router_plane import NatsRouterPlane
+    from tandem.runtime.event_plane.replica_sync import ReplicaSync
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +86,8 @@ class KvRouter(RoutingPolicy):
         self.approx = ApproxIndex(self.config.approx_ttl_s)
         self.load = ActiveLoad(self.block_size)
         self.followers: dict[str, KvEventFollowerCore] = {}
-        self.nats = None  # a NatsRouterPlane, made for the first worker that publishes on NATS
-        self.sync = None  # a ReplicaSync on that plane (KvRouterConfig.replica_sync)
+        self.nats: NatsRouterPlane | None = None  # made for the first worker that publishes on NATS
+        self.sync: ReplicaSync | None = None  # on that plane (KvRouterConfig.replica_sync)
         self.routed: dict[str, int] = {}  # worker → requests finished
         self._warned: set[str] = set()
         self.requests_routed = 0

@@ -20,7 +20,7 @@ class RoundRobinPolicy(RoutingPolicy):
     """Counters kept before they are all reset (candidate sets change as workers come and go)."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, ...], itertools.count] = {}
+        self._counters: dict[tuple[str, ...], itertools.count[int]] = {}
 
     def select(self, candidates: list[WorkerCard], token_ids: list[int]) -> WorkerCard:
         ordered = sorted(candidates, key=lambda card: card.worker_id)
