@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.frontend.errors import OpenAIError, error_body, internal_error, no_worker, payload_too_large
 from tandem.frontend.frontend import Frontend
 from tandem.frontend.generation import generate_chunks
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest, RequestT, parse_request
 from tandem.frontend.protocol_responses import ModelCard, ModelList
 from tandem.frontend.responses import chat_full, chat_stream, completion_full, completion_stream
 
@@ -41,12 +42,16 @@ class _SSEResponse(StreamingResponse):
     """A StreamingResponse that always closes its body iterator, even when cancelled mid-send,
     so the worker request is cancelled at once rather than when the generator is collected."""
 
+    def __init__(self, content: AsyncGenerator[bytes, None], media_type: str, headers: Mapping[str, str]) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._body = content  # the body iterator itself (starlette keeps an async iterable as given)
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[union-attr]
+                await self._body.aclose()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -84,7 +89,7 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     raise ClientDisconnected
 
 
-def _openapi_body(model: type, components: dict[str, Any]) -> dict[str, Any]:
+def _openapi_body(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
     """An operation's JSON request body. Nested models go to ``components`` (see _add_components):
     pydantic's own ``#/$defs/...`` refs would point at the OpenAPI document's root and dangle."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -130,10 +135,10 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     async def generate(
         request: Request,
-        cls: type,
+        cls: type[RequestT],
         endpoint: str,
         full: Callable[..., Awaitable[Any]],
-        stream: Callable[..., AsyncIterator[bytes]],
+        stream: Callable[..., AsyncGenerator[bytes, None]],
     ) -> Response:
         arrival = time.perf_counter()
         model = "unknown"
@@ -173,7 +178,9 @@ def create_app(frontend: Frontend) -> FastAPI:
                 label = model if model in frontend.known_models else "unknown"
                 metrics.requests.labels(label, endpoint, str(status)).inc()
 
-    async def _counted_stream(body: AsyncIterator[bytes], model: str, endpoint: str) -> AsyncIterator[bytes]:
+    async def _counted_stream(
+        body: AsyncGenerator[bytes, None], model: str, endpoint: str
+    ) -> AsyncGenerator[bytes, None]:
         metrics.inflight.labels(model).inc()
         status = "200"
         try:
@@ -201,7 +208,7 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        cards = {}
+        cards: dict[str, int] = {}  # model → its shortest context length
         for card in frontend.live_workers():
             length = min(card.context_length, cards.get(card.model, card.context_length))
             cards[card.model] = length

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +71,7 @@ class Frontend:
         self.metrics.router_stats.status = self.router_status
         self.known_models: set[str] = set(models or [])
         self.worker_stats: dict[str, dict[str, Any]] = {}
-        self._poll_task: asyncio.Task | None = None
+        self._poll_task: asyncio.Task[None] | None = None
         self._drain_deadline: float | None = None  # loop time; set once the server is stopping
         self._waits: set[asyncio.Timeout] = set()  # the chunk waits of requests in flight
 
@@ -79,6 +79,7 @@ class Frontend:
         if config.router == "remote":
             from tandem.router.policies.remote import RemoteRouter
 
+            assert config.router_address is not None  # FrontendConfig refuses remote without one
             return RemoteRouter(self.client, config.router_address)
         from tandem.router.policies.kv import KvRouterConfig
 
@@ -118,7 +119,7 @@ class Frontend:
             for wait in self._waits:
                 wait.reschedule(self._drain_deadline)
 
-    async def until_drained(self, chunks: AsyncIterator[OutputChunk]) -> AsyncIterator[OutputChunk]:
+    async def until_drained(self, chunks: AsyncGenerator[OutputChunk, None]) -> AsyncGenerator[OutputChunk, None]:
         """``chunks``, ended with a 503 (a stream: an error event) when the server stops and the
         drain timeout passes first. Closing it closes ``chunks`` (cancels the worker request)."""
         try:
@@ -207,7 +208,10 @@ class Frontend:
 
     async def _stats_of(self, card: WorkerCard) -> dict[str, Any] | None:
         try:
-            return await self.client.call(card.request_plane_address, Endpoint.STATS, None, timeout=2.0)
+            stats: dict[str, Any] = await self.client.call(
+                card.request_plane_address, Endpoint.STATS, None, timeout=2.0
+            )  # the worker's stats endpoint answers a JSON object
+            return stats
         except (RequestPlaneError, OSError) as exc:
             logger.debug("stats of %s unavailable: %s", card.worker_id, exc)
             return None

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tandem.frontend.errors import OpenAIError, from_router_error
 from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.preprocess import PromptTokenizer
 from tandem.frontend.text_stream import TextStream
 from tandem.protocols.endpoints import GenerateDelta, GenerateRequest, TokenLogprobPayload
 from tandem.protocols.sampling_params import SamplingParams
@@ -42,11 +43,15 @@ class UsageCounts:
     cached_tokens: int = 0
 
 
+ChunkFinish = Literal["stop", "length"]
+"""Why a choice ended, as the frontend reports it (a worker's other reasons are errors)."""
+
+
 @dataclass
 class OutputChunk:
     text: str
     logprobs: list[TokenLogprobText] | None = None
-    finish_reason: str | None = None
+    finish_reason: ChunkFinish | None = None
     """``stop`` or ``length`` on the last chunk, else None."""
     usage: UsageCounts = field(default_factory=UsageCounts)
 
@@ -59,19 +64,19 @@ class GenerationSpec:
     prompt_token_ids: list[int]
     params: SamplingParams
     stop: list[str]
-    tokenizer: Any
+    tokenizer: PromptTokenizer | None
     cache_salt: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.perf_counter)
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
+def _token_text(tokenizer: PromptTokenizer | None, token_id: int) -> str:
     if tokenizer is None:
         return f"<{token_id}>"
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _logprobs_text(tokenizer: Any, items: list[TokenLogprobPayload]) -> list[TokenLogprobText]:
+def _logprobs_text(tokenizer: PromptTokenizer | None, items: list[TokenLogprobPayload]) -> list[TokenLogprobText]:
     return [
         TokenLogprobText(
             _token_text(tokenizer, lp.token_id), lp.logprob, [(_token_text(tokenizer, t), v) for t, v in lp.top]
@@ -123,7 +128,7 @@ class _Timer:
 
 async def generate_chunks(
     spec: GenerationSpec, workers: MigratingClient | DisaggregatedClient | WorkerClient, metrics: FrontendMetrics
-) -> AsyncIterator[OutputChunk]:
+) -> AsyncGenerator[OutputChunk, None]:
     """Final text chunks of one choice; the last one has ``finish_reason`` and full usage."""
     text = TextStream(spec.tokenizer, spec.prompt_token_ids, spec.stop) if spec.tokenizer is not None else None
     timer = _Timer(metrics, spec.model, spec.arrival)
@@ -155,7 +160,9 @@ async def generate_chunks(
     )
 
 
-def _to_chunk(delta: GenerateDelta, text: TextStream | None, tokenizer: Any, usage: UsageCounts) -> OutputChunk:
+def _to_chunk(
+    delta: GenerateDelta, text: TextStream | None, tokenizer: PromptTokenizer | None, usage: UsageCounts
+) -> OutputChunk:
     usage.prompt_tokens = delta.num_prompt_tokens or usage.prompt_tokens
     usage.cached_tokens = max(usage.cached_tokens, delta.num_cached_tokens)
     usage.completion_tokens = delta.num_output_tokens or usage.completion_tokens + len(delta.token_ids)
@@ -173,9 +180,11 @@ def _to_chunk(delta: GenerateDelta, text: TextStream | None, tokenizer: Any, usa
     return OutputChunk(piece.text + tail.text, logprobs, finish, usage)
 
 
-def _finish_reason(reason: str | None) -> str | None:
+def _finish_reason(reason: str | None) -> ChunkFinish | None:
     if reason is None:
         return None
-    if reason in ("stop", "length"):
-        return reason
+    if reason == "stop":
+        return "stop"
+    if reason == "length":
+        return "length"
     raise OpenAIError(502, f"the worker ended the request with {reason!r}", "server_error", None, "worker_aborted")

@@ -8,7 +8,8 @@ failure after the stream has started is sent as an ``{"error": ...}`` event befo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import msgspec
 
@@ -65,10 +66,12 @@ async def chat_full(chunks: AsyncIterator[OutputChunk], model: str, want_logprob
     return ChatCompletionResponse(model=model, choices=[choice], usage=_usage(last.usage))
 
 
-async def chat_stream(chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def chat_stream(
+    chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
     head = {"id": random_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
 
-    def event(choices: list[dict], usage: Usage | None = None) -> bytes:
+    def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
         # Plain dicts through msgspec: several times cheaper than pydantic per streamed chunk,
         # and the same JSON as ChatCompletionChunk.
         return sse(
@@ -135,7 +138,7 @@ async def completion_full(chunks: AsyncIterator[OutputChunk], model: str) -> Com
 
 async def completion_stream(
     chunks: AsyncIterator[OutputChunk], model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     head = {"id": random_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
     offset = 0
     last: OutputChunk | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -28,7 +29,7 @@ class _Server(uvicorn.Server):
         pass
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]  # uvicorn ≥ 0.29 name for the same hook
+    def capture_signals(self) -> Iterator[None]:  # uvicorn ≥ 0.29 name for the same hook
         yield
 
 
@@ -39,7 +40,7 @@ class FrontendServer:
         self.app = create_app(self.frontend)
         self._socket: socket.socket | None = None
         self._server: _Server | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -71,7 +72,9 @@ class FrontendServer:
             log_level="warning",
             access_log=self.config.access_log,
             lifespan="off",
-            timeout_graceful_shutdown=self.config.drain_timeout_s + _BACKSTOP_S,
+            # uvicorn annotates this int, but only hands it to asyncio.timeout(), which takes seconds
+            # as a float: a fractional drain timeout is honoured as given.
+            timeout_graceful_shutdown=self.config.drain_timeout_s + _BACKSTOP_S,  # type: ignore[arg-type]
             backlog=2048,
         )
         self._server = _Server(uv_config)
