@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("bench", help="benchmark an OpenAI-compatible endpoint; compare runs")
     sub = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
 

@@ -30,7 +30,7 @@ PROMPT = ">>> "
 HELP = "/reset clears the history, /stats shows engine stats, /exit or Ctrl-D quits, Ctrl-C stops an answer"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``chat`` and its flags."""
     parser = subparsers.add_parser("chat", help="chat with a model in the terminal (streaming)")
     add_engine_args(parser)

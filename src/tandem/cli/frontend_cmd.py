@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
 from tandem.cli.signals import exit_code, stop_event
 from tandem.frontend.config import FrontendConfig
 from tandem.router.registry import ROUTER_NAMES
+
+_T = TypeVar("_T")
 
 
 def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -131,7 +135,7 @@ def frontend_config_from_args(args: argparse.Namespace, base: FrontendConfig | N
     return config
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("frontend", help="the OpenAI HTTP frontend, routing to workers in discovery")
     add_frontend_args(parser)
     add_discovery_args(parser)
@@ -154,7 +158,7 @@ async def serve(args: argparse.Namespace) -> int:
     return exit_code(stop)
 
 
-def run_event_loop(main):
+def run_event_loop(main: Coroutine[Any, Any, _T]) -> _T:
     """Run ``main`` on uvloop when it is installed (uvicorn[standard] brings it): cheaper socket
     I/O per streamed chunk than the default asyncio loop."""
     try:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``models pull|list|rm``."""
     parser = subparsers.add_parser("models", help="manage the local model cache")
     actions = parser.add_subparsers(dest="models_command", metavar="ACTION")

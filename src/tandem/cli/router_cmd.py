@@ -17,7 +17,7 @@ from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, di
 from tandem.cli.signals import stop_event
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from tandem.router.kv.cost import KvCostConfig
 
     parser = subparsers.add_parser("router", help="a standalone KV-aware router shared by frontends")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from tandem.runtime.event_plane.config import (
     DEFAULT_NAMESPACE,
@@ -12,6 +13,9 @@ from tandem.runtime.event_plane.config import (
     EVENT_PLANES,
     EventPlaneConfig,
 )
+
+if TYPE_CHECKING:
+    from tandem.runtime.discovery.base import Discovery
 
 DEFAULT_ETCD_ENDPOINTS = "127.0.0.1:2379"
 
@@ -54,9 +58,10 @@ def add_event_plane_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def discovery_from_args(args: argparse.Namespace, ttl_s: float | None = None):
+def discovery_from_args(args: argparse.Namespace, ttl_s: float | None = None) -> Discovery:
     """The discovery client the flags describe (``ttl_s``: lease TTL of this process's registrations)."""
-    from tandem.runtime.discovery import DiscoveryConfig, make_discovery
+    from tandem.runtime.discovery import make_discovery
+    from tandem.runtime.discovery.base import DiscoveryConfig
 
     config = DiscoveryConfig(ttl_s=ttl_s) if ttl_s is not None else DiscoveryConfig()
     return make_discovery(args.discovery, config, etcd_endpoints=args.etcd_endpoints, namespace=args.namespace)

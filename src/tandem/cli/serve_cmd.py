@@ -20,11 +20,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem.cli.engine_args import add_engine_args
 from tandem.cli.frontend_cmd import add_frontend_args, frontend_config_from_args, run_event_loop
 from tandem.cli.signals import StopEvent, exit_code
 from tandem.runtime.event_plane.config import DEFAULT_NATS_URL, EVENT_PLANES
+
+if TYPE_CHECKING:  # imported lazily at run time, to keep `tandem --help` fast
+    from tandem.deploy.graph import Graph
+    from tandem.deploy.local import LocalDeployment
 
 # Engine flags forwarded to every worker when the user sets them (argparse dest → worker flag).
 _FORWARDED_FLAGS = (
@@ -42,7 +47,7 @@ _FORWARDED_FLAGS = (
 )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("serve", help="serve an OpenAI endpoint: frontend + workers on this machine")
     parser.add_argument("graph", nargs="?", help="deployment graph YAML (default: one builtin worker)")
     parser.add_argument("--workers", type=int, help="number of workers (default: 1, or the graph's)")
@@ -77,7 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, _parser=parser)
 
 
-def build_graph(args: argparse.Namespace):  # -> Graph (import kept lazy for `tandem --help`)
+def build_graph(args: argparse.Namespace) -> Graph:
     from tandem.deploy.graph import Graph, GraphError, WorkerGroup, load_graph
 
     parser: argparse.ArgumentParser = args._parser
@@ -103,7 +108,7 @@ def build_graph(args: argparse.Namespace):  # -> Graph (import kept lazy for `ta
     return graph
 
 
-def _pull_models(graph) -> None:
+def _pull_models(graph: Graph) -> None:
     """Fetch registry models once, here, before several workers would race for them."""
     from tandem.model_cache.registry import find_entry
     from tandem.model_cache.resolve import resolve_model
@@ -113,7 +118,7 @@ def _pull_models(graph) -> None:
             resolve_model(model)
 
 
-async def _serve(args: argparse.Namespace, graph, discovery: str) -> int:
+async def _serve(args: argparse.Namespace, graph: Graph, discovery: str) -> int:
     from tandem.deploy.local import LocalDeployment
 
     # One drain timeout for the frontend's requests in flight and for the workers.
@@ -171,10 +176,11 @@ def _since_launch() -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         import psutil
 
-        return time.time() - psutil.Process().create_time()
+        created: float = psutil.Process().create_time()  # seconds since the epoch
+        return time.time() - created
 
 
-async def _watch(deployment, stop: asyncio.Event) -> None:
+async def _watch(deployment: LocalDeployment, stop: asyncio.Event) -> None:
     """Wait for a stop signal; say so when a worker process dies meanwhile."""
     reported: set[int] = set()
     while not stop.is_set():

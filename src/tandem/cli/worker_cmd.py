@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from tandem.cli.engine_args import add_engine_args, engine_config_from_args
 from tandem.cli.runtime_args import (
@@ -27,10 +27,11 @@ from tandem.cli.runtime_args import (
 
 if TYPE_CHECKING:
     from tandem.engine.engine_core import EngineCore
+    from tandem.engine.llm_engine import LLMEngine
     from tandem.worker.engine_host import MainThreadEngineHost
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("worker", help="serve one engine on the request plane")
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="request-plane bind address (default: %(default)s)")
@@ -149,7 +150,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def serve(
-    args: argparse.Namespace, builtin_core: EngineCore | None = None, host: MainThreadEngineHost | None = None
+    args: argparse.Namespace, builtin_core: LLMEngine | None = None, host: MainThreadEngineHost | None = None
 ) -> int:
     """Serve the worker(s) until stopped: mocker engines on their own threads, or ``builtin_core``
     (loaded by the main thread) stepped by the main thread through ``host``, which also relays
@@ -158,6 +159,7 @@ async def serve(
     from tandem.worker.lifecycle import ShutdownConfig, serve_until_stopped
     from tandem.worker.service import WorkerService
 
+    cores: list[EngineCore]
     if args.engine == "mocker":
         from tandem.engine.mocker import MockerConfig, MockerEngine
 
@@ -183,7 +185,7 @@ async def serve(
     else:
         assert builtin_core is not None and host is not None, "the builtin engine is loaded and stepped by run()"
         cores = [builtin_core]
-        name, tokenizer_source = args.served_model_name or cores[0].loaded.name, cores[0].loaded.source
+        name, tokenizer_source = args.served_model_name or builtin_core.loaded.name, builtin_core.loaded.source
     discovery = discovery_from_args(args, ttl_s=args.ttl)
     metrics_address = _serve_metrics(args.host, args.metrics_port) if args.metrics_port is not None else None
     services = []
@@ -260,14 +262,25 @@ def _serve_metrics(host: str, port: int) -> str:
     return f"http://{host}:{server.server_port}/metrics"
 
 
-def _mocker_coeffs(args: argparse.Namespace) -> dict[str, float]:
-    coeffs: dict[str, float] = {}
+class _MockerCoeffs(TypedDict, total=False):
+    """The ``MockerConfig`` timing coefficients the flags override."""
+
+    prefill_quadratic: float
+    prefill_linear: float
+    prefill_constant: float
+    decode_quadratic: float
+    decode_linear: float
+    decode_constant: float
+
+
+def _mocker_coeffs(args: argparse.Namespace) -> _MockerCoeffs:
+    coeffs: _MockerCoeffs = {}
     if args.mocker_prefill_coeffs:
         a, b, c = args.mocker_prefill_coeffs
-        coeffs.update(prefill_quadratic=a, prefill_linear=b, prefill_constant=c)
+        coeffs.update({"prefill_quadratic": a, "prefill_linear": b, "prefill_constant": c})
     if args.mocker_decode_coeffs:
         d, e, f = args.mocker_decode_coeffs
-        coeffs.update(decode_quadratic=d, decode_linear=e, decode_constant=f)
+        coeffs.update({"decode_quadratic": d, "decode_linear": e, "decode_constant": f})
     return coeffs
 
 
