@@ -55,14 +55,14 @@ class LocalDeployment:
         self.discovery_spec = discovery
         self.drain_timeout = drain_timeout
         self.worker_log_level = worker_log_level
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.server = FrontendServer(graph.frontend, make_discovery(discovery), models=graph.models)
 
     @property
     def num_workers(self) -> int:
         return sum(group.count * int(group.flags.get("mocker-workers", 1)) for group in self.graph.workers)
 
-    def _spawn(self, group: WorkerGroup) -> subprocess.Popen:
+    def _spawn(self, group: WorkerGroup) -> subprocess.Popen[bytes]:
         argv = self._spawn_argv(group)
         logger.info("starting worker: %s", " ".join(argv[3:]))
         return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
@@ -113,7 +113,7 @@ class LocalDeployment:
             await asyncio.sleep(0.05)
         await asyncio.gather(*(frontend.tokenizers.get(card.tokenizer) for card in frontend.live_workers()))
 
-    def dead_workers(self) -> list[subprocess.Popen]:
+    def dead_workers(self) -> list[subprocess.Popen[bytes]]:
         return [proc for proc in self.processes if proc.poll() is not None]
 
     async def stop(self) -> None:
