@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def _as_chat(request: BenchRequest, tokenizer: Any) -> BenchRequest:
     return request
 
 
-def _answer_tokens(tokenizer: Any):
+def _answer_tokens(tokenizer: Any) -> Callable[[Outcome, BenchRequest], list[int]]:
     """Multi-turn: the answer's token ids (re-tokenized text; synthetic ids when no tokenizer)."""
 
     def tokens(outcome: Outcome, request: BenchRequest) -> list[int]:

@@ -7,17 +7,18 @@ with matplotlib's Agg renderer (no display needed), and reads back what it drew 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tandem.bench.records import RunSummary
+from tandem.bench.records import RequestRecord, RunSummary
 from tandem.bench.tables import Run, run_labels
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 LATENCY_CDF = "latency_cdf.png"
 THROUGHPUT_VS_RATE = "throughput_vs_rate.png"
@@ -83,30 +84,30 @@ def _axes_series(ax: Axes) -> dict[str, tuple[list[float], list[float]]]:
     out: dict[str, tuple[list[float], list[float]]] = {}
     for line in ax.get_lines():
         label = line.get_label()
-        if label.startswith("_"):
+        if not isinstance(label, str) or label.startswith("_"):  # unlabelled
             continue
         xs = np.asarray(line.get_xdata(), dtype=float)
         ys = np.asarray(line.get_ydata(), dtype=float)
         out[label] = (xs.tolist(), ys.tolist())
     for coll in ax.collections:
         label = coll.get_label()
-        if label.startswith("_"):
+        if not isinstance(label, str) or label.startswith("_"):  # unlabelled
             continue
         offsets = np.asarray(coll.get_offsets(), dtype=float).reshape(-1, 2)
         out[label] = (offsets[:, 0].tolist(), offsets[:, 1].tolist())
     return out
 
 
-def _figure_series(fig) -> Series:
+def _figure_series(fig: Figure) -> Series:
     return {ax.get_title(): _axes_series(ax) for ax in fig.axes}
 
 
-def _latency_cdf(runs: Sequence[Run], labels: list[str]):
+def _latency_cdf(runs: Sequence[Run], labels: list[str]) -> Figure:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, 3)
-    panels = [
+    panels: list[tuple[str, Callable[[list[RequestRecord]], list[float]]]] = [
         ("TTFT (ms)", lambda recs: [r.ttft_s * 1000.0 for r in recs if r.ttft_s is not None]),
         ("ITL (ms)", lambda recs: [g * 1000.0 for r in recs for g in r.itl_s]),
         ("E2E (ms)", lambda recs: [r.e2e_s * 1000.0 for r in recs if r.e2e_s is not None]),
@@ -162,7 +163,7 @@ def _sweep_groups(summaries: list[RunSummary]) -> list[tuple[str, list[int]]]:
     return groups
 
 
-def _throughput_vs_rate(runs: Sequence[Run]):
+def _throughput_vs_rate(runs: Sequence[Run]) -> Figure:
     from matplotlib.figure import Figure
 
     summaries = [r.summary for r in runs]
@@ -203,7 +204,7 @@ def _throughput_vs_rate(runs: Sequence[Run]):
     return fig
 
 
-def _ttft_over_time(runs: Sequence[Run], labels: list[str]):
+def _ttft_over_time(runs: Sequence[Run], labels: list[str]) -> Figure:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")

@@ -7,6 +7,8 @@ A run directory holds ``summary.json`` (:class:`RunSummary` as JSON), ``requests
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -54,7 +56,7 @@ class RunSummary(msgspec.Struct):
     workload: str
     load: str
     """e.g. ``concurrency=8`` or ``rate=4.0/s poisson``."""
-    settings: dict
+    settings: dict[str, Any]
     """Every option the run used (for reproduction)."""
     started_at: float
     """Unix time of the start."""

@@ -245,7 +245,7 @@ def summarize(
     model: str,
     workload: str,
     load: str,
-    settings: dict,
+    settings: dict[str, Any],
     started_at: float,
     duration_s: float,
     slo: Mapping[str, float] | None = None,

@@ -97,7 +97,8 @@ class _State:
     start: float = 0.0
     issued: int = 0
     records: list[RequestRecord] = field(default_factory=list)
-    tasks: set[asyncio.Task] = field(default_factory=set)
+    tasks: set[asyncio.Task[object]] = field(default_factory=set)
+    """Requests, client loops and user slots still running."""
 
 
 class Runner:
@@ -134,7 +135,7 @@ class Runner:
             self.progress.update(self._s.records, time.perf_counter() - self._s.start)
         return outcome
 
-    def _spawn(self, request: BenchRequest) -> asyncio.Task:
+    def _spawn(self, request: BenchRequest) -> asyncio.Task[Outcome]:
         task = asyncio.ensure_future(self._send(request))
         self._s.tasks.add(task)
         task.add_done_callback(self._s.tasks.discard)

@@ -30,16 +30,21 @@ import dataclasses
 import heapq
 import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.engine.outputs import RequestOutput
+from tandem.protocols.kv_export import KVBlockExport
 from tandem.protocols.sampling_params import SamplingParams
-from tandem.protocols.worker_card import WorkerCard
+from tandem.protocols.worker_card import Role, WorkerCard
 from tandem.router.dispatch.prefill_router import DisaggConfig, local_prefill_reason
 from tandem.router.policies.round_robin import RoundRobinPolicy
+from tandem.router.policy import RoutingPolicy
+
+if TYPE_CHECKING:
+    from tandem.router.policies.kv import KvRouter
 
 Router = Literal["round-robin", "kv"]
 
@@ -97,7 +102,7 @@ class SimConfig:
 
 
 class _Worker:
-    def __init__(self, index: int, role: str, config: MockerConfig) -> None:
+    def __init__(self, index: int, role: Role, config: MockerConfig) -> None:
         self.card = WorkerCard(
             worker_id=f"{role}-{index}",
             model="sim",
@@ -117,7 +122,9 @@ class _Worker:
 class _StaticPool:
     """The one call ``KvRouter`` makes on a worker pool: the workers never change here."""
 
-    def add_listener(self, on_added, on_removed) -> None:  # callbacks, never called
+    def add_listener(
+        self, on_added: Callable[[WorkerCard], None], on_removed: Callable[[WorkerCard], None]
+    ) -> None:  # callbacks, never called
         return None
 
 
@@ -126,7 +133,7 @@ class Simulation:
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        roles = (
+        roles: list[tuple[Role, int]] = (
             [("agg", config.num_agg)]
             if config.num_agg
             else [("prefill", config.num_prefill), ("decode", config.num_decode)]
@@ -134,12 +141,16 @@ class Simulation:
         self.workers = {
             w.card.worker_id: w for role, n in roles for w in (_Worker(i, role, config.mocker) for i in range(n))
         }
+        self.kv: KvRouter | None = None
+        """The policy when it is ``kv`` (its indexer is fed the workers' KV events)."""
+        self.policy: RoutingPolicy
         if config.router == "kv":
             from tandem.router.policies.kv import KvRouter, KvRouterConfig
+            from tandem.runtime.request_plane import RequestPlaneClient
 
-            self.policy: Any = KvRouter(
+            self.policy = self.kv = KvRouter(
                 _StaticPool(),
-                None,
+                RequestPlaneClient(),  # never connects: simulated workers publish no KV events address
                 KvRouterConfig(block_size=config.mocker.block_size, **{"seed": 0, **config.kv_router}),
             )
         else:
@@ -185,8 +196,8 @@ class Simulation:
     def _on_step_done(self, payload: tuple[_Worker, list[RequestOutput]]) -> None:
         worker, outputs = payload
         worker.busy = False
-        if self.config.router == "kv":
-            self.policy.indexer.apply_batch(worker.card.worker_id, worker.core.take_kv_events())
+        if self.kv is not None:
+            self.kv.indexer.apply_batch(worker.card.worker_id, worker.core.take_kv_events())
         for out in outputs:
             self._on_output(worker, out)
         self._kick(worker)
@@ -260,7 +271,7 @@ class Simulation:
                 return
             self._begin_decode(request, export, out.new_token_ids)
 
-    def _begin_decode(self, request: SimRequest, export, first: list[int]) -> None:
+    def _begin_decode(self, request: SimRequest, export: KVBlockExport, first: list[int]) -> None:
         """Route the decode half, then let the pull of the blocks it lacks take its modeled time."""
         prompt = request.prompt + first
         worker = self._route(("decode",), prompt, request.request_id)
@@ -269,7 +280,7 @@ class Simulation:
         delay = worker.core.config.transfer_ms(missing * worker.core.block_size)
         self._push(self.now + delay, "transfer_done", (request, worker, export, prompt))
 
-    def _on_transfer_done(self, payload) -> None:
+    def _on_transfer_done(self, payload: tuple[SimRequest, _Worker, KVBlockExport, list[int]]) -> None:
         request, worker, export, prompt = payload
         try:
             self.results[request.request_id].imported_blocks = worker.core.import_kv(export)

@@ -113,11 +113,15 @@ def static_requests(args: argparse.Namespace, num_requests: int | None) -> Itera
             block_size=args.trace_block_size, seed=args.seed, time_scale=args.time_scale, **_vocab(args)
         )
         return iter(trace_requests(load_trace(args.trace), config))
-    build = random_requests if args.workload == "random" else shared_prefix_requests
-    make = random_config if args.workload == "random" else shared_prefix_config
+
+    def batch(size: int, seed: int) -> list[BenchRequest]:
+        if args.workload == "random":
+            return random_requests(random_config(args, size, seed))
+        return shared_prefix_requests(shared_prefix_config(args, size, seed))
+
     if num_requests is not None:
-        return iter(build(make(args, num_requests, args.seed)))
-    return itertools.chain.from_iterable(build(make(args, BATCH, args.seed * 1_000_003 + k)) for k in itertools.count())
+        return iter(batch(num_requests, args.seed))
+    return itertools.chain.from_iterable(batch(BATCH, args.seed * 1_000_003 + k) for k in itertools.count())
 
 
 def warmup_requests(args: argparse.Namespace, count: int) -> list[BenchRequest]:

@@ -35,7 +35,8 @@ def check_vocab(first_token_id: int, vocab_size: int) -> None:
 
 def random_token_ids(rng: np.random.Generator, n: int, first_token_id: int, vocab_size: int) -> list[int]:
     """``n`` token ids drawn uniformly from ``[first_token_id, vocab_size)``."""
-    return rng.integers(first_token_id, vocab_size, size=n).tolist()
+    ids: list[int] = rng.integers(first_token_id, vocab_size, size=n).tolist()
+    return ids
 
 
 def sample_length(rng: np.random.Generator, mean: int, stddev: float) -> int:
