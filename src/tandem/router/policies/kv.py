@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.active_load import ActiveLoad
@@ -31,7 +32,6 @@ from tandem.router.kv.follower_core import KvEventFollowerCore
 from tandem.router.kv.indexer import KvIndexer
 from tandem.router.kv.zmq_follower import KvEventFollower
 from tandem.router.policy import RoutingPolicy
-from tandem.router.worker_pool import WorkerPool
 from tandem.runtime.background import spawn
 from tandem.runtime.request_plane import RequestPlaneClient
 
@@ -68,10 +68,19 @@ class KvRouterConfig:
     namespace and book theirs here (router/replica_sync.py), so replicas cost workers alike."""
 
 
+class WorkerEvents(Protocol):
+    """What ``KvRouter`` needs of its workers' source (a ``WorkerPool``): hearing of each worker
+    that appears (those already known included) or leaves."""
+
+    def add_listener(
+        self, on_added: Callable[[WorkerCard], None], on_removed: Callable[[WorkerCard], None]
+    ) -> None: ...
+
+
 class KvRouter(RoutingPolicy):
     name = "kv"
 
-    def __init__(self, pool: WorkerPool, client: RequestPlaneClient, config: KvRouterConfig | None = None) -> None:
+    def __init__(self, pool: WorkerEvents, client: RequestPlaneClient, config: KvRouterConfig | None = None) -> None:
         self.config = config or KvRouterConfig()
         self.cost = KvCostConfig(
             overlap_credit=self.config.overlap_credit,
