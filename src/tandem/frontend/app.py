@@ -25,9 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tandem.frontend.errors import OpenAIError, error_body, internal_error, no_worker, payload_too_large
 from tandem.frontend.frontend import Frontend
 from tandem.frontend.generation import generate_chunks
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest, RequestT, parse_request
-from tandem.frontend.protocol_responses import ModelCard, ModelList
-from tandem.frontend.responses import chat_full, chat_stream, completion_full, completion_stream
+from tandem.frontend.openai_requests import ChatCompletionRequest, CompletionRequest, RequestT, parse_request
+from tandem.frontend.openai_responses import ModelCard, ModelList
+from tandem.frontend.response_bodies import chat_full, chat_stream, completion_full, completion_stream
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from tandem.frontend.config import FrontendConfig
 from tandem.frontend.errors import no_worker, not_found_model, shutting_down
 from tandem.frontend.generation import GenerationSpec, OutputChunk
 from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.preprocess import Tokenizers, prepare_prompt
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.sampling import stop_strings, to_sampling_params
 from tandem.protocols.endpoints import Endpoint
 from tandem.protocols.worker_card import WorkerCard

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar, TypeVarTuple
 
 from tandem.frontend.errors import OpenAIError, bad_request
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from tandem.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from tandem.runtime.background import spawn
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from tandem.frontend.errors import OpenAIError, bad_request, context_too_long
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from tandem.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from tandem.protocols.sampling_params import SamplingParams
 
 AnyRequest = ChatCompletionRequest | CompletionRequest

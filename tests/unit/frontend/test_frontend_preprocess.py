@@ -9,8 +9,8 @@ import time
 import pytest
 
 from tandem.engine.outputs import RequestOutput, TokenLogprob
+from tandem.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from tandem.frontend.preprocess import INLINE_TOKENIZE_CHARS, Tokenizers, prepare_prompt
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tandem.protocols.endpoints import GenerateDelta, TokenLogprobPayload
 
 

@@ -22,8 +22,8 @@ from tandem.frontend.errors import (
     not_found_model,
     payload_too_large,
 )
-from tandem.frontend.protocol import ChatCompletionRequest, CompletionRequest, parse_request
-from tandem.frontend.protocol_responses import (
+from tandem.frontend.openai_requests import ChatCompletionRequest, CompletionRequest, parse_request
+from tandem.frontend.openai_responses import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionChunk,

@@ -1,5 +1,5 @@
-"""Typed OpenAI protocol: request models, validated with OpenAI's ranges (responses live in
-``protocol_responses``).
+"""OpenAI request models, validated with OpenAI's ranges (the response models live in
+``openai_responses``).
 
 Requests
     :class:`ChatCompletionRequest` and :class:`CompletionRequest` ignore unknown fields (like
@@ -13,7 +13,7 @@ Requests
     After validation, ``ChatMessage.content`` is always a ``str`` (text parts joined with
     ``"\\n"``) and ``CompletionRequest.prompt`` is always ``str`` or ``list[int]``.
 
-Responses (``tandem.frontend.protocol_responses``)
+Responses (``tandem.frontend.openai_responses``)
     Pydantic models whose ``model_dump(mode="json")`` is what the official ``openai`` client
     parses (``ChatCompletion``, ``ChatCompletionChunk``, ``Completion``, ``Model`` …).
 """

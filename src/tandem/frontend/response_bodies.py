@@ -15,7 +15,7 @@ import msgspec
 
 from tandem.frontend.errors import OpenAIError
 from tandem.frontend.generation import OutputChunk, TokenLogprobText, UsageCounts
-from tandem.frontend.protocol_responses import (
+from tandem.frontend.openai_responses import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionResponse,
