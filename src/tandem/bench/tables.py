@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def _slo(s: RunSummary) -> str:
     return ", ".join(f"{k}≤{v:g}" for k, v in s.slo.items())
 
 
-_ROWS: list[tuple[str, object]] = [
+_ROWS: list[tuple[str, Callable[[RunSummary], str]]] = [
     ("load", lambda s: s.load),
     ("requests ok/sent", lambda s: f"{s.requests_ok}/{s.requests_sent}"),
     ("errors", lambda s: _errors(s.errors)),
@@ -113,7 +113,7 @@ def table_rows(runs: Sequence[Run | RunSummary]) -> tuple[list[str], list[list[s
     """The comparison as plain strings: header (``metric`` then one label per run), and rows."""
     summaries = [_summary(r) for r in runs]
     header = ["metric", *run_labels(runs)]
-    rows = [[label, *(fn(s) for s in summaries)] for label, fn in _ROWS]  # type: ignore[operator]
+    rows = [[label, *(fn(s) for s in summaries)] for label, fn in _ROWS]
     return header, rows
 
 

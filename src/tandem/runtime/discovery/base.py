@@ -142,6 +142,8 @@ class Registration:
 class Discovery(abc.ABC):
     """Where the workers are: register cards under leases, list them, watch changes."""
 
+    config: DiscoveryConfig  # every implementation sets it in __init__
+
     @abc.abstractmethod
     async def register(self, card: WorkerCard, ttl_s: float | None = None) -> Registration:
         """Publish ``card`` under a new lease (TTL ``ttl_s``, default from the config) and keep it
@@ -162,10 +164,12 @@ class Discovery(abc.ABC):
 
     def _registration_ttl(self, ttl_s: float | None) -> float:
         """The TTL a new registration gets (``ttl_s`` or the config's); refuses a closed client or a
-        TTL that is not positive. Implementations have ``_closed`` and ``config``."""
+        TTL that is not positive."""
+        # `_closed` is an attribute in the polling backends and a property in etcd's: not declared
+        # here, so that either may define it.
         if self._closed:  # type: ignore[attr-defined]
             raise DiscoveryClosedError("discovery is closed")
-        ttl = self.config.ttl_s if ttl_s is None else ttl_s  # type: ignore[attr-defined]
+        ttl = self.config.ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl}")
         return ttl
