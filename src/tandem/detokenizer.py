@@ -10,7 +10,7 @@ past the context's own decoding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -38,7 +38,7 @@ class IncrementalDetokenizer:
         # The Rust tokenizer's own decode gives the same text as transformers' wrapper when no
         # space clean-up is configured, at a third of the cost (it runs twice per token).
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._raw_decode = (
+        self._raw_decode: Callable[..., str] | None = (
             backend.decode
             if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
             else None
@@ -55,7 +55,8 @@ class IncrementalDetokenizer:
             return ""
         if self._raw_decode is not None:
             return self._raw_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        text: str = self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        return text
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Add new token ids; return the text that became stable ("" while it is held back)."""

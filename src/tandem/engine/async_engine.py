@@ -21,9 +21,9 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from tandem.engine.engine_core import EngineCore, EngineStats
 from tandem.engine.faults import engine_fault_from_env
@@ -33,6 +33,8 @@ from tandem.protocols.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_StreamItem: TypeAlias = RequestOutput | BaseException
+"""What a request's stream queue carries: its outputs, or the error that ends it."""
 
 
 class EngineStepError(RuntimeError):
@@ -68,7 +70,7 @@ class AsyncEngine:
         self._num_steps = self._failed_steps = 0
         self._exit: Future[BaseException | None] = Future()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_StreamItem]]] = {}
         self._on_finish: dict[str, Callable[[EngineCore], Any]] = {}
         self._wakeup = threading.Event()
         self._stopped = False
@@ -90,7 +92,7 @@ class AsyncEngine:
         cache_salt: str | None = None,
         on_finish: Callable[[EngineCore], Any] | None = None,
         prompt_validated: bool = False,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; leaving the iterator early aborts the request.
 
         The prompt is validated once, on the engine thread (a bad one raises ValueError from the
@@ -103,7 +105,7 @@ class AsyncEngine:
         if self._stopped:
             raise self._dead_error()
         request_id = request_id or f"req-{next(self._ids)}"
-        stream: asyncio.Queue = asyncio.Queue()
+        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if self._stopped:  # the thread ended after the check above: it may not have seen this stream
             self._streams.pop(request_id, None)
@@ -112,7 +114,7 @@ class AsyncEngine:
             self._on_finish[request_id] = on_finish
         self._post("add", (request_id, prompt_token_ids, params, cache_salt, prompt_validated))
         finished = False
-        held: Any = None  # an item taken from the queue but not yet handed out
+        held: BaseException | None = None  # an item taken from the queue but not yet handed out
         try:
             while True:
                 item = held if held is not None else await stream.get()
@@ -144,7 +146,7 @@ class AsyncEngine:
         """Run ``fn(engine)`` on the engine thread between steps (export/import KV, reset cache...)."""
         if self._stopped:
             raise self._dead_error()
-        future: Future = Future()
+        future: Future[T] = Future()
         self._post("call", (fn, future))
         if self._stopped:  # the thread ended meanwhile and may never run it
             self._fail_calls(self._dead_error())
@@ -276,7 +278,7 @@ class AsyncEngine:
             self.kv_event_sink(*batch)
         self._stats = self.core.stats()
 
-    def _deliver(self, request_id: str, item: Any) -> None:
+    def _deliver(self, request_id: str, item: _StreamItem) -> None:
         target = self._streams.get(request_id)
         if target is None:
             return

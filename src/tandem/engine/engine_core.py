@@ -21,6 +21,7 @@ from tandem.engine.scheduler import Scheduler
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.block_hash import seed_for_salt
 from tandem.protocols.kv_events import KVEvent, KVEventBatch, make_batch
+from tandem.protocols.kv_export import KVBlockExport
 from tandem.protocols.sampling_params import SamplingParams
 
 
@@ -224,6 +225,14 @@ class EngineCore:
         return self.pool.reset_prefix_cache()
 
     # --- KV export / import: the block bookkeeping (subclasses move the bytes) ---
+
+    def export_kv(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> KVBlockExport:
+        """The cached KV of the prompt's leading full blocks (as many as the cache holds)."""
+        raise NotImplementedError(f"{type(self).__name__} does not export KV")
+
+    def import_kv(self, export: KVBlockExport) -> int:
+        """Write exported blocks into this engine's prefix cache; returns how many were new."""
+        raise NotImplementedError(f"{type(self).__name__} does not import KV")
 
     def modeled_transfer_s(self, num_blocks: int) -> float:
         """Extra wait a KV pull of ``num_blocks`` should cost: 0 for an engine whose pulls move

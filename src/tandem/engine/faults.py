@@ -14,6 +14,7 @@ test without its fault.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ENV_VAR = "TANDEM_FAULT_ENGINE"
@@ -45,6 +46,6 @@ def parse_engine_fault(spec: str) -> EngineFault | None:
     raise ValueError(f"{ENV_VAR} must be 'fail_after_steps:N' (N >= 0), got {spec!r}")
 
 
-def engine_fault_from_env(environ: dict[str, str] | os._Environ | None = None) -> EngineFault | None:
+def engine_fault_from_env(environ: Mapping[str, str] | None = None) -> EngineFault | None:
     """The configured fault, or None when ``TANDEM_FAULT_ENGINE`` is unset or empty."""
     return parse_engine_fault((os.environ if environ is None else environ).get(ENV_VAR, ""))

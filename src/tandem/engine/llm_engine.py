@@ -64,12 +64,18 @@ class LLMEngine(EngineCore):
         self.scheduler.finish_step(sched)
         self._steps += 1
         outputs: list[RequestOutput] = []
+        if sample_out is None:  # no request got a token this step (sampled is empty)
+            return outputs
+        logprobs = None
+        if sample_out.logprobs is not None:
+            assert sample_out.top_logprobs is not None  # the sampler sets both or neither
+            logprobs = (sample_out.logprobs, sample_out.top_logprobs)
         for row, request in enumerate(sampled):
             token_id = sample_out.token_ids[row]
             wants_logprobs = request.sampling_params.logprobs is not None
             output = self._emit_token(request, token_id)
-            if sample_out.logprobs is not None and wants_logprobs:
-                output.logprobs = [TokenLogprob(token_id, sample_out.logprobs[row], sample_out.top_logprobs[row])]
+            if logprobs is not None and wants_logprobs:
+                output.logprobs = [TokenLogprob(token_id, logprobs[0][row], logprobs[1][row])]
             outputs.append(output)
         return outputs
 

@@ -117,8 +117,8 @@ class ModelRunner:
             token_start = len(token_ids)
             token_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
-            pos = torch.arange(0 if start > 0 and not self.prefill_kernel else start, end)
-            ctx_slots = tables[id(c)][pos // bs] * bs + pos % bs
+            ctx_pos = torch.arange(0 if start > 0 and not self.prefill_kernel else start, end)
+            ctx_slots = tables[id(c)][ctx_pos // bs] * bs + ctx_pos % bs
             slots.append(ctx_slots[-c.num_tokens :])
             chunk = PrefillChunk(token_start, c.num_tokens, end, None)
             if start > 0 and not self.prefill_kernel:

@@ -72,8 +72,8 @@ def _scalar(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def _architecture(reader: Any, path: Path) -> str:
-    arch = _scalar(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    arch: object = _scalar(reader, "general.architecture")
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"unsupported GGUF architecture {arch!r} in {path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
@@ -206,7 +206,8 @@ def read_gguf_config(path: str | Path) -> dict[str, Any]:
 
 def read_gguf_chat_template(path: str | Path) -> str | None:
     """The ``tokenizer.chat_template`` metadata of a GGUF file, or None."""
-    return _scalar(open_gguf(path), "tokenizer.chat_template")
+    template: str | None = _scalar(open_gguf(path), "tokenizer.chat_template")
+    return template
 
 
 def load_gguf(path: str | Path) -> GGUFModel:

@@ -58,7 +58,8 @@ def is_complete(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    return manifest
 
 
 @contextmanager

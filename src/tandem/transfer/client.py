@@ -107,7 +107,9 @@ class PulledBlocks:
             header.hash_seed,
             list(header.block_hashes),
             list(header.token_ids),
-            bytes(self.payload) if copy else self.payload,
+            # KVBlockExport.data is typed bytes (its msgspec wire schema) but documented to take any
+            # buffer in process: the uncopied payload is a memoryview, as intended.
+            bytes(self.payload) if copy else self.payload,  # type: ignore[arg-type]
             parent,
         )
 
@@ -236,6 +238,7 @@ def _finish_shm(header: PullResponse, transport: asyncio.Transport) -> PulledBlo
                 f"shm segment {header.shm_name!r} holds {segment.size} bytes, the response announced {header.nbytes}",
                 "truncated",
             )
+        assert segment.buf is not None  # just attached
         payload = segment.buf[: header.nbytes].toreadonly()
         _check_checksum(header, xxhash.xxh3_64_intdigest(payload))
         _check_hashes(header)
@@ -381,7 +384,7 @@ class _PullProtocol(asyncio.BufferedProtocol):
             if header.ok and header.path == "tcp" and header.nbytes > 0:
                 # np.empty: large buffers get transparent huge pages, so first touch is cheap.
                 self._buffer = np.empty(header.nbytes, dtype=np.uint8)
-                self._expect("payload", memoryview(self._buffer).cast("B"))
+                self._expect("payload", self._buffer.data.cast("B"))  # .data: the array's memoryview
             else:
                 self._finish(memoryview(b""))
         else:

@@ -20,6 +20,7 @@ a test without its fault.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,7 +69,7 @@ class FaultSource:
             return None
 
 
-def faults_from_env(environ: dict[str, str] | os._Environ | None = None) -> FaultSource | None:
+def faults_from_env(environ: Mapping[str, str] | None = None) -> FaultSource | None:
     """The configured fault source, or None when ``TANDEM_FAULT_TRANSFER`` is unset or empty."""
     spec = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
     if not spec:

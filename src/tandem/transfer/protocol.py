@@ -118,6 +118,7 @@ def encode_message(message: PullRequest | PullAck | ShmDone | PullResponse) -> b
 
 def frame_length(header: bytes | bytearray | memoryview, max_bytes: int = MAX_MESSAGE_BYTES) -> int:
     """Body length announced by a frame header; ValueError when above ``max_bytes``."""
+    length: int
     (length,) = HEADER.unpack(header)
     if length > max_bytes:
         raise ValueError(f"peer announced a {length}-byte message; the maximum is {max_bytes}")

@@ -121,8 +121,8 @@ class KvTransferServer:
         """Injected faults, for tests only (faults.py); None (the default) serves every pull honestly."""
         self._server: asyncio.Server | None = None
         self._address: str | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._expiry_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._expiry_task: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -275,6 +275,7 @@ class KvTransferServer:
         try:
             header.checksum = await _off_loop(header.nbytes, _copy_and_hash, segment, runs)
             if fault is not None and fault.kind == "corrupt":  # tests only
+                assert segment.buf is not None  # open: acquired above
                 segment.buf[header.nbytes // 2] ^= 0xFF
             header.path, header.shm_name, header.shm_recycle = "shm", segment.name, self.pool.enabled
             writer.write(encode_message(header))
@@ -380,6 +381,7 @@ def _copy_and_hash(segment: SharedMemory, runs: list[memoryview]) -> int:
     """Copy the runs into the segment back to back, hashing each chunk while it is in cache."""
     hasher = xxhash.xxh3_64()
     offset = 0
+    assert segment.buf is not None  # open: the caller holds it
     with memoryview(segment.buf) as buf:
         target = np.frombuffer(buf, dtype=np.uint8)
         for run in runs:

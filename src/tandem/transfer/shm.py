@@ -24,6 +24,7 @@ import secrets
 from collections import OrderedDict
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from typing import Protocol, cast
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def attach_segment(name: str) -> SharedMemory:
         raise ValueError(f"not a KV transfer segment name: {name!r}")
     segment = SharedMemory(name=name, create=False)
     if segment.name not in _created_here:
-        resource_tracker.unregister(segment._name, "shared_memory")
+        resource_tracker.unregister(_internals(segment)._name, "shared_memory")
     _advise(segment, _MADV_POPULATE_READ)
     return segment
 
@@ -90,9 +91,22 @@ def list_segments() -> list[str]:
         return []
 
 
+class _SharedMemoryInternals(Protocol):
+    """CPython's private SharedMemory attributes this module relies on (typeshed leaves them out)."""
+
+    _name: str
+    """The name as registered with the resource tracker (with a leading "/" on POSIX)."""
+    _fd: int
+    _mmap: mmap.mmap
+
+
+def _internals(segment: SharedMemory) -> _SharedMemoryInternals:
+    return cast(_SharedMemoryInternals, segment)
+
+
 def _advise(segment: SharedMemory, advice: int) -> None:
     try:
-        segment._mmap.madvise(advice)
+        _internals(segment)._mmap.madvise(advice)
     except (AttributeError, OSError, ValueError):
         pass  # old kernel or no madvise: pages fault in on first touch instead
 
@@ -187,7 +201,7 @@ class AttachCache:
     def _drop_unlinked(self) -> None:
         for name, segment in list(self._segments.items()):
             try:
-                unlinked = os.fstat(segment._fd).st_nlink == 0
+                unlinked = os.fstat(_internals(segment)._fd).st_nlink == 0
             except OSError:
                 unlinked = True
             if unlinked:

@@ -39,7 +39,7 @@ from tandem.protocols.endpoints import (
     TokenLogprobPayload,
     sampling_params_from_payload,
 )
-from tandem.protocols.worker_card import Role, WorkerCard
+from tandem.protocols.worker_card import EngineKind, Role, WorkerCard
 from tandem.runtime.discovery.base import Discovery, Registration, register_when_reachable
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
@@ -62,7 +62,7 @@ class WorkerService:
         model_name: str,
         tokenizer_source: str,
         role: Role = "agg",
-        engine_kind: str = "builtin",
+        engine_kind: EngineKind = "builtin",
         host: str = "127.0.0.1",
         port: int = 0,
         ttl_s: float | None = None,
@@ -212,11 +212,11 @@ class WorkerService:
         await self._withdraw()
         self.engine_failed.set()
 
-    async def health(self, payload: Any, ctx: RequestContext) -> dict:
+    async def health(self, payload: Any, ctx: RequestContext) -> dict[str, Any]:
         """``{status, worker_id, model, role, engine_alive, num_running, num_waiting, uptime_s}``;
         status is ``ok``, ``draining`` or ``failed``. Answered while draining too."""
         stats = self.engine.stats()
-        return msgspec.to_builtins(
+        reply: dict[str, Any] = msgspec.to_builtins(
             HealthReply(
                 status=self.status,
                 worker_id=self.worker_id,
@@ -228,8 +228,9 @@ class WorkerService:
                 uptime_s=round(time.monotonic() - self._started_at, 3),
             )
         )
+        return reply
 
-    async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict]:
+    async def generate(self, payload: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         try:
             request = msgspec.convert(payload, GenerateRequest)
             params = sampling_params_from_payload(request.sampling)
@@ -262,6 +263,7 @@ class WorkerService:
             async for out in stream:
                 delta = delta_from_output(out)
                 if request.export_kv and out.finish_reason is not None:
+                    assert self.exporter is not None  # export_kv on a non-prefill worker was refused above
                     delta.kv_transfer = self.exporter.hold(
                         request.request_id, out.on_finish_result, self.server.address
                     )
@@ -273,16 +275,17 @@ class WorkerService:
         finally:
             await stream.aclose()  # aborts the engine request if the client went away early
 
-    async def kv_release(self, payload: Any, ctx: RequestContext) -> dict:
+    async def kv_release(self, payload: Any, ctx: RequestContext) -> dict[str, Any]:
         """Free a held prefill export nobody will pull (``{"transfer_id": ...}``)."""
         try:
             request = msgspec.convert(payload, KvReleaseRequest)
         except msgspec.ValidationError:
             raise EndpointError("bad_request", "kv_release needs {'transfer_id': str}") from None
         released = self.exporter.release(request.transfer_id) if self.exporter else False
-        return msgspec.to_builtins(KvReleaseReply(released))
+        reply: dict[str, Any] = msgspec.to_builtins(KvReleaseReply(released))
+        return reply
 
-    async def stats(self, payload: Any, ctx: RequestContext) -> dict:
+    async def stats(self, payload: Any, ctx: RequestContext) -> dict[str, Any]:
         """The engine's EngineStats, plus this worker's disaggregation figures:
         ``kv_exports_held`` (prefill exports waiting for a pull; 0 on other roles) and
         ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
@@ -290,14 +293,16 @@ class WorkerService:
         reply = StatsReply(
             **asdict(self.engine.stats()), kv_exports_held=held, kv_blocks_imported=self.kv_blocks_imported
         )
-        return msgspec.to_builtins(reply)
+        builtins: dict[str, Any] = msgspec.to_builtins(reply)
+        return builtins
 
-    async def kv_dump(self, payload: Any, ctx: RequestContext) -> dict:
+    async def kv_dump(self, payload: Any, ctx: RequestContext) -> dict[str, Any]:
         """Every block this worker holds, as BlockStored events, and the seq they are current as of."""
         if self.kv_publisher is None:
             raise EndpointError("not_found", "this worker publishes no KV events")
         seq, events = self.kv_publisher.dump()
-        return msgspec.to_builtins(KvDumpReply(seq, events))
+        reply: dict[str, Any] = msgspec.to_builtins(KvDumpReply(seq, events))
+        return reply
 
 
 def delta_from_output(out: RequestOutput) -> GenerateDelta:
