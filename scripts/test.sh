@@ -8,6 +8,7 @@ bash scripts/setup.sh
 PYTHONPATH=src .venv/bin/lint-imports  # the layer rules of docs/architecture.md
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
+.venv/bin/mypy  # strict, on src/tandem ([tool.mypy] in pyproject.toml)
 .venv/bin/python -m pytest -q tests/unit "$@"
 .venv/bin/python -m pytest -q tests/integration "$@"
 .venv/bin/python -m pytest -q tests/e2e "$@"
