@@ -54,7 +54,7 @@ class PulledBlocks:
         self,
         header: PullResponse,
         payload: memoryview,
-        transport: asyncio.BaseTransport | None,
+        transport: asyncio.Transport | None,
         segment: SharedMemory | None = None,
     ) -> None:
         self.header = header
@@ -127,7 +127,7 @@ class PulledBlocks:
         transport, self._transport = self._transport, None
         if transport is not None and not transport.is_closing():
             if segment is not None and self.header.shm_recycle:
-                transport.write(encode_message(ShmDone()))  # type: ignore[attr-defined]
+                transport.write(encode_message(ShmDone()))
             transport.close()
 
     def __enter__(self) -> PulledBlocks:
@@ -178,7 +178,7 @@ class _ShmUnavailableError(Exception):
 
 
 async def _pull_once(
-    address: str, transfer_id: str, block_indices: list[int] | None, path: str, timeout_s: float
+    address: str, transfer_id: str, block_indices: list[int] | None, path: PathChoice, timeout_s: float
 ) -> PulledBlocks:
     try:
         host, port = parse_address(address)
@@ -190,7 +190,7 @@ async def _pull_once(
     try:
         async with asyncio.timeout(timeout_s):
             transport, protocol = await loop.create_connection(_PullProtocol, host, port)
-            request = PullRequest(transfer_id, block_indices, host_id(), path)  # type: ignore[arg-type]
+            request = PullRequest(transfer_id, block_indices, host_id(), path)
             transport.write(encode_message(request))
             header = await protocol.header
             _check_header(header, address, transfer_id, block_indices)

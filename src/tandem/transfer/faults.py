@@ -40,8 +40,8 @@ def parse_fault(spec: str) -> TransferFault | None:
     spec = spec.strip()
     if not spec:
         return None
-    if spec in ("corrupt", "truncate"):
-        return TransferFault(spec)  # type: ignore[arg-type]
+    if spec == "corrupt" or spec == "truncate":
+        return TransferFault("corrupt" if spec == "corrupt" else "truncate")
     kind, _, seconds = spec.partition(":")
     if kind == "delay":
         try:
