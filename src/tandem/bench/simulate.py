@@ -1,6 +1,6 @@
 """Virtual-time simulation of a deployment of mocker workers (agg, or prefill + decode).
 
-Why: the disaggregation sweeps of issue 6 need 8 workers at Dynamo's timing model, thousands of
+Why: disaggregation sweeps need 8 workers at Dynamo's timing model, thousands of
 3,000-token requests and many request rates. Served in real time on a 2-core machine the
 frontend, the client and 8 workers would compete for the CPU and their overhead would blur
 50 ms ITL targets. Here the same ``MockerEngine`` cores (real scheduler, block pool, prefix
@@ -10,7 +10,7 @@ cache, preemption, KV events) run with ``speedup_ratio=0`` and a discrete-event 
 served engine loop. The frontend's flow is replayed on top:
 
 * **agg**: a request goes to one agg worker and runs there whole.
-* **disagg** (``frontend/disagg.py``): the prompt runs with ``max_tokens=1`` on a prefill worker;
+* **disagg** (``router/dispatch/prefill_router.py``): the prompt runs with ``max_tokens=1`` on a prefill worker;
   its token is the first token; the prompt's blocks are exported at once; a decode worker is
   chosen, waits ``transfer_ms`` for the blocks it lacks (the mocker's bandwidth model), imports
   them and runs prompt + first token for the remaining tokens. Prompts of at most

@@ -1,4 +1,4 @@
-"""Paged KV block pool with a hash-keyed prefix cache and KV events (DESIGN.md §4).
+"""Paged KV block pool with a hash-keyed prefix cache and KV events.
 
 Every KV block is either in use (``ref_count > 0``) or free. Free blocks sit in one LRU queue;
 a free block may still carry the sequence hash of the tokens it holds, so a later request with

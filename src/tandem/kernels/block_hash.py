@@ -4,7 +4,7 @@
 faster than two Python-level xxh3 calls per block, which matters on the router's and the KV
 event plane's hot paths. Without a compiler or libxxhash, or with ``TANDEM_NATIVE_HASH=0``,
 :func:`block_hashes` is the Python reference. Both give the same hashes
-(tests/unit/test_hashing.py checks them against each other).
+(tests/unit/protocols/test_block_hash.py checks them against each other).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The worker's two halves of disaggregated serving (DESIGN.md §2, issue 6).
+"""The worker's two halves of disaggregated serving.
 
 **Prefill side** (``PrefillExporter``, on ``--role prefill`` workers): a request sent with
 ``export_kv`` runs as usual (the frontend asks for one token); when it finishes, the prompt's

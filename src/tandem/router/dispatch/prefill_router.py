@@ -1,7 +1,7 @@
 """The prefill router: prefill on a prefill worker, decode on a decode worker, when it pays.
 
 When the model has live ``prefill`` workers and the prompt is longer than
-``max_local_prefill_length``, a request runs in two halves (DESIGN.md §2, Dynamo's
+``max_local_prefill_length``, a request runs in two halves (Dynamo's
 dispatcher-orchestrated flow, run in the frontend process):
 
 1. **Prefill**: the prompt goes to a prefill worker (picked by the routing policy, so the kv

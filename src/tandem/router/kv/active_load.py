@@ -3,7 +3,7 @@
 The router books every request it routes (``add_request``) and releases it in two steps, as
 Dynamo's active-sequence tracker does: the uncached prefill tokens at the first output token
 (``mark_prefill_done``) and the KV blocks at finish or abort (``free``). Two numbers per worker
-feed the cost (DESIGN.md §4):
+feed the cost (``cost.py``):
 
 * ``prefill_tokens(worker)``: uncached prompt tokens (prompt − cached) of requests still in
   prefill; this is work queued before the worker can produce first tokens.

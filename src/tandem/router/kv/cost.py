@@ -1,4 +1,4 @@
-"""The KV-aware routing cost and worker selection (DESIGN.md §4 "Cost (KV policy)").
+"""The KV-aware routing cost and worker selection.
 
 For each candidate worker::
 
@@ -71,7 +71,7 @@ def worker_cost(
     block_size: int,
     config: KvCostConfig,
 ) -> float:
-    """Cost of sending a prompt of ``new_prompt_tokens`` tokens to one worker (DESIGN.md §4).
+    """Cost of sending a prompt of ``new_prompt_tokens`` tokens to one worker.
 
     ``cached_blocks`` is how many of the prompt's blocks the worker already holds (tiered hits may
     pass a fractional, partially credited count). Lower is better; never negative.

@@ -1,4 +1,4 @@
-"""Which worker holds which KV block: the KV-aware router's index (DESIGN.md §4, issue 5).
+"""Which worker holds which KV block: the KV-aware router's index.
 
 The index is keyed by the router's *own* sequence hashes (``tandem.protocols.block_hash``) of each
 ``BlockStored`` event's ``token_ids``; the engine's block hashes are opaque ids, kept per worker

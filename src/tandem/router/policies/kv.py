@@ -1,5 +1,5 @@
 """The `kv` routing policy: send a request where its prompt's KV blocks already are, without
-piling work onto one worker (DESIGN.md §4 cost).
+piling work onto one worker (``router/kv/cost.py``).
 
 For each candidate: cached blocks from the index (``find_matches`` on the router's own sequence
 hashes), active prefill tokens and decode blocks from ``ActiveLoad``; the cost picks the worker

@@ -1,6 +1,6 @@
 """The ``least-loaded`` policy: the worker with the least active work, ignoring KV caches.
 
-Load is measured in KV blocks, in the units of the KV cost (DESIGN.md §4) with no cache credit:
+Load is measured in KV blocks, in the units of the KV cost (``router/kv/cost.py``) with no cache credit:
 ``prefill_tokens / block_size + decode_blocks`` from :class:`~tandem.router.kv.active_load.ActiveLoad`
 (Dynamo's ``--load-aware`` mode). Ties are broken uniformly at random (seedable).
 
