@@ -22,8 +22,8 @@ from tandem.cli.engine_args import add_engine_args, engine_config_from_args
 if TYPE_CHECKING:  # keep `tandem --help` from importing torch
     from rich.console import Console
 
-    from tandem.detokenizer import IncrementalDetokenizer
     from tandem.engine.llm_engine import LLMEngine
+    from tandem.frontend.detokenizer import IncrementalDetokenizer
     from tandem.protocols.sampling_params import SamplingParams
 
 PROMPT = ">>> "
@@ -150,7 +150,7 @@ def load_engine(args: argparse.Namespace, console: Console) -> LLMEngine | None:
 
 def answer(chat: Chat, user_text: str, interrupt: SigintFlag) -> None:
     """Stream one answer to stdout; keep the turn in the history unless it failed or was aborted."""
-    from tandem.detokenizer import IncrementalDetokenizer
+    from tandem.frontend.detokenizer import IncrementalDetokenizer
 
     engine = chat.engine
     try:

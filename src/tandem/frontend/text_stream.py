@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.detokenizer import IncrementalDetokenizer
+from tandem.frontend.detokenizer import IncrementalDetokenizer
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from tandem.frontend.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 TEXTS = [
     "Hello, world! The capital of France is Paris.",
