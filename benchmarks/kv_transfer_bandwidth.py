@@ -36,7 +36,7 @@ import torch
 from tandem.engine.kv_transfer import tensor_to_export
 from tandem.protocols.block_hash import block_hashes
 from tandem.transfer import KvTransferServer, KvTransferServerConfig, TransferStore, TransferStoreConfig, pull_blocks
-from tandem.transfer.protocol import block_nbytes
+from tandem.transfer.wire import block_nbytes
 
 PROMPT_TOKENS = 4096
 BLOCK_SIZE = 16

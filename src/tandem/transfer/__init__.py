@@ -5,9 +5,9 @@
 
 from tandem.transfer.client import PulledBlocks, pull_blocks
 from tandem.transfer.metrics import TransferMetrics, default_metrics
-from tandem.transfer.protocol import PullAck, PullRequest, PullResponse, ShmDone, TransferError, host_id
 from tandem.transfer.server import KvTransferServer, KvTransferServerConfig
 from tandem.transfer.store import TransferStore, TransferStoreConfig, TransferStoreStats
+from tandem.transfer.wire import PullAck, PullRequest, PullResponse, ShmDone, TransferError, host_id
 
 __all__ = [
     "KvTransferServer",

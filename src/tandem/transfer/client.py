@@ -28,7 +28,8 @@ from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.kv_export import KVBlockExport, verify_block_hashes
 from tandem.runtime.request_plane.config import parse_address
 from tandem.transfer.metrics import TransferMetrics, default_metrics
-from tandem.transfer.protocol import (
+from tandem.transfer.shm import attach_cache, attach_segment, detach_segment
+from tandem.transfer.wire import (
     HEADER_SIZE,
     PathChoice,
     PullAck,
@@ -42,7 +43,6 @@ from tandem.transfer.protocol import (
     frame_length,
     host_id,
 )
-from tandem.transfer.shm import attach_cache, attach_segment, detach_segment
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """KV transfer server: serves a `TransferStore`'s held exports to pulling decode workers.
 
-One connection carries one pull (protocol.py). The server looks the transfer up, slices the
+One connection carries one pull (wire.py). The server looks the transfer up, slices the
 wanted blocks, and sends them either inline on the TCP stream or — when the client runs on the
 same host and accepts it — through a shared-memory segment it copies the payload into once. A
 pull acknowledged ok releases the transfer from the store ("pulled"); a failed, refused or
@@ -41,7 +41,9 @@ from tandem.protocols.kv_export import KVBlockExport
 from tandem.runtime.request_plane.config import format_address
 from tandem.transfer.faults import TransferFault, corrupt_runs, faults_from_env, truncate_runs
 from tandem.transfer.metrics import TransferMetrics, default_metrics
-from tandem.transfer.protocol import (
+from tandem.transfer.shm import SegmentPool, destroy_segment
+from tandem.transfer.store import TransferStore
+from tandem.transfer.wire import (
     HEADER_SIZE,
     PullAck,
     PullRequest,
@@ -53,8 +55,6 @@ from tandem.transfer.protocol import (
     host_id,
     payload_checksum,
 )
-from tandem.transfer.shm import SegmentPool, destroy_segment
-from tandem.transfer.store import TransferStore
 
 logger = logging.getLogger(__name__)
 

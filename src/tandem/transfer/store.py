@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tandem.protocols.kv_export import KVBlockExport
 from tandem.transfer.metrics import TransferMetrics
-from tandem.transfer.protocol import block_nbytes
+from tandem.transfer.wire import block_nbytes
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from tandem.transfer import (
 )
 from tandem.transfer import client as client_module
 from tandem.transfer import server as server_module
-from tandem.transfer.protocol import HEADER, HEADER_SIZE, decode_client_message, encode_message, payload_checksum
 from tandem.transfer.shm import attach_cache, list_segments
+from tandem.transfer.wire import HEADER, HEADER_SIZE, decode_client_message, encode_message, payload_checksum
 
 TEST_DEADLINE_S = 10.0
 BLOCK = 16
