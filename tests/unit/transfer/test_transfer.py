@@ -36,8 +36,8 @@ from tandem.transfer import (
     TransferStore,
     TransferStoreConfig,
     host_id,
-    protocol,
     pull_blocks,
+    wire,
 )
 from tandem.transfer import client as client_module
 from tandem.transfer import server as server_module
@@ -286,7 +286,7 @@ def test_auto_uses_shm_on_this_host_and_tcp_for_another_host(monkeypatch):
 
 
 def test_host_id_is_stable_and_shared_with_another_process():
-    source = textwrap.dedent(inspect.getsource(protocol._read_first_line)) + textwrap.dedent(
+    source = textwrap.dedent(inspect.getsource(wire._read_first_line)) + textwrap.dedent(
         inspect.getsource(host_id.__wrapped__)
     )
     script = "import functools, os, socket, uuid, xxhash\n" + source + "\nprint(host_id())\n"
@@ -543,7 +543,7 @@ def test_shm_segment_is_unlinked_when_the_client_vanishes_or_never_acks():
                 reader, writer = await asyncio.open_connection(host, int(port))
                 writer.write(request)
                 (length,) = HEADER.unpack(await reader.readexactly(HEADER_SIZE))
-                header = protocol.decode_server_message(await reader.readexactly(length))
+                header = wire.decode_server_message(await reader.readexactly(length))
                 assert header.path == "shm" and header.shm_name in list_segments()
                 if vanish:
                     writer.close()
