@@ -209,15 +209,8 @@ class Simulation:
 
     def _route(self, roles: tuple[str, ...], prompt: list[int], engine_id: str) -> _Worker:
         """Pick a worker as ``WorkerClient.generate`` does: ``route`` books load-aware policies."""
-        route = getattr(self.policy, "route", None)
-        candidates = self._candidates(roles)
-        card = route(candidates, prompt, engine_id, None) if route else self.policy.select(candidates, prompt)
+        card = self.policy.route(self._candidates(roles), prompt, engine_id, None)
         return self.workers[card.worker_id]
-
-    def _hook(self, name: str, engine_id: str) -> None:
-        hook = getattr(self.policy, name, None)
-        if hook is not None:
-            hook(engine_id)
 
     def _start(
         self, request: SimRequest, half: str, roles: tuple[str, ...], prompt: list[int], max_tokens: int, engine_id: str
@@ -256,14 +249,14 @@ class Simulation:
         request, half = self._pending[out.request_id]
         result = self.results[request.request_id]
         if out.new_token_ids and out.num_output_tokens == len(out.new_token_ids):  # its first token
-            self._hook("on_first_token", out.request_id)
+            self.policy.on_first_token(out.request_id)
             if half != "decode":
                 result.cached_tokens = out.num_cached_tokens
         result.token_ms.extend([self.now] * len(out.new_token_ids))
         if not out.finished:
             return
         del self._pending[out.request_id]
-        self._hook("on_finished", out.request_id)
+        self.policy.on_finished(out.request_id)
         if half == "prefill":
             self._prefills_in_flight -= 1
             export = worker.core.export_kv(request.prompt)
