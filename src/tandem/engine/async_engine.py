@@ -25,9 +25,10 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeAlias, TypeVar
 
-from tandem.engine.engine_core import EngineCore, EngineStats
+from tandem.engine.engine_core import EngineCore
 from tandem.engine.faults import engine_fault_from_env
 from tandem.engine.outputs import RequestOutput
+from tandem.protocols.endpoints import EngineStats
 from tandem.protocols.kv_events import KVEventBatch
 from tandem.protocols.sampling_params import SamplingParams
 

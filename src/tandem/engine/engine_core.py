@@ -11,7 +11,6 @@ export/import.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from tandem.engine.block_pool import BlockPool, KVBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -20,26 +19,10 @@ from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.block_hash import seed_for_salt
+from tandem.protocols.endpoints import EngineStats
 from tandem.protocols.kv_events import KVEvent, KVEventBatch, make_batch
 from tandem.protocols.kv_export import KVBlockExport
 from tandem.protocols.sampling_params import SamplingParams
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    """Fraction of KV blocks referenced by requests (0–1)."""
-    num_total_blocks: int
-    num_free_blocks: int
-    prefix_cache_hit_rate: float
-    """Cached blocks found ÷ blocks looked up, since start."""
-    num_preemptions: int
-    prompt_tokens_total: int
-    cached_prompt_tokens_total: int
-    generation_tokens_total: int
-    steps_total: int
 
 
 def check_stop(

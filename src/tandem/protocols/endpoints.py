@@ -119,8 +119,9 @@ class HealthReply(msgspec.Struct):
     uptime_s: float
 
 
-class StatsReply(msgspec.Struct):
-    """An engine's load and counters, plus the worker's disaggregation figures."""
+class EngineStats(msgspec.Struct):
+    """An engine's load and counters: what the ``stats`` endpoint answers and the event plane
+    publishes as load metrics."""
 
     num_running: int
     num_waiting: int
@@ -135,6 +136,11 @@ class StatsReply(msgspec.Struct):
     cached_prompt_tokens_total: int
     generation_tokens_total: int
     steps_total: int
+
+
+class StatsReply(EngineStats):
+    """An engine's load and counters, plus the worker's disaggregation figures."""
+
     kv_exports_held: int = 0
     """Prefill exports waiting for a pull (0 on other roles)."""
     kv_blocks_imported: int = 0

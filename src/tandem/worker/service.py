@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 import msgspec
@@ -291,7 +290,9 @@ class WorkerService:
         ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
         held = len(self.exporter.store) if self.exporter is not None else 0
         reply = StatsReply(
-            **asdict(self.engine.stats()), kv_exports_held=held, kv_blocks_imported=self.kv_blocks_imported
+            **msgspec.structs.asdict(self.engine.stats()),
+            kv_exports_held=held,
+            kv_blocks_imported=self.kv_blocks_imported,
         )
         builtins: dict[str, Any] = msgspec.to_builtins(reply)
         return builtins

@@ -6,9 +6,11 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
+import msgspec
+
+from tandem.protocols.endpoints import EngineStats
 from tandem.runtime.event_plane.config import EventPlaneConfig
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, PublisherConfig
 
@@ -37,7 +39,7 @@ def make_kv_publisher(
     return KvEventPublisher(PublisherConfig(host=host, port=ports[0], replay_port=ports[1]))
 
 
-def attach_load_source(publisher: Any, stats: Callable[[], Any]) -> None:
-    """Let a publisher that sends load metrics (NATS) read them from ``stats`` (a dataclass getter)."""
+def attach_load_source(publisher: Any, stats: Callable[[], EngineStats]) -> None:
+    """Let a publisher that sends load metrics (NATS) read them from ``stats``."""
     if hasattr(publisher, "load_source"):
-        publisher.load_source = lambda: asdict(stats())
+        publisher.load_source = lambda: msgspec.structs.asdict(stats())
