@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.vllm_samples import VLLM_032_BATCH
 
 from tandem.protocols.block_hash import block_hashes, seed_for_salt
-from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, make_batch
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch, make_batch
 from tandem.router.kv.indexer import KvIndexer
 
 BS = 4
@@ -247,3 +248,10 @@ def test_indexer_agrees_with_brute_force_model(ops, queries):
             if n:
                 expected[f"w{w}"] = n
         assert idx.find_matches(seqs) == expected
+
+
+def test_the_router_indexes_vllm_events_under_its_own_sequence_hashes() -> None:
+    indexer = KvIndexer(block_size=16)
+    indexer.apply_batch("vllm-0", decode_batch(VLLM_032_BATCH).events[:1])
+    own = block_hashes(list(range(32)), 16)
+    assert indexer.find_matches(own) == {"vllm-0": 2}
