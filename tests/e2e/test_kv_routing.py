@@ -79,6 +79,7 @@ def test_a_repeated_prompt_lands_on_the_worker_that_cached_it(kv_serve):
     published = [s for s in status["workers"].values() if s["kv_events_address"]]
     assert len(published) == 3
     assert all(s["dumps"] >= 1 for s in published)  # each was dumped when discovered
+    assert all(s["serves_kv_dump"] and s["index_rebuilds"] == 0 for s in published)
     assert sum(s["events_received"] for s in published) >= checked
     assert sum(s["blocks_indexed"] for s in published) >= 10 * checked
 

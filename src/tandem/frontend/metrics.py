@@ -65,6 +65,11 @@ _ROUTER_WORKER_GAUGES = (
     ("tandem_router_kv_blocks_indexed", "Blocks the router's index holds for the worker", "blocks_indexed"),
     ("tandem_router_kv_gaps_recovered", "Missed KV event batches recovered by replay or dump", "gaps_recovered"),
     (
+        "tandem_router_kv_index_rebuilds",
+        "Times the worker's index entries were dropped to rebuild from new events (a gap, no dump)",
+        "index_rebuilds",
+    ),
+    (
         "tandem_router_kv_events_missing",
         "1 when the worker served requests but published no KV events",
         "events_missing",

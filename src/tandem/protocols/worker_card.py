@@ -51,6 +51,7 @@ class WorkerCardDict(TypedDict):
     kv_events_address: str | None
     kv_events_subject: str | None
     kv_replay_address: str | None
+    serves_kv_dump: bool
     metrics_address: str | None
     engine: EngineKind
     started_at: float
@@ -85,6 +86,9 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
     (``tandem.<namespace>.kv.<token>``); None on the ZMQ plane."""
     kv_replay_address: str | None = None
     """Endpoint of the KV event replay service (vLLM's ROUTER protocol); None when off."""
+    serves_kv_dump: bool = True
+    """Whether the worker answers ``kv_dump`` (every block it holds). vLLM cannot: a router that
+    loses a vLLM worker's events past what the replay reaches drops and rebuilds its entries."""
     metrics_address: str | None = None
     """Endpoint of the load-metrics publisher or ``/metrics`` page; None when off."""
     engine: EngineKind = "builtin"

@@ -21,15 +21,19 @@ BLOCK = 16
 
 
 @contextlib.asynccontextmanager
-async def _following(publisher: KvEventPublisher) -> AsyncIterator[tuple[KvEventFollower, KvIndexer]]:
-    """A started follower of ``publisher`` (with a kv_dump endpoint), torn down with the publisher."""
+async def _following(
+    publisher: KvEventPublisher, serves_kv_dump: bool = True
+) -> AsyncIterator[tuple[KvEventFollower, KvIndexer]]:
+    """A started follower of ``publisher`` (with a kv_dump endpoint unless the worker, like vLLM,
+    serves none), torn down with the publisher."""
 
     async def kv_dump(payload, ctx: RequestContext):
         seq, events = publisher.dump()
         yield {"seq": seq, "events": msgspec.to_builtins(events)}
 
     server = RequestPlaneServer("127.0.0.1", 0)
-    server.register("kv_dump", kv_dump)
+    if serves_kv_dump:
+        server.register("kv_dump", kv_dump)
     await server.start()
     card = WorkerCard(
         worker_id="w",
@@ -42,6 +46,7 @@ async def _following(publisher: KvEventPublisher) -> AsyncIterator[tuple[KvEvent
         request_plane_address=server.address,
         kv_events_address=publisher.address,
         kv_replay_address=publisher.replay_address,
+        serves_kv_dump=serves_kv_dump,
     )
     indexer = KvIndexer(BLOCK)
     follower = KvEventFollower(card, indexer, RequestPlaneClient())
@@ -95,5 +100,29 @@ def test_a_gap_older_than_the_replay_buffer_is_closed_by_a_dump():
             assert follower.stats.gaps_recovered == 1
             for tokens in (e, f):
                 assert indexer.find_matches(indexer.sequence_hashes(tokens)) == {"w": 1}
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_worker_without_a_dump_has_its_entries_dropped_and_rebuilt_after_an_unrecoverable_gap():
+    async def scenario() -> None:
+        publisher = KvEventPublisher(PublisherConfig(buffer_size=1))
+        async with _following(publisher, serves_kv_dump=False) as (follower, indexer):
+            await asyncio.sleep(0.3)  # the subscription reaches the publisher (there is no dump to wait for)
+            g = list(range(4000, 4000 + BLOCK))
+            publisher.publish(0, make_batch([block_stored(g)]))
+            await wait_until(lambda: follower.stats.last_seq == 0)
+            assert indexer.find_matches(indexer.sequence_hashes(g)) == {"w": 1}
+            e = list(range(5000, 5000 + BLOCK))
+            f = list(range(6000, 6000 + BLOCK))
+            with publisher._lock:  # seq 1 reaches only the table: the subscriber misses it
+                publisher._table.apply(make_batch([block_stored(e)]))
+            publisher.publish(2, make_batch([block_stored(f)]))  # the buffer (size 1) holds only seq 2
+            await wait_until(lambda: follower.stats.last_seq == 2)
+            assert follower.stats.rebuilds == 1 and follower.stats.dumps == 0 and follower.stats.gaps_recovered == 1
+            # What the router knew before the gap is dropped (it may be stale), what came after is indexed.
+            assert indexer.find_matches(indexer.sequence_hashes(g)) == {}
+            assert indexer.find_matches(indexer.sequence_hashes(e)) == {}
+            assert indexer.find_matches(indexer.sequence_hashes(f)) == {"w": 1}
 
     asyncio.run(asyncio.wait_for(scenario(), 30))

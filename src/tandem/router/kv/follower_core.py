@@ -7,7 +7,11 @@ sequence number; the core applies them in order and keeps ``stats.last_seq``:
 * a batch that skips ahead means some went missing: the transport's ``_replay`` re-reads them
   (ZMQ: the worker's replay socket; NATS: the JetStream stream), and when it cannot return
   them all, in order, from ``last_seq + 1``, the core takes a full dump over the request plane
-  (``kv_dump``: every block the worker holds, as of a sequence number).
+  (``kv_dump``: every block the worker holds, as of a sequence number);
+* a worker that serves no dump (``card.serves_kv_dump`` false: vLLM) has its entries dropped
+  instead, and the index rebuilds from its next events (vLLM re-announces a cached block when a
+  request reuses it), so the router under-credits that worker for a while but never routes on
+  blocks it does not know are gone.
 
 Subclasses provide ``_run`` (receive batches, call ``_receive``), ``_replay`` and ``_close``.
 """
@@ -46,6 +50,9 @@ class FollowerStats:
     """Messages that did not decode (dropped)."""
     replayed: int = 0
     """Batches applied from a replay (a gap, or a router rebuilding from a stream's history)."""
+    rebuilds: int = 0
+    """Times the worker's entries were dropped to rebuild from new events (a gap on a worker
+    without ``kv_dump``)."""
     errors: list[str] = field(default_factory=list)
 
     def error(self, message: str) -> None:
@@ -116,8 +123,24 @@ class KvEventFollowerCore:
         want = self.stats.last_seq + 1
         if self.apply_replayed(await self._replay(want, seq)) and self.stats.last_seq >= seq - 1:
             return
+        if not self.card.serves_kv_dump:
+            logger.warning(
+                "worker %s: batches %d..%d cannot be replayed and it serves no dump; dropping its "
+                "index entries to rebuild them from new events",
+                self.card.worker_id,
+                want,
+                seq - 1,
+            )
+            self._rebuild(seq - 1)
+            return
         logger.info("worker %s: batches %d..%d cannot be replayed; taking a dump", self.card.worker_id, want, seq - 1)
         await self._dump()
+
+    def _rebuild(self, last_lost_seq: int) -> None:
+        """Forget what the index holds for this worker; batches after ``last_lost_seq`` rebuild it."""
+        self.indexer.apply(self.card.worker_id, AllBlocksCleared())
+        self.stats.last_seq = last_lost_seq
+        self.stats.rebuilds += 1
 
     def apply_replayed(self, batches: list[tuple[int, bytes]]) -> bool:
         """Apply replayed batches that continue ``last_seq`` without a hole; False if the first
@@ -139,6 +162,8 @@ class KvEventFollowerCore:
         return True
 
     async def _dump(self) -> None:
+        if not self.card.serves_kv_dump:
+            return  # nothing to ask: the index starts empty and fills from the worker's events
         try:
             reply = await self.client.call(self.card.request_plane_address, Endpoint.KV_DUMP, None, timeout=10.0)
             dump = msgspec.convert(reply, KvDumpReply)

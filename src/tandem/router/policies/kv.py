@@ -230,6 +230,8 @@ class KvRouter(RoutingPolicy):
                 "last_seq": stats.last_seq if stats else None,
                 "gaps_recovered": stats.gaps_recovered if stats else 0,
                 "dumps": stats.dumps if stats else 0,
+                "serves_kv_dump": card.serves_kv_dump,
+                "index_rebuilds": stats.rebuilds if stats else 0,
                 "event_transport": follower.transport if follower else None,
                 "malformed_events": stats.malformed if stats else 0,
                 "load": self.nats.load_of(card.worker_id) if self.nats is not None else None,
