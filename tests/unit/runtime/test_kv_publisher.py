@@ -8,6 +8,7 @@ import time
 
 import msgspec
 import zmq
+from tests.vllm_samples import VLLM_032_BATCH
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.mocker import MockerConfig, MockerEngine
@@ -121,3 +122,32 @@ def test_worker_card_names_the_publisher_and_kv_dump_serves_the_table():
             await service.drain(timeout=1)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_replay_reads_vllms_reply_shape_with_a_topic_frame():
+    """vLLM's ROUTER answers ``[id, empty, topic, seq, payload]`` and ends with seq -1 (its
+    distributed/kv_events.py ``_service_replay``); Tandem's publisher leaves the topic out."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve() -> None:
+        client_id, empty, start = router.recv_multipart()
+        assert empty == b"" and int.from_bytes(start, "big") == 1
+        for seq in (1, 2):
+            router.send_multipart((client_id, b"", b"kv", seq.to_bytes(8, "big"), VLLM_032_BATCH))
+        router.send_multipart((client_id, b"", b"", struct.pack(">q", -1), b""))
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        server = asyncio.get_running_loop().run_in_executor(None, serve)
+        got = await asyncio.to_thread(replay, f"tcp://127.0.0.1:{port}", 1)
+        await server
+        return got
+
+    try:
+        got = asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        router.close()
+    assert [seq for seq, _ in got] == [1, 2]
+    assert decode_batch(got[0][1]).events[0].token_ids == list(range(32))

@@ -158,7 +158,10 @@ def _bind(socket: zmq.SyncSocket, host: str, port: int) -> str:
 
 
 def replay(address: str, start_seq: int, timeout_s: float = 5.0) -> list[tuple[int, bytes]]:
-    """Ask a publisher's replay endpoint for every buffered batch from ``start_seq`` on."""
+    """Ask a publisher's replay endpoint for every buffered batch from ``start_seq`` on.
+
+    Replies are ``[empty, seq, payload]`` (Tandem) or ``[empty, topic, seq, payload]`` (vLLM since
+    it added the topic); both end with seq -1."""
     ctx: zmq.SyncContext = zmq.Context.instance()
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -168,7 +171,10 @@ def replay(address: str, start_seq: int, timeout_s: float = 5.0) -> list[tuple[i
         socket.send_multipart([b"", SEQ_FRAME.pack(start_seq)])
         batches: list[tuple[int, bytes]] = []
         while True:
-            _, seq_frame, payload = socket.recv_multipart()
+            frames = socket.recv_multipart()
+            if len(frames) not in (3, 4):
+                raise ValueError(f"malformed replay reply from {address}: {len(frames)} frames")
+            seq_frame, payload = frames[-2], frames[-1]
             seq = SEQ_FRAME.unpack(seq_frame)[0]
             if seq == END_OF_REPLAY:
                 return batches
