@@ -10,8 +10,8 @@ sequence number; the core applies them in order and keeps ``stats.last_seq``:
   (``kv_dump``: every block the worker holds, as of a sequence number);
 * a worker that serves no dump (``card.serves_kv_dump`` false: vLLM) has its entries dropped
   instead, and the index rebuilds from its next events (vLLM re-announces a cached block when a
-  request that asks with ``kv_cache_report_mode: full`` reuses it), so the router under-credits that worker for a while but never routes on
-  blocks it does not know are gone.
+  request that asks with ``kv_cache_report_mode: full`` reuses it), so the router under-credits
+  that worker for a while but never routes on blocks it does not know are gone.
 
 Subclasses provide ``_run`` (receive batches, call ``_receive``), ``_replay`` and ``_close``.
 """
