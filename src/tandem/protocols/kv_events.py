@@ -130,7 +130,7 @@ def _hash_id(value: BlockHashOnWire) -> int:
 
 
 def _decode_event(raw: msgspec.Raw) -> KVEvent:
-    data = bytes(raw)
+    data = memoryview(raw)  # the event's bytes inside the batch, not copied
     if not data or data[0] not in _MSGPACK_MAP_FIRST_BYTES:
         return _array_event_decoder.decode(data)
     event = _map_event_decoder.decode(data)

@@ -40,8 +40,10 @@ def parse_fault(spec: str) -> TransferFault | None:
     spec = spec.strip()
     if not spec:
         return None
-    if spec == "corrupt" or spec == "truncate":
-        return TransferFault("corrupt" if spec == "corrupt" else "truncate")
+    if spec == "corrupt":
+        return TransferFault("corrupt")
+    if spec == "truncate":
+        return TransferFault("truncate")
     kind, _, seconds = spec.partition(":")
     if kind == "delay":
         try:
