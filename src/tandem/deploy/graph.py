@@ -11,18 +11,21 @@ A graph is a YAML file (``examples/graphs/*.yaml``)::
     nats_url: nats://127.0.0.1:4222
     workers:
       - count: 1
-        engine: builtin  # builtin | mocker
+        engine: builtin  # builtin | vllm | mocker
         role: agg        # agg | prefill | decode
         model: smollm2-135m-instruct
         flags:           # any `tandem worker` flag, without the leading dashes
           dtype: float32
           kv-cache-gib: 1
+        vllm:            # engine: vllm only: any vLLM engine argument (`--vllm-arg KEY=VALUE`)
+          enforce_eager: true
 
 ``load_graph`` validates it and raises :class:`GraphError` with the path of the bad field.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from tandem.frontend.config import FrontendConfig
 from tandem.router.registry import ROUTER_NAMES
 from tandem.runtime.event_plane.config import EVENT_PLANES
 
-ENGINES = ("builtin", "mocker")
+ENGINES = ("builtin", "vllm", "mocker")
 ROLES = ("agg", "prefill", "decode")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -50,6 +53,8 @@ class WorkerGroup:
     model: str = DEFAULT_MODEL
     flags: dict[str, Any] = field(default_factory=dict)
     """Extra `tandem worker` flags (name without dashes → value; True for a bare switch)."""
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """``engine: vllm``: vLLM engine arguments (name → value), passed as ``--vllm-arg``."""
 
     def worker_argv(self) -> list[str]:
         """The `tandem worker` arguments for one worker of this group (discovery excluded)."""
@@ -62,6 +67,8 @@ class WorkerGroup:
                 argv += [flag, *map(str, value)]
             elif value is not False and value is not None:
                 argv += [flag, str(value)]
+        if self.vllm:
+            argv += ["--vllm-arg", *(f"{name}={json.dumps(value)}" for name, value in self.vllm.items())]
         return argv
 
 
@@ -138,7 +145,7 @@ def _frontend(data: Any) -> FrontendConfig:
 
 def _group(data: Any, where: str) -> WorkerGroup:
     data = _expect(data, dict, where)
-    unknown = set(data) - {"count", "engine", "role", "model", "flags"}
+    unknown = set(data) - {"count", "engine", "role", "model", "flags", "vllm"}
     if unknown:
         raise GraphError(f"{where}: unknown keys {sorted(unknown)}")
     group = WorkerGroup(
@@ -147,6 +154,7 @@ def _group(data: Any, where: str) -> WorkerGroup:
         role=_expect(data.get("role", "agg"), str, f"{where}.role"),
         model=_expect(data.get("model", DEFAULT_MODEL), str, f"{where}.model"),
         flags=dict(_expect(data.get("flags") or {}, dict, f"{where}.flags")),
+        vllm=dict(_expect(data.get("vllm") or {}, dict, f"{where}.vllm")),
     )
     if group.count < 0:
         raise GraphError(f"{where}.count must be >= 0, got {group.count}")
@@ -154,6 +162,10 @@ def _group(data: Any, where: str) -> WorkerGroup:
         raise GraphError(f"{where}.engine must be one of {ENGINES}, got {group.engine!r}")
     if group.role not in ROLES:
         raise GraphError(f"{where}.role must be one of {ROLES}, got {group.role!r}")
+    if group.vllm and group.engine != "vllm":
+        raise GraphError(f"{where}.vllm: vLLM engine arguments need engine: vllm, not {group.engine!r}")
+    for name in group.vllm:
+        _expect(name, str, f"{where}.vllm key")
     for name, value in group.flags.items():
         if name in ("discovery", "engine", "role", "model"):
             raise GraphError(f"{where}.flags.{name}: set it as a key of the worker group, not a flag")

@@ -153,6 +153,22 @@ class AsyncEngine:
             self._fail_calls(self._dead_error())
         return await asyncio.wrap_future(future)
 
+    @property
+    def block_size(self) -> int:
+        return self.core.block_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.core.pool.num_blocks
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError if the engine cannot take this prompt (any thread: reads only the config)."""
+        self.core.validate_prompt(prompt_token_ids)
+
     def stats(self) -> EngineStats:
         """The snapshot taken after the latest step."""
         return self._stats

@@ -1,4 +1,5 @@
-"""The worker service: an AsyncEngine behind the request plane, registered in discovery.
+"""The worker service: an engine (builtin `AsyncEngine` or `VllmEngine`) behind the request plane,
+registered in discovery.
 
 Endpoints: ``generate`` (stream of GenerateDelta; leaving the stream aborts the request and
 frees its KV blocks), ``health`` (see `WorkerService.health`), ``stats`` (the engine's latest
@@ -26,6 +27,7 @@ import msgspec
 
 from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from tandem.engine.outputs import RequestOutput
+from tandem.engine.served_engine import ServedEngine
 from tandem.protocols.endpoints import (
     Endpoint,
     GenerateDelta,
@@ -55,7 +57,7 @@ WITHDRAW_TIMEOUT_S = 5.0
 class WorkerService:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: ServedEngine,
         discovery: Discovery,
         *,
         model_name: str,
@@ -88,8 +90,12 @@ class WorkerService:
         self.kv_publisher = kv_publisher
         self.metrics_address = metrics_address
         """URL of this process's Prometheus /metrics page (``--metrics-port``), for the card."""
+        if role != "agg" and not isinstance(engine, AsyncEngine):
+            raise ValueError(f"role {role!r} needs the builtin engine (KV export and import)")
+        self.builtin = engine if isinstance(engine, AsyncEngine) else None
+        """The engine when it is the builtin one (it exports and imports KV for disaggregation)."""
         # Prefill workers hold finished prompts' KV for decode workers (worker/disagg.py).
-        self.exporter = PrefillExporter(engine, host, kv_hold_s) if role == "prefill" else None
+        self.exporter = PrefillExporter(self.builtin, host, kv_hold_s) if self.builtin and role == "prefill" else None
         self.kv_blocks_imported = 0
         """Blocks pulled from prefill workers and imported (decode side), since start."""
         self.registration: Registration | None = None
@@ -109,15 +115,15 @@ class WorkerService:
         return "draining" if self._draining else "ok"
 
     def card(self) -> WorkerCard:
-        core = self.engine.core
+        engine = self.engine
         return WorkerCard(
             worker_id=self.worker_id,
             model=self.model_name,
             tokenizer=self.tokenizer_source,
             chat_template=self.tokenizer_source,
-            context_length=core.max_model_len,
-            block_size=core.block_size,
-            total_kv_blocks=core.pool.num_blocks,
+            context_length=engine.max_model_len,
+            block_size=engine.block_size,
+            total_kv_blocks=engine.num_kv_blocks,
             role=self.role,
             request_plane_address=self.server.address,
             engine=self.engine_kind,
@@ -236,16 +242,16 @@ class WorkerService:
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise EndpointError("bad_request", str(exc)) from None
         try:
-            self.engine.core.validate_prompt(request.token_ids)
+            self.engine.validate_prompt(request.token_ids)
         except ValueError as exc:
             raise EndpointError("bad_request", str(exc)) from None
         if request.export_kv and self.exporter is None:
             raise EndpointError("bad_request", f"export_kv needs a prefill worker; this one is {self.role!r}")
-        if request.kv_transfer is not None:
+        if request.kv_transfer is not None and self.builtin is not None:
             prompt = request.token_ids[:-1]  # the last token is the prefill's first output
             try:
                 self.kv_blocks_imported += await import_missing_blocks(
-                    self.engine, prompt, request.cache_salt, request.kv_transfer
+                    self.builtin, prompt, request.cache_salt, request.kv_transfer
                 )
             except EngineDeadError as exc:
                 raise EndpointError("unavailable", str(exc)) from None
