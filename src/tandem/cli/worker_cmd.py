@@ -295,6 +295,12 @@ def vllm_config_from_args(args: argparse.Namespace) -> VllmEngineConfig:
 
     extra = parse_vllm_args(args.vllm_arg)
     check_engine_arg_names(extra)
+    if args.role != "agg" and "kv_transfer_config" not in extra:
+        # Tandem's KV connector moves the prompt's blocks (tandem.worker.vllm_kv_connector).
+        from tandem.engine.vllm.kv_relay import free_tcp_port
+        from tandem.worker.vllm_disagg import kv_transfer_config
+
+        extra["kv_transfer_config"] = kv_transfer_config(args.role, args.host, free_tcp_port(args.host), 60.0)
     _, model_dir = model_dir_for(args.model)
     return VllmEngineConfig(
         model_dir=model_dir,
@@ -371,8 +377,6 @@ def _on_signal(stop: asyncio.Event) -> None:
 
 
 def _check_worker_counts(args: argparse.Namespace) -> None:
-    if args.engine == "vllm" and args.role != "agg":
-        raise SystemExit("error: --engine vllm serves --role agg only (disaggregation on vLLM is not built yet)")
     if args.engine != "mocker" and args.mocker_workers != 1:
         raise SystemExit("error: --mocker-workers needs --engine mocker")
     if args.mocker_workers < 1 or (args.mocker_workers > 1 and args.port):

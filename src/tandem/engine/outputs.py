@@ -32,6 +32,8 @@ class RequestOutput:
     """The EOS or stop token that ended the request (it is included in new_token_ids)."""
     on_finish_result: Any = None
     """On the final output: what the request's ``on_finish`` hook returned (``AsyncEngine.generate``)."""
+    kv_transfer_params: dict[str, Any] | None = None
+    """vllm engine, final output: what vLLM's KV connector said about the finished request."""
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by ``later`` (of the same request), as one delta."""
@@ -49,4 +51,5 @@ class RequestOutput:
             logprobs,
             later.stop_token_id,
             later.on_finish_result,
+            later.kv_transfer_params,
         )

@@ -28,6 +28,7 @@ import msgspec
 from tandem.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.served_engine import ServedEngine
+from tandem.engine.vllm.engine import VllmEngine
 from tandem.protocols.endpoints import (
     Endpoint,
     GenerateDelta,
@@ -44,6 +45,7 @@ from tandem.protocols.worker_card import EngineKind, Role, WorkerCard
 from tandem.runtime.discovery.base import Discovery, Registration, register_when_reachable
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher
 from tandem.runtime.request_plane import EndpointError, RequestContext, RequestPlaneServer
+from tandem.worker import vllm_disagg
 from tandem.worker.disagg import PrefillExporter, export_on_finish, import_missing_blocks
 
 logger = logging.getLogger(__name__)
@@ -90,10 +92,10 @@ class WorkerService:
         self.kv_publisher = kv_publisher
         self.metrics_address = metrics_address
         """URL of this process's Prometheus /metrics page (``--metrics-port``), for the card."""
-        if role != "agg" and not isinstance(engine, AsyncEngine):
-            raise ValueError(f"role {role!r} needs the builtin engine (KV export and import)")
         self.builtin = engine if isinstance(engine, AsyncEngine) else None
-        """The engine when it is the builtin one (it exports and imports KV for disaggregation)."""
+        """The engine when it is the builtin one (the worker exports and imports its KV itself)."""
+        self.vllm = engine if isinstance(engine, VllmEngine) else None
+        """The engine when it is vLLM (its KV connector exports and imports: worker/vllm_disagg.py)."""
         # Prefill workers hold finished prompts' KV for decode workers (worker/disagg.py).
         self.exporter = PrefillExporter(self.builtin, host, kv_hold_s) if self.builtin and role == "prefill" else None
         self.kv_blocks_imported = 0
@@ -245,7 +247,7 @@ class WorkerService:
             self.engine.validate_prompt(request.token_ids)
         except ValueError as exc:
             raise EndpointError("bad_request", str(exc)) from None
-        if request.export_kv and self.exporter is None:
+        if request.export_kv and self.role != "prefill":
             raise EndpointError("bad_request", f"export_kv needs a prefill worker; this one is {self.role!r}")
         if request.kv_transfer is not None and self.builtin is not None:
             prompt = request.token_ids[:-1]  # the last token is the prefill's first output
@@ -255,23 +257,40 @@ class WorkerService:
                 )
             except EngineDeadError as exc:
                 raise EndpointError("unavailable", str(exc)) from None
-        on_finish = export_on_finish(request.token_ids, request.cache_salt) if request.export_kv else None
-        stream = self.engine.generate(
-            request.token_ids,
-            params,
-            request_id=request.request_id,
-            cache_salt=request.cache_salt,
-            on_finish=on_finish,
-            prompt_validated=True,
-        )
+        if self.vllm is not None:
+            kv_params = None
+            if request.export_kv:
+                kv_params = vllm_disagg.export_params(request.request_id)
+            elif request.kv_transfer is not None:
+                kv_params = vllm_disagg.pull_params(request.kv_transfer)
+            stream = self.vllm.generate(
+                request.token_ids,
+                params,
+                request_id=request.request_id,
+                cache_salt=request.cache_salt,
+                prompt_validated=True,
+                kv_transfer_params=kv_params,
+            )
+        else:
+            on_finish = export_on_finish(request.token_ids, request.cache_salt) if request.export_kv else None
+            stream = self.engine.generate(
+                request.token_ids,
+                params,
+                request_id=request.request_id,
+                cache_salt=request.cache_salt,
+                on_finish=on_finish,
+                prompt_validated=True,
+            )
         try:
             async for out in stream:
                 delta = delta_from_output(out)
                 if request.export_kv and out.finish_reason is not None:
-                    assert self.exporter is not None  # export_kv on a non-prefill worker was refused above
-                    delta.kv_transfer = self.exporter.hold(
-                        request.request_id, out.on_finish_result, self.server.address
-                    )
+                    if self.exporter is not None:
+                        delta.kv_transfer = self.exporter.hold(
+                            request.request_id, out.on_finish_result, self.server.address
+                        )
+                    else:  # vLLM's connector holds the blocks
+                        delta.kv_transfer = vllm_disagg.held_transfer(out.kv_transfer_params, self.server.address)
                 yield msgspec.to_builtins(delta)
         except ValueError as exc:  # the engine refused the request (e.g. a duplicate id)
             raise EndpointError("bad_request", str(exc)) from None
@@ -295,10 +314,13 @@ class WorkerService:
         ``kv_exports_held`` (prefill exports waiting for a pull; 0 on other roles) and
         ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
         held = len(self.exporter.store) if self.exporter is not None else 0
+        imported = self.kv_blocks_imported
+        if self.vllm is not None:  # blocks vLLM's connector loaded
+            imported = self.vllm.collector.external_kv_tokens_total // self.vllm.block_size
         reply = StatsReply(
             **msgspec.structs.asdict(self.engine.stats()),
             kv_exports_held=held,
-            kv_blocks_imported=self.kv_blocks_imported,
+            kv_blocks_imported=imported,
         )
         builtins: dict[str, Any] = msgspec.to_builtins(reply)
         return builtins

@@ -72,11 +72,15 @@ class VllmEngine:
         publisher is turned on, its endpoints on that host (see `attach_kv_sink`)."""
         for name, value in DEFAULT_ENV.items():
             os.environ.setdefault(name, value)
-        from vllm.config import KVEventsConfig
+        from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = config.engine_kwargs()
+        # Given as JSON (--vllm-arg, a graph's vllm: mapping, Tandem's disaggregation roles).
+        for name, config_class in (("kv_transfer_config", KVTransferConfig), ("kv_events_config", KVEventsConfig)):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = config_class(**kwargs[name])
         kv_endpoints = None
         if kv_events_host is not None and "kv_events_config" not in kwargs:
             kv_endpoints = (
@@ -134,8 +138,11 @@ class VllmEngine:
         cache_salt: str | None = None,
         on_finish: Callable[[Any], Any] | None = None,
         prompt_validated: bool = False,
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream a request's outputs; leaving the iterator early aborts it in vLLM."""
+        """Stream a request's outputs; leaving the iterator early aborts it in vLLM.
+        ``kv_transfer_params`` go to vLLM's KV connector (disaggregation); what the connector
+        answers comes back on the final output."""
         if on_finish is not None:
             raise ValueError("the vllm engine takes no on_finish hook")
         if not self.is_running:
@@ -152,7 +159,7 @@ class VllmEngine:
             prompt["cache_salt"] = cache_salt
         num_output = 0
         finished = False
-        stream = self.llm.generate(prompt, to_vllm_params(params), request_id)
+        stream = self.llm.generate(prompt, to_vllm_params(params, kv_transfer_params), request_id)
         try:
             async for out in stream:
                 completion = out.outputs[0]
@@ -173,6 +180,7 @@ class VllmEngine:
                         else None
                     ),
                     stop_token_id=_stop_token_id(completion, new_ids) if finished else None,
+                    kv_transfer_params=out.kv_transfer_params if finished else None,
                 )
                 if finished:
                     return
@@ -226,8 +234,11 @@ class VllmEngine:
         return EngineDeadError(f"engine failed: {self.failure}")
 
 
-def to_vllm_params(params: SamplingParams) -> Any:
+def to_vllm_params(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None) -> Any:
     """Tandem's sampling parameters as vLLM's (token ids out, no detokenizing)."""
+    extra_args: dict[str, Any] = {"kv_cache_report_mode": "full"}
+    if kv_transfer_params is not None:
+        extra_args["kv_transfer_params"] = kv_transfer_params
     from vllm.sampling_params import RequestOutputKind
     from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
@@ -247,7 +258,7 @@ def to_vllm_params(params: SamplingParams) -> Any:
         logprobs=params.logprobs,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
-        extra_args={"kv_cache_report_mode": "full"},
+        extra_args=extra_args,
     )
 
 

@@ -23,6 +23,8 @@ class VllmStatsCollector:
         self.num_preemptions = 0
         self.prompt_tokens_total = self.cached_prompt_tokens_total = self.generation_tokens_total = 0
         self.steps_total = 0
+        self.external_kv_tokens_total = 0
+        """Prompt tokens whose KV a KV connector loaded (disaggregation's decode side)."""
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
@@ -40,6 +42,7 @@ class VllmStatsCollector:
             prompt = iteration_stats.prompt_token_stats
             self.prompt_tokens_total += prompt.total
             self.cached_prompt_tokens_total += prompt.cached_tokens
+            self.external_kv_tokens_total += prompt.external_kv_transfer
 
     def snapshot(self) -> EngineStats:
         used = round(self.kv_usage * self.num_total_blocks)
