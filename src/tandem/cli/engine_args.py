@@ -1,8 +1,9 @@
 """Engine flags shared by every command that hosts an engine (chat, worker, serve).
 
-``--block-size`` and ``--kv-cache-gib`` default to None here so that the vllm engine can tell a
-value the user chose from a default (it then keeps vLLM's own); the builtin engine and the mocker
-fill in Tandem's defaults (`DEFAULT_BLOCK_SIZE`, `DEFAULT_KV_CACHE_GIB`)."""
+``--block-size``, ``--kv-cache-gib``, ``--max-num-batched-tokens`` and ``--max-num-seqs`` default
+to None here so that the vllm engine can tell a value the user chose from a default (it then
+keeps vLLM's own); the builtin engine and the mocker fill in Tandem's defaults (the ``DEFAULT_*``
+constants)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:  # keep `tandem --help` from importing torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_KV_CACHE_GIB = 1.0
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+DEFAULT_MAX_NUM_SEQS = 128
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -49,9 +52,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "a multiple of 32 on its CPU build)",
     )
     group.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step (default: %(default)s)"
+        "--max-num-batched-tokens",
+        type=int,
+        help=f"token budget of one step (default: {DEFAULT_MAX_NUM_BATCHED_TOKENS}; vllm engine: vLLM's)",
     )
-    group.add_argument("--max-num-seqs", type=int, default=128, help="most running requests (default: %(default)s)")
+    group.add_argument(
+        "--max-num-seqs", type=int, help=f"most running requests (default: {DEFAULT_MAX_NUM_SEQS}; vllm engine: vLLM's)"
+    )
     group.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
 
@@ -67,8 +74,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_gib=args.kv_cache_gib if args.kv_cache_gib is not None else DEFAULT_KV_CACHE_GIB,
         num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size or DEFAULT_BLOCK_SIZE,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
     )

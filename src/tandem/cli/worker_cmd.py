@@ -18,7 +18,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from tandem.cli.engine_args import add_engine_args, engine_config_from_args
+from tandem.cli.engine_args import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    add_engine_args,
+    engine_config_from_args,
+)
 from tandem.cli.runtime_args import (
     add_discovery_args,
     add_event_plane_args,
@@ -274,8 +279,8 @@ def _mocker_cores(args: argparse.Namespace) -> list[EngineCore]:
             MockerConfig(
                 block_size=args.block_size or MockerConfig.block_size,
                 num_kv_blocks=args.num_kv_blocks or MockerConfig.num_kv_blocks,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
                 max_model_len=args.max_model_len or MockerConfig.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching,
                 speedup_ratio=args.speedup_ratio,
