@@ -1,7 +1,8 @@
 """Decode ITL under long-prompt interference on the real model: disagg (1 prefill + 1 decode
 worker) against agg (2 workers).
 
-Two deployments of the builtin engine on the default model (SmolLM2-135M-Instruct, CPU), each
+Two deployments of the builtin engine (or, with ``--engine vllm``, of vLLM's CPU build: fp32,
+eager mode, blocks of 32, KV moved by Tandem's vLLM KV connector) on the default model (SmolLM2-135M-Instruct, CPU), each
 started fresh with `tandem serve`, in the same run and with the same engine flags (float32,
 ``--kv-cache-gib`` 0.5, ``--threads`` 1 per worker, so both get two single-threaded engines):
 
@@ -66,21 +67,28 @@ DEPLOYMENTS = ("agg", "disagg")
 
 
 def graph(kind: str, args: argparse.Namespace) -> str:
-    flags = (
-        f"{{dtype: float32, kv-cache-gib: {args.kv_cache_gib}, threads: {args.threads}, "
-        f"max-num-batched-tokens: {args.max_num_batched_tokens}, max-num-seqs: 64}}"
-    )
+    engine = args.engine
+    if engine == "vllm":  # vLLM's CPU build: blocks of 32, eager mode; its threads bind as vLLM decides
+        flags = (
+            f"{{dtype: float32, kv-cache-gib: {args.kv_cache_gib}, block-size: 32, "
+            f"max-num-batched-tokens: {args.max_num_batched_tokens}, max-num-seqs: 64}}, vllm: {{enforce_eager: true}}"
+        )
+    else:
+        flags = (
+            f"{{dtype: float32, kv-cache-gib: {args.kv_cache_gib}, threads: {args.threads}, "
+            f"max-num-batched-tokens: {args.max_num_batched_tokens}, max-num-seqs: 64}}"
+        )
     if kind == "agg":
         return (
             f"frontend: {{host: 127.0.0.1, port: 0, router: round-robin}}\n"
-            f"workers:\n  - {{count: 2, engine: builtin, role: agg, model: {MODEL}, flags: {flags}}}\n"
+            f"workers:\n  - {{count: 2, engine: {engine}, role: agg, model: {MODEL}, flags: {flags}}}\n"
         )
     return (
         f"frontend: {{host: 127.0.0.1, port: 0, router: round-robin, "
         f"max_local_prefill_length: {args.max_local_prefill_length}}}\n"
         f"workers:\n"
-        f"  - {{count: 1, engine: builtin, role: prefill, model: {MODEL}, flags: {flags}}}\n"
-        f"  - {{count: 1, engine: builtin, role: decode, model: {MODEL}, flags: {flags}}}\n"
+        f"  - {{count: 1, engine: {engine}, role: prefill, model: {MODEL}, flags: {flags}}}\n"
+        f"  - {{count: 1, engine: {engine}, role: decode, model: {MODEL}, flags: {flags}}}\n"
     )
 
 
@@ -329,6 +337,12 @@ def main() -> None:
         help="longest wait for one interferer / the last ones (default: %(default)s)",
     )
     parser.add_argument("--max-stream-requests", type=int, default=200, help="per stream (default: %(default)s)")
+    parser.add_argument(
+        "--engine",
+        choices=("builtin", "vllm"),
+        default="builtin",
+        help="the workers' engine; vllm: vLLM's CPU build, fp32 eager, blocks of 32 (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: %(default)s)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="per worker (default: %(default)s)")
     parser.add_argument(
@@ -364,7 +378,9 @@ def main() -> None:
             )
     mode = f"one every {args.interval:g} s" if args.interval > 0 else "closed loop, one at a time"
     print(
-        f"{MODEL}, float32, {args.threads} thread(s) per worker, token budget {args.max_num_batched_tokens}; "
+        f"{MODEL} on {args.engine}, float32, "
+        f"{args.threads if args.engine == 'builtin' else 'vLLM-bound'} thread(s) per worker, "
+        f"token budget {args.max_num_batched_tokens}; "
         f"{args.streams} decode streams ({args.stream_prompt_len}-token prompts, {args.stream_tokens} tokens "
         f"per request); interferers: {args.interferer_len}-token prompts, max_tokens {args.interferer_tokens}, "
         f"{mode}, for {args.window:g} s; baseline {args.baseline:g} s"
