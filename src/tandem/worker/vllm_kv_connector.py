@@ -40,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from tandem.protocols.block_hash import block_hashes, seed_for_salt
 from tandem.protocols.kv_export import KVBlockExport
@@ -77,6 +78,35 @@ class TandemConnectorMetadata(KVConnectorMetadata):
     loads: list[_Load] = field(default_factory=list)
 
 
+STAT_NAMES = ("blocks_loaded", "load_failures", "blocks_held")
+
+
+@dataclass
+class TandemConnectorStats(KVConnectorStats):
+    """Counts since the previous report, sent by the worker side with each step's output; vLLM
+    hands them to stat loggers as ``scheduler_stats.kv_connector_stats`` (this ``data`` dict):
+    ``blocks_loaded`` (pulled and written into the KV cache), ``load_failures`` (pulls that
+    failed: vLLM recomputed those blocks), ``blocks_held`` (prefill blocks put in the store)."""
+
+    def __post_init__(self) -> None:
+        for name in STAT_NAMES:
+            self.data.setdefault(name, 0)
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(STAT_NAMES, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name in STAT_NAMES:
+            self.data[name] = self.data.get(name, 0) + other.data.get(name, 0)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {name: self.data.get(name, 0) for name in STAT_NAMES}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(name, 0) for name in STAT_NAMES)
+
+
 @dataclass
 class _Export:
     """A prefill request being tracked on the scheduler side until its prompt is computed."""
@@ -104,7 +134,7 @@ class TandemKvConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: KvTransferServer | None = None
-        self.blocks_loaded = 0
+        self._stats = TandemConnectorStats()
         if role == KVConnectorRole.WORKER:
             self._start_io_thread()
 
@@ -198,6 +228,7 @@ class TandemKvConnector(KVConnectorBase_V1):
                     "KV pull %s from %s failed (%s); vLLM recomputes those blocks", load.transfer_id, load.address, exc
                 )
                 self._load_errors.update(load.block_ids)
+                self._stats.data["load_failures"] += 1
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         pass  # blocks are written before the forward pass (start_load_kv is synchronous)
@@ -213,6 +244,17 @@ class TandemKvConnector(KVConnectorBase_V1):
                 self._hold(save)
             except ValueError as exc:  # e.g. a duplicate transfer id: the decode side prefills
                 logger.warning("not holding KV for %s: %s", save.transfer_id, exc)
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This step's counts (then reset); None when there is nothing to report."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, TandemConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return TandemConnectorStats(data=dict(data or {}))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -258,6 +300,7 @@ class TandemKvConnector(KVConnectorBase_V1):
             data=blocks.view(torch.uint8).numpy().tobytes(),
         )
         self._server.store.hold(save.transfer_id, export)
+        self._stats.data["blocks_held"] += len(save.block_ids)
 
     def _load(self, load: _Load) -> None:
         assert self._loop is not None
@@ -282,6 +325,6 @@ class TandemKvConnector(KVConnectorBase_V1):
                 block = raw.view(dtype).view(shape).to(device)
                 for layer_index, layer in enumerate(self._layers):
                     layer[block_id].copy_(block[layer_index])
-            self.blocks_loaded += len(load.block_ids)
+            self._stats.data["blocks_loaded"] += len(load.block_ids)
         finally:
             pulled.close()

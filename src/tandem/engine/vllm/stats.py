@@ -23,8 +23,9 @@ class VllmStatsCollector:
         self.num_preemptions = 0
         self.prompt_tokens_total = self.cached_prompt_tokens_total = self.generation_tokens_total = 0
         self.steps_total = 0
-        self.external_kv_tokens_total = 0
-        """Prompt tokens whose KV a KV connector loaded (disaggregation's decode side)."""
+        self.connector_totals: dict[str, int] = {}
+        """A KV connector's counters summed since start (Tandem's: blocks_loaded, load_failures,
+        blocks_held; see tandem.worker.vllm_kv_connector)."""
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
@@ -36,13 +37,15 @@ class VllmStatsCollector:
             if prefix is not None:
                 self.prefix_queries += prefix.queries
                 self.prefix_hits += prefix.hits
+            for name, value in (scheduler_stats.kv_connector_stats or {}).items():
+                if isinstance(value, int | float):
+                    self.connector_totals[name] = self.connector_totals.get(name, 0) + int(value)
         if iteration_stats is not None:
             self.num_preemptions += iteration_stats.num_preempted_reqs
             self.generation_tokens_total += iteration_stats.num_generation_tokens
             prompt = iteration_stats.prompt_token_stats
             self.prompt_tokens_total += prompt.total
             self.cached_prompt_tokens_total += prompt.cached_tokens
-            self.external_kv_tokens_total += prompt.external_kv_transfer
 
     def snapshot(self) -> EngineStats:
         used = round(self.kv_usage * self.num_total_blocks)
