@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
@@ -64,7 +65,8 @@ class VllmEngine:
         self.failure: BaseException | None = None
         self._exit: Future[BaseException | None] = Future()
         self._stopped = False
-        self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="vllm engine watch")
+        self._loop = asyncio.get_running_loop()
+        self._monitor = self._loop.create_task(self._watch(), name="vllm engine watch")
 
     @classmethod
     async def start(cls, config: VllmEngineConfig, *, kv_events_host: str | None = "127.0.0.1") -> VllmEngine:
@@ -201,10 +203,14 @@ class VllmEngine:
         self._stopped = True
         if self.relay is not None:
             self.relay.close()
+        self._stop_output_handler()
         try:
             self.llm.shutdown()
         except Exception as exc:  # a dead core: nothing left to stop
             logger.warning("vLLM shutdown: %r", exc)
+        # Dropped now, while the interpreter is whole: AsyncLLM.__del__ shuts down again, which
+        # fails noisily during interpreter teardown.
+        self.llm = _StoppedLlm()
         if not self._exit.done():
             self._exit.set_result(self.failure)
 
@@ -213,6 +219,31 @@ class VllmEngine:
         return await asyncio.shield(asyncio.wrap_future(self._exit))
 
     # --- internals ---
+
+    def _stop_output_handler(self) -> None:
+        """Cancel AsyncLLM's output handler before its engine core stops: else the handler sees
+        the core go away and logs a dead engine (with a traceback) on every clean shutdown."""
+        handler = getattr(self.llm, "output_handler", None)
+        if handler is None or handler.done():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            handler.cancel()
+            return
+        cancelled = threading.Event()
+
+        def cancel() -> None:
+            handler.add_done_callback(lambda _: cancelled.set())
+            handler.cancel()
+
+        try:
+            self._loop.call_soon_threadsafe(cancel)
+        except RuntimeError:  # the loop is closed: nothing runs the handler any more
+            return
+        cancelled.wait(timeout=5)
 
     async def _watch(self) -> None:
         while not self._stopped:
@@ -232,6 +263,12 @@ class VllmEngine:
         if self.failure is None:
             return EngineDeadError("engine is stopped")
         return EngineDeadError(f"engine failed: {self.failure}")
+
+
+class _StoppedLlm:
+    """Stands in for a shut-down AsyncLLM."""
+
+    errored = True
 
 
 def to_vllm_params(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None) -> Any:
