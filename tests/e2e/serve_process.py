@@ -24,8 +24,10 @@ _READY = re.compile(r"^Tandem is serving .* at (http://\S+)/v1 ")
 class ServeProcess:
     """``python -m tandem serve ARGS`` with its output captured line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        """``env``: variables added to this process's environment (the workers inherit them)."""
+    def __init__(self, *args: str, env: dict[str, str] | None = None, new_session: bool = False) -> None:
+        """``env``: variables added to this process's environment (the workers inherit them).
+        ``new_session``: start it in a session (and process group) of its own, so that
+        `kill_group` reaches everything it started, grandchildren included (vLLM's engine cores)."""
         self.argv = [sys.executable, "-m", "tandem", "serve", *args]
         self.proc = subprocess.Popen(
             self.argv,
@@ -35,7 +37,9 @@ class ServeProcess:
             stdin=subprocess.DEVNULL,
             bufsize=1,
             env=None if env is None else {**os.environ, **env},
+            start_new_session=new_session,
         )
+        self.new_session = new_session
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()
@@ -99,3 +103,10 @@ class ServeProcess:
                         child.kill()
         self._reader.join(10)
         return self.proc.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left in a ``new_session`` server's process group (after `stop`:
+        a process that outlived its parent, such as the engine core of a killed vLLM worker)."""
+        if self.new_session:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
