@@ -115,6 +115,10 @@ def build_graph(args: argparse.Namespace) -> Graph:
                 group.flags[dest.replace("_", "-")] = value
         if group.engine != "mocker":
             group.flags.pop("speedup-ratio", None)
+        if group.vllm and group.engine != "vllm":
+            raise GraphError(
+                f"the graph gives vLLM engine arguments to {group.engine!r} workers (--engine overrides it)"
+            )
         if args.vllm_arg:
             if group.engine != "vllm":
                 raise GraphError("--vllm-arg needs --engine vllm (or engine: vllm in the graph)")

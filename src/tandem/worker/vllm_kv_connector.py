@@ -188,7 +188,10 @@ class TandemKvConnector(KVConnectorBase_V1):
                 continue
             new_block_ids = cached.new_block_ids[index]
             if new_block_ids:
-                export.block_ids += list(new_block_ids[0])
+                if req_id in cached.resumed_req_ids:  # resumed after preemption: its whole new list
+                    export.block_ids = list(new_block_ids[0])
+                else:
+                    export.block_ids += list(new_block_ids[0])
             self._maybe_save(meta, export, cached.num_computed_tokens[index] + scheduled.get(req_id, 0))
         return meta
 
@@ -327,4 +330,5 @@ class TandemKvConnector(KVConnectorBase_V1):
                     layer[block_id].copy_(block[layer_index])
             self._stats.data["blocks_loaded"] += len(load.block_ids)
         finally:
-            pulled.close()
+            # Closing touches the pull's connection, which belongs to the IO loop's thread.
+            self._loop.call_soon_threadsafe(pulled.close)

@@ -253,7 +253,6 @@ def test_a_chunked_prefill_over_three_steps_saves_only_at_the_end() -> None:
     assert meta_of(connector, step({"p": 4}, cached=[("p", [5], 16)])).saves == [_Save("t-3", [1, 2, 3, 4, 5], prompt)]
 
 
-@pytest.mark.xfail(reason="build_connector_meta appends a resumed request's block ids instead of replacing them")
 def test_an_export_preempted_mid_prefill_saves_the_blocks_it_resumed_with() -> None:
     connector = scheduler_connector()
     req = request("p", PROMPT, export_params("t-4"))
@@ -449,10 +448,6 @@ def test_a_duplicate_transfer_id_is_not_held_twice(producer: TandemKvConnector) 
     assert producer._server is not None and len(producer._server.store) == 1
 
 
-@pytest.mark.xfail(
-    reason="_load closes the PulledBlocks on vLLM's thread: its transport belongs to the connector's loop",
-    raises=RuntimeError,
-)
 def test_a_pull_touches_the_io_loop_only_from_its_own_thread(
     producer: TandemKvConnector, consumer: TandemKvConnector
 ) -> None:

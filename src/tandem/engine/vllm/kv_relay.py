@@ -125,6 +125,8 @@ class VllmKvEventRelay:
         self._emit(batch)
 
     def _emit(self, batch: KVEventBatch) -> None:
-        self.sink(self._seq, batch)
-        self._seq += 1
+        try:
+            self.sink(self._seq, batch)
+        finally:  # a batch the sink failed on leaves a gap the router sees and recovers from
+            self._seq += 1
         self.batches_relayed += 1
