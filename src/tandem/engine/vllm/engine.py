@@ -27,6 +27,7 @@ from tandem.engine.async_engine import EngineDeadError
 from tandem.engine.outputs import RequestOutput, TokenLogprob
 from tandem.engine.vllm.config import VllmEngineConfig
 from tandem.engine.vllm.kv_relay import KvEventSink, VllmKvEventRelay, free_tcp_port
+from tandem.engine.vllm.parent_watch import watch_this_process
 from tandem.engine.vllm.stats import VllmStatsCollector
 from tandem.protocols.endpoints import EngineStats
 from tandem.protocols.sampling_params import SamplingParams
@@ -97,6 +98,7 @@ class VllmEngine:
                 topic=KV_EVENTS_TOPIC,
             )
         collector = VllmStatsCollector()
+        watch_this_process()  # the engine core dies with this process (parent_watch.py)
         started = time.monotonic()
         vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
         llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=[collector.logger_factory()])
