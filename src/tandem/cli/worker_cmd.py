@@ -185,7 +185,7 @@ async def serve(
         vllm_engine, name, tokenizer_source = await _start_vllm(args)
         publisher = _make_publisher(args, 0)
         if publisher is not None:
-            vllm_engine.attach_kv_sink(publisher.publish)  # after vLLM forked its engine core (kv_relay.py)
+            vllm_engine.attach_kv_sink(publisher.publish)  # vLLM's events, relayed (engine/vllm/kv_relay.py)
         engines.append((vllm_engine, publisher))
     else:
         cores: list[EngineCore]

@@ -112,7 +112,7 @@ class VllmEngine:
 
     def attach_kv_sink(self, sink: KvEventSink) -> None:
         """Relay vLLM's KV events to ``sink(seq, batch)`` (a Tandem publisher's ``publish``).
-        Call after `start`: the relay's socket must not exist when vLLM forks its engine core."""
+        Call after `start`."""
         if self.kv_endpoints is None:
             raise RuntimeError("this vLLM engine was started without KV events")
         self.relay = VllmKvEventRelay(*self.kv_endpoints, sink)

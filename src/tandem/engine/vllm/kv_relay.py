@@ -7,8 +7,8 @@ digests turned into 64-bit ids) and handed to the sink, Tandem's ZMQ or NATS pub
 relay's own consecutive sequence numbers: the router then follows a vLLM worker exactly like a
 builtin one (replay and dump come from the Tandem publisher, which keeps both).
 
-The SUB socket must be created *after* vLLM's engine core process has started: a ZMQ context
-that exists when vLLM forks is inherited by its engine core, whose publisher then sends nothing.
+The relay is created once vLLM has started (its endpoints are chosen before, see
+`VllmEngine.start`); ZMQ retries vLLM's connect until the SUB socket is there.
 
 A gap in vLLM's own sequence numbers (a batch lost between the two processes) is filled from
 vLLM's replay endpoint; if that fails, the relay publishes ``AllBlocksCleared`` so the router
