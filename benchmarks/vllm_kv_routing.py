@@ -33,7 +33,10 @@ ROUTERS = ("round-robin", "kv")
 
 
 def graph(router: str, args: argparse.Namespace) -> str:
-    flags = f"{{dtype: float32, block-size: 32, num-kv-blocks: {args.num_kv_blocks}, max-num-seqs: 16}}"
+    flags = (
+        f"{{dtype: float32, block-size: 32, max-model-len: 2048, num-kv-blocks: {args.num_kv_blocks}, "
+        "max-num-seqs: 16}"
+    )
     return (
         f"frontend: {{port: 0, router: {router}}}\n"
         f"workers:\n  - {{engine: vllm, count: 2, model: {MODEL}, flags: {flags}, vllm: {{enforce_eager: true}}}}\n"

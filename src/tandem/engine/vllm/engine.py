@@ -80,6 +80,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = config.engine_kwargs()
+        _default_cpu_kv_cache(kwargs)
         # Given as JSON (--vllm-arg, a graph's vllm: mapping, Tandem's disaggregation roles).
         for name, config_class in (("kv_transfer_config", KVTransferConfig), ("kv_events_config", KVEventsConfig)):
             if isinstance(kwargs.get(name), dict):
@@ -265,6 +266,24 @@ class VllmEngine:
         if self.failure is None:
             return EngineDeadError("engine is stopped")
         return EngineDeadError(f"engine failed: {self.failure}")
+
+
+CPU_KV_CACHE_GIB = 1.0
+"""vLLM's CPU build: the KV cache size when nothing else sets it (Tandem's builtin default)."""
+
+
+def _default_cpu_kv_cache(kwargs: dict[str, Any]) -> None:
+    """On vLLM's CPU build with no KV budget given (``--kv-cache-gib``, ``gpu_memory_utilization``,
+    ``VLLM_CPU_KVCACHE_SPACE``), use `CPU_KV_CACHE_GIB`: vLLM's own default there reserves 92% of
+    the machine's memory, so a second worker (or anything else) cannot start."""
+    if "kv_cache_memory_bytes" in kwargs or "gpu_memory_utilization" in kwargs:
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        kwargs["kv_cache_memory_bytes"] = int(CPU_KV_CACHE_GIB * (1 << 30))
 
 
 class _StoppedLlm:
