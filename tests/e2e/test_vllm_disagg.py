@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,9 @@ MAX_TOKENS = 8
 LENGTHS = (10, 100, 700)
 """Prompt lengths: 10 runs whole on the decode worker (below max_local_prefill_length, 64)."""
 FALLBACK_LENGTH = 300
+STATS_SETTLE_S = 5.0
+"""The frontend refreshes its worker metrics every 2 s (worker_stats_interval_s), and vLLM reports
+connector stats with the step after a load: a figure is read once it has had this long."""
 
 
 def _prompt(length: int, seed: int) -> list[int]:
@@ -97,6 +101,14 @@ def _imported(url: str) -> float:
     return _metric(url, "tandem_worker_kv_blocks_imported", model=MODEL)
 
 
+def _imported_reaches(url: str, expected: float) -> float:
+    """The imported-blocks figure once it reaches ``expected`` (or whatever it is after STATS_SETTLE_S)."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while (value := _imported(url)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
 def _complete(client: openai.OpenAI, length: int) -> openai.types.Completion:
     return client.completions.create(
         model=MODEL, prompt=PROMPTS[length], max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
@@ -112,14 +124,16 @@ def test_greedy_output_equals_vllm_and_the_kv_is_pulled(served, length):
     assert out.usage.prompt_tokens == length and out.usage.completion_tokens == MAX_TOKENS
     if length > 64:  # above max_local_prefill_length: two halves, the prompt's full blocks pulled
         assert _disaggregated(url) - disaggregated == 1
-        assert _imported(url) - imported == length // BLOCK_SIZE
+        assert _imported_reaches(url, imported + length // BLOCK_SIZE) - imported == length // BLOCK_SIZE
     else:  # whole on the decode worker
         assert _disaggregated(url) == disaggregated
+        time.sleep(STATS_SETTLE_S)
         assert _imported(url) == imported
 
 
 def test_a_failed_pull_falls_back_to_a_local_prefill(served, fault_file):
     client, url, texts = served
+    time.sleep(STATS_SETTLE_S)  # earlier tests' figures have arrived
     imported = _imported(url)
     fault_file.write_text("corrupt")  # the decode worker's checksum check refuses the payload
     try:
@@ -127,4 +141,5 @@ def test_a_failed_pull_falls_back_to_a_local_prefill(served, fault_file):
     finally:
         fault_file.write_text("")
     assert out.choices[0].text == texts[FALLBACK_LENGTH]
+    time.sleep(STATS_SETTLE_S)
     assert _imported(url) == imported  # nothing loaded: vLLM recomputed the blocks
