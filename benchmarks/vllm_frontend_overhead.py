@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,15 +31,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serve_vs_vllm import free_port, stop  # the same server handling as tandem serve vs vllm serve
+
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_CLI = ROOT / "benchmarks" / "vllm" / "vllm_cli.py"
 NAME = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_env() -> dict[str, str]:
@@ -85,19 +79,6 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
             pass
         time.sleep(1)
     raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT the server's process group (vLLM's engine core included), then SIGKILL what is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def bench(url: str, model_dir: str, concurrency: int, prompts: int, out: Path) -> dict[str, float]:

@@ -17,6 +17,7 @@ from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
+from tandem.engine.served_engine import check_prompt
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.block_hash import seed_for_salt
 from tandem.protocols.endpoints import EngineStats
@@ -101,12 +102,7 @@ class EngineCore:
         self.scheduler.add_request(request)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}")
+        check_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
         if cdiv(len(prompt_token_ids) + 1, self.block_size) > self.pool.num_blocks:
             raise ValueError(
                 f"prompt of {len(prompt_token_ids)} tokens cannot fit in a KV cache of {self.pool.num_blocks} blocks"

@@ -40,3 +40,13 @@ class ServedEngine(Protocol):
     def stats(self) -> EngineStats: ...
     def shutdown(self, timeout: float = 10.0, wait: bool = True) -> None: ...
     async def wait_stopped(self) -> BaseException | None: ...
+
+
+def check_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """The checks every engine makes of a prompt: not empty, known token ids, room to generate."""
+    if not prompt_token_ids:
+        raise ValueError("prompt must contain at least one token")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model's context is {max_model_len}")

@@ -25,6 +25,7 @@ from typing import Any
 
 from tandem.engine.async_engine import EngineDeadError
 from tandem.engine.outputs import RequestOutput, TokenLogprob
+from tandem.engine.served_engine import check_prompt
 from tandem.engine.vllm.config import VllmEngineConfig
 from tandem.engine.vllm.kv_relay import KvEventSink, VllmKvEventRelay, free_tcp_port
 from tandem.engine.vllm.parent_watch import watch_this_process
@@ -125,12 +126,7 @@ class VllmEngine:
         return not self._stopped and not self.llm.errored
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}")
+        check_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
 
     def stats(self) -> EngineStats:
         return self.collector.snapshot()
