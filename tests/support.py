@@ -101,3 +101,25 @@ def block_stored(tokens: list[int], parent_tokens: list[int] | None = None, bloc
         token_ids=tokens,
         block_size=block_size,
     )
+
+
+async def worker_stats(address: str) -> dict[str, Any]:
+    """A worker's ``stats`` endpoint (EngineStats plus its disaggregation figures), over the request plane."""
+    from tandem.runtime.request_plane import RequestPlaneClient
+
+    rpc = RequestPlaneClient()
+    try:
+        stats: dict[str, Any] = await rpc.call(address, "stats", None)
+        return stats
+    finally:
+        await rpc.close()
+
+
+def router_status(url: str) -> dict[str, Any]:
+    """A frontend's ``/router/status`` (``url``: its base URL)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/router/status", timeout=10) as response:
+        status: dict[str, Any] = json.loads(response.read())
+        return status

@@ -3,7 +3,6 @@ events over ZMQ; repeats land where their blocks are, and a worker without event
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -14,12 +13,9 @@ import urllib.request
 import openai
 import pytest
 from tests.e2e.serve_process import ServeProcess
+from tests.support import router_status
 
 MODEL = "smollm2-135m-instruct"
-
-
-def _status(url: str) -> dict:
-    return json.loads(urllib.request.urlopen(url + "/router/status", timeout=10).read())
 
 
 def _prompt(seed: int, length: int = 160) -> list[int]:
@@ -46,7 +42,7 @@ def kv_serve(tmp_path_factory):
 
 def _served_by(url: str, before: dict) -> str:
     """The worker whose finished-request count went up since ``before`` (a status snapshot)."""
-    after = _status(url)["workers"]
+    after = router_status(url)["workers"]
     (worker,) = [w for w, s in after.items() if s["requests_finished"] > before[w]["requests_finished"]]
     return worker
 
@@ -57,24 +53,26 @@ def test_a_repeated_prompt_lands_on_the_worker_that_cached_it(kv_serve):
     checked = 0
     for seed in range(8):
         prompt = _prompt(seed)
-        before = _status(url)["workers"]
+        before = router_status(url)["workers"]
         first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         first_worker = _served_by(url, before)
         if before[first_worker]["kv_events_address"] is None:
             continue  # the router cannot see that worker's cache: nothing to check
         deadline = time.monotonic() + 5  # wait for its BlockStored event to reach the router
-        while _status(url)["workers"][first_worker]["blocks_indexed"] < before[first_worker]["blocks_indexed"] + 10:
+        while (
+            router_status(url)["workers"][first_worker]["blocks_indexed"] < before[first_worker]["blocks_indexed"] + 10
+        ):
             assert time.monotonic() < deadline, "the router never indexed the stored blocks"
             time.sleep(0.05)
-        before = _status(url)["workers"]
+        before = router_status(url)["workers"]
         second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
         assert _served_by(url, before) == first_worker
         # All full blocks but the last: the engine always computes at least the final token.
         assert second.usage.prompt_tokens_details.cached_tokens == 160 - 16
         checked += 1
     assert checked >= 3  # with 3 of 4 workers publishing, most first requests land on one of them
-    status = _status(url)
+    status = router_status(url)
     assert status["policy"] == "kv" and status["hit_rate"] > 0.2
     published = [s for s in status["workers"].values() if s["kv_events_address"]]
     assert len(published) == 3
@@ -90,15 +88,15 @@ def test_a_worker_without_events_is_flagged_and_warned_about(kv_serve):
     deadline = time.monotonic() + 60
     seed = 1000
     while time.monotonic() < deadline:
-        status = _status(url)
+        status = router_status(url)
         silent = [s for s in status["workers"].values() if s["kv_events_address"] is None]
         if silent and silent[0]["events_missing"]:
             break
         client.completions.create(model=MODEL, prompt=_prompt(seed, 40), max_tokens=2, temperature=0)
         seed += 1
-    (silent,) = [s for s in _status(url)["workers"].values() if s["kv_events_address"] is None]
+    (silent,) = [s for s in router_status(url)["workers"].values() if s["kv_events_address"] is None]
     assert silent["events_missing"] and silent["requests_finished"] >= 2
-    assert all(not s["events_missing"] for s in _status(url)["workers"].values() if s["kv_events_address"])
+    assert all(not s["events_missing"] for s in router_status(url)["workers"].values() if s["kv_events_address"])
     assert serve.wait_for_line("has published no KV events", timeout=5)
 
 

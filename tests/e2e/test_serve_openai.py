@@ -18,11 +18,11 @@ import httpx2 as httpx
 import openai
 import pytest
 from tests.e2e.serve_process import ServeProcess
+from tests.support import worker_stats
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.protocols.sampling_params import SamplingParams
-from tandem.runtime.request_plane import RequestPlaneClient
 
 MODEL = "smollm2-135m-instruct"
 MAX_BODY_BYTES = 100_000
@@ -204,14 +204,6 @@ def worker_address(base_url: str) -> str:
     workers = httpx.get(base_url + "/health", timeout=10).json()["models"][MODEL]
     assert len(workers) == 1
     return workers[0]["address"]
-
-
-async def worker_stats(address: str) -> dict:
-    rpc = RequestPlaneClient()
-    try:
-        return await rpc.call(address, "stats", None)
-    finally:
-        await rpc.close()
 
 
 # --- greedy parity through every client path -------------------------------------------------------

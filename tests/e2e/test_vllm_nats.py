@@ -3,15 +3,14 @@ frontend's kv router indexes them from there (`tandem serve --engine vllm --even
 
 from __future__ import annotations
 
-import json
 import random
 import time
-import urllib.request
 
 import openai
 import pytest
 from tests.e2e.serve_process import ServeProcess
 from tests.e2e.vllm_reference import BLOCK_SIZE, MODEL, SERVE_ARGS, VLLM_ENV
+from tests.support import router_status
 
 pytest.importorskip("vllm")
 
@@ -36,7 +35,7 @@ def test_vllm_kv_events_reach_the_router_through_nats(nats_server) -> None:
         url = serve.wait_ready(timeout=300)
 
         def status() -> dict:
-            return json.loads(urllib.request.urlopen(url + "/router/status", timeout=10).read())
+            return router_status(url)
 
         (worker,) = status()["workers"].values()
         assert worker["kv_events_address"].startswith("nats://")

@@ -30,8 +30,7 @@ import psutil
 import pytest
 from tests.e2e.serve_process import ServeProcess
 from tests.e2e.vllm_reference import BLOCK_SIZE, MODEL, SERVE_ARGS, VLLM_ENV, Greedy, Prompts, VllmReference
-
-from tandem.runtime.request_plane import RequestPlaneClient
+from tests.support import router_status, worker_stats
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -83,10 +82,6 @@ def url(serve, reference):
     return serve.wait_ready(timeout=300)
 
 
-def _status(url: str) -> dict:
-    return json.loads(urllib.request.urlopen(url + "/router/status", timeout=10).read())
-
-
 def _prompt(seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(1000, 30000) for _ in range(PROMPT_LEN)]
@@ -96,7 +91,7 @@ def _served_by(url: str, before: dict) -> str:
     """The worker whose finished-request count went up since ``before`` (a status snapshot)."""
     deadline = time.monotonic() + 5
     while True:
-        after = _status(url)["workers"]
+        after = router_status(url)["workers"]
         served = [w for w, s in after.items() if s["requests_finished"] > before[w]["requests_finished"]]
         if served or time.monotonic() > deadline:
             (worker,) = served
@@ -108,7 +103,7 @@ def _served_by(url: str, before: dict) -> str:
 
 
 def test_a_prompt_is_indexed_and_its_repeat_goes_where_vllm_cached_it(url):
-    status = _status(url)
+    status = router_status(url)
     assert (status["policy"], status["block_size"]) == ("kv", BLOCK_SIZE)  # the vLLM card's block size
     assert len(status["workers"]) == 2 and all(s["kv_events_address"] for s in status["workers"].values())
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -116,20 +111,23 @@ def test_a_prompt_is_indexed_and_its_repeat_goes_where_vllm_cached_it(url):
     served = set()
     for seed in range(4):
         prompt = _prompt(seed)
-        before = _status(url)
+        before = router_status(url)
         first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
         assert first.usage.prompt_tokens_details.cached_tokens == 0
-        assert before["cached_blocks"] == _status(url)["cached_blocks"]  # the router knew none of it
+        assert before["cached_blocks"] == router_status(url)["cached_blocks"]  # the router knew none of it
         worker = _served_by(url, before["workers"])
         served.add(worker)
         deadline = time.monotonic() + 5  # its BlockStored events reach the router through the relay
-        while _status(url)["workers"][worker]["blocks_indexed"] < before["workers"][worker]["blocks_indexed"] + blocks:
-            assert time.monotonic() < deadline, f"the router never indexed the prompt's blocks: {_status(url)}"
+        while (
+            router_status(url)["workers"][worker]["blocks_indexed"]
+            < before["workers"][worker]["blocks_indexed"] + blocks
+        ):
+            assert time.monotonic() < deadline, f"the router never indexed the prompt's blocks: {router_status(url)}"
             time.sleep(0.05)
 
-        before = _status(url)
+        before = router_status(url)
         second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
-        after = _status(url)
+        after = router_status(url)
         assert _served_by(url, before["workers"]) == worker
         # The router matched every block of the prompt under its own hashes...
         assert (after["prompt_blocks"] - before["prompt_blocks"], after["cached_blocks"] - before["cached_blocks"]) == (
@@ -140,7 +138,7 @@ def test_a_prompt_is_indexed_and_its_repeat_goes_where_vllm_cached_it(url):
         assert second.usage.prompt_tokens_details.cached_tokens == PROMPT_LEN - BLOCK_SIZE
         assert second.choices[0].text == first.choices[0].text
     client.close()
-    status = _status(url)
+    status = router_status(url)
     for worker_id, s in status["workers"].items():
         assert s["dumps"] >= 1 and s["serves_kv_dump"], (worker_id, s)  # dumped when discovered
         assert (s["index_rebuilds"], s["malformed_events"], s["events_missing"]) == (0, 0, False), (worker_id, s)
@@ -211,11 +209,7 @@ def stream_all(url: str, on_all_started) -> list[StreamResult]:
 
 
 async def _running(address: str) -> int:
-    rpc = RequestPlaneClient()
-    try:
-        return int((await rpc.call(address, "stats", None))["num_running"])
-    finally:
-        await rpc.close()
+    return int((await worker_stats(address))["num_running"])
 
 
 def _process_serving(serve: ServeProcess, address: str) -> psutil.Process:

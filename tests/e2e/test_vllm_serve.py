@@ -33,6 +33,7 @@ from tests.e2e.vllm_reference import (
     Prompts,
     VllmReference,
 )
+from tests.support import worker_stats
 
 from tandem.runtime.request_plane import RemoteError, RequestPlaneClient
 
@@ -183,14 +184,6 @@ def assert_matches(result: Result, expected: Greedy, variant: str) -> None:
 def worker_address(base_url: str) -> str:
     [worker] = httpx.get(base_url + "/health", timeout=10).json()["models"][MODEL]
     return worker["address"]
-
-
-async def worker_stats(address: str) -> dict:
-    rpc = RequestPlaneClient()
-    try:
-        return await rpc.call(address, "stats", None)
-    finally:
-        await rpc.close()
 
 
 def metric(base_url: str, name: str) -> float | None:

@@ -294,9 +294,9 @@ def _mocker_cores(args: argparse.Namespace) -> list[EngineCore]:
     ]
 
 
-def vllm_config_from_args(args: argparse.Namespace) -> VllmEngineConfig:
-    """Tandem's engine flags and ``--vllm-arg`` as a vLLM engine config (resolves the model)."""
-    from tandem.engine.vllm.config import VllmEngineConfig, check_engine_arg_names, model_dir_for, parse_vllm_args
+def vllm_config_from_args(args: argparse.Namespace, model_dir: str) -> VllmEngineConfig:
+    """Tandem's engine flags and ``--vllm-arg`` as a vLLM engine config for the model in ``model_dir``."""
+    from tandem.engine.vllm.config import VllmEngineConfig, check_engine_arg_names, parse_vllm_args
 
     extra = parse_vllm_args(args.vllm_arg)
     check_engine_arg_names(extra)
@@ -305,8 +305,7 @@ def vllm_config_from_args(args: argparse.Namespace) -> VllmEngineConfig:
         from tandem.engine.vllm.kv_relay import free_tcp_port
         from tandem.worker.vllm_disagg import kv_transfer_config
 
-        extra["kv_transfer_config"] = kv_transfer_config(args.role, args.host, free_tcp_port(args.host), 60.0)
-    _, model_dir = model_dir_for(args.model)
+        extra["kv_transfer_config"] = kv_transfer_config(args.role, args.host, free_tcp_port(args.host))
     return VllmEngineConfig(
         model_dir=model_dir,
         dtype=args.dtype,
@@ -336,7 +335,7 @@ async def _start_vllm(args: argparse.Namespace) -> tuple[VllmEngine, str, str]:
 
     try:
         name, model_dir = model_dir_for(args.model)
-        config = vllm_config_from_args(args)
+        config = vllm_config_from_args(args, model_dir)
     except (ModelLoadError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     engine = await VllmEngine.start(config, kv_events_host=None if args.no_kv_events else args.host)

@@ -315,8 +315,8 @@ class WorkerService:
         ``kv_blocks_imported`` (blocks pulled from prefill workers since start)."""
         held = len(self.exporter.store) if self.exporter is not None else 0
         imported = self.kv_blocks_imported
-        if self.vllm is not None:  # what Tandem's vLLM KV connector loaded (worker/vllm_kv_connector.py)
-            imported = self.vllm.collector.connector_totals.get("blocks_loaded", 0)
+        if self.vllm is not None:  # vLLM's KV connector imports, not this service
+            imported = self.vllm.kv_blocks_loaded
         reply = StatsReply(
             **msgspec.structs.asdict(self.engine.stats()),
             kv_exports_held=held,

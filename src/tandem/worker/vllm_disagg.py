@@ -18,7 +18,11 @@ EXPORT_KEY, PULL_KEY, TRANSFER_KEY = "tandem_export", "tandem_pull", "tandem_tra
 prefill connector's answer (where the held blocks are)."""
 
 
-def kv_transfer_config(role: str, host: str, transfer_port: int, hold_s: float) -> dict[str, Any]:
+KV_HOLD_S = 60.0
+"""How long a prefill worker's connector holds blocks nobody pulled (the builtin worker's default too)."""
+
+
+def kv_transfer_config(role: str, host: str, transfer_port: int, hold_s: float = KV_HOLD_S) -> dict[str, Any]:
     """vLLM's ``kv_transfer_config`` for a ``prefill`` or ``decode`` worker. A prefill worker's
     connector serves held blocks on ``host:transfer_port`` for ``hold_s`` seconds; a decode
     worker recomputes any block it fails to load."""

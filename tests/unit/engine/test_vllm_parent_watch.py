@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -54,7 +55,17 @@ def test_a_core_whose_worker_is_already_gone_exits():
 
 
 def test_outside_a_tandem_worker_the_plugin_does_nothing(monkeypatch):
+    before = _parent_death_signal()
     monkeypatch.delenv(parent_watch.WORKER_PID_ENV, raising=False)
     parent_watch.die_with_tandem_worker()  # no worker named: returns without touching this process
+    assert _parent_death_signal() == before
     monkeypatch.setenv(parent_watch.WORKER_PID_ENV, str(os.getpid()))
-    parent_watch.die_with_tandem_worker()  # this process is not that worker's child: nothing either
+    parent_watch.die_with_tandem_worker()  # the worker itself: nothing either
+    assert _parent_death_signal() == before
+
+
+def _parent_death_signal() -> int:
+    """This process's PR_SET_PDEATHSIG setting (0: none), read back with PR_GET_PDEATHSIG."""
+    value = ctypes.c_int(-1)
+    assert ctypes.CDLL("libc.so.6", use_errno=True).prctl(2, ctypes.byref(value)) == 0  # PR_GET_PDEATHSIG
+    return value.value

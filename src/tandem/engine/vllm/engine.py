@@ -48,12 +48,10 @@ class VllmEngine:
     def __init__(
         self,
         llm: Any,
-        config: VllmEngineConfig,
         collector: VllmStatsCollector,
         kv_endpoints: tuple[str, str] | None,
     ) -> None:
         self.llm = llm
-        self.config = config
         vllm_config = llm.vllm_config
         self.block_size: int = vllm_config.cache_config.block_size
         self.num_kv_blocks: int = vllm_config.cache_config.num_gpu_blocks or 0
@@ -110,7 +108,7 @@ class VllmEngine:
             vllm_config.cache_config.num_gpu_blocks or 0,
             vllm_config.cache_config.block_size,
         )
-        return cls(llm, config, collector, kv_endpoints)
+        return cls(llm, collector, kv_endpoints)
 
     def attach_kv_sink(self, sink: KvEventSink) -> None:
         """Relay vLLM's KV events to ``sink(seq, batch)`` (a Tandem publisher's ``publish``).
@@ -130,6 +128,11 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         return self.collector.snapshot()
+
+    @property
+    def kv_blocks_loaded(self) -> int:
+        """Blocks Tandem's KV connector pulled into this engine's cache since start (decode side)."""
+        return self.collector.connector_totals.get("blocks_loaded", 0)
 
     async def generate(
         self,
