@@ -10,6 +10,7 @@ reported. Hashes are the contract's sequence hashes from ``tandem.protocols.bloc
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -26,6 +27,12 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+    # What a tier below the pool needs to place the block in a chain (set while it is cached):
+    parent_hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+    hash_seed: int = 0
+    num_hits: int = 0
+    """Prefix-cache hits on this block since it was cached (the tiers' frequency filter)."""
 
 
 class BlockPool:
@@ -55,6 +62,11 @@ class BlockPool:
         self._events: list[KVEvent] = []
         self.num_queried_blocks = 0
         self.num_hit_blocks = 0
+        self.on_evict: Callable[[list[KVBlock]], None] | None = None
+        """Called with cached blocks about to lose their hash to reuse, while their KV is intact
+        (the KV tiers copy them out)."""
+        self.on_cached: Callable[[list[KVBlock]], None] | None = None
+        """Called with blocks just registered in the cache (write-through offload)."""
 
     # ---- accounting -------------------------------------------------------------------------
 
@@ -110,6 +122,8 @@ class BlockPool:
             if block.ref_count == 0:
                 del self._free[block.block_id]
             block.ref_count += 1
+            if block.block_hash is not None:
+                block.num_hits += 1
 
     def cache_full_blocks(
         self,
@@ -117,6 +131,7 @@ class BlockPool:
         block_hashes: list[int],
         token_ids: list[int],
         parent_block_hash: int | None,
+        hash_seed: int = 0,
     ) -> None:
         """Register newly full blocks under their hashes (``blocks[i]`` <-> ``block_hashes[i]``).
 
@@ -128,6 +143,7 @@ class BlockPool:
         ``BlockStored``; only if a skipped block sits between newly stored ones is the report
         split into one event per contiguous run, each chained from the hash just before it, so
         a router re-hashing ``token_ids`` from ``parent_block_hash`` gets the right hashes.
+        ``hash_seed`` is the seed the hashes were made with (kept for the tiers).
         No-op when prefix caching is off.
         """
         if not self.enable_prefix_caching:
@@ -137,7 +153,9 @@ class BlockPool:
         if len(token_ids) != len(blocks) * self.block_size:
             raise ValueError("token_ids must hold exactly block_size tokens per block")
         run: list[int] = []  # indices of the current run of newly stored blocks
+        newly_cached: list[KVBlock] = []
         parent = parent_block_hash
+        bs = self.block_size
         for i, (block, h) in enumerate(zip(blocks, block_hashes)):
             if block.block_hash is not None:
                 if block.block_hash != h:
@@ -147,7 +165,11 @@ class BlockPool:
                 stored = False  # duplicate: the first block to be cached keeps the hash
             else:
                 block.block_hash = h
+                block.parent_hash = block_hashes[i - 1] if i else parent_block_hash
+                block.token_ids = tuple(token_ids[i * bs : (i + 1) * bs])
+                block.hash_seed = hash_seed
                 self._cached[h] = block
+                newly_cached.append(block)
                 stored = True
             if stored:
                 run.append(i)
@@ -158,6 +180,8 @@ class BlockPool:
             parent = h
         if run:
             self._emit_stored(run, block_hashes, token_ids, parent)
+        if newly_cached and self.on_cached is not None:
+            self.on_cached(newly_cached)
 
     def _emit_stored(self, run: list[int], hashes: list[int], token_ids: list[int], parent: int | None) -> None:
         if not self.enable_kv_events:
@@ -185,12 +209,18 @@ class BlockPool:
         if num_blocks > len(self._free):
             raise NoFreeBlocksError(f"requested {num_blocks} blocks, {len(self._free)} free")
         out: list[KVBlock] = []
+        evicting: list[KVBlock] = []
         for _ in range(num_blocks):
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
-                self._evict(block)
+                evicting.append(block)
             block.ref_count = 1
+            block.num_hits = 0
             out.append(block)
+        if evicting and self.on_evict is not None:
+            self.on_evict(evicting)
+        for block in evicting:
+            self._evict(block)
         return out
 
     def _evict(self, block: KVBlock) -> None:

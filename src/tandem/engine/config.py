@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tandem.engine.kv_tiers.config import KvTierConfig
 from tandem.models.dtype import DTYPE_CHOICES
 from tandem.protocols.block_hash import DEFAULT_BLOCK_SIZE
 
@@ -39,6 +40,8 @@ class EngineConfig:
     """Record BlockStored/BlockRemoved/AllBlocksCleared for the router."""
     seed: int = 0
     """Seed of the sampler's generator for requests that bring no seed."""
+    kv_tiers: KvTierConfig = field(default_factory=KvTierConfig)
+    """Host-memory and disk tiers below the KV pool (none by default)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -49,3 +52,5 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.kv_tiers.enabled and not self.enable_prefix_caching:
+            raise ValueError("KV tiers need prefix caching (they are keyed by its block hashes)")

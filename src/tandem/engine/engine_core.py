@@ -11,6 +11,7 @@ export/import.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tandem.engine.block_pool import BlockPool, KVBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -24,6 +25,9 @@ from tandem.protocols.endpoints import EngineStats
 from tandem.protocols.kv_events import KVEvent, KVEventBatch, make_batch
 from tandem.protocols.kv_export import KVBlockExport
 from tandem.protocols.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.engine.kv_tiers.tiers import KvTiers
 
 
 def check_stop(
@@ -61,6 +65,8 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, max_model_len)
         self.requests: dict[str, Request] = {}
+        self.tiers: KvTiers | None = None
+        """KV tiers below the pool (set by an engine that has them)."""
         self._prompt_tokens = self._cached_tokens = self._generated_tokens = self._steps = 0
         self._kv_event_seq = 0
 
@@ -181,11 +187,18 @@ class EngineCore:
             cached_prompt_tokens_total=self._cached_tokens,
             generation_tokens_total=self._generated_tokens,
             steps_total=self._steps,
+            tiers=self.tiers.snapshot() if self.tiers is not None else None,
         )
 
     def take_kv_events(self) -> list[KVEvent]:
-        """The block pool's events since the last call, in order (no sequence number)."""
-        return self.pool.take_events()
+        """The block pool's events since the last call, then the tiers', in order (no sequence
+        number)."""
+        events = self.pool.take_events()
+        if self.tiers is not None:
+            tier_events = self.tiers.take_events()  # always drained
+            if self.pool.enable_kv_events:
+                events.extend(tier_events)
+        return events
 
     def take_kv_event_batch(self) -> tuple[int, KVEventBatch] | None:
         """Pending events as one batch with this engine's next sequence number (0, 1, 2, ...).
@@ -193,7 +206,7 @@ class EngineCore:
         The number is what a publisher puts on the wire, so a subscriber can detect a gap.
         None when nothing happened since the last batch.
         """
-        events = self.pool.take_events()
+        events = self.take_kv_events()
         if not events:
             return None
         seq = self._kv_event_seq
@@ -201,7 +214,21 @@ class EngineCore:
         return seq, make_batch(events)
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        """Forget every cached block, the private tiers' included; False while blocks are in use."""
+        if not self.pool.reset_prefix_cache():
+            return False
+        if self.tiers is not None:
+            self.tiers.clear()
+        return True
+
+    def current_tier_events(self) -> list[KVEvent]:
+        """What the tiers below the pool hold now, as BlockStored events (for a dump)."""
+        return self.tiers.current_events() if self.tiers is not None else []
+
+    def close(self) -> None:
+        """Release what the engine holds outside its process memory (tier threads and files)."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     # --- KV export / import: the block bookkeeping (subclasses move the bytes) ---
 
@@ -241,6 +268,7 @@ class EngineCore:
         token_ids: list[int],
         write: Callable[[list[int], int], None],
         parent_hash: int | None = None,
+        seed: int = 0,
     ) -> int:
         """Publish blocks to the prefix cache; ``write(block_ids, first)`` fills the new blocks with
         the payload of blocks ``first..``. Returns how many were new (cached blocks are skipped).
@@ -264,7 +292,7 @@ class EngineCore:
         write([b.block_id for b in blocks], num_present)
         bs = self.block_size
         parent = hashes[num_present - 1] if num_present else parent_hash
-        self.pool.cache_full_blocks(blocks, hashes[num_present:], token_ids[num_present * bs :], parent)
+        self.pool.cache_full_blocks(blocks, hashes[num_present:], token_ids[num_present * bs :], parent, seed)
         self.pool.free(list(reversed(present + blocks)))
         return new
 

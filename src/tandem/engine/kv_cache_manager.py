@@ -65,6 +65,7 @@ class KVCacheManager:
             request.block_hashes[start:num_full],
             request.all_token_ids[start * bs : num_full * bs],
             request.block_hashes[start - 1] if start else None,
+            request.hash_seed,
         )
         request.num_registered_blocks = num_full
 

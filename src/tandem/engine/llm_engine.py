@@ -11,8 +11,12 @@ import logging
 
 import torch
 
+from tandem.engine.block_pool import KVBlock
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine_core import EngineCore
+from tandem.engine.kv_tiers.block_meta import BlockMeta
+from tandem.engine.kv_tiers.onboard import TierOnboarder
+from tandem.engine.kv_tiers.tiers import KvLayout, KvTiers
 from tandem.engine.kv_transfer import export_to_tensor, tensor_to_export
 from tandem.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tandem.engine.outputs import RequestOutput, TokenLogprob
@@ -49,6 +53,45 @@ class LLMEngine(EngineCore):
         self.runner = ModelRunner(
             self.loaded.model, cfg, num_blocks, config.block_size, self.loaded.device, dtype, seed=config.seed
         )
+        self._written_through: list[tuple[KVBlock, int]] = []
+        if config.kv_tiers.enabled:
+            self._start_tiers()
+
+    # --- KV tiers ---
+
+    def _start_tiers(self) -> None:
+        cfg, bs = self.model_config, self.block_size
+        shape = [cfg.num_hidden_layers, 2, bs, cfg.num_key_value_heads, cfg.head_dim]
+        dtype = self.runner.dtype
+        layout_id = f"{self.loaded.source}|{self.loaded.name}|{dtype}|{shape}"
+        tiers = KvTiers(self.config.kv_tiers, KvLayout(bs, shape, dtype, layout_id))
+        self.tiers = tiers
+        self.pool.on_evict = self._offload
+        if self.config.kv_tiers.offload_policy == "write-through":
+            self.pool.on_cached = self._write_through
+        self.scheduler.tiers = TierOnboarder(tiers, self.runner.write_blocks)
+
+    def _offload(self, blocks: list[KVBlock]) -> None:
+        """Copy cached blocks the pool is about to reuse down to the tiers (their KV is intact)."""
+        assert self.tiers is not None
+        metas = [_block_meta(b) for b in blocks]
+        wanted = self.tiers.needs_bytes(metas)
+        chosen = [i for i, want in enumerate(wanted) if want]
+        if not chosen:
+            return
+        data = self.runner.read_blocks([blocks[i].block_id for i in chosen])
+        self.tiers.offload([metas[i] for i in chosen], data)
+
+    def _write_through(self, blocks: list[KVBlock]) -> None:
+        # Copied at the end of the step, in one batch; a block evicted before then was offloaded
+        # by _offload already, so only blocks still holding the same hash are copied.
+        self._written_through.extend((b, b.block_hash or 0) for b in blocks)
+
+    def _flush_write_through(self) -> None:
+        pending, self._written_through = self._written_through, []
+        blocks = [b for b, h in pending if b.block_hash == h and h]
+        if blocks:
+            self._offload(blocks)
 
     def _on_added(self, request: Request) -> None:
         if request.sampling_params.seed is not None:
@@ -59,9 +102,13 @@ class LLMEngine(EngineCore):
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.scheduler.loading and self.scheduler.tiers is not None:
+                self.scheduler.tiers.wait(0.01)  # only onboarding requests: wait for their blocks
             return []
         sampled, sample_out = self.runner.execute(sched.chunks, self.eos_token_ids)
         self.scheduler.finish_step(sched)
+        if self._written_through:
+            self._flush_write_through()
         self._steps += 1
         outputs: list[RequestOutput] = []
         if sample_out is None:  # no request got a token this step (sampled is empty)
@@ -100,6 +147,12 @@ class LLMEngine(EngineCore):
                 list(export.token_ids),
                 lambda block_ids, first: self.runner.write_blocks(block_ids, data[first:]),  # noqa: F821 - runs before the del
                 export.parent_hash,
+                export.hash_seed,
             )
         finally:
             del data  # may view the caller's buffer (a pulled payload): let it be released
+
+
+def _block_meta(block: KVBlock) -> BlockMeta:
+    assert block.block_hash is not None
+    return BlockMeta(block.block_hash, block.parent_hash, block.hash_seed, block.token_ids, 1 + block.num_hits)

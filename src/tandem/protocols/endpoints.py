@@ -119,6 +119,38 @@ class HealthReply(msgspec.Struct):
     uptime_s: float
 
 
+class KvTierStats(msgspec.Struct):
+    """An engine's KV tiers below its pool: usage now and counters since start (G1 is the
+    engine's pool, G2 host memory, G3 disk)."""
+
+    host_blocks: int = 0
+    host_capacity_blocks: int = 0
+    host_shared: str | None = None
+    """Name of the node-wide host tier, None when private (or absent)."""
+    disk_blocks: int = 0
+    disk_capacity_blocks: int = 0
+    disk_writes_paused: bool = False
+    offloaded_g1_g2: int = 0
+    offloaded_g2_g3: int = 0
+    offloaded_g1_g3: int = 0
+    onboarded_g2_g1: int = 0
+    onboarded_g3_g1: int = 0
+    offloaded_bytes: int = 0
+    onboarded_bytes: int = 0
+    lookups: int = 0
+    """Prefix lookups that went past G1."""
+    looked_up_blocks: int = 0
+    """Blocks those lookups asked the tiers for."""
+    host_hit_blocks: int = 0
+    disk_hit_blocks: int = 0
+    onboard_seconds_total: float = 0.0
+    onboards: int = 0
+    disk_write_errors: int = 0
+    disk_corrupt_blocks: int = 0
+    disk_missing_blocks: int = 0
+    dropped_offloads: int = 0
+
+
 class EngineStats(msgspec.Struct):
     """An engine's load and counters: what the ``stats`` endpoint answers and the event plane
     publishes as load metrics."""
@@ -136,6 +168,8 @@ class EngineStats(msgspec.Struct):
     cached_prompt_tokens_total: int
     generation_tokens_total: int
     steps_total: int
+    tiers: KvTierStats | None = None
+    """The KV tiers below the pool; None without tiers."""
 
 
 class StatsReply(EngineStats):

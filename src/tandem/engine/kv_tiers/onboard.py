@@ -1,0 +1,97 @@
+"""Brings tier blocks back into the engine's pool for the scheduler (``TierOnboarding``).
+
+Host (G2) blocks are copied in at once, on the engine thread. Disk (G3) blocks are read and
+checked on the tiers' reader thread; the request is parked until they are in, and the engine
+thread writes them into the pool when it polls (``take_finished``), so the pool is only ever
+written by the engine thread. A block that fails to arrive ends the onboarded run there: the
+rest of the prompt is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.kv_tiers.block_meta import BlockMeta
+from tandem.engine.kv_tiers.tiers import KvTiers
+from tandem.engine.request import Request
+
+logger = logging.getLogger(__name__)
+
+WriteBlocks = Callable[[list[int], torch.Tensor], None]
+"""Writes blocks' KV (``[n, *block_shape]``) into the pool's blocks with these ids."""
+
+
+@dataclass
+class _PendingLoad:
+    request: Request
+    first_block: int
+    num_host: int
+    future: Future[tuple[list[BlockMeta], torch.Tensor, list[int]]]
+    started: float
+
+
+class TierOnboarder:
+    def __init__(self, tiers: KvTiers, write_blocks: WriteBlocks) -> None:
+        self.tiers = tiers
+        self.write_blocks = write_blocks
+        self._pending: dict[str, _PendingLoad] = {}
+        self._done = threading.Event()
+
+    def match(self, request: Request, first_block: int, num_blocks: int) -> int:
+        return self.tiers.match(request.block_hashes[first_block : first_block + num_blocks])
+
+    def onboard(self, request: Request, first_block: int, num_blocks: int) -> int | None:
+        started = time.monotonic()
+        hashes = request.block_hashes[first_block : first_block + num_blocks]
+        metas, data = self.tiers.read_host(hashes)
+        num_host = len(metas)
+        if num_host:
+            self._write(request, first_block, metas, data)
+        disk = self.tiers.disk
+        if num_host == num_blocks or disk is None or not disk.contains(hashes[num_host]):
+            self.tiers.record_onboard(num_host, 0, time.monotonic() - started)
+            return num_host
+        future = self.tiers.read_disk_async(hashes[num_host:])
+        assert future is not None
+        self._pending[request.request_id] = _PendingLoad(request, first_block, num_host, future, started)
+        future.add_done_callback(lambda _: self._done.set())
+        return None
+
+    def take_finished(self) -> list[tuple[Request, int]]:
+        finished: list[tuple[Request, int]] = []
+        for request_id, load in list(self._pending.items()):
+            if not load.future.done():
+                continue
+            del self._pending[request_id]
+            try:
+                metas, data, _ = load.future.result()
+            except Exception:  # a failed read is a miss: the blocks are recomputed
+                logger.exception("KV disk tier: reading blocks for %s failed", request_id)
+                metas, data = [], torch.empty(0)
+            if metas:
+                self._write(load.request, load.first_block + load.num_host, metas, data)
+            self.tiers.record_onboard(load.num_host, len(metas), time.monotonic() - load.started)
+            finished.append((load.request, load.num_host + len(metas)))
+        return finished
+
+    def cancel(self, request: Request) -> None:
+        self._pending.pop(request.request_id, None)
+
+    def wait(self, timeout: float) -> None:
+        if any(load.future.done() for load in self._pending.values()):
+            return
+        self._done.wait(timeout)
+        self._done.clear()
+
+    def _write(self, request: Request, first_block: int, metas: list[BlockMeta], data: torch.Tensor) -> None:
+        blocks = request.block_table[first_block : first_block + len(metas)]
+        self.write_blocks([b.block_id for b in blocks], data)
+        for block, meta in zip(blocks, metas):
+            block.num_hits = meta.frequency  # carry the block's use count back into G1
