@@ -61,21 +61,78 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    add_kv_tier_args(parser)
+
+
+def add_kv_tier_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("KV tiers (below the engine's KV pool; builtin engine)")
+    group.add_argument(
+        "--kv-host-cache-gib",
+        type=float,
+        default=0.0,
+        help="host-memory tier (G2) for blocks evicted from the pool; with --kv-host-cache-shared, "
+        "the size of the node-wide tier if this worker creates it (default: 0 = none)",
+    )
+    group.add_argument(
+        "--kv-host-cache-shared",
+        metavar="NAME",
+        help="share the host tier with every worker of this machine that gives the same NAME "
+        "(a segment /dev/shm/tandem-kv-NAME; remove it with `rm` when no worker uses it) (default: private)",
+    )
+    group.add_argument(
+        "--kv-disk-cache-gib", type=float, default=0.0, help="local-disk tier (G3) capacity (default: 0 = none)"
+    )
+    group.add_argument(
+        "--kv-disk-cache-dir",
+        help="directory of the disk tier's block files, one per worker; blocks found there at start "
+        "are served again (required with --kv-disk-cache-gib)",
+    )
+    group.add_argument(
+        "--kv-offload-policy",
+        default="evict",
+        choices=("evict", "write-through"),
+        help="evict: copy a block down when the pool evicts it; write-through: as soon as it is "
+        "computed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--kv-disk-min-frequency",
+        type=int,
+        default=2,
+        help="write a block leaving the host tier to disk only if it was used this often (default: %(default)s)",
+    )
+
+
+def kv_tiers_requested(args: argparse.Namespace) -> bool:
+    return bool(args.kv_host_cache_gib or args.kv_host_cache_shared or args.kv_disk_cache_gib)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The builtin engine's config; a bad combination of flags exits with a clear error."""
     from tandem.engine.config import EngineConfig
+    from tandem.engine.kv_tiers.config import KvTierConfig
 
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        num_threads=args.threads,
-        kv_cache_memory_gib=args.kv_cache_gib if args.kv_cache_gib is not None else DEFAULT_KV_CACHE_GIB,
-        num_kv_blocks=args.num_kv_blocks,
-        block_size=args.block_size or DEFAULT_BLOCK_SIZE,
-        max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
+    try:
+        tiers = KvTierConfig(
+            host_cache_gib=args.kv_host_cache_gib,
+            host_cache_shared=args.kv_host_cache_shared,
+            disk_cache_gib=args.kv_disk_cache_gib,
+            disk_cache_dir=args.kv_disk_cache_dir,
+            offload_policy=args.kv_offload_policy,
+            disk_min_frequency=args.kv_disk_min_frequency,
+        )
+        return EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            num_threads=args.threads,
+            kv_cache_memory_gib=args.kv_cache_gib if args.kv_cache_gib is not None else DEFAULT_KV_CACHE_GIB,
+            num_kv_blocks=args.num_kv_blocks,
+            block_size=args.block_size or DEFAULT_BLOCK_SIZE,
+            max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
+            max_model_len=args.max_model_len,
+            enable_prefix_caching=not args.no_prefix_caching,
+            kv_tiers=tiers,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None

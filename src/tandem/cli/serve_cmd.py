@@ -43,6 +43,12 @@ _FORWARDED_FLAGS = (
     "max_num_seqs",
     "max_model_len",
     "no_prefix_caching",
+    "kv_host_cache_gib",
+    "kv_host_cache_shared",
+    "kv_disk_cache_gib",
+    "kv_disk_cache_dir",
+    "kv_offload_policy",
+    "kv_disk_min_frequency",
     "speedup_ratio",
 )
 

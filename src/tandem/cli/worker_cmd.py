@@ -23,6 +23,7 @@ from tandem.cli.engine_args import (
     DEFAULT_MAX_NUM_SEQS,
     add_engine_args,
     engine_config_from_args,
+    kv_tiers_requested,
 )
 from tandem.cli.runtime_args import (
     add_discovery_args,
@@ -391,10 +392,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_worker_counts(args)
     if args.engine != "builtin":  # the mocker steps on its own threads; vLLM in its own process
+        if kv_tiers_requested(args):
+            raise SystemExit(
+                f"error: the --kv-host-cache-*/--kv-disk-cache-* tiers are not available with --engine {args.engine}"
+            )
         return asyncio.run(serve(args))
     # The builtin engine loads and steps on this (main) thread: see tandem.worker.engine_host.
+    from tandem.engine.kv_tiers.host_segment import SegmentError
     from tandem.engine.llm_engine import LLMEngine
     from tandem.worker.engine_host import MainThreadEngineHost
 
-    core = LLMEngine(engine_config_from_args(args))
+    try:
+        core = LLMEngine(engine_config_from_args(args))
+    except SegmentError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return MainThreadEngineHost(lambda host: serve(args, core, host)).run()

@@ -62,13 +62,13 @@ class LocalDeployment:
     def num_workers(self) -> int:
         return sum(group.count * int(group.flags.get("mocker-workers", 1)) for group in self.graph.workers)
 
-    def _spawn(self, group: WorkerGroup) -> subprocess.Popen[bytes]:
-        argv = self._spawn_argv(group)
+    def _spawn(self, group: WorkerGroup, index: int = 0) -> subprocess.Popen[bytes]:
+        argv = self._spawn_argv(group, index)
         logger.info("starting worker: %s", " ".join(argv[3:]))
         return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
 
-    def _spawn_argv(self, group: WorkerGroup) -> list[str]:
-        """The command line of one worker of ``group``."""
+    def _spawn_argv(self, group: WorkerGroup, index: int = 0) -> list[str]:
+        """The command line of worker ``index`` (counted over the whole graph) of ``group``."""
         # The workers drain within this deployment's budget (a graph's own drain-timeout flag wins).
         argv = [
             sys.executable,
@@ -88,6 +88,11 @@ class LocalDeployment:
         if group.engine == "builtin" and "threads" not in group.flags and builtin_workers > 1:
             # Several engines on one machine: split the cores instead of oversubscribing them.
             argv += ["--threads", str(max(1, (os.cpu_count() or 1) // builtin_workers))]
+        if "--kv-disk-cache-dir" in argv:
+            # A disk tier belongs to one worker: each gets its own directory under the graph's,
+            # the same one after a restart (so it finds its blocks again).
+            at = argv.index("--kv-disk-cache-dir") + 1
+            argv[at] = os.path.join(argv[at], f"worker-{index}")
         return argv
 
     async def start(self, timeout: float = 600.0) -> None:
@@ -95,7 +100,7 @@ class LocalDeployment:
         tokenizers are loaded (raises StartupError if a worker dies or time runs out)."""
         for group in self.graph.workers:
             for _ in range(group.count):
-                self.processes.append(self._spawn(group))
+                self.processes.append(self._spawn(group, len(self.processes)))
         await self.server.start()
         frontend = self.server.frontend
         for group in self.graph.workers:  # load tokenizers while the workers boot (seconds saved)

@@ -220,8 +220,11 @@ class AsyncEngine:
                 if self._stopped:
                     break
                 if not self.core.has_unfinished_requests:
+                    # Idle: events of background work (a restarted disk tier announcing its
+                    # blocks, disk writes finishing) still go out, at most 0.2 s late.
+                    self._publish_kv_events()
                     self._stats = self.core.stats()
-                    self._wakeup.wait()
+                    self._wakeup.wait(0.2 if self.core.tiers is not None else None)
                     self._wakeup.clear()
                     continue
                 self._step()
@@ -235,6 +238,10 @@ class AsyncEngine:
                 self._fail_all(dead)
                 self._fail_calls(dead)
             finally:
+                try:
+                    self.core.close()
+                except Exception:
+                    logger.exception("closing the engine failed")
                 self._exit.set_result(self.failure)
 
     def _drain_inbox(self) -> None:
@@ -290,10 +297,13 @@ class AsyncEngine:
                     except Exception:
                         logger.exception("on_finish hook of %s failed", out.request_id)
             self._deliver(out.request_id, out)
+        self._publish_kv_events()
+        self._stats = self.core.stats()
+
+    def _publish_kv_events(self) -> None:
         batch = self.core.take_kv_event_batch()  # always drained, so events never pile up
         if batch is not None and self.kv_event_sink is not None:
             self.kv_event_sink(*batch)
-        self._stats = self.core.stats()
 
     def _deliver(self, request_id: str, item: _StreamItem) -> None:
         target = self._streams.get(request_id)

@@ -226,6 +226,7 @@ class Frontend:
                     "role": card.role,
                     "engine": card.engine,
                     "context_length": card.context_length,
+                    "kv_node_tier": card.kv_node_tier,
                     "stats": self.worker_stats.get(card.worker_id),
                 }
             )

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 # Latency buckets in seconds: sub-millisecond ITLs on the mocker up to minute-long CPU requests.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -41,6 +41,67 @@ _WORKER_GAUGES = (
 )
 
 
+# KV tiers (EngineStats.tiers): (name, help, label name, {label value: KvTierStats field}).
+_TIER_GAUGES = (
+    (
+        "tandem_worker_kv_tier_blocks",
+        "KV blocks held in a tier below the worker's pool (host, disk)",
+        "tier",
+        {"host": "host_blocks", "disk": "disk_blocks"},
+    ),
+    (
+        "tandem_worker_kv_tier_capacity_blocks",
+        "Capacity of a KV tier below the worker's pool, in blocks",
+        "tier",
+        {"host": "host_capacity_blocks", "disk": "disk_capacity_blocks"},
+    ),
+    (
+        "tandem_worker_kv_disk_writes_paused",
+        "1 while the disk tier does not write (a failed write: full disk; or it is off: unusable directory)",
+        "tier",
+        {"disk": "disk_writes_paused"},
+    ),
+)
+_TIER_COUNTERS = (
+    (
+        "tandem_worker_kv_offloaded_blocks",
+        "KV blocks copied down a tier (g1 = the worker's pool, g2 = host memory, g3 = disk)",
+        "path",
+        {"g1_g2": "offloaded_g1_g2", "g2_g3": "offloaded_g2_g3", "g1_g3": "offloaded_g1_g3"},
+    ),
+    (
+        "tandem_worker_kv_onboarded_blocks",
+        "KV blocks brought back into the worker's pool from a tier",
+        "path",
+        {"g2_g1": "onboarded_g2_g1", "g3_g1": "onboarded_g3_g1"},
+    ),
+    (
+        "tandem_worker_kv_tier_bytes",
+        "Bytes of KV moved between the pool and its tiers",
+        "direction",
+        {"offload": "offloaded_bytes", "onboard": "onboarded_bytes"},
+    ),
+    (
+        "tandem_worker_kv_tier_hit_blocks",
+        "Prompt blocks found in a tier below the pool (after missing the pool)",
+        "tier",
+        {"host": "host_hit_blocks", "disk": "disk_hit_blocks"},
+    ),
+    (
+        "tandem_worker_kv_tier_lookup_blocks",
+        "Prompt blocks looked up in the tiers below the pool (the hit rate's denominator)",
+        "tier",
+        {"all": "looked_up_blocks"},
+    ),
+    (
+        "tandem_worker_kv_disk_errors",
+        "Disk tier failures: write errors, corrupt and missing block files",
+        "kind",
+        {"write": "disk_write_errors", "corrupt": "disk_corrupt_blocks", "missing": "disk_missing_blocks"},
+    ),
+)
+
+
 class WorkerStatsCollector:
     """Exports the latest polled EngineStats of each worker (a custom Prometheus collector)."""
 
@@ -56,6 +117,28 @@ class WorkerStatsCollector:
                 if isinstance(value, (int, float)):
                     family.add_metric([model, worker_id], float(value))
             yield family
+        yield from self._collect_tiers()
+
+    def _collect_tiers(self) -> Iterator[Metric]:
+        tiered = [(wid, model, s["tiers"]) for wid, (model, s) in sorted(self.latest.items()) if s.get("tiers")]
+        for kind, families in ((GaugeMetricFamily, _TIER_GAUGES), (CounterMetricFamily, _TIER_COUNTERS)):
+            for name, doc, label, fields in families:
+                family = kind(name, doc, labels=["model", "worker_id", label])
+                for worker_id, model, tiers in tiered:
+                    for label_value, field in fields.items():
+                        value = tiers.get(field)
+                        if field == "disk_writes_paused":  # a disk tier that is off writes nothing
+                            value = value or tiers.get("disk_unavailable") is not None
+                        family.add_metric([model, worker_id, label_value], float(value or 0))
+                yield family
+        onboard = SummaryMetricFamily(
+            "tandem_worker_kv_onboard_seconds",
+            "Time from a prefix hit in a tier to its blocks being in the worker's pool",
+            labels=["model", "worker_id"],
+        )
+        for worker_id, model, tiers in tiered:
+            onboard.add_metric([model, worker_id], tiers.get("onboards", 0), tiers.get("onboard_seconds_total", 0.0))
+        yield onboard
 
 
 # (name, help, key in KvRouter.status()["workers"][id])

@@ -117,6 +117,8 @@ class HealthReply(msgspec.Struct):
     num_running: int
     num_waiting: int
     uptime_s: float
+    kv_tiers: KvTierStats | None = None
+    """Usage and counters of the KV tiers below the engine's pool; None without tiers."""
 
 
 class KvTierStats(msgspec.Struct):
@@ -130,6 +132,8 @@ class KvTierStats(msgspec.Struct):
     disk_blocks: int = 0
     disk_capacity_blocks: int = 0
     disk_writes_paused: bool = False
+    disk_unavailable: str | None = None
+    """Why the configured disk tier is off (e.g. its directory cannot be created); None when fine."""
     offloaded_g1_g2: int = 0
     offloaded_g2_g3: int = 0
     offloaded_g1_g3: int = 0

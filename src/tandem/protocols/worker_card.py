@@ -54,6 +54,7 @@ class WorkerCardDict(TypedDict):
     serves_kv_dump: bool
     metrics_address: str | None
     engine: EngineKind
+    kv_node_tier: str | None
     started_at: float
 
 
@@ -93,6 +94,10 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
     """Endpoint of the load-metrics publisher or ``/metrics`` page; None when off."""
     engine: EngineKind = "builtin"
     """``builtin``, ``mocker`` or ``vllm``."""
+    kv_node_tier: str | None = None
+    """The node-wide host KV tier this worker shares with the other workers of its machine
+    (``<host>/<segment name>``); None when its host tier (if any) is private. The router counts a
+    block that any of them reports in that tier (``medium`` CPU) as held by all of them."""
     started_at: float = msgspec.field(default_factory=time.time)
     """Wall-clock time (Unix seconds) when the worker started."""
 
@@ -110,7 +115,7 @@ class WorkerCard(msgspec.Struct, frozen=True, kw_only=True):
         if self.engine not in ENGINE_KINDS:
             raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {self.engine!r}")
         _check_host_port(self.request_plane_address)
-        for name in ("kv_events_address", "kv_replay_address", "metrics_address"):
+        for name in ("kv_events_address", "kv_replay_address", "metrics_address", "kv_node_tier"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must be None or a non-empty string")
         _check_kv_subject(self.kv_events_address, self.kv_events_subject)

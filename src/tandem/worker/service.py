@@ -133,7 +133,14 @@ class WorkerService:
             kv_replay_address=self.kv_publisher.replay_address if self.kv_publisher else None,
             kv_events_subject=getattr(self.kv_publisher, "subject", None),
             metrics_address=self.metrics_address,
+            kv_node_tier=self._kv_node_tier(),
         )
+
+    def _kv_node_tier(self) -> str | None:
+        """``<host>/<name>`` of the node-wide host tier the engine shares, if it does."""
+        tiers = self.builtin.core.tiers if self.builtin is not None else None
+        name = tiers.host.segment.name if tiers is not None and tiers.host is not None else None
+        return f"{socket.gethostname()}/{name}" if name else None
 
     async def start(self) -> None:
         if self.exporter is not None:
@@ -233,6 +240,7 @@ class WorkerService:
                 num_running=stats.num_running,
                 num_waiting=stats.num_waiting,
                 uptime_s=round(time.monotonic() - self._started_at, 3),
+                kv_tiers=stats.tiers,
             )
         )
         return reply

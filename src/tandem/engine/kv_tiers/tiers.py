@@ -25,7 +25,7 @@ import torch
 from tandem.engine.kv_tiers import disk_format
 from tandem.engine.kv_tiers.block_meta import BlockMeta, parents_first, removed_event, stored_events
 from tandem.engine.kv_tiers.config import KvTierConfig
-from tandem.engine.kv_tiers.disk_pool import DiskPool
+from tandem.engine.kv_tiers.disk_pool import DiskPool, DiskTierError
 from tandem.engine.kv_tiers.host_pool import HostPool
 from tandem.engine.kv_tiers.host_segment import HostSegment, layout_fingerprint
 from tandem.protocols.endpoints import KvTierStats
@@ -69,11 +69,17 @@ class KvTiers:
             segment = HostSegment.private(host_slots, layout.block_size, block_bytes, fingerprint)
             self.host = HostPool(segment, layout.block_shape, layout.dtype)
         self.disk: DiskPool | None = None
+        self.disk_unavailable: str | None = None
+        """Why the configured disk tier could not be used (serving goes on without it)."""
         if config.disk_cache_gib > 0 and config.disk_cache_dir:
             capacity = int(config.disk_cache_gib * 2**30) // disk_format.file_size(layout.block_size, block_bytes)
-            self.disk = DiskPool(
-                config.disk_cache_dir, capacity, layout.block_size, layout.block_shape, layout.dtype, fingerprint
-            )
+            try:
+                self.disk = DiskPool(
+                    config.disk_cache_dir, capacity, layout.block_size, layout.block_shape, layout.dtype, fingerprint
+                )
+            except DiskTierError as exc:
+                logger.error("KV disk tier off: %s; serving goes on without it", exc)
+                self.disk_unavailable = str(exc)
         self._events: list[KVEvent] = []
         self._events_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-disk-write")
@@ -232,6 +238,7 @@ class KvTiers:
             stats.host_blocks = self.host.num_used()
             stats.host_capacity_blocks = self.host.num_slots
             stats.host_shared = self.host.segment.name
+        stats.disk_unavailable = self.disk_unavailable
         if self.disk is not None:
             stats.disk_blocks = len(self.disk)
             stats.disk_capacity_blocks = self.disk.capacity_blocks
