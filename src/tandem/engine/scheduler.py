@@ -50,7 +50,8 @@ class TierOnboarding(Protocol):
     """KV tiers below the pool, as the scheduler sees them (``kv_tiers.onboard``)."""
 
     def match(self, request: Request, first_block: int, num_blocks: int) -> int:
-        """How many of the request's blocks ``first_block..`` (up to ``num_blocks``) the tiers hold."""
+        """How many of the request's blocks ``first_block..`` (up to ``num_blocks``) the tiers
+        hold; they may be staged for the ``onboard`` that follows a successful allocation."""
         ...
 
     def onboard(self, request: Request, first_block: int, num_blocks: int) -> int | None:
@@ -63,7 +64,7 @@ class TierOnboarding(Protocol):
         ...
 
     def cancel(self, request: Request) -> None:
-        """Forget a pending load (the request was aborted)."""
+        """Forget the request's pending load or staged match (it finished or was aborted)."""
         ...
 
     def wait(self, timeout: float) -> None:
@@ -205,6 +206,6 @@ class Scheduler:
             self.waiting.remove(request)
         elif request in self.loading:
             self.loading.remove(request)
-            if self.tiers is not None:
-                self.tiers.cancel(request)
+        if self.tiers is not None:
+            self.tiers.cancel(request)  # drops a pending load, or blocks staged by a match
         self.kv.free(request)

@@ -1,9 +1,11 @@
 """Brings tier blocks back into the engine's pool for the scheduler (``TierOnboarding``).
 
-Host (G2) blocks are copied in at once, on the engine thread. Disk (G3) blocks are read and
-checked on the tiers' reader thread; the request is parked until they are in, and the engine
-thread writes them into the pool when it polls (``take_finished``), so the pool is only ever
-written by the engine thread. A block that fails to arrive ends the onboarded run there: the
+At ``match`` the host (G2) run is copied out at once, before the scheduler allocates pool
+blocks for it: that allocation may evict pool blocks into G2, which must not push out the very
+blocks being onboarded. ``onboard`` then writes them into their pool blocks. The disk (G3) run
+that follows is read and checked on the tiers' reader thread while the request is parked, and
+the engine thread writes it into the pool when it polls (``take_finished``), so only the engine
+thread ever writes the pool. A block that fails to arrive ends the onboarded run there: the
 rest of the prompt is recomputed.
 """
 
@@ -29,6 +31,17 @@ WriteBlocks = Callable[[list[int], torch.Tensor], None]
 
 
 @dataclass
+class _Staged:
+    """A match's host run, copied out, waiting for its pool blocks."""
+
+    first_block: int
+    metas: list[BlockMeta]
+    data: torch.Tensor
+    num_disk: int
+    started: float
+
+
+@dataclass
 class _PendingLoad:
     request: Request
     first_block: int
@@ -41,26 +54,33 @@ class TierOnboarder:
     def __init__(self, tiers: KvTiers, write_blocks: WriteBlocks) -> None:
         self.tiers = tiers
         self.write_blocks = write_blocks
+        self._staged: dict[str, _Staged] = {}
         self._pending: dict[str, _PendingLoad] = {}
         self._done = threading.Event()
 
     def match(self, request: Request, first_block: int, num_blocks: int) -> int:
-        return self.tiers.match(request.block_hashes[first_block : first_block + num_blocks])
+        started = time.monotonic()
+        metas, data, num_disk = self.tiers.lookup(request.block_hashes[first_block : first_block + num_blocks])
+        if not metas and not num_disk:
+            self._staged.pop(request.request_id, None)
+            return 0
+        self._staged[request.request_id] = _Staged(first_block, metas, data, num_disk, started)
+        return len(metas) + num_disk
 
     def onboard(self, request: Request, first_block: int, num_blocks: int) -> int | None:
-        started = time.monotonic()
-        hashes = request.block_hashes[first_block : first_block + num_blocks]
-        metas, data = self.tiers.read_host(hashes)
-        num_host = len(metas)
+        staged = self._staged.pop(request.request_id, None)
+        if staged is None or staged.first_block != first_block:
+            return 0  # nothing matched for these blocks: the scheduler computes them
+        num_host = min(len(staged.metas), num_blocks)
         if num_host:
-            self._write(request, first_block, metas, data)
-        disk = self.tiers.disk
-        if num_host == num_blocks or disk is None or not disk.contains(hashes[num_host]):
-            self.tiers.record_onboard(num_host, 0, time.monotonic() - started)
+            self._write(request, first_block, staged.metas[:num_host], staged.data[:num_host])
+        num_disk = min(staged.num_disk, num_blocks - num_host)
+        start = first_block + num_host
+        future = self.tiers.read_disk_async(request.block_hashes[start : start + num_disk]) if num_disk else None
+        if future is None:
+            self.tiers.record_onboard(num_host, 0, time.monotonic() - staged.started)
             return num_host
-        future = self.tiers.read_disk_async(hashes[num_host:])
-        assert future is not None
-        self._pending[request.request_id] = _PendingLoad(request, first_block, num_host, future, started)
+        self._pending[request.request_id] = _PendingLoad(request, first_block, num_host, future, staged.started)
         future.add_done_callback(lambda _: self._done.set())
         return None
 
@@ -82,6 +102,7 @@ class TierOnboarder:
         return finished
 
     def cancel(self, request: Request) -> None:
+        self._staged.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
 
     def wait(self, timeout: float) -> None:

@@ -161,30 +161,25 @@ class KvTiers:
 
     # ---- onboard --------------------------------------------------------------------------------
 
-    def match(self, hashes: list[int]) -> int:
-        """How many leading ``hashes`` the tiers hold between them (each in G2 or G3)."""
+    def lookup(self, hashes: list[int]) -> tuple[list[BlockMeta], torch.Tensor, int]:
+        """The tiers' part of a prefix match: the leading run of ``hashes`` in G2, copied out
+        now (so that making room in G1 for them cannot push them out of G2 first), and how many
+        blocks right after that run G3 holds (read later, off the engine thread)."""
         if not hashes:
-            return 0
+            return [], self._no_blocks(), 0
         self.stats.lookups += 1
         self.stats.looked_up_blocks += len(hashes)
-        count = 0
-        while count < len(hashes):
-            step = self.host.match(hashes[count:]) if self.host is not None else 0
-            if step == 0 and self.disk is not None:
-                step = self.disk.match(hashes[count:])
-                # Continue in G2 after a G3 run: alternate until neither tier continues.
-                if step:
-                    count += step
-                    continue
-            if step == 0:
-                break
-            count += step
-        return count
+        metas, data = self.read_host(hashes)
+        num_disk = self.disk.match(hashes[len(metas) :]) if self.disk is not None else 0
+        return metas, data, num_disk
+
+    def _no_blocks(self) -> torch.Tensor:
+        return torch.empty(0, *self.layout.block_shape, dtype=self.layout.dtype)
 
     def read_host(self, hashes: list[int]) -> tuple[list[BlockMeta], torch.Tensor]:
         """The leading run of ``hashes`` that G2 delivers (engine thread)."""
         if self.host is None or not hashes:
-            return [], torch.empty(0, *self.layout.block_shape, dtype=self.layout.dtype)
+            return [], self._no_blocks()
         metas, data = self.host.read(hashes)
         self.stats.host_hit_blocks += len(metas)
         return metas, data
