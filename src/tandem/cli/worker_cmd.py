@@ -34,6 +34,7 @@ from tandem.cli.runtime_args import (
 
 if TYPE_CHECKING:
     from tandem.engine.engine_core import EngineCore
+    from tandem.engine.kv_tiers.modeled import ModeledTierConfig
     from tandem.engine.llm_engine import LLMEngine
     from tandem.engine.served_engine import ServedEngine
     from tandem.engine.vllm.config import VllmEngineConfig
@@ -105,6 +106,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         default=131072,
         help="mocker: KV bytes per token for the transfer model (default: %(default)s, Llama-3.1-8B in bf16)",
+    )
+    parser.add_argument(
+        "--mocker-tier-gbs",
+        type=float,
+        nargs=2,
+        default=(25.0, 5.0),
+        metavar=("HOST", "DISK"),
+        help="mocker: modeled onboarding bandwidth of the host and disk KV tiers in GB/s "
+        "(sizes from --kv-host-cache-gib / --kv-disk-cache-gib and --kv-bytes-per-token) (default: 25 5)",
     )
     parser.add_argument(
         "--mocker-workers",
@@ -288,11 +298,33 @@ def _mocker_cores(args: argparse.Namespace) -> list[EngineCore]:
                 seed=index,
                 kv_transfer_bandwidth_gbs=args.kv_transfer_bandwidth,
                 kv_bytes_per_token=args.kv_bytes_per_token,
+                tiers=_mocker_tiers(args),
                 **_mocker_coeffs(args),
             )
         )
         for index in range(args.mocker_workers)
     ]
+
+
+def _mocker_tiers(args: argparse.Namespace) -> ModeledTierConfig:
+    """The mocker's modeled tiers, sized in blocks of ``kv_bytes_per_token · block_size`` bytes."""
+    from tandem.engine.kv_tiers.modeled import ModeledTierConfig
+    from tandem.engine.mocker import MockerConfig
+
+    block_bytes = max(1, args.kv_bytes_per_token * (args.block_size or MockerConfig.block_size))
+    host_gbs, disk_gbs = args.mocker_tier_gbs
+    try:
+        return ModeledTierConfig(
+            num_host_blocks=int(args.kv_host_cache_gib * 2**30) // block_bytes,
+            num_disk_blocks=int(args.kv_disk_cache_gib * 2**30) // block_bytes,
+            host_shared=args.kv_host_cache_shared,
+            host_onboard_gbs=host_gbs,
+            disk_onboard_gbs=disk_gbs,
+            disk_min_frequency=args.kv_disk_min_frequency,
+            offload_policy=args.kv_offload_policy,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def vllm_config_from_args(args: argparse.Namespace, model_dir: str) -> VllmEngineConfig:

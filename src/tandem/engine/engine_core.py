@@ -11,7 +11,7 @@ export/import.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tandem.engine.block_pool import BlockPool, KVBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -21,13 +21,28 @@ from tandem.engine.scheduler import Scheduler
 from tandem.engine.served_engine import check_prompt
 from tandem.kernels.block_hash import block_hashes
 from tandem.protocols.block_hash import seed_for_salt
-from tandem.protocols.endpoints import EngineStats
+from tandem.protocols.endpoints import EngineStats, KvTierStats
 from tandem.protocols.kv_events import KVEvent, KVEventBatch, make_batch
 from tandem.protocols.kv_export import KVBlockExport
 from tandem.protocols.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from tandem.engine.kv_tiers.tiers import KvTiers
+
+class TierStore(Protocol):
+    """KV tiers below the pool as the engine core sees them (``KvTiers``, the mocker's
+    ``ModeledTiers``)."""
+
+    @property
+    def node_tier_name(self) -> str | None: ...
+
+    def take_events(self) -> list[KVEvent]: ...
+
+    def current_events(self) -> list[KVEvent]: ...
+
+    def snapshot(self) -> KvTierStats: ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def check_stop(
@@ -65,7 +80,7 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, max_model_len)
         self.requests: dict[str, Request] = {}
-        self.tiers: KvTiers | None = None
+        self.tiers: TierStore | None = None
         """KV tiers below the pool (set by an engine that has them)."""
         self._prompt_tokens = self._cached_tokens = self._generated_tokens = self._steps = 0
         self._kv_event_seq = 0

@@ -14,7 +14,7 @@ import torch
 from tandem.engine.block_pool import KVBlock
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine_core import EngineCore
-from tandem.engine.kv_tiers.block_meta import BlockMeta
+from tandem.engine.kv_tiers.block_meta import block_meta
 from tandem.engine.kv_tiers.onboard import TierOnboarder
 from tandem.engine.kv_tiers.tiers import KvLayout, KvTiers
 from tandem.engine.kv_transfer import export_to_tensor, tensor_to_export
@@ -54,6 +54,8 @@ class LLMEngine(EngineCore):
             self.loaded.model, cfg, num_blocks, config.block_size, self.loaded.device, dtype, seed=config.seed
         )
         self._written_through: list[tuple[KVBlock, int]] = []
+        self.kv_tiers: KvTiers | None = None
+        """The tiers below the pool (also ``self.tiers``, typed for what the core needs)."""
         if config.kv_tiers.enabled:
             self._start_tiers()
 
@@ -65,7 +67,7 @@ class LLMEngine(EngineCore):
         dtype = self.runner.dtype
         layout_id = f"{self.loaded.source}|{self.loaded.name}|{dtype}|{shape}"
         tiers = KvTiers(self.config.kv_tiers, KvLayout(bs, shape, dtype, layout_id))
-        self.tiers = tiers
+        self.tiers = self.kv_tiers = tiers
         self.pool.on_evict = self._offload
         if self.config.kv_tiers.offload_policy == "write-through":
             self.pool.on_cached = self._write_through
@@ -73,14 +75,14 @@ class LLMEngine(EngineCore):
 
     def _offload(self, blocks: list[KVBlock]) -> None:
         """Copy cached blocks the pool is about to reuse down to the tiers (their KV is intact)."""
-        assert self.tiers is not None
-        metas = [_block_meta(b) for b in blocks]
-        wanted = self.tiers.needs_bytes(metas)
+        assert self.kv_tiers is not None
+        metas = [block_meta(b) for b in blocks]
+        wanted = self.kv_tiers.needs_bytes(metas)
         chosen = [i for i, want in enumerate(wanted) if want]
         if not chosen:
             return
         data = self.runner.read_blocks([blocks[i].block_id for i in chosen])
-        self.tiers.offload([metas[i] for i in chosen], data)
+        self.kv_tiers.offload([metas[i] for i in chosen], data)
 
     def _write_through(self, blocks: list[KVBlock]) -> None:
         # Copied at the end of the step, in one batch; a block evicted before then was offloaded
@@ -151,8 +153,3 @@ class LLMEngine(EngineCore):
             )
         finally:
             del data  # may view the caller's buffer (a pulled payload): let it be released
-
-
-def _block_meta(block: KVBlock) -> BlockMeta:
-    assert block.block_hash is not None
-    return BlockMeta(block.block_hash, block.parent_hash, block.hash_seed, block.token_ids, 1 + block.num_hits)

@@ -36,9 +36,12 @@ import hashlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tandem.engine.block_pool import KVBlock
 from tandem.engine.engine_core import EngineCore
+from tandem.engine.kv_tiers.block_meta import block_meta
+from tandem.engine.kv_tiers.modeled import ModeledTierConfig, ModeledTiers
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
@@ -97,6 +100,9 @@ class MockerConfig:
     0 = transfers take no time."""
     seed: int = 0
     """Base seed of the per-request token RNGs for requests that bring no seed."""
+    tiers: ModeledTierConfig = field(default_factory=ModeledTierConfig)
+    """Modeled host and disk KV tiers below the pool (none by default); block bytes are
+    ``kv_bytes_per_token · block_size``."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -173,6 +179,19 @@ class MockerEngine(EngineCore):
         """Wall time actually spent sleeping, since start."""
         self.last_step_prefill_tokens = 0
         self.last_step_decode_rows = 0
+        self.modeled_tiers: ModeledTiers | None = None
+        if config.tiers.enabled:
+            if not config.enable_prefix_caching:
+                raise ValueError("KV tiers need prefix caching (they are keyed by its block hashes)")
+            tiers = ModeledTiers(config.tiers, config.block_size, config.kv_bytes_per_token * config.block_size)
+            self.tiers = self.modeled_tiers = self.scheduler.tiers = tiers
+            self.pool.on_evict = self._offload
+            if config.tiers.offload_policy == "write-through":
+                self.pool.on_cached = self._offload
+
+    def _offload(self, blocks: list[KVBlock]) -> None:
+        assert self.modeled_tiers is not None
+        self.modeled_tiers.offload([block_meta(b) for b in blocks])
 
     def _on_added(self, request: Request) -> None:
         seed = request.sampling_params.seed
@@ -207,6 +226,8 @@ class MockerEngine(EngineCore):
         if sched.is_empty:
             return []
         ms, self.last_step_prefill_tokens, self.last_step_decode_rows = self.modeled_step_ms(sched)
+        if self.modeled_tiers is not None:
+            ms += self.modeled_tiers.take_onboard_ms()  # the tier blocks this step's admissions loaded
         self.last_step_ms = ms
         self.total_modeled_ms += ms
         self._sleep_until(start, ms)

@@ -139,7 +139,7 @@ class WorkerService:
     def _kv_node_tier(self) -> str | None:
         """``<host>/<name>`` of the node-wide host tier the engine shares, if it does."""
         tiers = self.builtin.core.tiers if self.builtin is not None else None
-        name = tiers.host.segment.name if tiers is not None and tiers.host is not None else None
+        name = tiers.node_tier_name if tiers is not None else None
         return f"{socket.gethostname()}/{name}" if name else None
 
     async def start(self) -> None:

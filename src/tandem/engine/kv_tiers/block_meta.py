@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tandem.protocols.kv_events import BlockRemoved, BlockStored, KVEvent
+
+if TYPE_CHECKING:
+    from tandem.engine.block_pool import KVBlock
 
 
 @dataclass(slots=True)
@@ -18,6 +22,12 @@ class BlockMeta:
     token_ids: tuple[int, ...]
     frequency: int = 1
     """Times the block was stored or hit in any tier; the disk filter reads it."""
+
+
+def block_meta(block: KVBlock) -> BlockMeta:
+    """A cached pool block's metadata; its frequency counts the store and every prefix hit."""
+    assert block.block_hash is not None
+    return BlockMeta(block.block_hash, block.parent_hash, block.hash_seed, block.token_ids, 1 + block.num_hits)
 
 
 def stored_events(metas: list[BlockMeta], block_size: int, medium: str) -> list[KVEvent]:

@@ -91,6 +91,11 @@ class KvTiers:
                 logger.info("KV disk tier: %d blocks found in %s", len(found), self.disk.directory)
                 self._emit(stored_events(found, self.block_size, MEDIUM_DISK))
 
+    @property
+    def node_tier_name(self) -> str | None:
+        """The node-wide host tier's name, if the host tier is one."""
+        return self.host.segment.name if self.host is not None else None
+
     # ---- offload --------------------------------------------------------------------------------
 
     def needs_bytes(self, metas: list[BlockMeta]) -> list[bool]:
