@@ -215,12 +215,13 @@ class BlockPool:
             if block.block_hash is not None:
                 evicting.append(block)
             block.ref_count = 1
-            block.num_hits = 0
             out.append(block)
         if evicting and self.on_evict is not None:
-            self.on_evict(evicting)
+            self.on_evict(evicting)  # they still carry their hash, tokens and hit count
         for block in evicting:
             self._evict(block)
+        for block in out:
+            block.num_hits = 0
         return out
 
     def _evict(self, block: KVBlock) -> None:

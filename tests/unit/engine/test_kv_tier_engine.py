@@ -41,13 +41,20 @@ Output = list[tuple[int, float]]
 """A request's sampled tokens with their logprobs."""
 
 
-def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[Output]:
+def generate(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, settle_each_step: bool = False
+) -> list[Output]:
+    """``settle_each_step``: let the disk writes of a step land before the next one (so which tier
+    serves a block does not depend on the writer thread's timing)."""
     ids = [f"r{engine.num_steps}-{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
     outputs: dict[str, Output] = {rid: [] for rid in ids}
     while any(rid in engine.requests for rid in ids):
-        for out in engine.step():
+        step_outputs = engine.step()
+        if settle_each_step and engine.kv_tiers is not None:
+            engine.kv_tiers.wait_for_writes()
+        for out in step_outputs:
             assert out.logprobs is not None
             outputs[out.request_id].extend((lp.token_id, lp.logprob) for lp in out.logprobs)
     return [outputs[rid] for rid in ids]
@@ -198,7 +205,7 @@ def test_a_node_wide_host_tier_serves_another_engine(engines, reference, request
 def test_outputs_are_unchanged_under_preemption(engines, reference, tiers, served_by):
     engine = engines(**tiers)
     # Three requests that each grow to 4 blocks, in a pool of 6.
-    assert generate(engine, SHORT_PROMPTS, LONG) == reference["long"]
+    assert generate(engine, SHORT_PROMPTS, LONG, settle_each_step=True) == reference["long"]
     assert engine.scheduler.num_preemptions >= 1
     # The preempted request got at least one block back from the tier when it resumed.
     assert onboarded(engine)[served_by] >= 1
@@ -250,11 +257,6 @@ def test_the_comparison_catches_wrong_onboarded_kv(engines, reference, monkeypat
     assert out != reference["greedy"][0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: block_pool.py BlockPool.allocate zeroes num_hits before on_evict, so a block hit in G1 "
-    "leaves with frequency 1 and the default disk filter (disk_min_frequency=2) never passes it",
-)
 def test_a_prefix_reused_in_g1_reaches_the_disk_tier_with_the_default_filter(engines, reference):
     engine = engines(disk_cache_gib=0.01)
     assert run(engine, [0, 0, 1, 2]) == [reference["greedy"][0], *reference["greedy"]]

@@ -210,13 +210,6 @@ SHAPE = [2, 2, BS, 1, 8]
 LAYOUT = KvLayout(BS, SHAPE, torch.float32, "test-kv-tier-scheduler")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: onboard.py TierOnboarder.match calls KvTiers.lookup, which reads the host run "
-    "(HostPool.read: frequency += 1, LRU touch, host_hit_blocks += n) every time the scheduler "
-    "tries to admit the request; a request that waits for pool room is re-matched every step, "
-    "so one admission counts as many uses and hits (and copies the blocks out each step)",
-)
 def test_a_request_waiting_for_room_counts_one_host_use_when_admitted():
     tiers = KvTiers(KvTierConfig(host_cache_gib=8 * LAYOUT.block_bytes / 2**30), LAYOUT)
     try:

@@ -60,10 +60,8 @@ def tokens_of(metas: list[BlockMeta]) -> list[int]:
 
 
 def settle(tiers: KvTiers) -> None:
-    """Wait for queued disk writes, then for the writer thread itself: wait_for_writes() may
-    return while the last write is still recording its events (see the xfail test below)."""
+    """Wait for queued disk writes (and the events and counters they record)."""
     assert tiers.wait_for_writes()
-    tiers._writer.submit(lambda: None).result(timeout=10)
 
 
 @pytest.fixture
@@ -174,12 +172,6 @@ def test_wait_for_writes_returns_after_the_queued_writes(make_tiers, monkeypatch
     assert len(tiers.disk) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tiers.py _write_to_disk.write() decrements _pending_writes in its `finally` before it "
-    "records the write (stats counter, BlockStored DISK event), so wait_for_writes() can return while "
-    "the last write's event and counter are still missing",
-)
 def test_wait_for_writes_returns_after_the_writes_events_are_recorded(make_tiers, monkeypatch):
     tiers = make_tiers(disk_cache_gib=disk_gib(8), disk_min_frequency=1)
     real_stored_events = tiers_module.stored_events
@@ -236,12 +228,6 @@ def test_needs_bytes(make_tiers):
     assert make_tiers().needs_bytes([a, b]) == [False, False]  # no tier at all
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tiers.py KvTiers.needs_bytes says 'Blocks already held count a use' (and the module "
-    "docstring 'A block already in a tier only counts a use'), but it only calls host.contains(), "
-    "so a block G1 gives up again never raises the frequency of its host copy",
-)
 def test_needs_bytes_counts_a_use_of_blocks_already_held(make_tiers):
     tiers = make_tiers(host_cache_gib=host_gib(4))
     [a] = chain(1)
@@ -484,12 +470,6 @@ def test_a_cancelled_disk_load_writes_nothing(make_tiers):
 # ---- the pool's hook --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: block_pool.py BlockPool.allocate resets block.num_hits = 0 (line 218) before it calls "
-    "on_evict (line 221), so the tiers always see frequency 1 + 0 for a block G1 evicts and the disk "
-    "filter (disk_min_frequency=2) never passes a block that was hit only in G1",
-)
 def test_on_evict_sees_the_hits_of_the_blocks_it_gives_up():
     pool = BlockPool(2, BS)
     seen: list[tuple[int | None, int]] = []

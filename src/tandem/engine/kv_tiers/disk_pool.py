@@ -131,6 +131,17 @@ class DiskPool:
     def contains(self, block_hash: int) -> bool:
         return block_hash in self._index
 
+    def note_use(self, block_hash: int, frequency: int) -> bool:
+        """Whether the tier holds the block; if so it counts a use (frequency at least the given
+        one, most recently used)."""
+        with self._lock:
+            known = self._index.get(block_hash)
+            if known is None:
+                return False
+            known.frequency = max(known.frequency, frequency)
+            self._index.move_to_end(block_hash)
+            return True
+
     def match(self, hashes: list[int]) -> int:
         """How many leading ``hashes`` this tier holds (files are checked only when read)."""
         with self._lock:

@@ -84,6 +84,19 @@ class HostPool:
         with self.segment.locked() as t:
             return self._find(t, block_hash) >= 0
 
+    def note_uses(self, metas: list[BlockMeta]) -> list[bool]:
+        """For each block: whether this tier holds it. A held block counts a use (its frequency
+        becomes at least the given one, and it turns most recently used)."""
+        held: list[bool] = []
+        with self.segment.locked() as t:
+            for meta in metas:
+                slot = self._find(t, meta.block_hash, (READY, WRITING))
+                if slot >= 0:
+                    t.frequency[slot] = max(int(t.frequency[slot]), meta.frequency)
+                    self._touch(t, slot)
+                held.append(slot >= 0)
+        return held
+
     # ---- read ---------------------------------------------------------------------------------
 
     def read(self, hashes: list[int]) -> tuple[list[BlockMeta], torch.Tensor]:

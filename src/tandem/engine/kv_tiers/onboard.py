@@ -59,6 +59,13 @@ class TierOnboarder:
         self._done = threading.Event()
 
     def match(self, request: Request, first_block: int, num_blocks: int) -> int:
+        staged = self._staged.get(request.request_id)
+        if staged is not None and staged.first_block == first_block and len(staged.metas) <= num_blocks:
+            # Matched before, and the pool had no room then: reuse that copy (no second use counted).
+            disk = self.tiers.disk
+            rest = request.block_hashes[first_block + len(staged.metas) : first_block + num_blocks]
+            staged.num_disk = disk.match(rest) if disk is not None else 0
+            return len(staged.metas) + staged.num_disk
         started = time.monotonic()
         metas, data, num_disk = self.tiers.lookup(request.block_hashes[first_block : first_block + num_blocks])
         if not metas and not num_disk:

@@ -101,15 +101,15 @@ class KvTiers:
     def needs_bytes(self, metas: list[BlockMeta]) -> list[bool]:
         """For each block G1 is about to give up: whether its bytes must be read (False: a tier
         already holds it, or no tier would take it). Blocks already held count a use."""
-        out: list[bool] = []
-        for meta in metas:
-            if self.host is not None:
-                out.append(not self.host.contains(meta.block_hash))
-            elif self.disk is not None:
-                out.append(meta.frequency >= self.config.disk_min_frequency and not self.disk.contains(meta.block_hash))
-            else:
-                out.append(False)
-        return out
+        if self.host is not None:
+            return [not held for held in self.host.note_uses(metas)]
+        disk = self.disk
+        if disk is None:
+            return [False] * len(metas)
+        return [
+            meta.frequency >= self.config.disk_min_frequency and not disk.note_use(meta.block_hash, meta.frequency)
+            for meta in metas
+        ]
 
     def offload(self, metas: list[BlockMeta], data: torch.Tensor) -> None:
         """Take blocks leaving G1 (``data[i]`` holds ``metas[i]``; on the engine thread)."""
@@ -121,9 +121,10 @@ class KvTiers:
             return
         keep = self.config.disk_min_frequency if self.disk is not None else 0
         result = self.host.store(metas, data, keep)
-        self.stats.offloaded_g1_g2 += len(result.stored)
-        self.stats.offloaded_bytes += len(result.stored) * self.layout.block_bytes
-        self.stats.dropped_offloads += result.dropped
+        with self._events_lock:
+            self.stats.offloaded_g1_g2 += len(result.stored)
+            self.stats.offloaded_bytes += len(result.stored) * self.layout.block_bytes
+            self.stats.dropped_offloads += result.dropped
         events: list[KVEvent] = []
         if result.evicted:
             events.append(removed_event([m.block_hash for m in result.evicted], MEDIUM_CPU))
@@ -140,15 +141,16 @@ class KvTiers:
         def write() -> None:
             try:
                 written, evicted = disk.write(meta, block)
+                with self._events_lock:  # counters and events are shared with the engine thread
+                    if evicted:
+                        self._events.append(removed_event(evicted, MEDIUM_DISK))
+                    if written:
+                        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+                        self.stats.offloaded_bytes += self.layout.block_bytes
+                        self._events.extend(stored_events([meta], self.block_size, MEDIUM_DISK))
             finally:
                 with self._events_lock:
                     self._pending_writes -= 1
-            if evicted:
-                self._emit([removed_event(evicted, MEDIUM_DISK)])
-            if written:
-                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-                self.stats.offloaded_bytes += self.layout.block_bytes
-                self._emit(stored_events([meta], self.block_size, MEDIUM_DISK))
 
         with self._events_lock:
             self._pending_writes += 1
@@ -233,7 +235,8 @@ class KvTiers:
         return events
 
     def snapshot(self) -> KvTierStats:
-        stats = msgspec.structs.replace(self.stats)
+        with self._events_lock:
+            stats = msgspec.structs.replace(self.stats)
         if self.host is not None:
             stats.host_blocks = self.host.num_used()
             stats.host_capacity_blocks = self.host.num_slots
