@@ -102,8 +102,7 @@ def engines(tiny_loaded, tmp_path):
 
 def settle(engine: LLMEngine) -> None:
     """Let queued disk writes land (and record their events) before the next request."""
-    assert engine.tiers is not None and engine.tiers.wait_for_writes()
-    engine.tiers._writer.submit(lambda: None).result(timeout=10)
+    assert engine.kv_tiers is not None and engine.kv_tiers.wait_for_writes()
 
 
 def run(engine: LLMEngine, order: list[int]) -> list[Output]:
