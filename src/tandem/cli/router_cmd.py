@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from tandem.cli.runtime_args import add_discovery_args, add_event_plane_args, discovery_from_args
 from tandem.cli.signals import stop_event
+
+if TYPE_CHECKING:
+    from tandem.router.policies.kv import KvRouterConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,6 +44,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="weight of prefill work against decode blocks (default: %(default)s; Dynamo: 1.0)",
     )
     parser.add_argument(
+        "--kv-host-credit",
+        type=float,
+        default=d.host_credit,
+        help="weight of a cached block found only in a worker's host memory tier (G2) against one "
+        "in its pool (default: %(default)s; Dynamo's)",
+    )
+    parser.add_argument(
+        "--kv-disk-credit",
+        type=float,
+        default=d.disk_credit,
+        help="weight of a cached block found only in a worker's disk tier (G3) (default: %(default)s; Dynamo's)",
+    )
+    parser.add_argument(
         "--kv-temperature",
         type=float,
         default=d.temperature,
@@ -55,18 +72,26 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(func=run)
 
 
-async def serve(args: argparse.Namespace) -> None:
+def router_config_from_args(args: argparse.Namespace) -> KvRouterConfig:
+    """The KV policy's config from the ``tandem router`` flags."""
     from tandem.router.policies.kv import KvRouterConfig
-    from tandem.router.router_service import RouterService
 
-    config = KvRouterConfig(
+    return KvRouterConfig(
         overlap_credit=args.kv_overlap_credit,
         prefill_load_scale=args.kv_prefill_load_scale,
+        host_credit=args.kv_host_credit,
+        disk_credit=args.kv_disk_credit,
         temperature=args.kv_temperature,
         use_kv_events=not args.no_kv_events,
         nats_url=args.nats_url if args.event_plane == "nats" else None,
         replica_sync=not args.no_replica_sync,
     )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from tandem.router.router_service import RouterService
+
+    config = router_config_from_args(args)
     service = RouterService(
         discovery_from_args(args), policy=args.policy, config=config, host=args.host, port=args.port
     )

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import msgspec
 from tests.support import block_stored, wait_until
 
-from tandem.protocols.kv_events import encode_batch, make_batch
+from tandem.protocols.kv_events import BlockRemoved, encode_batch, make_batch
 from tandem.protocols.worker_card import WorkerCard
 from tandem.router.kv.indexer import KvIndexer
+from tandem.router.kv.tiers import TieredMatch
 from tandem.router.kv.zmq_follower import KvEventFollower
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, PublisherConfig
 from tandem.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
@@ -22,10 +23,10 @@ BLOCK = 16
 
 @contextlib.asynccontextmanager
 async def _following(
-    publisher: KvEventPublisher, serves_kv_dump: bool = True
+    publisher: KvEventPublisher, serves_kv_dump: bool = True, indexer: KvIndexer | None = None
 ) -> AsyncIterator[tuple[KvEventFollower, KvIndexer]]:
     """A started follower of ``publisher`` (with a kv_dump endpoint unless the worker, like vLLM,
-    serves none), torn down with the publisher."""
+    serves none) feeding ``indexer`` (a new one by default), torn down with the publisher."""
 
     async def kv_dump(payload, ctx: RequestContext):
         seq, events = publisher.dump()
@@ -48,7 +49,7 @@ async def _following(
         kv_replay_address=publisher.replay_address,
         serves_kv_dump=serves_kv_dump,
     )
-    indexer = KvIndexer(BLOCK)
+    indexer = indexer or KvIndexer(BLOCK)
     follower = KvEventFollower(card, indexer, RequestPlaneClient())
     follower.start()
     try:
@@ -124,5 +125,30 @@ def test_a_worker_without_a_dump_has_its_entries_dropped_and_rebuilt_after_an_un
             assert indexer.find_matches(indexer.sequence_hashes(g)) == {}
             assert indexer.find_matches(indexer.sequence_hashes(e)) == {}
             assert indexer.find_matches(indexer.sequence_hashes(f)) == {"w": 1}
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_dump_with_mixed_mediums_rebuilds_every_tier_and_keeps_the_node_tier():
+    async def scenario() -> None:
+        publisher = KvEventPublisher()
+        a = list(range(100, 100 + 2 * BLOCK))
+        b = list(range(700, 700 + BLOCK))
+        gpu = block_stored(a)
+        offloaded = msgspec.structs.replace(block_stored(a[BLOCK:], a[:BLOCK]), medium="CPU")
+        on_disk = msgspec.structs.replace(block_stored(b, a), medium="DISK")
+        batch = [gpu, offloaded, BlockRemoved(block_hashes=offloaded.block_hashes), on_disk]
+        publisher.publish(0, make_batch(batch))  # before the router knows the worker
+        indexer = KvIndexer(BLOCK)
+        indexer.set_node_tier("w", "node-1")
+        indexer.set_node_tier("n", "node-1")
+        n_block = list(range(3000, 3000 + BLOCK))
+        indexer.apply("n", msgspec.structs.replace(block_stored(n_block), medium="CPU"))  # a neighbour's
+        async with _following(publisher, indexer=indexer) as (follower, _):
+            await wait_until(lambda: follower.stats.dumps == 1)
+            # w: a's first block in its pool, the second in the node tier, b on disk.
+            assert indexer.find_tiered_matches(indexer.sequence_hashes(a + b)) == {"w": TieredMatch(1, 1, 1)}
+            assert indexer.find_matches(indexer.sequence_hashes(n_block)) == {"w": 1, "n": 1}
+            assert indexer.stats.unknown_parents == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -117,12 +117,12 @@ def test_unknown_parent_events_are_skipped_and_counted():
     assert idx.stats.events_applied == 0
 
 
-def test_malformed_mismatched_and_other_medium_events_are_skipped():
+def test_malformed_mismatched_and_unknown_medium_events_are_skipped():
     idx = KvIndexer(BS)
     idx.apply("w", stored([1, 2], toks(0, 1)))  # too few tokens for two blocks
     idx.apply("w", BlockStored([1], None, list(range(8)), block_size=8))  # other block size
-    idx.apply("w", BlockStored([1], None, toks(0, 1), BS, medium="CPU"))
-    idx.apply("w", BlockRemoved([1], medium="DISK"))
+    idx.apply("w", BlockStored([1], None, toks(0, 1), BS, medium="TAPE"))  # names no tier
+    idx.apply("w", BlockRemoved([1], medium="S3"))
     assert idx.stats.skipped_events == 4
     assert idx.blocks_of("w") == 0
     with pytest.raises(TypeError):

@@ -13,7 +13,7 @@ from tests.vllm_samples import VLLM_032_BATCH
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.mocker import MockerConfig, MockerEngine
 from tandem.protocols.block_hash import block_hashes
-from tandem.protocols.kv_events import BlockStored, decode_batch
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch, make_batch
 from tandem.protocols.sampling_params import SamplingParams
 from tandem.runtime.discovery.memory import MemoryDiscovery
 from tandem.runtime.event_plane.zmq_publisher import KvEventPublisher, replay
@@ -151,3 +151,29 @@ def test_replay_reads_vllms_reply_shape_with_a_topic_frame():
         router.close()
     assert [seq for seq, _ in got] == [1, 2]
     assert decode_batch(got[0][1]).events[0].token_ids == list(range(32))
+
+
+def test_the_table_keeps_each_medium_apart_and_lists_parents_first_across_them():
+    publisher = KvEventPublisher()
+    try:
+        a, b = list(range(16)), list(range(100, 116))
+        ha, hb = block_hashes(a + b, BLOCK)
+        events = [
+            BlockStored([ha], None, a, BLOCK, medium=None),  # None is the pool, like "GPU"
+            BlockStored([hb], ha, b, BLOCK, medium="CPU"),  # offloaded: its parent stays in the pool
+            BlockStored([hb], ha, b, BLOCK, medium="Disk"),
+            BlockRemoved([ha], medium="GPU"),
+            BlockStored([ha], None, a, BLOCK, medium="GPU"),  # back, now after its child in the table
+            BlockRemoved([hb], medium="disk"),  # only the disk copy goes
+        ]
+        publisher.publish(0, make_batch(events))
+        seq, dump = publisher.dump()
+        assert seq == 0
+        assert [(e.block_hashes, e.parent_block_hash, e.medium) for e in dump] == [
+            ([ha], None, "GPU"),
+            ([hb], ha, "CPU"),
+        ]
+        publisher.publish(1, make_batch([AllBlocksCleared()]))  # clears every medium
+        assert publisher.dump() == (1, [])
+    finally:
+        publisher.close()

@@ -7,8 +7,10 @@ For each candidate worker::
            + active_decode_blocks
 
 ``active_prefill_tokens`` and ``active_decode_blocks`` come from :class:`~tandem.router.kv.active_load.ActiveLoad`
-(requests already routed there), ``cached_blocks`` from the KV indexer (how many leading blocks of
-the new prompt the worker already holds). Lower is better.
+(requests already routed there), ``cached_blocks`` from the KV indexer: the leading blocks of the
+new prompt the worker already holds, each weighted by the best tier holding it (device 1,
+``host_credit`` for host memory, ``disk_credit`` for disk: :func:`tier_credits`; Dynamo's
+defaults). Lower is better.
 
 Selection: temperature 0 picks the cheapest worker, ties broken uniformly at random; temperature
 T > 0 samples from a softmax over min-max normalised costs,
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from tandem.router.kv.tiers import TieredMatch
 
 DEFAULT_PREFILL_LOAD_SCALE = 4.0
 """Tandem's default weight of prefill blocks against decode blocks. Dynamo defaults to 1.0; on
@@ -46,6 +51,12 @@ class KvCostConfig:
     prefill_load_scale: float = DEFAULT_PREFILL_LOAD_SCALE
     """Weight of the (credited) prefill load relative to decode blocks. Higher favours TTFT
     (cache hits and idle prefill), lower favours spreading decode load (ITL). Dynamo: 1.0."""
+    host_credit: float = 0.75
+    """Weight of a prompt block held only in the worker's host memory tier (G2; a node-wide one
+    included) against one in its own pool (1): onboarding it is a copy, not a prefill. Dynamo: 0.75."""
+    disk_credit: float = 0.25
+    """Weight of a prompt block held only in the worker's disk tier (G3; read back while the
+    request waits). Dynamo: 0.25."""
     temperature: float = 0.0
     """0 = always the cheapest worker (random among ties); > 0 = sample from a softmax over
     min-max normalised costs; larger spreads load more evenly, regardless of cost."""
@@ -53,28 +64,47 @@ class KvCostConfig:
     """Seed of the selection RNG (ties and sampling); None = nondeterministic."""
 
     def __post_init__(self) -> None:
-        for name in ("overlap_credit", "prefill_load_scale", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("overlap_credit", "prefill_load_scale", "host_credit", "disk_credit", "temperature"):
+            check_weight(name, getattr(self, name))
 
     def make_rng(self) -> random.Random:
         """A fresh RNG for :func:`select_worker`, seeded with :attr:`seed`."""
         return random.Random(self.seed)
 
 
+def check_weight(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is a finite number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def tier_credits(matches: Mapping[str, TieredMatch], config: KvCostConfig) -> dict[str, float]:
+    """Each worker's cached blocks for :func:`worker_costs`, weighted by tier: device blocks 1,
+    host blocks ``host_credit``, disk blocks ``disk_credit``."""
+    host, disk = config.host_credit, config.disk_credit
+    by_match: dict[TieredMatch, float] = {}  # workers with equal matches (most of them) share one
+    credits = {}
+    for worker, match in matches.items():
+        credit = by_match.get(match)
+        if credit is None:
+            credit = by_match[match] = match.credit(host, disk)
+        credits[worker] = credit
+    return credits
+
+
 def worker_cost(
     active_prefill_tokens: int,
     new_prompt_tokens: int,
-    cached_blocks: int,
+    cached_blocks: float,
     active_decode_blocks: int,
     block_size: int,
     config: KvCostConfig,
 ) -> float:
     """Cost of sending a prompt of ``new_prompt_tokens`` tokens to one worker.
 
-    ``cached_blocks`` is how many of the prompt's blocks the worker already holds (tiered hits may
-    pass a fractional, partially credited count). Lower is better; never negative.
+    ``cached_blocks`` is how many of the prompt's blocks the worker already holds (tiered hits
+    pass a fractional, partially credited count: :func:`tier_credits`). Lower is better; never
+    negative.
     """
     return worker_costs(
         {"": (active_prefill_tokens, active_decode_blocks)}, new_prompt_tokens, {"": cached_blocks}, block_size, config
@@ -84,12 +114,12 @@ def worker_cost(
 def worker_costs(
     loads: dict[str, tuple[int, int]],
     new_prompt_tokens: int,
-    matches: dict[str, int],
+    matches: Mapping[str, float],
     block_size: int,
     config: KvCostConfig,
 ) -> dict[str, float]:
     """:func:`worker_cost` of every worker in ``loads`` (worker → (active prefill tokens, active
-    decode blocks)); ``matches`` gives cached blocks (absent = 0). One loop with the constants
+    decode blocks)); ``matches`` gives cached (or tier-credited) blocks (absent = 0). One loop with the constants
     hoisted: the router runs this for every candidate of every request."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size!r}")

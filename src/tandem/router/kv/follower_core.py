@@ -7,7 +7,11 @@ sequence number; the core applies them in order and keeps ``stats.last_seq``:
 * a batch that skips ahead means some went missing: the transport's ``_replay`` re-reads them
   (ZMQ: the worker's replay socket; NATS: the JetStream stream), and when it cannot return
   them all, in order, from ``last_seq + 1``, the core takes a full dump over the request plane
-  (``kv_dump``: every block the worker holds, as of a sequence number);
+  (``kv_dump``: every block the worker holds, as of a sequence number, in every tier, each
+  ``BlockStored`` with its ``medium``). The dump is applied after an ``AllBlocksCleared``, which
+  clears the worker's own tiers but not a node-wide host tier it shares with other workers
+  (their blocks are there too); the dump's host blocks are stored into it again, which changes
+  nothing for those it still has;
 * a worker that serves no dump (``card.serves_kv_dump`` false: vLLM) has its entries dropped
   instead, and the index rebuilds from its next events (vLLM re-announces a cached block when a
   request that asks with ``kv_cache_report_mode: full`` reuses it), so the router under-credits

@@ -1,17 +1,37 @@
-"""Which worker holds which KV block: the KV-aware router's index.
+"""Which worker holds which KV block, in which tier: the KV-aware router's index.
 
 The index is keyed by the router's *own* sequence hashes (``tandem.protocols.block_hash``) of each
-``BlockStored`` event's ``token_ids``; the engine's block hashes are opaque ids, kept per worker
-only to resolve a later ``parent_block_hash`` or ``BlockRemoved``. So the router indexes any
-engine that speaks vLLM's event format, whatever hash function the engine uses.
+``BlockStored`` event's ``token_ids``; the engine's block hashes are opaque ids, kept per holder
+and tier only to resolve a later ``parent_block_hash`` or ``BlockRemoved``. So the router indexes
+any engine that speaks vLLM's event format, whatever hash function the engine uses.
 
-Because a sequence hash chains the whole prefix, one flat map ``seq_hash -> workers`` says
-exactly which workers hold a given prefix; no radix tree is needed. ``find_matches`` walks a
-request's hashes in order, intersecting the candidate workers, and stops when none is left.
-The workers holding a block are a bitmask (an ``int``, one bit per worker), not a ``set``: no
-container object per block for the allocator and the cyclic GC to walk (with 1M blocks the GC
-alone cost more per block than the dict updates), and intersections are single int operations
+Because a sequence hash chains the whole prefix, one flat map ``seq_hash -> workers`` per tier
+says exactly which workers hold a given prefix there; no radix tree is needed. The workers
+holding a block are a bitmask (an ``int``, one bit per worker), not a ``set``: no container object
+per block for the allocator and the cyclic GC to walk (with 1M blocks the GC alone cost more per
+block than the dict updates), and intersections are single int operations
 (benchmarks/kv_indexer_speed.py).
+
+Tiers (``router/kv/tiers.py``): an event's ``medium`` names G1 (device: the engine's pool), G2
+(host memory) or G3 (disk). Each (worker, tier) keeps its own engine-hash map and ref counts, so a
+block can be held in several tiers at once (e.g. G1 and a write-through copy in G2); a
+``BlockStored``'s parent is looked up in the event's tier first, then the worker's other tiers (a
+block offloaded to host memory often has its parent still in G1). ``BlockRemoved`` removes from the
+tier its medium names; ``AllBlocksCleared`` clears every tier of the worker.
+
+A node-wide host tier (``set_node_tier``: the workers of one machine sharing one host segment,
+``WorkerCard.kv_node_tier``) is a pseudo-holder: host events of its workers apply to it, any of
+them may store a block and another report its removal, and a block it holds counts as host-held
+by every member. A member's ``AllBlocksCleared`` (or a dump, which starts with one) leaves it alone;
+it goes when its last member leaves. A removal that the router missed in a gap stays in it until
+the block is stored and removed again (a dump cannot say what is gone from a shared tier).
+
+Matching: ``find_matches`` gives each worker's depth, the leading run of the request's blocks it
+holds in any tier; ``find_tiered_matches`` splits it by the best tier holding each block. With no
+host or disk entry indexed at all both take the device-only walk (one lookup and one AND per
+block); otherwise ``tiers.match_tiers`` walks the three masks, skipping blocks whose masks repeat
+the previous block's (they mostly do) and tracking which workers count in which tier as bitmask
+spans, so per-worker work happens once per request, not per block or run.
 
 Limits, on purpose:
 
@@ -19,8 +39,7 @@ Limits, on purpose:
   the default seed. A salted request (``sequence_hashes(..., cache_salt=...)``) then matches
   nothing: no false hits across tenants, no hits at all for salted tenants.
 * ``lora_id`` is not mixed into the hash (``tandem.protocols.block_hash`` has no LoRA seed yet).
-* Only the engine's own pool is indexed (``medium`` ``None`` or ``"GPU"``); events for other
-  tiers (``"CPU"``, ``"DISK"``) are skipped and counted until tiered credit exists.
+* Events with a medium that names no tier are skipped and counted.
 * Not thread-safe; the router applies events and matches on one event loop.
 """
 
@@ -31,16 +50,20 @@ from dataclasses import dataclass
 
 from tandem.kernels.block_hash import block_hashes, native_hashing
 from tandem.protocols.block_hash import BLOCK_HASH_SEED, seed_for_salt
-from tandem.protocols.kv_events import (
-    MEDIUM_GPU,
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    KVEvent,
-    KVEventBatch,
+from tandem.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
+from tandem.router.kv.tiers import (
+    HOST,
+    MEDIUM_TIERS,
+    NodeTier,
+    Tier,
+    TierBlocks,
+    TieredMatch,
+    WorkerHolder,
+    match_tiers,
+    tier_index,
 )
 
-__all__ = ["IndexerStats", "KvIndexer"]
+__all__ = ["IndexerStats", "KvIndexer", "Tier", "TieredMatch"]
 
 
 @dataclass
@@ -50,27 +73,11 @@ class IndexerStats:
     blocks_removed: int = 0  # engine blocks dropped by BlockRemoved
     unknown_parents: int = 0  # BlockStored events skipped: parent engine hash not indexed
     unknown_removals: int = 0  # engine hashes in BlockRemoved that were not indexed
-    skipped_events: int = 0  # malformed, block-size mismatch, or another medium
-
-
-class _WorkerBlocks:
-    """One worker's blocks: engine hash -> router seq hash, and a ref count per seq hash.
-
-    Two engine hashes can map to one router seq hash (e.g. an engine that salts its own hashes
-    while events carry no salt), so a worker holds a seq hash while any of them is stored.
-    ``bit`` is the worker's bit in the holder masks.
-    """
-
-    __slots__ = ("bit", "by_engine", "refs")
-
-    def __init__(self, bit: int) -> None:
-        self.bit = bit
-        self.by_engine: dict[int, int] = {}
-        self.refs: dict[int, int] = {}
+    skipped_events: int = 0  # malformed, block-size mismatch, or a medium that names no tier
 
 
 class KvIndexer:
-    """Maps the router's block sequence hashes to the workers holding them."""
+    """Maps the router's block sequence hashes to the workers holding them, per tier."""
 
     def __init__(self, block_size: int) -> None:
         if block_size <= 0:
@@ -78,9 +85,15 @@ class KvIndexer:
         self.block_size = block_size
         native_hashing()  # build the C hashing loop now, not on the first routed request
         self.stats = IndexerStats()
-        self._holders: dict[int, int] = {}  # seq hash -> bitmask of the workers holding it
-        self._workers: dict[str, _WorkerBlocks] = {}
-        self._by_index: list[str | None] = []  # bit index -> worker id (None: free for reuse)
+        self._holders: dict[int, int] = {}  # seq hash -> bitmask of the workers holding it in G1
+        self._host: dict[int, int] = {}  # the same in G2 (node-tier bits included)
+        self._disk: dict[int, int] = {}  # the same in G3
+        self._workers: dict[str, WorkerHolder] = {}
+        self._nodes: dict[str, NodeTier] = {}
+        self._node_by_bit: dict[int, NodeTier] = {}
+        self._node_bits = 0  # the bits of node tiers (never in G1 or G3 masks)
+        self._used_bits = 0
+        self._by_index: list[str | None] = []  # bit index -> worker id (None: a node tier, or free)
 
     # ---- hashing requests -----------------------------------------------------------------------
 
@@ -97,8 +110,7 @@ class KvIndexer:
         elif isinstance(event, BlockRemoved):
             self._apply_removed(worker_id, event)
         elif isinstance(event, AllBlocksCleared):
-            self._clear(worker_id)
-            self._worker(worker_id)
+            self._clear(self._worker(worker_id))
             self.stats.events_applied += 1
         else:
             raise TypeError(f"not a KV event: {type(event).__name__}")
@@ -109,121 +121,167 @@ class KvIndexer:
         for event in events:
             self.apply(worker_id, event)
 
-    def _worker(self, worker_id: str) -> _WorkerBlocks:
-        """The worker's blocks, registering the worker (and giving it a bit) on first sight."""
-        blocks = self._workers.get(worker_id)
-        if blocks is None:
-            try:
-                index = self._by_index.index(None)
-                self._by_index[index] = worker_id
-            except ValueError:
-                index = len(self._by_index)
-                self._by_index.append(worker_id)
-            blocks = self._workers[worker_id] = _WorkerBlocks(1 << index)
-        return blocks
-
     def _apply_stored(self, worker_id: str, event: BlockStored) -> None:
         n = len(event.block_hashes)
-        if (
-            event.medium not in (None, MEDIUM_GPU)
-            or event.block_size != self.block_size
-            or len(event.token_ids) != n * self.block_size
-        ):
+        tier = MEDIUM_TIERS.get(event.medium)
+        if tier is None:
+            tier = tier_index(event.medium)
+        if tier is None or event.block_size != self.block_size or len(event.token_ids) != n * self.block_size:
             self.stats.skipped_events += 1
             return
-        blocks = self._worker(worker_id)
-        by_engine, refs, holders, bit = blocks.by_engine, blocks.refs, self._holders, blocks.bit
+        holder = self._worker(worker_id)
+        blocks = holder.tiers[tier] if tier != HOST or holder.node is None else holder.node.blocks
         parent: int | None = None
         if event.parent_block_hash is not None:
-            parent = by_engine.get(event.parent_block_hash)
+            parent = blocks.by_engine.get(event.parent_block_hash)  # the event's own tier: mostly there
+            if parent is None:
+                parent = holder.resolve_parent(blocks, event.parent_block_hash)
             if parent is None:
                 # The worker's sequence is out of sync with ours: its blocks cannot be placed.
                 self.stats.unknown_parents += 1
                 return
-        seq_hashes = block_hashes(event.token_ids, self.block_size, BLOCK_HASH_SEED, parent)
-        for engine_hash, seq_hash in zip(event.block_hashes, seq_hashes, strict=True):
-            old = by_engine.get(engine_hash)
-            if old is not None:
-                if old == seq_hash:
-                    continue  # a repeated report of the same block
-                self._release(blocks, old)
-            by_engine[engine_hash] = seq_hash
-            count = refs.get(seq_hash, 0)
-            refs[seq_hash] = count + 1
-            if not count:
-                holders[seq_hash] = holders.get(seq_hash, 0) | bit
+        blocks.store(event.block_hashes, block_hashes(event.token_ids, self.block_size, BLOCK_HASH_SEED, parent))
         self.stats.blocks_stored += n
         self.stats.events_applied += 1
 
     def _apply_removed(self, worker_id: str, event: BlockRemoved) -> None:
-        if event.medium not in (None, MEDIUM_GPU):
+        tier = tier_index(event.medium)
+        if tier is None:
             self.stats.skipped_events += 1
             return
-        blocks = self._worker(worker_id)
+        blocks = self._worker(worker_id).target(tier)
         for engine_hash in event.block_hashes:
             seq_hash = blocks.by_engine.pop(engine_hash, None)
             if seq_hash is None:
                 self.stats.unknown_removals += 1
                 continue
-            self._release(blocks, seq_hash)
+            blocks.release(seq_hash)
             self.stats.blocks_removed += 1
         self.stats.events_applied += 1
 
-    def _release(self, blocks: _WorkerBlocks, seq_hash: int) -> None:
-        count = blocks.refs[seq_hash] - 1
-        if count:
-            blocks.refs[seq_hash] = count
-            return
-        del blocks.refs[seq_hash]
-        mask = self._holders[seq_hash] & ~blocks.bit
-        if mask:
-            self._holders[seq_hash] = mask
-        else:
-            del self._holders[seq_hash]
+    @staticmethod
+    def _clear(holder: WorkerHolder) -> None:
+        """Drop the worker's blocks in all of its own tiers (not its node tier's)."""
+        for blocks in holder.tiers:
+            if blocks.refs:
+                blocks.clear()
 
-    def _clear(self, worker_id: str) -> None:
-        blocks = self._workers.get(worker_id)
-        if blocks is None:
-            return
-        holders, keep = self._holders, ~blocks.bit
-        for seq_hash in blocks.refs:
-            mask = holders[seq_hash] & keep
-            if mask:
-                holders[seq_hash] = mask
-            else:
-                del holders[seq_hash]
-        blocks.by_engine.clear()
-        blocks.refs.clear()
+    # ---- workers and node tiers -----------------------------------------------------------------
 
-    # ---- workers --------------------------------------------------------------------------------
+    def _take_bit(self) -> int:
+        used = self._used_bits
+        bit = ~used & (used + 1)  # the lowest free bit
+        self._used_bits = used | bit
+        index = bit.bit_length() - 1
+        if index == len(self._by_index):
+            self._by_index.append(None)
+        return bit
+
+    def _free_bit(self, bit: int) -> None:
+        self._used_bits &= ~bit
+        self._by_index[bit.bit_length() - 1] = None
+
+    def _worker(self, worker_id: str) -> WorkerHolder:
+        """The worker's holder, registering the worker (and giving it a bit) on first sight."""
+        holder = self._workers.get(worker_id)
+        if holder is None:
+            bit = self._take_bit()
+            self._by_index[bit.bit_length() - 1] = worker_id
+            holder = self._workers[worker_id] = WorkerHolder(bit, (self._holders, self._host, self._disk))
+        return holder
+
+    def set_node_tier(self, worker_id: str, node_tier: str | None) -> None:
+        """Say which node-wide host tier ``worker_id`` shares (its card's ``kv_node_tier``); None:
+        its host tier is its own. Host events the worker reports from now on apply to that tier,
+        and every block the tier holds counts as host-held by the worker."""
+        holder = self._workers.get(worker_id)
+        if holder is None:
+            if node_tier is None:
+                return
+            holder = self._worker(worker_id)
+        if holder.node is not None:
+            if holder.node.name == node_tier:
+                return
+            self._leave_node(holder)
+        if node_tier is not None:
+            node = self._nodes.get(node_tier)
+            if node is None:
+                bit = self._take_bit()
+                node = self._nodes[node_tier] = self._node_by_bit[bit] = NodeTier(
+                    node_tier, TierBlocks(bit, self._host)
+                )
+                self._node_bits |= bit
+            node.members |= holder.bit
+            holder.node = node
+
+    def _leave_node(self, holder: WorkerHolder) -> None:
+        node = holder.node
+        assert node is not None
+        holder.node = None
+        node.members &= ~holder.bit
+        if node.members:
+            return
+        node.blocks.clear()  # its last member left
+        bit = node.blocks.bit
+        del self._nodes[node.name], self._node_by_bit[bit]
+        self._node_bits &= ~bit
+        self._free_bit(bit)
+
+    def node_tier_of(self, worker_id: str) -> str | None:
+        """The node-wide host tier the worker shares (``set_node_tier``), None if none."""
+        holder = self._workers.get(worker_id)
+        return holder.node.name if holder is not None and holder.node is not None else None
 
     def remove_worker(self, worker_id: str) -> None:
-        """Forget a departed worker and every block it held (no-op for an unknown worker)."""
-        self._clear(worker_id)
-        blocks = self._workers.pop(worker_id, None)
-        if blocks is not None:
-            self._by_index[blocks.bit.bit_length() - 1] = None  # its bit is clear everywhere now
+        """Forget a departed worker and every block it held (no-op for an unknown worker); its
+        node tier goes too when it was the last member."""
+        holder = self._workers.pop(worker_id, None)
+        if holder is None:
+            return
+        self._clear(holder)
+        if holder.node is not None:
+            self._leave_node(holder)
+        self._free_bit(holder.bit)  # its bit is clear everywhere now
 
     def workers(self) -> set[str]:
-        """Workers that have reported events and have not been removed."""
+        """Workers that have reported events (or joined a node tier) and have not been removed."""
         return set(self._workers)
 
-    def blocks_of(self, worker_id: str) -> int:
-        """Distinct router blocks (sequence hashes) indexed for a worker."""
-        blocks = self._workers.get(worker_id)
-        return len(blocks.refs) if blocks is not None else 0
+    def blocks_of(self, worker_id: str, tier: Tier | None = None) -> int:
+        """Distinct router blocks (sequence hashes) indexed for a worker in ``tier`` (host: its
+        node tier's when it has one), or in any of its own tiers (None; a node tier not counted)."""
+        holder = self._workers.get(worker_id)
+        if holder is None:
+            return 0
+        if tier is not None:
+            return len(holder.target(tier).refs)
+        device, host, disk = (blocks.refs for blocks in holder.tiers)
+        if not host and not disk:
+            return len(device)
+        return len(device.keys() | host.keys() | disk.keys())
 
-    def num_blocks(self) -> int:
-        """Distinct sequence hashes held by at least one worker."""
-        return len(self._holders)
+    def num_blocks(self, tier: Tier | None = None) -> int:
+        """Distinct sequence hashes held in ``tier``, or in any tier (None), by at least one holder."""
+        masks = (self._holders, self._host, self._disk)
+        if tier is not None:
+            return len(masks[tier])
+        if not self._host and not self._disk:
+            return len(self._holders)
+        return len(self._holders.keys() | self._host.keys() | self._disk.keys())
+
+    def has_lower_tiers(self) -> bool:
+        """Whether any block is indexed in host memory or on disk (else matches are device-only)."""
+        return bool(self._host) or bool(self._disk)
 
     # ---- matching -------------------------------------------------------------------------------
 
     def find_matches(self, seq_hashes: Sequence[int]) -> dict[str, int]:
-        """For each worker, how many leading blocks of the request it holds (≥ 1 only).
+        """For each worker, how many leading blocks of the request it holds in any tier (≥ 1 only).
 
         A worker's count stops at the first block it lacks, even if it holds later ones.
         """
+        if self._host or self._disk:
+            return {worker: match.depth for worker, match in self.find_tiered_matches(seq_hashes).items()}
         holders = self._holders
         scores: dict[str, int] = {}
         candidates = 0  # bitmask of the workers holding every block so far
@@ -251,3 +309,28 @@ class KvIndexer:
             if worker is not None:
                 scores[worker] = depth
             mask ^= low
+
+    def find_tiered_matches(self, seq_hashes: Sequence[int]) -> dict[str, TieredMatch]:
+        """For each worker with a match (≥ 1 block): its leading blocks held in any tier, counted
+        by the best tier holding each (device, then host, node tier included, then disk)."""
+        if not self._host and not self._disk:
+            made: dict[int, TieredMatch] = {}  # one per depth, shared by the workers at that depth
+            matches = {}
+            for worker, depth in self.find_matches(seq_hashes).items():
+                match = made.get(depth)
+                if match is None:
+                    match = made[depth] = TieredMatch(depth, 0, 0)
+                matches[worker] = match
+            return matches
+        masks = (self._holders, self._host, self._disk)
+        return match_tiers(seq_hashes, masks, self._node_bits, self._expand, self._by_index)
+
+    def _expand(self, mask: int) -> int:
+        """A host mask with each node tier's bit replaced by its members' bits."""
+        nodes = mask & self._node_bits
+        mask ^= nodes
+        while nodes:
+            low = nodes & -nodes
+            mask |= self._node_by_bit[low].members
+            nodes ^= low
+        return mask

@@ -7,9 +7,10 @@
   gets back every buffered batch from that number on as ``[b"", seq, payload]`` frames, then an
   end marker with seq −1 and an empty payload. The buffer keeps the latest ``buffer_size``
   batches; older ones need a dump.
-* **Dump**: the blocks the worker holds right now, as ``BlockStored`` events whose parents come
-  first, plus the seq they are current as of. The publisher keeps this table by applying its
-  own events (the engine's pool does not keep tokens per block).
+* **Dump**: the blocks the worker holds right now, in every tier its events name (``medium``:
+  the pool, host memory, disk), as ``BlockStored`` events whose parents come first, plus the seq
+  they are current as of. The publisher keeps this table by applying its own events (the
+  engine's pool does not keep tokens per block).
 
 Sockets bind to the host given (127.0.0.1 by default), never silently to all interfaces.
 ``publish`` runs on the engine thread (the only user of the PUB socket); the replay thread owns
@@ -53,31 +54,87 @@ class PublisherConfig:
     """Batches kept for replay."""
 
 
+BlockKey = tuple[str, int]
+"""A block in a ``BlockTable``: (its medium, upper-case, ``GPU`` for None; its engine hash)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBlock:
+    parent: int | None
+    """The engine hash of the block before it (in whichever tier holds that one)."""
+    tokens: list[int]
+    block_size: int
+    medium: str | None
+    """The medium as the event named it (repeated in the dump)."""
+
+
+def medium_key(medium: str | None) -> str:
+    """A medium as the table keys it: the engine's pool (None) is ``GPU``; case does not count."""
+    return "GPU" if medium is None else medium.upper()
+
+
 class BlockTable:
-    """The blocks a worker holds (engine hash → parent hash, tokens), kept by applying its events."""
+    """The blocks a worker holds, per medium, kept by applying its events.
+
+    A block can be held in several tiers at once (the pool and a write-through copy in host
+    memory), so entries are keyed by (medium, engine hash): ``BlockRemoved`` drops the block from
+    the medium it names only; ``AllBlocksCleared`` drops everything.
+    """
 
     def __init__(self) -> None:
-        self.blocks: OrderedDict[int, tuple[int | None, list[int], int]] = OrderedDict()
+        self.blocks: OrderedDict[BlockKey, HeldBlock] = OrderedDict()
+        self._mediums: dict[str, None] = {}  # every medium key seen (a handful), in order
 
     def apply(self, batch: KVEventBatch) -> None:
         for event in batch.events:
             if isinstance(event, BlockStored):
-                parent, size = event.parent_block_hash, event.block_size
+                medium, parent, size = medium_key(event.medium), event.parent_block_hash, event.block_size
+                self._mediums.setdefault(medium)
                 for i, block_hash in enumerate(event.block_hashes):
-                    self.blocks[block_hash] = (parent, list(event.token_ids[i * size : (i + 1) * size]), size)
+                    tokens = list(event.token_ids[i * size : (i + 1) * size])
+                    self.blocks[(medium, block_hash)] = HeldBlock(parent, tokens, size, event.medium)
                     parent = block_hash
             elif isinstance(event, BlockRemoved):
+                medium = medium_key(event.medium)
                 for block_hash in event.block_hashes:
-                    self.blocks.pop(block_hash, None)
+                    self.blocks.pop((medium, block_hash), None)
             elif isinstance(event, AllBlocksCleared):
                 self.blocks.clear()
 
     def as_events(self) -> list[BlockStored]:
-        """One BlockStored per block, parents before children (insertion order keeps that)."""
-        return [
-            BlockStored(block_hashes=[h], parent_block_hash=parent, token_ids=tokens, block_size=size)
-            for h, (parent, tokens, size) in self.blocks.items()
-        ]
+        """One BlockStored per block (with its medium), each parent before its children: a block
+        offloaded to another tier after its parent left the pool would otherwise come first."""
+        events: list[BlockStored] = []
+        done: set[BlockKey] = set()
+        for key in self.blocks:
+            chain: list[BlockKey] = []
+            at: BlockKey | None = key
+            while at is not None and at not in done:
+                done.add(at)
+                chain.append(at)
+                at = self._parent_key(at)
+            for medium_and_hash in reversed(chain):
+                block = self.blocks[medium_and_hash]
+                events.append(
+                    BlockStored(
+                        block_hashes=[medium_and_hash[1]],
+                        parent_block_hash=block.parent,
+                        token_ids=block.tokens,
+                        block_size=block.block_size,
+                        medium=block.medium,
+                    )
+                )
+        return events
+
+    def _parent_key(self, key: BlockKey) -> BlockKey | None:
+        """Where the table holds a block's parent: in the block's medium, else in another; None
+        when it holds none (a root, or a parent no tier holds any more)."""
+        parent = self.blocks[key].parent
+        if parent is None:
+            return None
+        if (key[0], parent) in self.blocks:
+            return key[0], parent
+        return next(((m, parent) for m in self._mediums if (m, parent) in self.blocks), None)
 
 
 class KvEventPublisher:
