@@ -71,21 +71,25 @@ def add_kv_tier_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="host-memory tier (G2) for blocks evicted from the pool; with --kv-host-cache-shared, "
-        "the size of the node-wide tier if this worker creates it (default: 0 = none)",
+        "the size of the node-wide tier if this worker creates it; 0 = none (default: %(default)s)",
     )
     group.add_argument(
         "--kv-host-cache-shared",
         metavar="NAME",
         help="share the host tier with every worker of this machine that gives the same NAME "
-        "(a segment /dev/shm/tandem-kv-NAME; remove it with `rm` when no worker uses it) (default: private)",
+        "(a segment /dev/shm/tandem-kv-NAME; remove it with `rm` when no worker uses it) (default: none, private)",
     )
     group.add_argument(
-        "--kv-disk-cache-gib", type=float, default=0.0, help="local-disk tier (G3) capacity (default: 0 = none)"
+        "--kv-disk-cache-gib",
+        type=float,
+        default=0.0,
+        help="local-disk tier (G3) capacity; 0 = none (default: %(default)s)",
     )
     group.add_argument(
         "--kv-disk-cache-dir",
         help="directory of the disk tier's block files, one per worker; blocks found there at start "
-        "are served again (required with --kv-disk-cache-gib)",
+        "are served again; `tandem serve` gives each worker a subdirectory (default: none; required with "
+        "--kv-disk-cache-gib)",
     )
     group.add_argument(
         "--kv-offload-policy",

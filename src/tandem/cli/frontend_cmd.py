@@ -50,6 +50,18 @@ def add_frontend_args(parser: argparse.ArgumentParser, *, defaults: bool = True)
         help=f"kv: weight of prefill work against decode blocks (default: {d.kv_prefill_load_scale}; Dynamo: 1.0)",
     )
     group.add_argument(
+        "--kv-host-credit",
+        type=float,
+        default=d.kv_host_credit if defaults else None,
+        help=f"kv: credit of a prompt block a worker holds in host memory (default: {d.kv_host_credit}; Dynamo's)",
+    )
+    group.add_argument(
+        "--kv-disk-credit",
+        type=float,
+        default=d.kv_disk_credit if defaults else None,
+        help=f"kv: credit of a prompt block a worker holds on disk (default: {d.kv_disk_credit}; Dynamo's)",
+    )
+    group.add_argument(
         "--kv-temperature",
         type=float,
         default=d.kv_temperature if defaults else None,
@@ -115,6 +127,8 @@ _OVERRIDABLE = (
     "kv_overlap_credit",
     "kv_prefill_load_scale",
     "kv_temperature",
+    "kv_host_credit",
+    "kv_disk_credit",
     "max_local_prefill_length",
     "max_prefill_queue_size",
     "migration_limit",

@@ -111,7 +111,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--mocker-tier-gbs",
         type=float,
         nargs=2,
-        default=(25.0, 5.0),
         metavar=("HOST", "DISK"),
         help="mocker: modeled onboarding bandwidth of the host and disk KV tiers in GB/s "
         "(sizes from --kv-host-cache-gib / --kv-disk-cache-gib and --kv-bytes-per-token) (default: 25 5)",
@@ -312,7 +311,8 @@ def _mocker_tiers(args: argparse.Namespace) -> ModeledTierConfig:
     from tandem.engine.mocker import MockerConfig
 
     block_bytes = max(1, args.kv_bytes_per_token * (args.block_size or MockerConfig.block_size))
-    host_gbs, disk_gbs = args.mocker_tier_gbs
+    defaults = ModeledTierConfig()
+    host_gbs, disk_gbs = args.mocker_tier_gbs or (defaults.host_onboard_gbs, defaults.disk_onboard_gbs)
     try:
         return ModeledTierConfig(
             num_host_blocks=int(args.kv_host_cache_gib * 2**30) // block_bytes,

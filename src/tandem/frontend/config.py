@@ -25,6 +25,10 @@ class FrontendConfig:
     :data:`tandem.router.kv.cost.DEFAULT_PREFILL_LOAD_SCALE` for why Tandem's is higher)."""
     kv_temperature: float = 0.0
     """kv: 0 picks the cheapest worker; > 0 samples from a softmax over costs."""
+    kv_host_credit: float = 0.75
+    """kv: credit of a prompt block a worker holds in host memory (its pool's blocks get 1)."""
+    kv_disk_credit: float = 0.25
+    """kv: credit of a prompt block a worker holds on disk."""
     kv_events: bool = True
     """kv: index the workers' KV events (False: index the router's own decisions with a TTL)."""
     nats_url: str | None = None

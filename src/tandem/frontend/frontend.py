@@ -87,6 +87,8 @@ class Frontend:
             overlap_credit=config.kv_overlap_credit,
             prefill_load_scale=config.kv_prefill_load_scale,
             temperature=config.kv_temperature,
+            host_credit=config.kv_host_credit,
+            disk_credit=config.kv_disk_credit,
             use_kv_events=config.kv_events,
             nats_url=config.nats_url,
         )

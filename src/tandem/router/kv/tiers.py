@@ -56,6 +56,7 @@ MEDIUM_TIERS: dict[str | None, int] = {
     "CPU_PINNED": HOST,
     MEDIUM_DISK: DISK,
     "NVME": DISK,
+    "STORAGE": DISK,  # vLLM's name for its offloading connector's storage tier
 }
 """Medium -> tier as engines spell them; :func:`tier_index` also takes other cases."""
 
