@@ -206,13 +206,14 @@ class EngineCore:
         )
 
     def take_kv_events(self) -> list[KVEvent]:
-        """The block pool's events since the last call, then the tiers', in order (no sequence
-        number)."""
-        events = self.pool.take_events()
-        if self.tiers is not None:
-            tier_events = self.tiers.take_events()  # always drained
-            if self.pool.enable_kv_events:
-                events.extend(tier_events)
+        """The tiers' events since the last call, then the block pool's, in order (no sequence
+        number). Tiers first: a block the pool evicts into a tier is reported stored in the tier
+        before it is reported removed from the pool, so a router still knows its parent (often a
+        pool block evicted in the same step) when it places it."""
+        events = self.tiers.take_events() if self.tiers is not None else []  # always drained
+        if not self.pool.enable_kv_events:
+            events = []
+        events.extend(self.pool.take_events())
         return events
 
     def take_kv_event_batch(self) -> tuple[int, KVEventBatch] | None:
