@@ -7,8 +7,10 @@ multi-turn workload (`tandem bench run --workload multi-turn`: 24 users × 5 tur
 each started fresh, back to back in this run:
 
 * **G1 only** (the baseline): a user's next turn finds its conversation evicted by the others';
-* **G1+G2**: a host tier that holds the whole working set;
-* **G1+G2(small)**: a host tier that holds about a third of it;
+* **G1+G2**: a host tier that holds the whole working set (and the same with
+  ``--kv-offload-policy write-through``: the offload policy's cost);
+* **G1+G2(small)**: a host tier that holds about a third of what the users active at a time
+  revisit;
 * **G1+G2(small)+G3**: the same, plus a disk tier that holds the rest.
 
 With ``--scenario node``: two workers on this machine behind round-robin routing, so a user's
@@ -60,6 +62,7 @@ def deployments(args: argparse.Namespace, tmp: Path) -> dict[str, list[str]]:
     return {
         "g1": pool,
         "g2": [*pool, "--kv-host-cache-gib", str(args.host_gib)],
+        "g2-write-through": [*pool, "--kv-host-cache-gib", str(args.host_gib), "--kv-offload-policy", "write-through"],
         "g2-small": [*pool, *small],
         "g2-small+g3": [*pool, *small, *disk],
     }
@@ -68,6 +71,7 @@ def deployments(args: argparse.Namespace, tmp: Path) -> dict[str, list[str]]:
 NAMES = {
     "g1": "G1 only",
     "g2": "G1+G2",
+    "g2-write-through": "G1+G2 write-thru",
     "g2-small": "G1+G2(small)",
     "g2-small+g3": "G1+G2(small)+G3",
     "private-g2": "private G2",
@@ -115,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-kv-blocks", type=int, default=256, help="G1 pool (default: %(default)s)")
     parser.add_argument("--host-gib", type=float, default=2.0, help="G2 of the G1+G2 run (default: %(default)s)")
-    parser.add_argument("--small-host-gib", type=float, default=0.4, help="the small G2 (default: %(default)s)")
+    parser.add_argument("--small-host-gib", type=float, default=0.11, help="the small G2 (default: %(default)s)")
     parser.add_argument("--users", type=int, default=24, help="users in all (default: %(default)s)")
     parser.add_argument("--concurrent-users", type=int, default=6, help="users at a time (default: %(default)s)")
     parser.add_argument("--turns", type=int, default=5, help="turns per user (default: %(default)s)")

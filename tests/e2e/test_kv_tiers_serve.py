@@ -15,13 +15,14 @@ import os
 import random
 import signal
 import subprocess
+import time
 import uuid
 
 import httpx
 import openai
 import pytest
 from tests.e2e.serve_process import ServeProcess
-from tests.support import run, worker_stats
+from tests.support import router_status, run, worker_stats
 
 from tandem.protocols.block_hash import block_hashes
 
@@ -90,7 +91,7 @@ def tiered(tmp_path_factory):
     disk = str(tmp_path_factory.mktemp("kv-disk"))
     server = Server(
         "--kv-host-cache-gib", HOST_GIB, "--kv-disk-cache-gib", "1", "--kv-disk-cache-dir", disk,
-        "--kv-disk-min-frequency", "1",
+        "--kv-disk-min-frequency", "1", "--kv-offload-policy", "evict",
     )  # fmt: skip
     try:
         # The reference: every prompt computed from scratch (nothing cached yet).
@@ -123,6 +124,23 @@ def test_greedy_output_is_the_same_from_g1_g2_g3_as_recomputed(tiered):
     assert _delta(after, before, "onboarded_g3_g1") >= 5
     assert after["offloaded_g1_g2"] > 0 and after["offloaded_g2_g3"] > 0
     assert after["onboards"] > before["onboards"] and after["onboard_seconds_total"] > 0
+    # The frontend exports the tiers (it polls the workers' stats every 2 s).
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        onboarded = [
+            line for line in metrics.splitlines() if line.startswith("tandem_worker_kv_onboarded_blocks_total")
+        ]
+        if any('path="g3_g1"' in line and not line.endswith(" 0.0") for line in onboarded):
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.5)
+    for family in (
+        "tandem_worker_kv_tier_blocks{",
+        "tandem_worker_kv_offloaded_blocks_total{",
+        "tandem_worker_kv_onboard_seconds_count{",
+    ):
+        assert family in metrics
 
 
 def test_greedy_output_is_the_same_under_preemption(tiered):
@@ -232,3 +250,29 @@ def test_node_wide_host_tier_serves_a_prefix_computed_by_another_worker():
         path = f"/dev/shm/tandem-kv-{name}"
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_kv_router_sends_a_prompt_back_to_the_worker_that_holds_it_in_host_memory():
+    server = Server("--workers", "2", "--router", "kv", "--kv-host-cache-gib", HOST_GIB)
+    try:
+        server.complete(PROMPTS[0])
+        [first] = [w for w, s in router_status(server.url)["workers"].items() if s["requests_finished"] == 1]
+        # Fresh prompts land on either worker (both idle, nothing cached): once one lands on the
+        # first worker, PROMPTS[0] leaves that worker's pool for its host tier.
+        for seed in range(100, 110):
+            server.complete(_prompt(seed))
+            if router_status(server.url)["workers"][first]["blocks_by_tier"]["host"] >= 10:
+                break
+        else:
+            pytest.fail("PROMPTS[0] never reached the host tier")
+        before = router_status(server.url)
+        tokens, cached = server.complete(PROMPTS[0])
+        after = router_status(server.url)
+        served = [
+            w for w, s in after["workers"].items() if s["requests_finished"] > before["workers"][w]["requests_finished"]
+        ]
+        assert served == [first]  # its host blocks earned it the request
+        assert cached == MATCHABLE
+        assert after["host_matched_blocks"] - before["host_matched_blocks"] >= 10
+    finally:
+        server.stop()

@@ -93,10 +93,10 @@ def add_kv_tier_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kv-offload-policy",
-        default="evict",
-        choices=("evict", "write-through"),
-        help="evict: copy a block down when the pool evicts it; write-through: as soon as it is "
-        "computed (default: %(default)s)",
+        default="write-through",
+        choices=("write-through", "evict"),
+        help="write-through: copy a block to the host tier at the end of the step that computed it; "
+        "evict: when the pool evicts it (default: %(default)s)",
     )
     group.add_argument(
         "--kv-disk-min-frequency",

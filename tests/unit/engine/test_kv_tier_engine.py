@@ -90,6 +90,7 @@ def engines(tiny_loaded, tmp_path):
     def make(num_kv_blocks: int = NUM_BLOCKS, **tiers) -> LLMEngine:
         if tiers.get("disk_cache_gib"):
             tiers.setdefault("disk_cache_dir", str(tmp_path / "disk"))
+        tiers.setdefault("offload_policy", "evict")  # the cases below count what eviction copies
         config = EngineConfig(num_kv_blocks=num_kv_blocks, dtype="float32", kv_tiers=KvTierConfig(**tiers))
         engine = LLMEngine(config, loaded=tiny_loaded)
         made.append(engine)

@@ -24,6 +24,7 @@ BLOCK_BYTES = 1024 * BS  # kv_bytes_per_token 1024
 
 
 def make(**tiers) -> MockerEngine:
+    tiers.setdefault("offload_policy", "evict")  # the cases below count what eviction copies
     return MockerEngine(
         MockerConfig(num_kv_blocks=5, speedup_ratio=0.0, kv_bytes_per_token=1024, tiers=ModeledTierConfig(**tiers))
     )
@@ -101,7 +102,7 @@ def test_tier_config_is_checked():
 
 
 def test_the_simulator_routes_with_tier_credit_and_pays_for_onboarding():
-    tiers = ModeledTierConfig(num_host_blocks=64)
+    tiers = ModeledTierConfig(num_host_blocks=64, offload_policy="evict")
     mocker = MockerConfig(num_kv_blocks=6, kv_bytes_per_token=1024, tiers=tiers)
     sim = Simulation(SimConfig(num_agg=2, router="kv", mocker=mocker))
     # PROMPTS[0], then three others that push it out of every pool, then PROMPTS[0] again.

@@ -23,10 +23,11 @@ class KvTierConfig:
     disk_cache_dir: str | None = None
     """Directory of the disk tier's block files (required with ``disk_cache_gib``). Blocks found
     there at start are served again (the tier survives a restart)."""
-    offload_policy: str = "evict"
-    """``evict``: a full block is copied to G2 when G1 evicts it; ``write-through``: every newly
-    computed full block is copied to G2 at once (the node-wide tier then sees blocks while they
-    are still in this worker's G1)."""
+    offload_policy: str = "write-through"
+    """``write-through``: every newly computed full block is copied to G2 at the end of its step
+    (the node-wide tier then sees blocks while they are still in this worker's G1, and a later
+    eviction copies nothing); ``evict``: a full block is copied to G2 when G1 evicts it (inside
+    the allocation that evicts it). docs/kv-tiers.md has the measurement behind the default."""
     disk_min_frequency: int = 2
     """A block leaving G2 is written to disk only if it was used at least this often (stored
     plus prefix hits); 1 writes every block. Dynamo's filter is the same idea (frequency ≥ 2)."""

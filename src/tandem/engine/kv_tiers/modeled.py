@@ -39,7 +39,7 @@ class ModeledTierConfig:
     """Disk → pool bandwidth in GB/s (about one NVMe drive)."""
     disk_min_frequency: int = 2
     """A block leaving the host tier goes to disk only if used at least this often."""
-    offload_policy: str = "evict"
+    offload_policy: str = "write-through"
     """``evict`` or ``write-through``, as ``KvTierConfig.offload_policy``."""
 
     def __post_init__(self) -> None:
