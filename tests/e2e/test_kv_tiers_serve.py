@@ -253,7 +253,8 @@ def test_node_wide_host_tier_serves_a_prefix_computed_by_another_worker():
 
 
 def test_kv_router_sends_a_prompt_back_to_the_worker_that_holds_it_in_host_memory():
-    server = Server("--workers", "2", "--router", "kv", "--kv-host-cache-gib", HOST_GIB)
+    # evict: a block reaches the host tier only when its worker's pool gives it up.
+    server = Server("--workers", "2", "--router", "kv", "--kv-host-cache-gib", HOST_GIB, "--kv-offload-policy", "evict")
     try:
         server.complete(PROMPTS[0])
         [first] = [w for w, s in router_status(server.url)["workers"].items() if s["requests_finished"] == 1]
