@@ -13,8 +13,9 @@ each started fresh, back to back in this run:
   revisit;
 * **G1+G2(small)+G3**: the same, plus a disk tier that holds the rest.
 
-With ``--scenario node``: two workers on this machine behind round-robin routing, so a user's
-next turn usually lands on the other worker, with
+With ``--scenario node``: two workers on this machine behind round-robin routing, and 7 users at
+a time (odd: each user's next turn comes 7 requests later, so round-robin sends it to the other
+worker; with an even number every user would stay on one worker), with
 
 * **G1 only**; **private G2** (each worker its own host tier);
 * **node-wide G2**: one host tier shared by both (``--kv-host-cache-shared``, write-through),
@@ -131,6 +132,8 @@ def main() -> None:
         "--scenario", choices=("tiers", "node"), default="tiers", help="see the module docstring (default: %(default)s)"
     )
     args = parser.parse_args()
+    if args.scenario == "node" and args.concurrent_users % 2 == 0:
+        args.concurrent_users += 1  # see the module docstring
     args.segment = f"bench-{uuid.uuid4().hex[:8]}"
     tmp = Path(tempfile.mkdtemp(prefix="tandem-kv-tiers-"))
     results: dict[str, dict] = {}

@@ -94,6 +94,12 @@ def main() -> None:
     parser.add_argument("--g1-blocks", type=int, default=768, help="each worker's pool (default: %(default)s)")
     parser.add_argument("--host-blocks", type=int, default=4096, help="each worker's host tier (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--host-credits",
+        type=float,
+        nargs="+",
+        help="instead: one kv run per host credit (disk credit = a third of it), to choose the default",
+    )
     args = parser.parse_args()
     # Simulated workers feed the router's index directly, not through an event follower: the
     # router's "no KV events from this worker" warning does not apply.
@@ -105,6 +111,14 @@ def main() -> None:
         f"× {args.turns} turns, ~{active:.0f} active, {HISTORY}-token histories, answers {ANSWER}"
     )
     print(f"{'deployment':20} | {'TTFT p50':>11} | {'TTFT p90':>11} | {'mean':>11} | {'hit':>7} | {'onboarded':>9}")
+    if args.host_credits:
+        runs = {
+            c: run(f"kv, host credit {c}", "kv", host, {"host_credit": c, "disk_credit": c / 3}, args)
+            for c in args.host_credits
+        }
+        best = min(runs, key=lambda c: runs[c]["p90"])
+        print(f"lowest TTFT p90 at host credit {best}")
+        return
     none = {"host_credit": 0.0, "disk_credit": 0.0}
     results = {
         "rr": run("round-robin", "round-robin", host, {}, args),

@@ -56,6 +56,7 @@ def m(device: int, host: int = 0, disk: int = 0) -> TieredMatch:
         ("DISK", Tier.DISK),
         ("Disk", Tier.DISK),  # vLLM's spelling
         ("NVME", Tier.DISK),
+        ("STORAGE", Tier.DISK),  # vLLM 0.32's offloading connector's storage tier
         ("TAPE", None),
         ("", None),
     ],
@@ -72,6 +73,29 @@ def test_each_medium_spelling_lands_in_its_tier():
     assert [idx.blocks_of("w", tier) for tier in Tier] == [1, 1, 1]
     assert idx.find_tiered_matches(QUERY) == {"w": m(1, 1, 1)}
     assert idx.stats.skipped_events == 0
+
+
+def test_vllm_offloading_events_in_vllms_map_shape_land_in_host_and_storage_tiers():
+    """What a vLLM worker with `kv_offloading_size` publishes: tagged maps (vLLM >= mid-2026),
+    block hashes as 32-byte digests, medium CPU for host memory and STORAGE for its storage tier."""
+    import msgspec
+
+    from tandem.protocols.kv_events import decode_batch
+
+    digests = [bytes([i]) * 32 for i in (1, 2, 3)]
+    events = [
+        {"type": "BlockStored", "block_hashes": [digests[0]], "parent_block_hash": None, "token_ids": T0,
+         "block_size": BS, "medium": "GPU", "lora_name": None, "group_idx": 0},
+        {"type": "BlockStored", "block_hashes": [digests[1]], "parent_block_hash": digests[0], "token_ids": T1,
+         "block_size": BS, "medium": "CPU", "lora_name": None, "group_idx": 0},
+        {"type": "BlockStored", "block_hashes": [digests[2]], "parent_block_hash": digests[1], "token_ids": T2,
+         "block_size": BS, "medium": "STORAGE", "lora_name": None, "group_idx": 0},
+    ]  # fmt: skip
+    batch = decode_batch(msgspec.msgpack.encode([1.0, events, None]))
+    idx = KvIndexer(BS)
+    idx.apply_batch("vllm", batch)
+    assert [idx.blocks_of("vllm", tier) for tier in Tier] == [1, 1, 1]
+    assert idx.find_tiered_matches(QUERY) == {"vllm": m(1, 1, 1)}
 
 
 # ---- per-tier holders -----------------------------------------------------------------------------
