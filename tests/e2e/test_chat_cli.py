@@ -78,8 +78,14 @@ def test_ctrl_c_aborts_the_answer_then_quits():
         assert "KV cache: 0.0% used" in stats  # the aborted request's blocks were freed
         assert "conversation: 0 exchanges" in stats  # an aborted turn is not kept
 
-        child.sendintr()  # Ctrl-C at the prompt quits
-        child.expect(pexpect.EOF)
+        # Ctrl-C at the prompt quits. A Ctrl-C that lands between readline drawing the prompt and
+        # entering its read loop only sets Python's signal flag, which readline's blocking read
+        # does not see (on a loaded machine the window is wide enough to hit): a user then
+        # presses it again, and so does this test, once.
+        child.sendintr()
+        if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=10) == 1:
+            child.sendintr()
+            child.expect(pexpect.EOF)
     finally:
         child.close()
     assert child.exitstatus == 130
