@@ -65,7 +65,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kv_tier_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("KV tiers (below the engine's KV pool; builtin engine)")
+    group = parser.add_argument_group(
+        "KV tiers (below the engine's KV pool; the mocker models them; on vllm, --kv-host-cache-gib is "
+        "vLLM's kv_offloading_size)"
+    )
     group.add_argument(
         "--kv-host-cache-gib",
         type=float,
@@ -104,10 +107,6 @@ def add_kv_tier_args(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="write a block leaving the host tier to disk only if it was used this often (default: %(default)s)",
     )
-
-
-def kv_tiers_requested(args: argparse.Namespace) -> bool:
-    return bool(args.kv_host_cache_gib or args.kv_host_cache_shared or args.kv_disk_cache_gib)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -23,7 +23,6 @@ from tandem.cli.engine_args import (
     DEFAULT_MAX_NUM_SEQS,
     add_engine_args,
     engine_config_from_args,
-    kv_tiers_requested,
 )
 from tandem.cli.runtime_args import (
     add_discovery_args,
@@ -333,6 +332,10 @@ def vllm_config_from_args(args: argparse.Namespace, model_dir: str) -> VllmEngin
 
     extra = parse_vllm_args(args.vllm_arg)
     check_engine_arg_names(extra)
+    if args.kv_host_cache_gib and "kv_offloading_size" not in extra:
+        # vLLM's native offloading (OffloadingConnector) is the vLLM worker's host tier; it
+        # publishes the offloaded blocks as KV events with medium CPU.
+        extra["kv_offloading_size"] = args.kv_host_cache_gib
     if args.role != "agg" and "kv_transfer_config" not in extra:
         # Tandem's KV connector moves the prompt's blocks (tandem.worker.vllm_kv_connector).
         from tandem.engine.vllm.kv_relay import free_tcp_port
@@ -424,9 +427,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_worker_counts(args)
     if args.engine != "builtin":  # the mocker steps on its own threads; vLLM in its own process
-        if kv_tiers_requested(args):
+        if args.engine == "vllm" and (args.kv_disk_cache_gib or args.kv_host_cache_shared):
             raise SystemExit(
-                f"error: the --kv-host-cache-*/--kv-disk-cache-* tiers are not available with --engine {args.engine}"
+                "error: a vLLM worker has no disk or node-wide tier of Tandem's; its host tier is vLLM's own "
+                "offloading (--kv-host-cache-gib, or --vllm-arg kv_offloading_size=GIB; see docs/kv-tiers.md)"
             )
         return asyncio.run(serve(args))
     # The builtin engine loads and steps on this (main) thread: see tandem.worker.engine_host.
