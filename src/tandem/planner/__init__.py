@@ -1,0 +1,1 @@
+"""The planner: watches load and latency and scales prefill and decode workers."""
