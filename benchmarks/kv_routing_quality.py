@@ -30,14 +30,13 @@ Usage: python benchmarks/kv_routing_quality.py [--timing dynamo|prefill-bound] [
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import serving
+from serve_util import multi_turn_figures, serving
 
 MODEL = "smollm2-135m-instruct"
 
@@ -121,15 +120,8 @@ def run_one(name: str, graph_text: str, tmp: Path, args: argparse.Namespace) -> 
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        summary = json.loads((out / "summary.json").read_text())
-    return {
-        "ttft_p50": summary["ttft_ms"]["p50"],
-        "ttft_p90": summary["ttft_ms"]["p90"],
-        "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
-        "ok": summary["requests_ok"],
-        "sent": summary["requests_sent"],
-        "tok_s": summary["output_token_throughput"],
-    }
+        figures = multi_turn_figures(out)
+    return figures
 
 
 def main() -> None:

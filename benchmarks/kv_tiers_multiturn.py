@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_util import serving
+from serve_util import multi_turn_figures, serving
 from tandem.runtime.request_plane import RequestPlaneClient
 
 MODEL = "smollm2-135m-instruct"
@@ -89,15 +88,7 @@ def bench(url: str, out: Path, args: argparse.Namespace) -> dict:
     command += ["--num-requests", str(args.users * args.turns), "--qps", str(args.qps)]
     command += ["--seed", "0", "--no-progress", "--output", str(out)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / "summary.json").read_text())
-    return {
-        "ttft_p50": summary["ttft_ms"]["p50"],
-        "ttft_p90": summary["ttft_ms"]["p90"],
-        "tok_s": summary["output_token_throughput"],
-        "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
-        "ok": summary["requests_ok"],
-        "sent": summary["requests_sent"],
-    }
+    return multi_turn_figures(out)
 
 
 def worker_tiers(url: str) -> dict:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -48,3 +50,17 @@ def stop_serve(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def multi_turn_figures(out: Path) -> dict:
+    """What the KV benchmarks compare from a `tandem bench run --output OUT` run: TTFT p50/p90,
+    the prefix hit rate (cached prompt tokens ÷ prompt tokens), output tok/s, requests ok/sent."""
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "ttft_p50": summary["ttft_ms"]["p50"],
+        "ttft_p90": summary["ttft_ms"]["p90"],
+        "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
+        "tok_s": summary["output_token_throughput"],
+        "ok": summary["requests_ok"],
+        "sent": summary["requests_sent"],
+    }

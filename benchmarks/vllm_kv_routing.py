@@ -19,14 +19,13 @@ Usage: python benchmarks/vllm_kv_routing.py [--requests 48] [--repeats 1]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import serving
+from serve_util import multi_turn_figures, serving
 
 MODEL = "smollm2-135m-instruct"
 ROUTERS = ("round-robin", "kv")
@@ -55,15 +54,7 @@ def run_one(name: str, router: str, tmp: Path, args: argparse.Namespace) -> dict
         cmd += ["--num-rounds", str(args.rounds), "--num-requests", str(args.requests), "--qps", "1000"]
         cmd += ["--seed", str(args.seed), "--no-progress", "--output", str(out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
-        summary = json.loads((out / "summary.json").read_text())
-    result = {
-        "ttft_p50": summary["ttft_ms"]["p50"],
-        "ttft_p90": summary["ttft_ms"]["p90"],
-        "hit_rate": summary["total_cached_tokens"] / max(1, summary["total_input_tokens"]),
-        "tok_s": summary["output_token_throughput"],
-        "ok": summary["requests_ok"],
-        "sent": summary["requests_sent"],
-    }
+        result = multi_turn_figures(out)
     print(
         f"{name:14s} TTFT p50 {result['ttft_p50']:7.0f} p90 {result['ttft_p90']:7.0f} ms | hit rate "
         f"{100 * result['hit_rate']:5.1f}% | {result['tok_s']:6.1f} out tok/s | ok {result['ok']}/{result['sent']}",

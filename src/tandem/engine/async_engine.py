@@ -76,6 +76,8 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._stopped = False
         self._ids = itertools.count()
+        if engine.tiers is not None:
+            engine.tiers.on_events = self._wakeup.set
         self._stats = engine.stats()
         self._thread: threading.Thread | None = None
         """The thread that steps the engine; None until `run` starts on the caller's thread."""
@@ -221,10 +223,10 @@ class AsyncEngine:
                     break
                 if not self.core.has_unfinished_requests:
                     # Idle: events of background work (a restarted disk tier announcing its
-                    # blocks, disk writes finishing) still go out, at most 0.2 s late.
+                    # blocks, disk writes finishing) still go out: the tiers wake this loop.
                     self._publish_kv_events()
                     self._stats = self.core.stats()
-                    self._wakeup.wait(0.2 if self.core.tiers is not None else None)
+                    self._wakeup.wait()
                     self._wakeup.clear()
                     continue
                 self._step()

@@ -31,6 +31,9 @@ class TierStore(Protocol):
     """KV tiers below the pool as the engine core sees them (``KvTiers``, the mocker's
     ``ModeledTiers``)."""
 
+    on_events: Callable[[], None] | None
+    """Set by the engine loop: called when a tier records events off the engine thread."""
+
     @property
     def node_tier_name(self) -> str | None: ...
 

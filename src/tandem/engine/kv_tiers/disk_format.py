@@ -112,10 +112,14 @@ def _checksum(head: bytes, tokens: bytes, payload: bytes) -> int:
 
 def decode_meta(raw: bytes, block_size: int) -> BlockMeta:
     """Metadata and tokens from a file's first bytes (header + tokens; not checksummed)."""
+    return decode_header_and_tokens(raw, block_size).meta
+
+
+def decode_header_and_tokens(raw: bytes, block_size: int) -> BlockHeader:
+    """The header with the block's tokens filled in (what a scan at start needs; not checksummed)."""
     header = decode_header(raw)
     end = HEADER_BYTES + 4 * block_size
     if len(raw) < end:
         raise CorruptBlockError("truncated token list")
-    meta = header.meta
-    meta.token_ids = struct.unpack(f"<{block_size}I", raw[HEADER_BYTES:end])
-    return meta
+    header.meta.token_ids = struct.unpack(f"<{block_size}I", raw[HEADER_BYTES:end])
+    return header

@@ -98,9 +98,8 @@ class DiskPool:
             try:
                 with open(entry.path, "rb") as f:
                     raw = f.read(disk_format.HEADER_BYTES + 4 * self.block_size)
-                header = disk_format.decode_header(raw)
-                header.meta.token_ids = disk_format.decode_meta(raw, self.block_size).token_ids
-                size = entry.stat().st_size
+                header = disk_format.decode_header_and_tokens(raw, self.block_size)
+                stat = entry.stat()
             except (OSError, CorruptBlockError):
                 _unlink(entry.path)
                 self.counters.corrupt_blocks += 1
@@ -109,16 +108,17 @@ class DiskPool:
             if (
                 header.fingerprint != self.fingerprint
                 or entry.name != disk_format.file_name(meta.block_hash)
-                or size != disk_format.file_size(self.block_size, self.payload_len)
+                or stat.st_size != disk_format.file_size(self.block_size, self.payload_len)
             ):
                 _unlink(entry.path)
                 self.counters.corrupt_blocks += 1
                 continue
-            found.append((entry.stat().st_mtime, meta))
+            found.append((stat.st_mtime, meta))
         found.sort(key=lambda item: item[0])
-        while len(found) > self.capacity_blocks:
-            _, meta = found.pop(0)
+        excess = max(0, len(found) - self.capacity_blocks)
+        for _, meta in found[:excess]:  # the oldest go
             _unlink(self._path(meta.block_hash))
+        found = found[excess:]
         with self._lock:
             self._index = OrderedDict((meta.block_hash, meta) for _, meta in found)
         return parents_first([meta for _, meta in found])

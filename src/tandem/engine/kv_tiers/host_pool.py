@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 import torch
 
 from tandem.engine.kv_tiers.block_meta import BlockMeta
@@ -185,7 +186,7 @@ class HostPool:
     def _reclaim_dead_writer(self, t: SlotArrays) -> int:
         for slot in np.flatnonzero(t.state == WRITING):
             owner = int(t.owner[slot])
-            if owner != self.pid and not _alive(owner):
+            if owner != self.pid and not (owner > 0 and psutil.pid_exists(owner)):
                 t.state[slot] = FREE
                 return int(slot)
         return -1
@@ -242,15 +243,3 @@ def _meta(t: SlotArrays, slot: int) -> BlockMeta:
         token_ids=tuple(int(x) for x in t.tokens[slot]),
         frequency=int(t.frequency[slot]),
     )
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -115,6 +116,8 @@ class ModeledTiers:
         self.disk = LruTier(config.num_disk_blocks) if config.num_disk_blocks > 0 else None
         self._events: list[KVEvent] = []
         self._onboard_ms = 0.0
+        self.on_events: Callable[[], None] | None = None
+        """Never called: the modeled tiers record events on the engine thread only."""
 
     @property
     def node_tier_name(self) -> str | None:

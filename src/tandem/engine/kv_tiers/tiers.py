@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 
 import msgspec
@@ -60,13 +61,14 @@ class KvTiers:
         block_bytes = layout.block_bytes
         self.host: HostPool | None = None
         host_slots = int(config.host_cache_gib * 2**30) // block_bytes
+        segment: HostSegment | None = None
         if config.host_cache_shared is not None:
             segment = HostSegment.attach(
                 config.host_cache_shared, host_slots, layout.block_size, block_bytes, fingerprint
             )
-            self.host = HostPool(segment, layout.block_shape, layout.dtype)
         elif host_slots > 0:
             segment = HostSegment.private(host_slots, layout.block_size, block_bytes, fingerprint)
+        if segment is not None:
             self.host = HostPool(segment, layout.block_shape, layout.dtype)
         self.disk: DiskPool | None = None
         self.disk_unavailable: str | None = None
@@ -84,7 +86,9 @@ class KvTiers:
         self._events_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-disk-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-disk-read")
-        self._pending_writes = 0
+        self.on_events: Callable[[], None] | None = None
+        """Called after the writer or reader thread records events (the engine loop sets it to
+        wake up and publish them)."""
         if self.disk is not None:
             found = self.disk.scan()
             if found:
@@ -139,32 +143,28 @@ class KvTiers:
             return
 
         def write() -> None:
-            try:
-                written, evicted = disk.write(meta, block)
-                with self._events_lock:  # counters and events are shared with the engine thread
-                    if evicted:
-                        self._events.append(removed_event(evicted, MEDIUM_DISK))
-                    if written:
-                        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-                        self.stats.offloaded_bytes += self.layout.block_bytes
-                        self._events.extend(stored_events([meta], self.block_size, MEDIUM_DISK))
-            finally:
-                with self._events_lock:
-                    self._pending_writes -= 1
+            written, evicted = disk.write(meta, block)
+            events: list[KVEvent] = []
+            with self._events_lock:  # counters are shared with the engine thread
+                if evicted:
+                    events.append(removed_event(evicted, MEDIUM_DISK))
+                if written:
+                    setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+                    self.stats.offloaded_bytes += self.layout.block_bytes
+                    events.extend(stored_events([meta], self.block_size, MEDIUM_DISK))
+            self._emit(events)
 
-        with self._events_lock:
-            self._pending_writes += 1
         self._writer.submit(write)
 
     def wait_for_writes(self, timeout: float = 10.0) -> bool:
-        """Wait until queued disk writes are done (tests, shutdown); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._events_lock:
-                if self._pending_writes == 0:
-                    return True
-            time.sleep(0.005)
-        return False
+        """Wait until the disk writes queued so far are done, their events and counters
+        included (tests, shutdown); False on timeout. The writer is one thread working in
+        order, so a no-op queued now finishes after all of them."""
+        try:
+            self._writer.submit(lambda: None).result(timeout)
+        except FutureTimeoutError:
+            return False
+        return True
 
     # ---- onboard --------------------------------------------------------------------------------
 
@@ -216,9 +216,12 @@ class KvTiers:
     # ---- events, stats, lifecycle ---------------------------------------------------------------
 
     def _emit(self, events: list[KVEvent]) -> None:
-        if events:
-            with self._events_lock:
-                self._events.extend(events)
+        if not events:
+            return
+        with self._events_lock:
+            self._events.extend(events)
+        if self.on_events is not None:
+            self.on_events()
 
     def take_events(self) -> list[KVEvent]:
         with self._events_lock:

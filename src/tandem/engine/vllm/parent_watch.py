@@ -22,6 +22,8 @@ import os
 import signal
 import sys
 
+import psutil
+
 WORKER_PID_ENV = "TANDEM_VLLM_WORKER_PID"
 _PR_SET_PDEATHSIG = 1
 _registered = False
@@ -43,7 +45,7 @@ def die_with_tandem_worker() -> None:
     worker = os.environ.get(WORKER_PID_ENV)
     if not worker or not sys.platform.startswith("linux") or int(worker) == os.getpid():
         return  # not under a Tandem worker, or the worker itself
-    if not _alive(int(worker)):
+    if not psutil.pid_exists(int(worker)):
         os._exit(1)  # the worker that started this process died while it was starting
     if os.getppid() != int(worker):
         return  # a grandchild: vLLM ends it when its own parent goes
@@ -53,13 +55,3 @@ def die_with_tandem_worker() -> None:
         return
     if os.getppid() != int(worker):  # the worker died before the prctl took effect
         os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
